@@ -1,0 +1,18 @@
+# harp-vllm developer entry points (see README.md).
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup quickstart test lint
+
+setup:            ## virtualenv + package (CPU vLLM) + SmolLM2 prepared in the model cache
+	bash scripts/setup.sh
+
+quickstart: setup ## set up, then the main job: SmolLM2's WikiText-2 test perplexity
+	$(BIN)/harp-vllm eval ppl --model smollm2-135m --seq-len 2048 --max-windows 16
+
+test:             ## the whole test suite (unit tests and real-model/vLLM tests)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+lint:
+	$(BIN)/ruff check .

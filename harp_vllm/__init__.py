@@ -1,0 +1,3 @@
+"""harp-vllm: serve attention-pruned (HARP) LLMs with vLLM."""
+
+__version__ = "0.1.0"

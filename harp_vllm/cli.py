@@ -1,0 +1,125 @@
+"""The ``harp-vllm`` command line (Typer)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .errors import UserError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Prune LLM attention (HARP and friends) and serve the result with vLLM.")
+models_app = typer.Typer(no_args_is_help=True, help="Prepare and list models.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models.")
+app.add_typer(models_app, name="models")
+app.add_typer(eval_app, name="eval")
+
+console = Console(stderr=True)
+
+
+def fail(message: str) -> None:
+    """Print one clear error line and exit non-zero."""
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def run_guarded(fn, *args, **kwargs):
+    """Run ``fn``, turning ``UserError`` into a one-line error and exit status 2."""
+    try:
+        return fn(*args, **kwargs)
+    except UserError as e:
+        fail(str(e))
+
+
+def write_json(path: Path | None, payload: dict) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    console.print(f"wrote {path}")
+
+
+@models_app.command("prepare")
+def models_prepare(name: Annotated[str, typer.Argument(help="known model name")] = "smollm2-135m"
+                   ) -> None:
+    """Convert a known offline model (GGUF) into an fp32 HF directory in the cache."""
+    from . import models
+
+    path = run_guarded(models.prepare, name)
+    typer.echo(str(path))
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Known models and whether they are prepared."""
+    from . import models
+
+    for name, known in models.KNOWN_MODELS.items():
+        path = models.prepared_dir(name)
+        state = "prepared" if models.is_prepared(path) else "not prepared"
+        typer.echo(f"{name}\t{state}\t{path}\t{known.description}")
+
+
+@models_app.command("path")
+def models_path(model: str) -> None:
+    """Print the local HF directory a model name/path/hub id resolves to."""
+    from . import models
+
+    typer.echo(str(run_guarded(models.resolve, model)))
+
+
+def _load_eval_text(data: str, data_file: Path | None, split: str) -> tuple[str, str]:
+    from . import data as data_mod
+
+    if data_file is not None:
+        return data_mod.read_text_file(data_file), str(data_file)
+    return data_mod.load_text(data, split), f"{data}:{split}"
+
+
+@eval_app.command("ppl")
+def eval_ppl(
+    model: Annotated[str, typer.Option(help="known name, HF directory, .gguf file or hub id")],
+    data: Annotated[str, typer.Option(help="wikitext2 (local files) or hub:wikitext2")] = (
+        "wikitext2"),
+    data_file: Annotated[Path | None, typer.Option(help="a UTF-8 text file instead")] = None,
+    split: Annotated[str, typer.Option(help="dataset split")] = "test",
+    seq_len: Annotated[int, typer.Option(help="window length in tokens")] = 2048,
+    max_windows: Annotated[int | None, typer.Option(help="score at most K windows")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+    out: Annotated[Path | None, typer.Option(help="write the result as JSON here")] = None,
+) -> None:
+    """Perplexity (standard protocol: join rows with \\n\\n, tokenize once, windows of N)."""
+    import torch
+
+    from . import models
+    from .perplexity import evaluate_perplexity
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    def _run() -> dict:
+        text, source = _load_eval_text(data, data_file, split)
+        path = models.resolve(model)
+        tok = models.load_tokenizer(path)
+        lm = models.load(path)
+        res = evaluate_perplexity(lm, tok, text, seq_len, max_windows)
+        return {"model": model, "model_path": str(path), "data": source, **res.to_dict()}
+
+    payload = run_guarded(_run)
+    typer.echo(f"{payload['model']} on {payload['data']}: perplexity {payload['perplexity']:.4f} "
+               f"(seq-len {payload['seq_len']}, {payload['windows']} windows, "
+               f"{payload['tokens_scored']} tokens scored, {payload['seconds']:.1f} s)")
+    write_json(out, payload)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

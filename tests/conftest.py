@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random-weight models (fast) and the real SmolLM2 (prepared once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. " * 3
+    + "Robert Boulter is an English film, television and theatre actor. "
+    "He had a guest starring role on the television series The Bill in 2000. "
+    "In 1997 he appeared in a production of Cressida at the Almeida Theatre. "
+    "Valkyria Chronicles III is a tactical role playing video game developed by Sega. "
+) * 4
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in well under a second on a small corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([CORPUS], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+TINY_CONFIGS = {
+    "llama": dict(cls="LlamaConfig", num_attention_heads=4, num_key_value_heads=2),
+    "mistral": dict(cls="MistralConfig", num_attention_heads=4, num_key_value_heads=2),
+    "qwen2": dict(cls="Qwen2Config", num_attention_heads=4, num_key_value_heads=2),
+    "gemma2": dict(cls="Gemma2Config", num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=16, query_pre_attn_scalar=16),
+}
+
+
+def make_tiny_model(family: str, out: Path, layers: int = 4, seed: int = 0) -> Path:
+    """Save a tiny random-weight causal LM of ``family`` with a tokenizer into ``out``."""
+    import transformers
+
+    spec = dict(TINY_CONFIGS[family])
+    cfg_cls = getattr(transformers, spec.pop("cls"))
+    tok = tiny_tokenizer()
+    cfg = cfg_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=layers, max_position_embeddings=512,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+                  tie_word_embeddings=False, **spec)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # larger than the init default so layers matter in the outputs
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+            elif "bias" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct, prepared once (a no-op when the cache has it)."""
+    from harp_vllm import models
+
+    return models.prepare("smollm2-135m", progress=False)
