@@ -117,6 +117,68 @@ def eval_ppl(
     write_json(out, payload)
 
 
+@app.command("prune")
+def prune_cmd(
+    model: Annotated[str, typer.Argument(help="known name, HF directory, .gguf or hub id")],
+    out: Annotated[Path, typer.Option(help="output checkpoint directory")],
+    layers: Annotated[int | None, typer.Option(help="prune P layers")] = None,
+    ratio: Annotated[float | None, typer.Option(help="prune round(r * L) layers")] = None,
+    layer_list: Annotated[str | None, typer.Option(help="explicit layers, e.g. 22-29,31")] = None,
+    position: Annotated[str, typer.Option(help="top, or bottom (layer 0 excluded)")] = "top",
+    alpha: Annotated[float | None, typer.Option(help="fixed alpha for all layers (no search)")
+                     ] = None,
+    alpha_grid: Annotated[str, typer.Option(help="alpha candidates")] = (
+        "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0"),
+    calib_data: Annotated[str, typer.Option(help="wikitext2 (local) or hub:wikitext2")] = (
+        "wikitext2"),
+    calib_split: Annotated[str | None, typer.Option(help="default: validation (local), train "
+                                                         "(hub)")] = None,
+    calib_file: Annotated[Path | None, typer.Option(help="calibrate on a text file")] = None,
+    calib_samples: Annotated[int, typer.Option(help="calibration windows")] = 8,
+    calib_seq_len: Annotated[int, typer.Option(help="tokens per calibration window")] = 256,
+    seed: Annotated[int, typer.Option(help="calibration sampling seed")] = 0,
+    search: Annotated[str, typer.Option(help="fast or naive")] = "fast",
+    eval_windows: Annotated[int, typer.Option(help="WikiText-2 test windows for the before/"
+                                                   "after perplexity (0: skip)")] = 8,
+    eval_seq_len: Annotated[int, typer.Option(help="evaluation window length")] = 2048,
+    force: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+    report: Annotated[Path | None, typer.Option(help="write the run report as JSON")] = None,
+) -> None:
+    """HARP-prune MODEL: search alphas (greedy, top-down) and write a pruned checkpoint."""
+    import torch
+    from rich.table import Table
+
+    from .prune import PruneOptions, alpha_table_rows, parse_grid, run_prune
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    def _run() -> dict:
+        opts = PruneOptions(
+            model=model, out=out, layers=layers, ratio=ratio, layer_list=layer_list,
+            position=position, alpha=alpha, grid=parse_grid(alpha_grid), calib_data=calib_data,
+            calib_split=calib_split, calib_file=calib_file, calib_samples=calib_samples,
+            calib_seq_len=calib_seq_len, seed=seed, search=search, eval_windows=eval_windows,
+            eval_seq_len=eval_seq_len, force=force)
+        return run_prune(opts)
+
+    result = run_guarded(_run)
+    table = Table(title=f"HARP alphas ({model})")
+    for col in ("layer", "alpha", "calib ppl"):
+        table.add_column(col, justify="right")
+    for row in alpha_table_rows(result):
+        table.add_row(*row)
+    Console().print(table)
+    if "ppl_before" in result:
+        ev = result["eval"]
+        typer.echo(f"WikiText-2 test perplexity (seq-len {ev['seq_len']}, {ev['windows']} "
+                   f"windows): dense {result['ppl_before']:.4f} -> pruned "
+                   f"{result['ppl_after']:.4f}")
+    typer.echo(f"wrote {result['out']}")
+    write_json(report, result)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -44,13 +44,13 @@ class TokenLocalAttention(nn.Module):
     """
 
     def __init__(self, v_proj: nn.Linear | None, o_proj: nn.Linear | None, n_rep: int,
-                 head_dim: int, scale: float):
+                 head_dim: int, scale: float | torch.Tensor):
         super().__init__()
         self.v_proj, self.o_proj = v_proj, o_proj
         self.n_rep, self.head_dim, self.scale = n_rep, head_dim, scale
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        if self.v_proj is None or self.scale == 0.0:
+        if self.v_proj is None or (isinstance(self.scale, float) and self.scale == 0.0):
             return torch.zeros_like(hidden_states), None
         v = self.v_proj(hidden_states)
         if self.n_rep > 1:  # repeat_kv: KV head g feeds query heads g*r .. g*r+r-1
@@ -58,7 +58,8 @@ class TokenLocalAttention(nn.Module):
             v = v.view(*lead, width // self.head_dim, self.head_dim)
             v = v.repeat_interleave(self.n_rep, dim=-2).reshape(*lead, -1)
         out = self.o_proj(v)
-        return (out * self.scale if self.scale != 1.0 else out), None
+        unscaled = isinstance(self.scale, float) and self.scale == 1.0
+        return (out if unscaled else out * self.scale), None
 
 
 def decoder_layers(model) -> nn.ModuleList:
@@ -73,19 +74,20 @@ def _check_layers(model, layers: dict[int, float]) -> None:
                         f"0..{n - 1})")
 
 
-def _token_local(model, idx: int, alpha: float, keep_weights: bool) -> TokenLocalAttention:
+def _token_local(model, idx: int, alpha: float | torch.Tensor,
+                 keep_weights: bool) -> TokenLocalAttention:
     cfg = model.config
     attn = decoder_layers(model)[idx].self_attn
     v, o = attn.v_proj, attn.o_proj
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     n_rep = cfg.num_attention_heads // cfg.num_key_value_heads
     post_norm = family_post_norm(cfg)
-    keep = keep_weights or alpha != 0.0
+    keep = keep_weights or not (isinstance(alpha, float) and alpha == 0.0)
     return TokenLocalAttention(v if keep else None, o if keep else None, n_rep, head_dim,
                                1.0 if post_norm else alpha)
 
 
-def _scale_hook(alpha: float):
+def _scale_hook(alpha: float | torch.Tensor):
     def hook(module, args, output):
         return output * alpha
     return hook
@@ -93,9 +95,13 @@ def _scale_hook(alpha: float):
 
 @contextlib.contextmanager
 def pruned(model, layers: dict[int, float]) -> Iterator[None]:
-    """Temporarily prune ``layers`` (index -> alpha); the dense modules come back on exit."""
-    _check_layers(model, layers)
+    """Temporarily prune ``layers`` (index -> alpha); the dense modules come back on exit.
+
+    An alpha may be a tensor broadcasting over the batch (``[b, 1, 1]``): the search uses it
+    to evaluate several alpha candidates in one batch.
+    """
     post_norm = family_post_norm(model.config)
+    _check_layers(model, layers)
     saved, hooks = {}, []
     try:
         for idx, alpha in layers.items():
@@ -115,8 +121,8 @@ def pruned(model, layers: dict[int, float]) -> Iterator[None]:
 
 def apply_pruning(model, spec: PruningSpec):
     """Prune ``model`` in place for good: q/k (and v/o where alpha = 0) are gone."""
-    _check_layers(model, spec.layers)
     post_norm = family_post_norm(model.config)
+    _check_layers(model, spec.layers)
     for idx, alpha in spec.layers.items():
         layer = decoder_layers(model)[idx]
         layer.self_attn = _token_local(model, idx, alpha, keep_weights=False)

@@ -1,0 +1,184 @@
+"""The ``harp-vllm prune`` job: choose layers, search alphas, write the pruned checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import data as data_mod
+from . import models
+from .checkpoint import check_output_dir, save_pruned
+from .errors import UserError
+from .perplexity import evaluate_perplexity
+from .reference import family_post_norm, harp_architecture, pruned
+from .search import DEFAULT_GRID, calibration_windows, fast_search, naive_search
+from .spec import PruningSpec
+
+
+def parse_layer_list(text: str) -> list[int]:
+    """``"22-29,31"`` -> ``[22, ..., 29, 31]``."""
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise UserError(f"bad layer list item {part!r} (use e.g. 22-29,31)") from None
+    if not out:
+        raise UserError("the layer list is empty")
+    return sorted(set(out))
+
+
+def select_layers(num_layers: int, count: int | None = None, ratio: float | None = None,
+                  layer_list: str | None = None, position: str = "top") -> list[int]:
+    """The layers to prune: the top (or bottom, layer 0 excluded) P, or an explicit list."""
+    given = sum(x is not None for x in (count, ratio, layer_list))
+    if given != 1:
+        raise UserError("give exactly one of --layers P, --ratio r or --layer-list")
+    if layer_list is not None:
+        layers = parse_layer_list(layer_list)
+        bad = [i for i in layers if not 0 <= i < num_layers]
+        if bad:
+            raise UserError(f"layer index {bad[0]} out of range (the model has {num_layers} "
+                            f"layers: 0..{num_layers - 1})")
+        return layers
+    if ratio is not None:
+        if not 0 < ratio < 1:
+            raise UserError(f"--ratio must be in (0, 1), got {ratio}")
+        count = round(ratio * num_layers)
+    assert count is not None
+    limit = num_layers - 1 if position == "bottom" else num_layers
+    if not 1 <= count <= limit:
+        raise UserError(f"cannot prune {count} layers of {num_layers} ({position}); "
+                        f"choose 1..{limit}")
+    if position == "top":
+        return list(range(num_layers - count, num_layers))
+    if position == "bottom":
+        return list(range(1, count + 1))
+    raise UserError(f"--position must be top or bottom, got {position!r}")
+
+
+def parse_grid(text: str) -> tuple[float, ...]:
+    try:
+        grid = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"bad --alpha-grid {text!r} (use e.g. 0,0.1,0.2)") from None
+    if not grid:
+        raise UserError("the alpha grid is empty")
+    return grid
+
+
+@dataclass
+class PruneOptions:
+    model: str
+    out: Path
+    layers: int | None = None
+    ratio: float | None = None
+    layer_list: str | None = None
+    position: str = "top"
+    alpha: float | None = None  # fixed alpha for every layer: no search
+    grid: tuple[float, ...] = DEFAULT_GRID
+    calib_data: str = "wikitext2"
+    calib_split: str | None = None
+    calib_file: Path | None = None
+    calib_samples: int = 8
+    calib_seq_len: int = 256
+    seed: int = 0
+    search: str = "fast"
+    eval_windows: int = 8
+    eval_seq_len: int = 2048
+    force: bool = False
+
+
+def load_calibration_text(opts: PruneOptions) -> tuple[str, dict]:
+    if opts.calib_file is not None:
+        return data_mod.read_text_file(opts.calib_file), {"file": str(opts.calib_file)}
+    # Held-out rule: locally calibrate on validation (test is for evaluation); on the hub, train.
+    split = opts.calib_split or ("train" if opts.calib_data.startswith("hub:") else "validation")
+    if opts.calib_data == "wikitext2" and split == "test":
+        raise UserError("calibrating on the test split would leak the evaluation text; use "
+                        "validation (local) or train (hub)")
+    return data_mod.load_text(opts.calib_data, split), {"dataset": opts.calib_data,
+                                                         "split": split}
+
+
+def run_prune(opts: PruneOptions, progress: bool = True) -> dict:
+    """Validate everything cheap first, then search and write; returns a report dict."""
+    out = Path(opts.out)
+    check_output_dir(out, opts.force)
+    src = models.resolve(opts.model)
+    cfg = json.loads((src / "config.json").read_text())
+    from transformers import AutoConfig
+
+    hf_cfg = AutoConfig.from_pretrained(src)
+    if getattr(hf_cfg, "harp_pruning", None):
+        raise UserError(f"{opts.model} is already a pruned checkpoint; prune its source model")
+    family_post_norm(hf_cfg)
+    harp_architecture(hf_cfg)
+    n_layers = cfg["num_hidden_layers"]
+    layers = select_layers(n_layers, opts.layers, opts.ratio, opts.layer_list, opts.position)
+    if opts.search not in ("fast", "naive"):
+        raise UserError(f"--search must be fast or naive, got {opts.search!r}")
+    tok = models.load_tokenizer(src)
+    calib_src: dict = {}
+    if opts.alpha is None:
+        calib_text, calib_src = load_calibration_text(opts)
+        windows = calibration_windows(tok, calib_text, opts.calib_samples, opts.calib_seq_len,
+                                      opts.seed)
+    eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
+
+    model = models.load(src)
+    report: dict = {"model": opts.model, "source_dir": str(src), "layers": layers}
+    if eval_text is not None:
+        before = evaluate_perplexity(model, tok, eval_text, opts.eval_seq_len,
+                                     opts.eval_windows, progress=progress)
+        report["ppl_before"] = before.perplexity
+    calibration: dict = {}
+    if opts.alpha is not None:
+        alphas = {i: float(opts.alpha) for i in layers}
+        calibration = {"fixed_alpha": float(opts.alpha)}
+    else:
+        search = fast_search if opts.search == "fast" else naive_search
+        res = search(model, windows, layers, opts.grid, progress=progress)
+        alphas = res.alphas
+        calibration = {**calib_src, "samples": opts.calib_samples,
+                       "seq_len": opts.calib_seq_len, "seed": opts.seed,
+                       "grid": list(opts.grid), "search": opts.search,
+                       "search_seconds": round(res.seconds, 2),
+                       "calib_ppl": {str(k): v for k, v in sorted(res.calib_ppl.items())}}
+    report["alphas"] = {str(k): v for k, v in sorted(alphas.items())}
+    if eval_text is not None:
+        with pruned(model, alphas):
+            after = evaluate_perplexity(model, tok, eval_text, opts.eval_seq_len,
+                                        opts.eval_windows, progress=progress)
+        report["ppl_after"] = after.perplexity
+        report["eval"] = {"dataset": "wikitext2", "split": "test",
+                          "seq_len": opts.eval_seq_len, "windows": before.windows}
+        calibration["eval"] = {**report["eval"], "ppl_before": before.perplexity,
+                               "ppl_after": after.perplexity}
+    spec = PruningSpec(layers=alphas, method="harp", source_model=opts.model,
+                       calibration=calibration)
+    save_pruned(model, spec, src, out, force=opts.force)
+    report["out"] = str(out)
+    report["calibration"] = calibration
+    return report
+
+
+def alpha_table_rows(report: dict) -> list[tuple[str, str, str]]:
+    """(layer, alpha, calibration ppl at the chosen alpha) for printing, top layer first."""
+    calib = report.get("calibration", {}).get("calib_ppl", {})
+    grid = report.get("calibration", {}).get("grid")
+    rows = []
+    for k, a in sorted(report["alphas"].items(), key=lambda kv: -int(kv[0])):
+        ppl = "-"
+        if k in calib and grid:
+            ppl = f"{calib[k][min(range(len(grid)), key=lambda i: abs(grid[i] - a))]:.3f}"
+        rows.append((k, f"{a:.1f}", ppl))
+    return rows
+
