@@ -41,3 +41,22 @@ def test_wikitext_perplexity_beats_unigram_and_needs_word_order(smollm2_dir):
     assert math.isfinite(ppl) and 5 < ppl < 60
     assert ppl < unigram_ppl / 10, (ppl, unigram_ppl)
     assert shuffled_ppl > 5 * ppl, (shuffled_ppl, ppl)
+
+
+def test_harp_prune_real_model_end_to_end(smollm2_dir, tmp_path):
+    """Prune SmolLM2's top 2 layers with a tiny calibration; the checkpoint reloads exactly."""
+    from harp_vllm.prune import PruneOptions, run_prune
+
+    out = tmp_path / "harp2"
+    report = run_prune(PruneOptions(model=str(smollm2_dir), out=out, layers=2, calib_samples=2,
+                                    calib_seq_len=128, eval_windows=1, eval_seq_len=512),
+                       progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["HarpLlamaForCausalLM"]
+    assert set(cfg["harp_pruning"]["layers"]) == {"28", "29"}
+    assert cfg["harp_pruning"]["calibration"]["split"] == "validation"
+    assert math.isfinite(report["ppl_after"])
+    assert report["ppl_after"] < 1.5 * report["ppl_before"]  # two top layers cost little
+    assert (out / "chat_template.jinja").is_file()
+    size_dense = (smollm2_dir / "model.safetensors").stat().st_size
+    assert (out / "model.safetensors").stat().st_size < size_dense  # q/k are gone
