@@ -121,6 +121,7 @@ def eval_ppl(
 def prune_cmd(
     model: Annotated[str, typer.Argument(help="known name, HF directory, .gguf or hub id")],
     out: Annotated[Path, typer.Option(help="output checkpoint directory")],
+    method: Annotated[str, typer.Option(help="harp, gate-norm or hybrid")] = "harp",
     layers: Annotated[int | None, typer.Option(help="prune P layers")] = None,
     ratio: Annotated[float | None, typer.Option(help="prune round(r * L) layers")] = None,
     layer_list: Annotated[str | None, typer.Option(help="explicit layers, e.g. 22-29,31")] = None,
@@ -145,7 +146,7 @@ def prune_cmd(
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
     report: Annotated[Path | None, typer.Option(help="write the run report as JSON")] = None,
 ) -> None:
-    """HARP-prune MODEL: search alphas (greedy, top-down) and write a pruned checkpoint."""
+    """Prune MODEL's attention (HARP, Gate-Norm or the hybrid) and write a checkpoint."""
     import torch
     from rich.table import Table
 
@@ -156,7 +157,7 @@ def prune_cmd(
 
     def _run() -> dict:
         opts = PruneOptions(
-            model=model, out=out, layers=layers, ratio=ratio, layer_list=layer_list,
+            model=model, out=out, method=method, layers=layers, ratio=ratio, layer_list=layer_list,
             position=position, alpha=alpha, grid=parse_grid(alpha_grid), calib_data=calib_data,
             calib_split=calib_split, calib_file=calib_file, calib_samples=calib_samples,
             calib_seq_len=calib_seq_len, seed=seed, search=search, eval_windows=eval_windows,
@@ -164,7 +165,7 @@ def prune_cmd(
         return run_prune(opts)
 
     result = run_guarded(_run)
-    table = Table(title=f"HARP alphas ({model})")
+    table = Table(title=f"{result['method']} alphas ({model})")
     for col in ("layer", "alpha", "calib ppl"):
         table.add_column(col, justify="right")
     for row in alpha_table_rows(result):

@@ -1,4 +1,10 @@
-"""The ``harp-vllm prune`` job: choose layers, search alphas, write the pruned checkpoint."""
+"""The ``harp-vllm prune`` job: choose layers, search alphas, write the pruned checkpoint.
+
+Methods: ``harp`` (top/bottom/listed layers, greedy alpha search or a fixed alpha),
+``gate-norm`` (data-free: remove the attention sublayer, alpha = 0, of the K layers with the
+lowest Gate-Norm) and ``hybrid`` (Gate-Norm chooses the K layers, HARP's token-local path and
+alpha search replace their attention).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from . import data as data_mod
 from . import models
 from .checkpoint import check_output_dir, save_pruned
 from .errors import UserError
+from .gate_norm import gate_norm_scores, lowest_scoring
 from .perplexity import evaluate_perplexity
 from .reference import family_post_norm, harp_architecture, pruned
 from .search import DEFAULT_GRID, calibration_windows, fast_search, naive_search
@@ -78,6 +85,7 @@ def parse_grid(text: str) -> tuple[float, ...]:
 class PruneOptions:
     model: str
     out: Path
+    method: str = "harp"
     layers: int | None = None
     ratio: float | None = None
     layer_list: str | None = None
@@ -108,6 +116,27 @@ def load_calibration_text(opts: PruneOptions) -> tuple[str, dict]:
                                                          "split": split}
 
 
+def choose_layers(opts: PruneOptions, src: Path, n_layers: int
+                  ) -> tuple[list[int], dict[int, float] | None, float | None]:
+    """(layers to prune, Gate-Norm scores if used, fixed alpha or None to search)."""
+    if opts.method == "harp":
+        return (select_layers(n_layers, opts.layers, opts.ratio, opts.layer_list, opts.position),
+                None, opts.alpha)
+    if opts.method not in ("gate-norm", "hybrid"):
+        raise UserError(f"unknown --method {opts.method!r}; choose harp, gate-norm or hybrid")
+    if opts.layer_list is not None or opts.position != "top":
+        raise UserError(f"--method {opts.method} chooses its own layers: give --layers K "
+                        "or --ratio r, not --layer-list/--position")
+    count = len(select_layers(n_layers, opts.layers, opts.ratio, None, "top"))
+    scores = gate_norm_scores(src)
+    if opts.method == "hybrid":
+        return lowest_scoring(scores, count), scores, opts.alpha
+    if opts.alpha not in (None, 0.0):
+        raise UserError("--method gate-norm removes whole sublayers (alpha = 0); use "
+                        "--method hybrid for HARP's rescaled path")
+    return lowest_scoring(scores, count), scores, 0.0
+
+
 def run_prune(opts: PruneOptions, progress: bool = True) -> dict:
     """Validate everything cheap first, then search and write; returns a report dict."""
     out = Path(opts.out)
@@ -121,28 +150,28 @@ def run_prune(opts: PruneOptions, progress: bool = True) -> dict:
         raise UserError(f"{opts.model} is already a pruned checkpoint; prune its source model")
     family_post_norm(hf_cfg)
     harp_architecture(hf_cfg)
-    n_layers = cfg["num_hidden_layers"]
-    layers = select_layers(n_layers, opts.layers, opts.ratio, opts.layer_list, opts.position)
+    layers, scores, alpha = choose_layers(opts, src, cfg["num_hidden_layers"])
     if opts.search not in ("fast", "naive"):
         raise UserError(f"--search must be fast or naive, got {opts.search!r}")
     tok = models.load_tokenizer(src)
     calib_src: dict = {}
-    if opts.alpha is None:
+    if alpha is None:
         calib_text, calib_src = load_calibration_text(opts)
         windows = calibration_windows(tok, calib_text, opts.calib_samples, opts.calib_seq_len,
                                       opts.seed)
     eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
 
     model = models.load(src)
-    report: dict = {"model": opts.model, "source_dir": str(src), "layers": layers}
+    report: dict = {"model": opts.model, "method": opts.method, "source_dir": str(src),
+                    "layers": layers}
     if eval_text is not None:
         before = evaluate_perplexity(model, tok, eval_text, opts.eval_seq_len,
                                      opts.eval_windows, progress=progress)
         report["ppl_before"] = before.perplexity
     calibration: dict = {}
-    if opts.alpha is not None:
-        alphas = {i: float(opts.alpha) for i in layers}
-        calibration = {"fixed_alpha": float(opts.alpha)}
+    if alpha is not None:
+        alphas = {i: float(alpha) for i in layers}
+        calibration = {"fixed_alpha": float(alpha)}
     else:
         search = fast_search if opts.search == "fast" else naive_search
         res = search(model, windows, layers, opts.grid, progress=progress)
@@ -152,6 +181,8 @@ def run_prune(opts: PruneOptions, progress: bool = True) -> dict:
                        "grid": list(opts.grid), "search": opts.search,
                        "search_seconds": round(res.seconds, 2),
                        "calib_ppl": {str(k): v for k, v in sorted(res.calib_ppl.items())}}
+    if scores is not None:
+        calibration["gate_norm"] = {str(k): v for k, v in scores.items()}
     report["alphas"] = {str(k): v for k, v in sorted(alphas.items())}
     if eval_text is not None:
         with pruned(model, alphas):
@@ -162,7 +193,7 @@ def run_prune(opts: PruneOptions, progress: bool = True) -> dict:
                           "seq_len": opts.eval_seq_len, "windows": before.windows}
         calibration["eval"] = {**report["eval"], "ppl_before": before.perplexity,
                                "ppl_after": after.perplexity}
-    spec = PruningSpec(layers=alphas, method="harp", source_model=opts.model,
+    spec = PruningSpec(layers=alphas, method=opts.method, source_model=opts.model,
                        calibration=calibration)
     save_pruned(model, spec, src, out, force=opts.force)
     report["out"] = str(out)
