@@ -1,0 +1,235 @@
+"""Pieces shared by the HARP model families: the pruned attention modules and the checks.
+
+Imported only by the model modules, i.e. inside vLLM processes (it imports vLLM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+)
+from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+from vllm.model_executor.models.utils import extract_layer_index
+
+from ..errors import UserError
+from ..spec import CONFIG_KEY, PruningSpec
+from .fold import check_heads, fold_o, fold_v, rank_heads
+
+
+class HarpCheckpointError(UserError):
+    """A HARP checkpoint that vLLM cannot serve as described (the message says why)."""
+
+
+def pruning_spec(config: Any, arch: str, families: tuple[str, ...]) -> PruningSpec:
+    """The validated pruning section of ``config`` for architecture ``arch``."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in families:
+        raise HarpCheckpointError(
+            f"{arch} does not support model_type {model_type!r} (supported: "
+            f"{', '.join(families)}); the HARP plugin serves Llama, Mistral, Qwen2, Gemma2 "
+            f"and Gemma3 checkpoints")
+    if getattr(config, CONFIG_KEY, None) is None:
+        raise HarpCheckpointError(
+            f"config.json declares architecture {arch} but has no '{CONFIG_KEY}' section; a "
+            f"HARP checkpoint must list its pruned layers (write it with "
+            f"harp_vllm.checkpoint.save_pruned)")
+    try:
+        spec = PruningSpec.from_config(config)
+    except UserError as e:
+        raise HarpCheckpointError(f"invalid '{CONFIG_KEY}' section in config.json: {e}"
+                                  ) from None
+    assert spec is not None
+    return spec
+
+
+def layer_alpha(config: Any, prefix: str) -> float | None:
+    """alpha of the decoder layer named ``prefix`` ("model.layers.7"), None if it is dense."""
+    spec = PruningSpec.from_config(config)
+    return None if spec is None else spec.layers.get(extract_layer_index(prefix))
+
+
+@contextlib.contextmanager
+def patched(module: Any, name: str, value: Any) -> Iterator[None]:
+    """Temporarily replace ``module.name`` (a class vLLM's model code looks up by name)."""
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def _shard_name(name: str, weight: torch.Tensor) -> str:
+    """Undo vLLM's stacking rename: ``qkv_proj.weight`` + shard "v" -> ``v_proj.weight``."""
+    shard = getattr(weight, "shard_id", None)
+    if name.startswith("qkv_proj.") and shard in ("q", "k", "v"):
+        return f"{shard}_proj.{name.split('.', 1)[1]}"
+    return name
+
+
+class RemovedAttention(nn.Module):
+    """The attention sublayer of an alpha = 0 layer: no weights, never called."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def forward(self, *args, **kwargs):  # the decoder layer skips the branch
+        raise RuntimeError(f"{self.prefix} is removed (alpha = 0) and must not be called")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        for name, w in weights:
+            raise HarpCheckpointError(
+                f"unexpected weight {self.prefix}.{_shard_name(name, w)}: layer "
+                f"{extract_layer_index(self.prefix)} is pruned with alpha = 0 in "
+                f"'{CONFIG_KEY}', so its attention has no weights")
+        return set()
+
+
+class TokenLocalAttention(nn.Module):
+    """HARP pruned attention, folded: ``x -> o_fold(v(x))``, two matmuls, no KV cache.
+
+    ``v_proj`` keeps this rank's KV heads; ``o_proj`` holds ``scale * W_O`` with the query-head
+    blocks that read the same KV head summed (see ``fold.py``). No ``Attention`` module is
+    built, so vLLM allocates no KV cache for the layer. ``scale`` is alpha for Llama-like
+    families and 1 for Gemma (which scales after its post-attention norm).
+    """
+
+    def __init__(self, *, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 alpha: float, post_norm: bool, v_bias: bool, o_bias: bool, prefix: str,
+                 quant_config=None):
+        super().__init__()
+        if quant_config is not None:
+            raise HarpCheckpointError(f"{prefix}: quantized HARP checkpoints are not supported "
+                                      f"(the V·O fold needs unquantized weights)")
+        self.prefix, self.alpha = prefix, float(alpha)
+        self.scale = 1.0 if post_norm else self.alpha
+        self.layer_idx = extract_layer_index(prefix)
+        self.n_q, self.n_kv, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.tp_size = get_tensor_model_parallel_world_size()
+        self.tp_rank = get_tensor_model_parallel_rank()
+        try:
+            check_heads(num_heads, num_kv_heads, self.tp_size)
+        except ValueError as e:
+            raise HarpCheckpointError(f"{prefix}: {e}") from None
+        self.kv_heads, _ = rank_heads(num_heads, num_kv_heads, self.tp_size, self.tp_rank)
+        width = len(self.kv_heads) * head_dim  # per rank
+        # Sized so each rank's partition is exactly its own KV heads (also when replicated).
+        self.v_proj = ColumnParallelLinear(hidden_size, width * self.tp_size, bias=v_bias,
+                                           gather_output=False, prefix=f"{prefix}.v_proj")
+        self.o_proj = RowParallelLinear(width * self.tp_size, hidden_size, bias=o_bias,
+                                        input_is_parallel=True, reduce_results=True,
+                                        prefix=f"{prefix}.o_proj")
+        self.expected = {"v_proj.weight", "o_proj.weight"}
+        if v_bias:
+            self.expected.add("v_proj.bias")
+        if o_bias:
+            self.expected.add("o_proj.bias")
+        self.loaded: set[str] = set()
+
+    def forward(self, positions: torch.Tensor | None = None,
+                hidden_states: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        v, _ = self.v_proj(hidden_states)
+        out, _ = self.o_proj(v)
+        return out
+
+    def _copy(self, param: torch.Tensor, value: torch.Tensor, name: str) -> None:
+        if tuple(param.shape) != tuple(value.shape):
+            raise HarpCheckpointError(f"{self.prefix}.{name}: shape {tuple(value.shape)} after "
+                                      f"folding does not fit {tuple(param.shape)}")
+        with torch.no_grad():
+            param.data.copy_(value.to(param.dtype))
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        for raw_name, w in weights:
+            name = _shard_name(raw_name, w)
+            if name not in self.expected:
+                raise HarpCheckpointError(
+                    f"unexpected weight {self.prefix}.{name}: layer {self.layer_idx} is pruned "
+                    f"(alpha = {self.alpha}) and keeps only "
+                    f"{', '.join(sorted(self.expected))}")
+            if name == "v_proj.weight":
+                self._copy(self.v_proj.weight, fold_v(w, self.head_dim, self.kv_heads), name)
+            elif name == "v_proj.bias":
+                self._copy(self.v_proj.bias, fold_v(w, self.head_dim, self.kv_heads), name)
+            elif name == "o_proj.weight":
+                try:
+                    folded = fold_o(w, self.n_q, self.n_kv, self.head_dim, self.scale,
+                                    self.tp_size, self.tp_rank)
+                except ValueError as e:
+                    raise HarpCheckpointError(f"{self.prefix}.o_proj.weight: {e}") from None
+                self._copy(self.o_proj.weight, folded, name)
+            else:  # o_proj.bias: the full output bias (the row-parallel layer adds it once)
+                self._copy(self.o_proj.bias, w * self.scale, name)
+            self.loaded.add(name)
+        return set(self.loaded)
+
+    def missing(self) -> list[str]:
+        return [f"{self.prefix}.{n}" for n in sorted(self.expected - self.loaded)]
+
+
+def token_local_factory(alpha: float, post_norm: bool,
+                        biases: Callable[[dict[str, Any]], tuple[bool, bool]]):
+    """An attention "class" for a pruned layer; takes the family attention's keyword args.
+
+    ``biases(kwargs)`` gives (v_bias, o_bias) from those keyword arguments.
+    """
+
+    def make(**kw: Any) -> nn.Module:
+        prefix = kw["prefix"]
+        if alpha == 0.0:
+            return RemovedAttention(prefix)
+        config = kw.get("config")
+        hidden, n_q = kw["hidden_size"], kw["num_heads"]
+        head_dim = (kw.get("head_dim") or getattr(config, "head_dim", None)
+                    or hidden // n_q)
+        v_bias, o_bias = biases(kw)
+        return TokenLocalAttention(hidden_size=hidden, num_heads=n_q,
+                                   num_kv_heads=kw["num_kv_heads"], head_dim=head_dim,
+                                   alpha=alpha, post_norm=post_norm, v_bias=v_bias,
+                                   o_bias=o_bias, prefix=prefix,
+                                   quant_config=kw.get("quant_config"))
+
+    return make
+
+
+def check_attention_weights(model: nn.Module, layers: nn.ModuleList, start: int, end: int,
+                            seen: set[str], spec: PruningSpec, layer_prefix: str) -> None:
+    """After loading: every layer got the attention weights its pruning status requires.
+
+    ``seen`` holds the checkpoint's own weight names. A dense layer needs q/k/v/o (vLLM's own
+    check cannot see a missing q or k: they share the stacked qkv parameter with v).
+    """
+    for idx in range(start, end):
+        attn = getattr(layers[idx], "self_attn", None)
+        base = f"{layer_prefix}.{idx}.self_attn"
+        if isinstance(attn, TokenLocalAttention):
+            missing = attn.missing()
+            if missing:
+                raise HarpCheckpointError(
+                    f"weights missing for layer {idx} (pruned, alpha = {spec.layers[idx]}): "
+                    f"{', '.join(missing)} not in the checkpoint")
+        elif isinstance(attn, RemovedAttention):
+            continue
+        else:
+            need = [f"{base}.{p}_proj.weight" for p in ("q", "k", "v", "o")]
+            missing = [n for n in need if n not in seen]
+            if missing:
+                raise HarpCheckpointError(
+                    f"weights missing for layer {idx} (dense: not in '{CONFIG_KEY}.layers'): "
+                    f"{', '.join(missing)} not in the checkpoint; if the layer is pruned, its "
+                    f"index must be listed in '{CONFIG_KEY}.layers'")
+
+
+def recording(weights: Iterable[tuple[str, torch.Tensor]], seen: set[str]
+              ) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, w in weights:
+        seen.add(name)
+        yield name, w

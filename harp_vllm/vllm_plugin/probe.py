@@ -1,0 +1,86 @@
+"""Run a model through vLLM's offline engine and write what it did as JSON.
+
+Used by the tests (vLLM's ``LLM`` must be started from a ``__main__`` module on CPU, where
+workers are spawned) and handy by hand::
+
+    python -m harp_vllm.vllm_plugin.probe --model DIR --prompts prompts.json \\
+        --max-tokens 32 --prompt-logprobs --out result.json
+
+``prompts.json`` is a list of prompts, each a string or a list of token ids. Output: the
+engine's KV-cache capacity (blocks x block size), and per prompt the greedy token ids and
+(optionally) the log-probability of each prompt token given the ones before it. A failure
+to start is written as ``{"ok": false, "error": ...}`` with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+
+def kv_cache_tokens(llm) -> dict:
+    cache = llm.llm_engine.vllm_config.cache_config
+    blocks = int(cache.num_gpu_blocks or 0)
+    return {"num_gpu_blocks": blocks, "block_size": int(cache.block_size),
+            "kv_cache_tokens": blocks * int(cache.block_size)}
+
+
+def make_llm(model: str, max_model_len: int, **kw):
+    from vllm import LLM
+
+    return LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=max_model_len,
+               enable_prefix_caching=False, seed=0, **kw)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts = json.loads(Path(args.prompts).read_text()) if args.prompts else []
+    llm = make_llm(args.model, args.max_model_len)
+    out: dict = {"ok": True, **kv_cache_tokens(llm),
+                 "architectures": list(llm.llm_engine.vllm_config.model_config.architectures)}
+    if prompts:
+        params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True,
+                                prompt_logprobs=0 if args.prompt_logprobs else None)
+        inputs = [TokensPrompt(prompt_token_ids=p) if isinstance(p, list) else p
+                  for p in prompts]
+        results = []
+        for r in llm.generate(inputs, params, use_tqdm=False):
+            item = {"prompt_token_ids": list(r.prompt_token_ids),
+                    "token_ids": list(r.outputs[0].token_ids)}
+            if args.prompt_logprobs:
+                lps = []
+                for tok, d in zip(r.prompt_token_ids, r.prompt_logprobs or [], strict=False):
+                    lps.append(None if d is None else float(d[tok].logprob))
+                item["prompt_logprobs"] = lps
+            results.append(item)
+        out["results"] = results
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--prompts", help="JSON file: list of strings or token-id lists")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--prompt-logprobs", action="store_true")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    try:
+        result = run(args)
+        code = 0
+    except Exception as e:  # reported to the caller, which checks the message
+        traceback.print_exc()
+        result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        code = 1
+    Path(args.out).write_text(json.dumps(result))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
