@@ -180,6 +180,11 @@ def prune_cmd(
     write_json(report, result)
 
 
+from .cli_serving import register as _register_serving  # noqa: E402
+
+_register_serving(app)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 
