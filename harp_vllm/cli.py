@@ -184,6 +184,10 @@ from .cli_serving import register as _register_serving  # noqa: E402
 
 _register_serving(app)
 
+from .cli_stack import register as _register_stack  # noqa: E402
+
+_register_stack(app)
+
 
 def main() -> None:  # pragma: no cover - console entry
     app()

