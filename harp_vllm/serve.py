@@ -78,6 +78,8 @@ def resolve_model(model: str) -> tuple[str, str | None]:
         return str(models.resolve(model, progress=False)), model
     if p.is_dir() or (p.is_file() and p.suffix == ".gguf"):
         return str(models.resolve(model, progress=False)), None
+    if model.startswith(("/", ".", "~")):
+        raise UserError(f"model not found: {model} (no such directory or .gguf file)")
     return model, None  # a hub id or anything else: vLLM decides
 
 
@@ -156,10 +158,14 @@ class ServerProcess:
     """
 
     def __init__(self, args: Sequence[str], port: int, host: str = "127.0.0.1",
-                 env: Mapping[str, str] | None = None, log_path: Path | None = None):
+                 env: Mapping[str, str] | None = None, log_path: Path | None = None,
+                 via_cli: bool = False):
         self.port, self.host = port, host
         self.url = f"http://{host}:{port}"
-        cmd = build_command([*args, "--host", host, "--port", str(port)])
+        args = [*args, "--host", host, "--port", str(port)]
+        # via_cli: through the `harp-vllm serve` command itself (Typer, then exec).
+        cmd = ([sys.executable, "-m", "harp_vllm.cli", "serve", *args] if via_cli
+               else build_command(args))
         self.cmd = cmd
         full_env = serving_env({**os.environ, **(env or {})})
         self.log_path = Path(log_path) if log_path else None

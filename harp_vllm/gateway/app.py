@@ -135,12 +135,20 @@ class ChatBody(_CommonBody):
 ENDPOINTS = {"completions": CompletionBody, "chat/completions": ChatBody}
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _is_union_tag(part: object) -> bool:
+    """Whether a pydantic error-location part names a union branch, not a field."""
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or "-" in part)
+
+
 def validation_message(e: ValidationError) -> tuple[str, str | None]:
     """A one-line, OpenAI-style message and the offending parameter of a pydantic error."""
     errs = e.errors()
     # A union (prompt) reports one error per alternative: show the first, count the rest.
     first = errs[0]
-    loc = [str(p) for p in first["loc"] if not str(p).startswith(("str", "list[", "constrained"))]
+    loc = [str(p) for p in first["loc"] if not _is_union_tag(p)]
     param = ".".join(loc) or None
     msg = first["msg"]
     if first["type"] == "missing":
@@ -788,7 +796,9 @@ def create_app(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
             ENDPOINTS[path].model_validate(payload)
         except ValidationError as e:
             message, param = validation_message(e)
-            raise GatewayError(422, message, "invalid_type", param) from None
+            code = ("missing_required_parameter" if "is a required property" in message
+                    else "invalid_type")
+            raise GatewayError(422, message, code, param) from None
         return await gw.forward(request, path, payload, t0)
 
     @app.post("/v1/completions")
