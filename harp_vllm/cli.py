@@ -184,9 +184,17 @@ from .cli_serving import register as _register_serving  # noqa: E402
 
 _register_serving(app)
 
+from .cli_loadtest import register as _register_loadtest  # noqa: E402
+
+_register_loadtest(app)
+
 from .cli_stack import register as _register_stack  # noqa: E402
 
 _register_stack(app)
+
+from .cli_tasks import register as _register_tasks  # noqa: E402
+
+_register_tasks(eval_app)
 
 
 def main() -> None:  # pragma: no cover - console entry
