@@ -169,9 +169,21 @@ class ServerProcess:
         self.cmd = cmd
         full_env = serving_env({**os.environ, **(env or {})})
         self.log_path = Path(log_path) if log_path else None
-        self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, env=full_env, stdout=self._log,
+        self._env = full_env
+        if self.log_path:
+            self.log_path.write_bytes(b"")
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(self.cmd, env=self._env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
+
+    def restart(self) -> ServerProcess:
+        """Stop (if running) and start the same command again on the same port."""
+        self.stop()
+        self._spawn()
+        return self
 
     def log_tail(self, n: int = 40) -> str:
         if not self.log_path or not self.log_path.exists():
@@ -209,7 +221,7 @@ class ServerProcess:
         # Children left behind in the group (engine core, workers) go too.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        if self._log is not subprocess.DEVNULL:
+        if self._log is not subprocess.DEVNULL and not self._log.closed:
             self._log.close()
 
 

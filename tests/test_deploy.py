@@ -451,7 +451,7 @@ LONG_WORDS = ("The history of the river valley is long and well recorded by trav
 
 def _complete(gateway: str, model: str, prompt: str, max_tokens: int, stream: bool) -> None:
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                       "temperature": 0, "ignore_eos": True, "stream": stream,
+                       "temperature": 0.0, "ignore_eos": True, "stream": stream,
                        **({"stream_options": {"include_usage": True}} if stream else {})})
     req = urllib.request.Request(gateway + "/v1/completions", data=body.encode(),
                                  headers={"Content-Type": "application/json"})

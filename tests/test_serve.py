@@ -107,7 +107,11 @@ def get_vllm_pair(tmp_root: Path, smollm2_dir: Path) -> dict:
         if "error" in _POOL:
             pytest.skip(f"vLLM servers unavailable: {_POOL['error']}")
         if "servers" in _POOL:
-            return _POOL["servers"]
+            servers = _POOL["servers"]
+            for key in ("dense", "harp"):  # a test may have killed one: bring it back
+                if servers[key].proc.poll() is not None:
+                    servers[key] = servers[key].restart().wait_ready(STARTUP_TIMEOUT)
+            return servers
         if not plugin_present():
             _POOL["error"] = "the harp_vllm vLLM plugin is not installed"
             pytest.skip(_POOL["error"])

@@ -18,6 +18,9 @@ Behaviour worth knowing:
   body are passed through. A stream that breaks after it started ends with an ``error`` event.
 * A client that disconnects cancels the upstream request (the backend sees the connection close
   and aborts the generation).
+* An alias splits by weight among its backends that are not known to be down; a backend is
+  marked down when a request or probe cannot reach it and up again by the next successful
+  probe (every ``discovery_interval`` s, and on ``/health`` and ``/v1/models``).
 * Shadow mirroring runs as a detached task: the caller never waits for it; its response is
   measured (``role="shadow"``) and dropped.
 """
@@ -487,8 +490,10 @@ class Gateway:
         if not cands:
             raise GatewayError(404, f"The model '{model}' does not exist", "model_not_found",
                                "model")
-        if len(cands) > 1 and model not in self.aliases:
-            # Replicas of one model: prefer those not known to be down.
+        if len(cands) > 1:
+            # Replicas of one model, or the arms of an alias: skip those known to be down (the
+            # discovery loop, /health and /v1/models notice when they are back); if all are
+            # down, try anyway and report the failure.
             live = [c for c in cands if c[1].up is not False]
             cands = live or cands
         weights = [c[0] for c in cands]

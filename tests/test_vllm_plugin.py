@@ -1,0 +1,441 @@
+"""The vLLM plugin: HARP checkpoints served by vLLM's own model code (issue 4).
+
+Engine runs go through ``python -m harp_vllm.vllm_plugin.probe`` in a subprocess (vLLM's CPU
+platform spawns workers, so ``LLM`` must start from a ``__main__`` module); each engine is
+started once per session and its JSON result shared between tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from harp_vllm.vllm_plugin.fold import fold_o, fold_v, rank_heads
+
+REPO = Path(__file__).resolve().parents[1]
+KV_SPACE_GIB = "1"
+SMOL_ALPHAS = {29: 0.8, 28: 0.3, 27: 0.2, 26: 0.1, 25: 0.0, 24: 0.1, 23: 0.0, 22: 0.2}
+TINY_ALPHAS = {0: 0.7, 2: 0.0, 4: 0.4, 5: 1.0}  # any depth, incl. the first and last layer
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea, there lived",
+    "<|im_start|>user\nWhat is the boiling point of water?<|im_end|>\n<|im_start|>assistant\n",
+    "1, 1, 2, 3, 5, 8, 13,",
+    "Robert Boulter is an English film, television and theatre actor. He had a guest starring "
+    "role on the television series The Bill in 2000. This was followed by a starring role in "
+    "the play Herons written by Simon Stephens, which was performed in 2001 at the Royal Court "
+    "Theatre. He had a guest role in the television series Judge John Deed in 2002. In 2004 "
+    "Boulter landed a role as Craig in the episode Teddy's Story of the television series The "
+    "Long Firm; he starred alongside actors Mark Strong and Derek Jacobi.",
+]
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def run_probe(model: Path, workdir: Path, prompts: list | None = None, *,
+              multiprocessing: bool = False, prompt_logprobs: bool = True,
+              max_tokens: int = 32, max_model_len: int = 2048, env: dict | None = None,
+              timeout: float = 900) -> tuple[dict, str]:
+    """Start vLLM on ``model`` in a subprocess; (result JSON, the run's stdout + stderr)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = workdir / "result.json"
+    cmd = [sys.executable, "-m", "harp_vllm.vllm_plugin.probe", "--model", str(model),
+           "--out", str(out), "--max-tokens", str(max_tokens),
+           "--max-model-len", str(max_model_len)]
+    if prompts:
+        (workdir / "prompts.json").write_text(json.dumps(prompts))
+        cmd += ["--prompts", str(workdir / "prompts.json")]
+    if prompt_logprobs:
+        cmd.append("--prompt-logprobs")
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_PLUGINS")}
+    full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", KV_SPACE_GIB)
+    full_env["TOKENIZERS_PARALLELISM"] = "false"
+    if not multiprocessing:
+        full_env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, cwd=workdir, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    log = proc.stdout + "\n" + proc.stderr
+    (workdir / "log.txt").write_text(log)
+    result = json.loads(out.read_text()) if out.is_file() else {
+        "ok": False, "error": f"probe exited {proc.returncode} without a result"}
+    return result, log
+
+
+def reference(model_dir: Path, prompts: list[list[int]], max_tokens: int = 32) -> list[dict]:
+    """Greedy tokens and prompt logprobs from the HF reference (no KV cache, eager attention)."""
+    from harp_vllm import models
+
+    model = models.load(model_dir)
+    model.set_attn_implementation("eager")  # sdpa drops Gemma2's attention softcapping
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            logp = torch.log_softmax(model(x, use_cache=False).logits[0].double(), -1)
+            lps = [None] + [logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0]
+            seq = x
+            for _ in range(max_tokens):
+                nxt = model(seq, use_cache=False).logits[0, -1].argmax()
+                seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+            out.append({"token_ids": seq[0, len(ids):].tolist(), "prompt_logprobs": lps})
+    return out
+
+
+def max_logprob_diff(a: list, b: list) -> float:
+    return max(abs(x - y) for x, y in zip(a, b, strict=True) if x is not None)
+
+
+def assert_matches(result: dict, ref: list[dict], tol: float = 1e-3) -> None:
+    assert result["ok"], result.get("error")
+    for got, want in zip(result["results"], ref, strict=True):
+        assert got["token_ids"] == want["token_ids"]
+        assert max_logprob_diff(got["prompt_logprobs"], want["prompt_logprobs"]) < tol
+
+
+def make_tiny(family: str, out: Path, layers: int = 6) -> Path:
+    """A tiny random model vLLM's CPU attention accepts (head_dim 32; conftest's is 16)."""
+    import transformers
+    from conftest import tiny_tokenizer
+
+    cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
+           "gemma2": "Gemma2Config", "gemma3": "Gemma3TextConfig"}[family]
+    gemma = family.startswith("gemma")
+    extra = {"query_pre_attn_scalar": 32} if gemma else {}
+    tok = tiny_tokenizer()
+    cfg = getattr(transformers, cls)(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+        tie_word_embeddings=gemma,  # vLLM's Gemma2 always ties lm_head to the embeddings
+        **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08 if gemma else 0.15)
+            elif "bias" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def save(src: Path, out: Path, layers: dict[int, float]) -> Path:
+    from harp_vllm import models
+    from harp_vllm.checkpoint import save_pruned
+    from harp_vllm.spec import PruningSpec
+
+    return save_pruned(models.load(src), PruningSpec(layers=layers, source_model=str(src)),
+                       src, out)
+
+
+def edit_config(path: Path, **changes) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def edit_weights(path: Path, drop: tuple[str, ...] = (), add: dict | None = None) -> None:
+    from safetensors.torch import load_file, save_file
+
+    f = path / "model.safetensors"
+    state = load_file(f)
+    for k in drop:
+        del state[k]
+    state.update(add or {})
+    save_file(state, f, metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------- fast unit tests
+
+
+@pytest.mark.parametrize("n_q,n_kv,tp", [(4, 2, 1), (8, 2, 1), (8, 2, 2), (8, 2, 4),
+                                         (6, 6, 3), (4, 1, 2)])
+def test_fold_equals_repeat_kv_on_every_tp_split(n_q, n_kv, tp):
+    """Sum over ranks of the folded two-matmul path == alpha * o(repeat_kv(v(x)))."""
+    g = torch.Generator().manual_seed(0)
+    d, dh, alpha = 24, 8, 0.37
+    x = torch.randn(5, d, generator=g, dtype=torch.float64)
+    wv = torch.randn(n_kv * dh, d, generator=g, dtype=torch.float64)
+    bv = torch.randn(n_kv * dh, generator=g, dtype=torch.float64)
+    wo = torch.randn(d, n_q * dh, generator=g, dtype=torch.float64)
+    v = (x @ wv.T + bv).view(5, n_kv, dh).repeat_interleave(n_q // n_kv, dim=1)
+    want = alpha * v.reshape(5, -1) @ wo.T
+    got = torch.zeros_like(want)
+    for rank in range(tp):
+        kv_heads, _ = rank_heads(n_q, n_kv, tp, rank)
+        assert len(kv_heads) == max(1, n_kv // tp)
+        v_r = x @ fold_v(wv, dh, kv_heads).T + fold_v(bv, dh, kv_heads)
+        o_r = fold_o(wo, n_q, n_kv, dh, alpha, tp, rank)
+        assert o_r.shape == (d, len(kv_heads) * dh)
+        got += v_r @ o_r.T
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_fold_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="must divide one another"):
+        rank_heads(6, 3, 2)
+    with pytest.raises(ValueError, match="expected num_attention_heads"):
+        fold_o(torch.zeros(4, 12), 4, 2, 4)
+
+
+def test_importing_the_plugin_does_not_import_vllm():
+    code = ("import sys, harp_vllm, harp_vllm.vllm_plugin, harp_vllm.vllm_plugin.fold; "
+            "print('vllm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_entry_point_is_installed_and_archs_match_the_spec():
+    from importlib.metadata import entry_points
+
+    from harp_vllm.spec import HARP_ARCHITECTURES
+    from harp_vllm.vllm_plugin import MODELS
+
+    eps = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    assert eps.get("harp_vllm") == "harp_vllm.vllm_plugin:register"
+    assert set(MODELS) == set(HARP_ARCHITECTURES.values())
+
+
+# ---------------------------------------------------------------------------- engine tests
+
+vllm = pytest.mark.vllm
+
+
+@vllm
+@pytest.mark.timeout(300)
+def test_register_is_reentrant_and_lazy():
+    code = (
+        "import sys\n"
+        "from harp_vllm.vllm_plugin import MODELS, register\n"
+        "register(); register()\n"
+        "from vllm import ModelRegistry\n"
+        "archs = set(ModelRegistry.get_supported_archs())\n"
+        "assert set(MODELS) <= archs, archs\n"
+        "assert 'harp_vllm.vllm_plugin.llama' not in sys.modules\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=280)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+@pytest.fixture(scope="session")
+def smol_prompts(smollm2_dir) -> list[list[int]]:
+    from harp_vllm import models
+
+    tok = models.load_tokenizer(smollm2_dir)
+    return [tok(p)["input_ids"] for p in PROMPTS]
+
+
+@pytest.fixture(scope="session")
+def smol_pruned(smollm2_dir, tmp_path_factory) -> Path:
+    return save(smollm2_dir, tmp_path_factory.mktemp("smol") / "p8", SMOL_ALPHAS)
+
+
+@pytest.fixture(scope="session")
+def smol_p0(smollm2_dir, tmp_path_factory) -> Path:
+    return save(smollm2_dir, tmp_path_factory.mktemp("smol") / "p0", {})
+
+
+@pytest.fixture(scope="session")
+def run_smol_pruned(smol_pruned, smol_prompts, tmp_path_factory):
+    """The pruned SmolLM2 through vLLM's default multi-process engine (plugin via entry point)."""
+    return run_probe(smol_pruned, tmp_path_factory.mktemp("run-p8"), smol_prompts,
+                     multiprocessing=True)
+
+
+@pytest.fixture(scope="session")
+def run_smol_dense(smollm2_dir, smol_prompts, tmp_path_factory):
+    return run_probe(smollm2_dir, tmp_path_factory.mktemp("run-dense"), smol_prompts,
+                     prompt_logprobs=False)
+
+
+@vllm
+@pytest.mark.timeout(1200)
+def test_pruned_smollm2_in_multiprocess_engine_matches_reference(run_smol_pruned, smol_pruned,
+                                                                 smol_prompts):
+    result, log = run_smol_pruned
+    assert result["ok"], result.get("error", "") + log[-3000:]
+    assert result["architectures"] == ["HarpLlamaForCausalLM"]
+    # vLLM's separate engine-core process built the model (its log lines carry its name)
+    assert "(EngineCore pid=" in log
+    ref = reference(smol_pruned, smol_prompts)
+    assert len(result["results"]) == len(PROMPTS) >= 5
+    diffs = [max_logprob_diff(g["prompt_logprobs"], w["prompt_logprobs"])
+             for g, w in zip(result["results"], ref, strict=True)]
+    assert max(diffs) < 1e-3, diffs
+    for got, want in zip(result["results"], ref, strict=True):
+        assert len(got["token_ids"]) == 32
+        assert got["token_ids"] == want["token_ids"]
+
+
+@vllm
+@pytest.mark.timeout(1200)
+def test_kv_cache_capacity_grows_by_layers_with_attention(run_smol_pruned, run_smol_dense):
+    pruned, dense = run_smol_pruned[0], run_smol_dense[0]
+    assert pruned["ok"] and dense["ok"], (pruned.get("error"), dense.get("error"))
+    assert dense["architectures"] == ["LlamaForCausalLM"]
+    ratio = pruned["kv_cache_tokens"] / dense["kv_cache_tokens"]
+    assert ratio == pytest.approx(30 / 22, rel=0.01), (pruned, dense)
+
+
+@vllm
+@pytest.mark.timeout(1200)
+def test_unpruned_harp_checkpoint_equals_stock_llama(smol_p0, smol_prompts, run_smol_dense,
+                                                     tmp_path_factory):
+    dense = run_smol_dense[0]
+    result, log = run_probe(smol_p0, tmp_path_factory.mktemp("run-p0"), smol_prompts,
+                            prompt_logprobs=False)
+    assert result["ok"], result.get("error", "") + log[-3000:]
+    assert result["architectures"] == ["HarpLlamaForCausalLM"]
+    assert [r["token_ids"] for r in result["results"]] == \
+        [r["token_ids"] for r in dense["results"]]
+    assert result["kv_cache_tokens"] == dense["kv_cache_tokens"]
+
+
+@vllm
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma2", "gemma3"])
+def test_tiny_families_match_reference(family, tmp_path):
+    dense = make_tiny(family, tmp_path / "dense")
+    pruned = save(dense, tmp_path / "pruned", TINY_ALPHAS)
+    from harp_vllm import models
+
+    tok = models.load_tokenizer(pruned)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    result, log = run_probe(pruned, tmp_path / "run", prompts, max_model_len=512)
+    assert result["ok"], result.get("error", "") + log[-3000:]
+    assert_matches(result, reference(pruned, prompts))
+
+
+# ---------------------------------------------------------------------------- load-time errors
+
+
+@pytest.fixture(scope="session")
+def tiny_pruned(tmp_path_factory) -> Path:
+    """Tiny Llama, 6 layers, pruned at {0: 0.7, 2: 0.0, 4: 0.4, 5: 1.0}."""
+    base = tmp_path_factory.mktemp("tiny-llama-hd32")
+    return save(make_tiny("llama", base / "dense"), base / "pruned", TINY_ALPHAS)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def expect_error(model: Path, workdir: Path, *messages: str, env: dict | None = None) -> None:
+    result, log = run_probe(model, workdir, [[5, 6, 7]], max_tokens=2, max_model_len=512,
+                            prompt_logprobs=False, env=env, timeout=600)
+    assert not result["ok"], "the engine started but should have refused the checkpoint"
+    text = result["error"] + "\n" + log
+    for m in messages:
+        assert m in text, f"{m!r} not in the error output:\n{text[-3000:]}"
+
+
+@vllm
+@pytest.mark.timeout(900)
+def test_tiny_llama_matches_reference(tiny_pruned, tmp_path):
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], list(range(20, 120))]
+    result, log = run_probe(tiny_pruned, tmp_path, prompts, max_model_len=512)
+    assert result["ok"], result.get("error", "") + log[-3000:]
+    assert_matches(result, reference(tiny_pruned, prompts))
+
+
+@vllm
+@pytest.mark.timeout(600)
+def test_error_missing_pruning_section(tiny_pruned, tmp_path):
+    m = _copy(tiny_pruned, tmp_path / "m")
+    edit_config(m, harp_pruning=None)
+    expect_error(m, tmp_path / "run", "HarpLlamaForCausalLM", "no 'harp_pruning' section")
+
+
+@vllm
+@pytest.mark.timeout(600)
+def test_error_malformed_pruning_section(tiny_pruned, tmp_path):
+    m = _copy(tiny_pruned, tmp_path / "m")
+    edit_config(m, harp_pruning={"version": 1, "layers": [2, 4]})
+    expect_error(m, tmp_path / "run", "invalid 'harp_pruning' section",
+                 "'harp_pruning.layers' must be an object")
+
+
+@vllm
+@pytest.mark.timeout(600)
+def test_error_layer_index_out_of_range(tiny_pruned, tmp_path):
+    m = _copy(tiny_pruned, tmp_path / "m")
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["harp_pruning"]["layers"]["6"] = 0.5
+    edit_config(m, harp_pruning=cfg["harp_pruning"])
+    expect_error(m, tmp_path / "run", "layer index 6 out of range", "6 layers")
+
+
+@vllm
+@pytest.mark.timeout(600)
+def test_error_weight_missing_for_pruned_layer(tiny_pruned, tmp_path):
+    m = _copy(tiny_pruned, tmp_path / "m")
+    edit_weights(m, drop=("model.layers.4.self_attn.o_proj.weight",))
+    expect_error(m, tmp_path / "run", "weights missing for layer 4",
+                 "model.layers.4.self_attn.o_proj.weight")
+
+
+@vllm
+@pytest.mark.timeout(600)
+def test_error_unexpected_weight_for_pruned_layer(tiny_pruned, tmp_path):
+    m = _copy(tiny_pruned, tmp_path / "m")
+    edit_weights(m, add={"model.layers.4.self_attn.q_proj.weight": torch.zeros(128, 128)})
+    expect_error(m, tmp_path / "run", "unexpected weight model.layers.4.self_attn.q_proj.weight",
+                 "layer 4 is pruned")
+
+
+@vllm
+@pytest.mark.timeout(600)
+def test_error_weight_for_removed_layer(tiny_pruned, tmp_path):
+    m = _copy(tiny_pruned, tmp_path / "m")
+    edit_weights(m, add={"model.layers.2.self_attn.v_proj.weight": torch.zeros(64, 128)})
+    expect_error(m, tmp_path / "run", "unexpected weight model.layers.2.self_attn.v_proj.weight",
+                 "alpha = 0")
+
+
+@vllm
+@pytest.mark.timeout(600)
+def test_error_pruned_layer_not_listed(tiny_pruned, tmp_path):
+    m = _copy(tiny_pruned, tmp_path / "m")
+    cfg = json.loads((m / "config.json").read_text())
+    del cfg["harp_pruning"]["layers"]["4"]
+    edit_config(m, harp_pruning=cfg["harp_pruning"])
+    expect_error(m, tmp_path / "run", "weights missing for layer 4 (dense",
+                 "model.layers.4.self_attn.q_proj.weight")
+
+
+@vllm
+@pytest.mark.timeout(600)
+def test_error_unsupported_family(tmp_path):
+    m = make_tiny("qwen2", tmp_path / "m", layers=2)
+    edit_config(m, architectures=["HarpLlamaForCausalLM"],
+                harp_pruning={"version": 1, "method": "harp", "layers": {"1": 0.5}})
+    expect_error(m, tmp_path / "run", "HarpLlamaForCausalLM does not support model_type "
+                 "'qwen2'")
+
+
+@vllm
+@pytest.mark.timeout(600)
+def test_without_the_plugin_vllm_refuses_the_architecture(tiny_pruned, tmp_path):
+    expect_error(tiny_pruned, tmp_path / "run", "HarpLlamaForCausalLM",
+                 env={"VLLM_PLUGINS": "lora_filesystem_resolver"})
