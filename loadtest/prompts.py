@@ -78,7 +78,8 @@ class PromptFactory:
         """One prompt of exactly ``n_tokens`` tokens (raises if it cannot be hit exactly)."""
         self.counter += 1
         rid = f"lt-{self.nonce}-{self.counter:06d}"
-        prefix = f"Request {rid}. "
+        # The counter leads: the prompts must differ within the first KV block (16 tokens).
+        prefix = f"Request {self.counter} of session {self.nonce}. "
         base = self.count(prefix)
         if n_tokens < base + 1:
             raise UserError(f"prompt length {n_tokens} is too short (the unique prefix alone "

@@ -362,6 +362,8 @@ class Gateway:
         self.cfg = config
         self.metrics = metrics or GatewayMetrics()
         self.backends = {b.name: BackendState(b) for b in config.backends}
+        for name in self.backends:
+            self.metrics.init_backend(name)
         self.aliases = {a.name: a for a in config.aliases}
         self.rng = random.Random(config.seed)
         self.client: httpx.AsyncClient | None = None

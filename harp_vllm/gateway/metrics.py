@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..serving_metrics import LATENCY_BUCKETS_S, THROUGHPUT_BUCKETS_TPS
+from ..serving_metrics import BUCKET_LABELS, LATENCY_BUCKETS_S, THROUGHPUT_BUCKETS_TPS
 
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5,
                  0.75, 1.0, 2.5, 5.0)
@@ -65,3 +65,14 @@ class GatewayMetrics:
         self.shadow_dropped = Counter("harp_gateway_shadow_dropped",
                                       "Mirrors skipped because too many were in flight",
                                       ["backend"], registry=r)
+
+    def init_backend(self, backend: str) -> None:
+        """Export ``backend``'s per-bucket series at zero from the start, so ``rate()`` sees
+        the first requests of a bucket (a series born with its first observation has no
+        earlier sample to rate against)."""
+        for role in ("primary", "shadow"):
+            self.inflight.labels(backend, role)
+            for bucket in BUCKET_LABELS:
+                for metric in (self.prompt_tokens, self.output_tokens, self.ttft, self.itl,
+                               self.e2e, self.tps):
+                    metric.labels(backend, role, bucket)
