@@ -439,3 +439,31 @@ def test_error_unsupported_family(tmp_path):
 def test_without_the_plugin_vllm_refuses_the_architecture(tiny_pruned, tmp_path):
     expect_error(tiny_pruned, tmp_path / "run", "HarpLlamaForCausalLM",
                  env={"VLLM_PLUGINS": "lora_filesystem_resolver"})
+
+
+# ---------------------------------------------------------------------------- Gate-Norm (issue 8)
+
+
+@vllm
+@pytest.mark.timeout(1200)
+def test_gate_norm_smollm2_matches_reference_and_grows_kv(smollm2_dir, smol_prompts,
+                                                          run_smol_dense, tmp_path):
+    """Gate-Norm removes attention sublayers wherever their score is lowest (not a top block):
+    vLLM gives the reference's greedy tokens and L/(L-K) times the dense KV-cache tokens."""
+    from typer.testing import CliRunner
+
+    from harp_vllm.cli import app
+
+    out = tmp_path / "gn8"
+    res = CliRunner().invoke(app, ["prune", str(smollm2_dir), "--out", str(out), "--method",
+                                   "gate-norm", "--layers", "8", "--eval-windows", "0"])
+    assert res.exit_code == 0, res.output
+    layers = json.loads((out / "config.json").read_text())["harp_pruning"]["layers"]
+    assert len(layers) == 8 and set(layers.values()) == {0.0}
+    assert sorted(map(int, layers)) != list(range(22, 30))  # scattered, not the top block
+    result, log = run_probe(out, tmp_path / "run", smol_prompts)
+    assert result["ok"], result.get("error", "") + log[-3000:]
+    assert_matches(result, reference(out, smol_prompts))
+    dense = run_smol_dense[0]
+    assert result["kv_cache_tokens"] / dense["kv_cache_tokens"] == pytest.approx(30 / 22,
+                                                                                   rel=0.01)
