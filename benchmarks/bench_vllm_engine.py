@@ -64,14 +64,16 @@ def worker(args: argparse.Namespace) -> None:
                llm.llm_engine.vllm_config.model_config.architectures)}
     for i, n in enumerate(cfg["prefill"]):
         res["prefill_tok_s"][str(n)] = n / timed([prompt_ids(n, vocab, 10 + i)], one)
-    batch = [prompt_ids(cfg["decode_prompt"], vocab, 100 + i)
-             for i in range(cfg["decode_requests"])]
-    full = SamplingParams(temperature=0.0, max_tokens=cfg["decode_tokens"], ignore_eos=True)
-    t_prefill = timed(batch, one)
-    t_full = timed(batch, full)
-    decoded = cfg["decode_requests"] * (cfg["decode_tokens"] - 1)
-    res["decode_tok_s"] = decoded / max(t_full - t_prefill, 1e-9)
-    res["decode_total_s"] = t_full
+    if cfg["decode_requests"] > 0:
+        batch = [prompt_ids(cfg["decode_prompt"], vocab, 100 + i)
+                 for i in range(cfg["decode_requests"])]
+        full = SamplingParams(temperature=0.0, max_tokens=cfg["decode_tokens"],
+                              ignore_eos=True)
+        t_prefill = timed(batch, one)
+        t_full = timed(batch, full)
+        decoded = cfg["decode_requests"] * (cfg["decode_tokens"] - 1)
+        res["decode_tok_s"] = decoded / max(t_full - t_prefill, 1e-9)
+        res["decode_total_s"] = t_full
     Path(args.worker_out).write_text(json.dumps(res))
 
 

@@ -1,0 +1,84 @@
+"""Prefill throughput of several pruned checkpoints against dense SmolLM2 in vLLM's engine.
+
+One engine run per checkpoint (each in its own process, the real multi-process engine, same
+VLLM_CPU_KVCACHE_SPACE); dense runs first and last so drift shows, and its median is the
+baseline. Prints KV-cache tokens and single-prompt prefill throughput with their ratios to
+dense, and writes JSON. Used for the Gate-Norm / HARP / hybrid table (docs/results.md):
+
+    .venv/bin/python benchmarks/bench_engine_variants.py --out out/variants.json \\
+        gn8=out/gn-table/gate-norm8 harp8=out/harp-table/harp-top8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_vllm_engine import run_engine  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("variants", nargs="+", help="NAME=CHECKPOINT_DIR")
+    ap.add_argument("--prefill", default="4096,7168", help="prompt lengths (tokens)")
+    ap.add_argument("--kv-space", default="2", help="VLLM_CPU_KVCACHE_SPACE in GiB (all)")
+    ap.add_argument("--out", type=Path, default=Path("out/bench_engine_variants.json"))
+    args = ap.parse_args()
+    from harp_vllm import models
+
+    variants = dict(v.split("=", 1) for v in args.variants)
+    for name, path in variants.items():
+        if not (Path(path) / "config.json").is_file():
+            raise SystemExit(f"{name}: no checkpoint at {path}")
+    dense = str(models.prepare("smollm2-135m", progress=False))
+    lens = [int(x) for x in args.prefill.split(",")]
+    cfg = dict(rounds=1, prefill=lens, decode_requests=0, decode_prompt=1, decode_tokens=1)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": args.kv_space,
+           "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    work = args.out.with_suffix(".runs")
+    work.mkdir(parents=True, exist_ok=True)
+    order = [("dense", dense), *variants.items(), ("dense", dense)]
+    runs: dict[str, list[dict]] = {}
+    for i, (name, path) in enumerate(order):
+        print(f"[{i + 1}/{len(order)}] {name} ...", flush=True)
+        runs.setdefault(name, []).append(run_engine(Path(path), cfg, work / f"{i}-{name}.json",
+                                                    env))
+
+    def med(name: str, key) -> float:
+        return statistics.median(key(r) for r in runs[name])
+
+    kv = lambda r: r["kv_cache_tokens"]  # noqa: E731
+    pre = {n: (lambda r, n=n: r["prefill_tok_s"][str(n)]) for n in lens}
+    bind = env.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    print(f"\nVLLM_CPU_KVCACHE_SPACE={args.kv_space} GiB, VLLM_CPU_OMP_THREADS_BIND={bind}, "
+          f"dense = median of {len(runs['dense'])} runs")
+    head = " ".join(f"{f'{n} tok/s':>12s} {'ratio':>6s}" for n in lens)
+    print(f"{'variant':12s} {'KV tokens':>10s} {'ratio':>6s} {head}")
+    table = []
+    for name in ["dense", *variants]:
+        row = {"variant": name, "kv_cache_tokens": med(name, kv),
+               "kv_ratio": med(name, kv) / med("dense", kv)}
+        cells = []
+        for n in lens:
+            v = med(name, pre[n])
+            row[f"prefill_{n}_tok_s"] = v
+            row[f"prefill_{n}_ratio"] = v / med("dense", pre[n])
+            cells.append(f"{v:12.1f} {row[f'prefill_{n}_ratio']:6.3f}")
+        table.append(row)
+        print(f"{name:12s} {row['kv_cache_tokens']:10,.0f} {row['kv_ratio']:6.3f} "
+              + " ".join(cells))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"kv_space_gib": args.kv_space, "threads_bind": bind,
+                                    "variants": variants, "table": table, "runs": runs},
+                                   indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

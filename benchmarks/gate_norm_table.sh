@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds the Gate-Norm / hybrid / random-layer checkpoints and perplexities of the comparison
+# in docs/results.md (SmolLM2-135M; HARP top-P comes from benchmarks/harp_table.sh).
+# Usage: bash benchmarks/gate_norm_table.sh [OUT_DIR] ; each command is printed before it runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-out/gn-table}
+WIN=${EVAL_WINDOWS:-8}
+H=.venv/bin/harp-vllm
+mkdir -p "$OUT"
+run() { echo "+ $*"; "$@"; }
+for K in 4 8 12; do
+  run $H prune smollm2-135m --out "$OUT/gate-norm$K" --method gate-norm --layers "$K" \
+    --eval-windows 0 --force
+  run $H prune smollm2-135m --out "$OUT/hybrid$K" --method hybrid --layers "$K" \
+    --eval-windows 0 --force
+  for v in gate-norm hybrid; do
+    run $H eval ppl --model "$OUT/$v$K" --seq-len 2048 --max-windows "$WIN" --out "$OUT/$v$K.json"
+  done
+  for SEED in 0 1 2; do  # K layers drawn uniformly from all 30, attention sublayer removed
+    LAYERS=$(.venv/bin/python -c "import random; print(','.join(map(str, sorted(
+      random.Random($SEED).sample(range(30), $K)))))")
+    run $H prune smollm2-135m --out "$OUT/random$K-s$SEED" --layer-list "$LAYERS" --alpha 0 \
+      --eval-windows 0 --force
+    run $H eval ppl --model "$OUT/random$K-s$SEED" --seq-len 2048 --max-windows "$WIN" \
+      --out "$OUT/random$K-s$SEED.json"
+  done
+done
