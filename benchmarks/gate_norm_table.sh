@@ -9,20 +9,20 @@ WIN=${EVAL_WINDOWS:-8}
 H=.venv/bin/harp-vllm
 mkdir -p "$OUT"
 run() { echo "+ $*"; "$@"; }
+# Resumable: a step whose output exists is skipped (delete OUT_DIR to start over).
+prune() {
+  local out=$1; shift
+  [ -f "$out/config.json" ] || run $H prune smollm2-135m --out "$out" "$@" --eval-windows 0 --force
+}
+ppl() { [ -f "$2" ] || run $H eval ppl --model "$1" --seq-len 2048 --max-windows "$WIN" --out "$2"; }
 for K in 4 8 12; do
-  run $H prune smollm2-135m --out "$OUT/gate-norm$K" --method gate-norm --layers "$K" \
-    --eval-windows 0 --force
-  run $H prune smollm2-135m --out "$OUT/hybrid$K" --method hybrid --layers "$K" \
-    --eval-windows 0 --force
-  for v in gate-norm hybrid; do
-    run $H eval ppl --model "$OUT/$v$K" --seq-len 2048 --max-windows "$WIN" --out "$OUT/$v$K.json"
-  done
+  prune "$OUT/gate-norm$K" --method gate-norm --layers "$K"
+  prune "$OUT/hybrid$K" --method hybrid --layers "$K"
+  for v in gate-norm hybrid; do ppl "$OUT/$v$K" "$OUT/$v$K.json"; done
   for SEED in 0 1 2; do  # K layers drawn uniformly from all 30, attention sublayer removed
     LAYERS=$(.venv/bin/python -c "import random; print(','.join(map(str, sorted(
       random.Random($SEED).sample(range(30), $K)))))")
-    run $H prune smollm2-135m --out "$OUT/random$K-s$SEED" --layer-list "$LAYERS" --alpha 0 \
-      --eval-windows 0 --force
-    run $H eval ppl --model "$OUT/random$K-s$SEED" --seq-len 2048 --max-windows "$WIN" \
-      --out "$OUT/random$K-s$SEED.json"
+    prune "$OUT/random$K-s$SEED" --layer-list "$LAYERS" --alpha 0
+    ppl "$OUT/random$K-s$SEED" "$OUT/random$K-s$SEED.json"
   done
 done
