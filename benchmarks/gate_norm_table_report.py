@@ -39,8 +39,13 @@ def main() -> None:
                 ("HARP top-P (searched alpha)", harp / f"harp-top{k}", "harp"),
                 ("hybrid: Gate-Norm layers + HARP alpha", gn / f"hybrid{k}", "hybrid"),
                 ("top-P, alpha = 0 (attention removed)", harp / f"alpha0-top{k}", "alpha0")]
+        same_as_top = layers(gn / f"gate-norm{k}") == layers(harp / f"harp-top{k}")
         for label, ckpt, key in rows:
             p = ppl(ckpt.with_suffix(".json"))
+            if p is None and key == "hybrid" and same_as_top:
+                print(f"| {k} | {label} | = HARP top-P (Gate-Norm chose the top {k} layers) "
+                      f"| = | = | = | = |")
+                continue
             if p is None:
                 continue
             s = speed.get(f"{key}{k}", {})
