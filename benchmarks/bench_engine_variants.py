@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vllm_engine import run_engine  # noqa: E402
+from bench_vllm_engine import engine_env, run_engine  # noqa: E402
 
 
 def main() -> None:
@@ -38,9 +37,7 @@ def main() -> None:
     dense = str(models.prepare("smollm2-135m", progress=False))
     lens = [int(x) for x in args.prefill.split(",")]
     cfg = dict(rounds=1, prefill=lens, decode_requests=0, decode_prompt=1, decode_tokens=1)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": args.kv_space,
-           "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    env = engine_env(args.kv_space)
     work = args.out.with_suffix(".runs")
     work.mkdir(parents=True, exist_ok=True)
     order = [("dense", dense), *variants.items(), ("dense", dense)]

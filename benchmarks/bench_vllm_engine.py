@@ -94,6 +94,14 @@ def ensure_models(pruned: Path | None) -> tuple[Path, Path]:
     return dense, pruned
 
 
+def engine_env(kv_space: str) -> dict:
+    """Environment of every engine run: the KV-cache size, and vLLM's real multi-process
+    engine (a caller's ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` is dropped)."""
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": kv_space, "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    return env
+
+
 def run_engine(model: Path, cfg: dict, out: Path, env: dict) -> dict:
     cmd = [sys.executable, __file__, "--worker-model", str(model), "--worker-out", str(out),
            "--worker-cfg", json.dumps(cfg)]
@@ -125,9 +133,7 @@ def main() -> None:
     if args.rounds:
         cfg["rounds"] = args.rounds
     dense, pruned = ensure_models(args.pruned)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": args.kv_space,
-           "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real multi-process engine
+    env = engine_env(args.kv_space)
     bind = env.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
     work = args.out.with_suffix(".runs")
     work.mkdir(parents=True, exist_ok=True)

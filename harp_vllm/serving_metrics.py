@@ -49,6 +49,18 @@ def context_bucket(prompt_tokens: int | None) -> str:
     return OPEN_BUCKET
 
 
+def zero_buckets(metrics: tuple[Any, ...], *labels: str, suffix: tuple[str, ...] = ()) -> None:
+    """Create the series ``labels + (bucket,) + suffix`` of each metric for every context bucket.
+
+    A Prometheus series born with its first observation has no earlier sample, so ``rate()``
+    misses the first requests of a bucket; exporting every bucket at zero from start-up avoids
+    that (used by the engine-side stat logger and by the gateway).
+    """
+    for bucket in BUCKET_LABELS:
+        for metric in metrics:
+            metric.labels(*labels, bucket, *suffix)
+
+
 @dataclass(frozen=True)
 class KVLayout:
     """Which layers of a model keep attention (and so a KV cache), and what a token costs.

@@ -38,12 +38,12 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
 from .serving_metrics import (
-    BUCKET_LABELS,
     LATENCY_BUCKETS_S,
     THROUGHPUT_BUCKETS_TPS,
     KVLayout,
     context_bucket,
     kv_layout,
+    zero_buckets,
 )
 
 # Under "vllm." so the lines land in the server log with vLLM's own handler and format.
@@ -136,19 +136,11 @@ class HarpStatLogger(AggregateStatLoggerBase):
         self.generation_tokens = Counter("harp_request_generation_tokens",
                                          "Output tokens of finished requests, by context bucket",
                                          labels)
-        self._init_buckets()
+        zero_buckets((self.prefill_tps, self.decode_tps, self.ttft, self.e2e,
+                      self.prompt_tokens, self.generation_tokens), self.model_name)
+        for reason in ("stop", "length"):
+            zero_buckets((self.finished,), self.model_name, suffix=(reason,))
         self._set_capacity()
-
-    def _init_buckets(self) -> None:
-        """Export every context bucket at zero from the start, so ``rate()`` sees the first
-        requests of a bucket (a series born with its first observation has no earlier sample)."""
-        for bucket in BUCKET_LABELS:
-            labels = (self.model_name, bucket)
-            for metric in (self.prefill_tps, self.decode_tps, self.ttft, self.e2e,
-                           self.prompt_tokens, self.generation_tokens):
-                metric.labels(*labels)
-            for reason in ("stop", "length"):
-                self.finished.labels(*labels, reason)
 
     def _set_capacity(self) -> bool:
         cc = self.vllm_config.cache_config

@@ -78,7 +78,8 @@ class PromptFactory:
         """One prompt of exactly ``n_tokens`` tokens (raises if it cannot be hit exactly)."""
         self.counter += 1
         rid = f"lt-{self.nonce}-{self.counter:06d}"
-        # The counter leads: the prompts must differ within the first KV block (16 tokens).
+        # The counter leads: prompts must differ within their first 16 tokens (vLLM's smallest
+        # KV block), so no two share a cached prefix block.
         prefix = f"Request {self.counter} of session {self.nonce}. "
         base = self.count(prefix)
         if n_tokens < base + 1:

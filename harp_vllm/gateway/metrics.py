@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..serving_metrics import BUCKET_LABELS, LATENCY_BUCKETS_S, THROUGHPUT_BUCKETS_TPS
+from ..serving_metrics import LATENCY_BUCKETS_S, THROUGHPUT_BUCKETS_TPS, zero_buckets
 
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5,
                  0.75, 1.0, 2.5, 5.0)
@@ -67,12 +67,9 @@ class GatewayMetrics:
                                       ["backend"], registry=r)
 
     def init_backend(self, backend: str) -> None:
-        """Export ``backend``'s per-bucket series at zero from the start, so ``rate()`` sees
-        the first requests of a bucket (a series born with its first observation has no
-        earlier sample to rate against)."""
+        """Export ``backend``'s per-bucket series at zero from the start (see
+        :func:`~harp_vllm.serving_metrics.zero_buckets`)."""
         for role in ("primary", "shadow"):
             self.inflight.labels(backend, role)
-            for bucket in BUCKET_LABELS:
-                for metric in (self.prompt_tokens, self.output_tokens, self.ttft, self.itl,
-                               self.e2e, self.tps):
-                    metric.labels(backend, role, bucket)
+            zero_buckets((self.prompt_tokens, self.output_tokens, self.ttft, self.itl, self.e2e,
+                          self.tps), backend, role)
