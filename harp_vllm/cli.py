@@ -121,9 +121,20 @@ def eval_ppl(
 def prune_cmd(
     model: Annotated[str, typer.Argument(help="known name, HF directory, .gguf or hub id")],
     out: Annotated[Path, typer.Option(help="output checkpoint directory")],
-    method: Annotated[str, typer.Option(help="harp, gate-norm or hybrid")] = "harp",
+    method: Annotated[str, typer.Option(help="harp, gate-norm, hybrid (layers) or amp, flap, "
+                                             "wanda-sp (heads and MLP channels)")] = "harp",
     layers: Annotated[int | None, typer.Option(help="prune P layers")] = None,
-    ratio: Annotated[float | None, typer.Option(help="prune round(r * L) layers")] = None,
+    ratio: Annotated[float | None, typer.Option(help="layer methods: prune round(r * L) "
+                                                     "layers; amp/flap/wanda-sp: share of "
+                                                     "attention heads removed")] = None,
+    mlp_ratio: Annotated[float, typer.Option(help="amp/flap/wanda-sp: share of MLP channels "
+                                                  "removed")] = 0.0,
+    allocation: Annotated[str | None, typer.Option(help="amp/flap/wanda-sp: uniform (same "
+                                                        "count per layer) or global (default: "
+                                                        "the method's own)")] = None,
+    bias_compensation: Annotated[bool | None, typer.Option(
+        "--bias-compensation/--no-bias-compensation",
+        help="replace removed channels by their mean (default: on for flap only)")] = None,
     layer_list: Annotated[str | None, typer.Option(help="explicit layers, e.g. 22-29,31")] = None,
     position: Annotated[str, typer.Option(help="top, or bottom (layer 0 excluded)")] = "top",
     alpha: Annotated[float | None, typer.Option(help="fixed alpha for all layers (no search)")
@@ -135,8 +146,11 @@ def prune_cmd(
     calib_split: Annotated[str | None, typer.Option(help="default: validation (local), train "
                                                          "(hub)")] = None,
     calib_file: Annotated[Path | None, typer.Option(help="calibrate on a text file")] = None,
-    calib_samples: Annotated[int, typer.Option(help="calibration windows")] = 8,
-    calib_seq_len: Annotated[int, typer.Option(help="tokens per calibration window")] = 256,
+    calib_samples: Annotated[int | None, typer.Option(help="calibration windows (default 8 "
+                                                           "for layer methods, else 128)")
+                             ] = None,
+    calib_seq_len: Annotated[int | None, typer.Option(help="tokens per calibration window "
+                                                           "(default 256, else 128)")] = None,
     seed: Annotated[int, typer.Option(help="calibration sampling seed")] = 0,
     search: Annotated[str, typer.Option(help="fast or naive")] = "fast",
     eval_windows: Annotated[int, typer.Option(help="WikiText-2 test windows for the before/"
@@ -146,11 +160,11 @@ def prune_cmd(
     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
     report: Annotated[Path | None, typer.Option(help="write the run report as JSON")] = None,
 ) -> None:
-    """Prune MODEL's attention (HARP, Gate-Norm or the hybrid) and write a checkpoint."""
+    """Prune MODEL (HARP, Gate-Norm, the hybrid, AMP, FLAP or Wanda-sp); write a checkpoint."""
     import torch
     from rich.table import Table
 
-    from .prune import PruneOptions, alpha_table_rows, parse_grid, run_prune
+    from .prune import PruneOptions, alpha_table_rows, parse_grid, run_prune, shape_table_rows
 
     if threads:
         torch.set_num_threads(threads)
@@ -161,16 +175,29 @@ def prune_cmd(
             position=position, alpha=alpha, grid=parse_grid(alpha_grid), calib_data=calib_data,
             calib_split=calib_split, calib_file=calib_file, calib_samples=calib_samples,
             calib_seq_len=calib_seq_len, seed=seed, search=search, eval_windows=eval_windows,
-            eval_seq_len=eval_seq_len, force=force)
+            eval_seq_len=eval_seq_len, force=force, mlp_ratio=mlp_ratio, allocation=allocation,
+            bias_compensation=bias_compensation)
         return run_prune(opts)
 
     result = run_guarded(_run)
-    table = Table(title=f"{result['method']} alphas ({model})")
-    for col in ("layer", "alpha", "calib ppl"):
-        table.add_column(col, justify="right")
-    for row in alpha_table_rows(result):
-        table.add_row(*row)
-    Console().print(table)
+    if "shapes" in result:
+        table = Table(title=f"{result['method']}: kept per layer ({model})")
+        for col in ("layer", "heads", "KV heads", "MLP channels"):
+            table.add_column(col, justify="right")
+        for row in shape_table_rows(result["shapes"]):
+            table.add_row(*row)
+        Console().print(table)
+        typer.echo(f"heads removed {result['heads_removed']}/{result['heads_total']}; "
+                   f"parameters {result['params_before']:,} -> {result['params_after']:,}; "
+                   f"KV bytes/token (bf16) {result['kv_bytes_per_token_before']:,} -> "
+                   f"{result['kv_bytes_per_token_after']:,}")
+    else:
+        table = Table(title=f"{result['method']} alphas ({model})")
+        for col in ("layer", "alpha", "calib ppl"):
+            table.add_column(col, justify="right")
+        for row in alpha_table_rows(result):
+            table.add_row(*row)
+        Console().print(table)
     if "ppl_before" in result:
         ev = result["eval"]
         typer.echo(f"WikiText-2 test perplexity (seq-len {ev['seq_len']}, {ev['windows']} "

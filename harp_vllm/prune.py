@@ -2,8 +2,9 @@
 
 Methods: ``harp`` (top/bottom/listed layers, greedy alpha search or a fixed alpha),
 ``gate-norm`` (data-free: remove the attention sublayer, alpha = 0, of the K layers with the
-lowest Gate-Norm) and ``hybrid`` (Gate-Norm chooses the K layers, HARP's token-local path and
-alpha search replace their attention).
+lowest Gate-Norm), ``hybrid`` (Gate-Norm chooses the K layers, HARP's token-local path and
+alpha search replace their attention) and the head/MLP-level methods ``amp``, ``flap`` and
+``wanda-sp`` (see ``structured.py``; ``--ratio`` is then the share of attention heads).
 """
 
 from __future__ import annotations
@@ -17,10 +18,18 @@ from . import models
 from .checkpoint import check_output_dir, save_pruned
 from .errors import UserError
 from .gate_norm import gate_norm_scores, lowest_scoring
+from .heads import check_family, count_parameters
 from .perplexity import evaluate_perplexity
 from .reference import family_post_norm, harp_architecture, pruned
 from .search import DEFAULT_GRID, calibration_windows, fast_search, naive_search
 from .spec import PruningSpec
+from .structured import (
+    DEFAULT_ALLOCATION,
+    METHODS,
+    kv_bytes_per_token,
+    prune_structured,
+    shapes_of,
+)
 
 
 def parse_layer_list(text: str) -> list[int]:
@@ -95,8 +104,11 @@ class PruneOptions:
     calib_data: str = "wikitext2"
     calib_split: str | None = None
     calib_file: Path | None = None
-    calib_samples: int = 8
-    calib_seq_len: int = 256
+    calib_samples: int | None = None  # default: 8 (harp), 128 (amp, flap, wanda-sp)
+    calib_seq_len: int | None = None  # default: 256 (harp), 128 (amp, flap, wanda-sp)
+    mlp_ratio: float = 0.0  # amp, flap, wanda-sp: share of MLP channels removed
+    allocation: str | None = None  # uniform | global (default: the method's own)
+    bias_compensation: bool | None = None  # default: on for flap only
     seed: int = 0
     search: str = "fast"
     eval_windows: int = 8
@@ -116,6 +128,18 @@ def load_calibration_text(opts: PruneOptions) -> tuple[str, dict]:
                                                          "split": split}
 
 
+LAYER_METHODS = ("harp", "gate-norm", "hybrid")
+
+
+def calibration_shape(opts: PruneOptions) -> tuple[int, int]:
+    """(samples, tokens per sample): HARP's search default, or Wanda-sp/FLAP's 128 x 128."""
+    layer_method = opts.method in LAYER_METHODS
+    samples = opts.calib_samples
+    seq_len = opts.calib_seq_len
+    return (samples if samples is not None else 8 if layer_method else 128,
+            seq_len if seq_len is not None else 256 if layer_method else 128)
+
+
 def choose_layers(opts: PruneOptions, src: Path, n_layers: int
                   ) -> tuple[list[int], dict[int, float] | None, float | None]:
     """(layers to prune, Gate-Norm scores if used, fixed alpha or None to search)."""
@@ -123,7 +147,8 @@ def choose_layers(opts: PruneOptions, src: Path, n_layers: int
         return (select_layers(n_layers, opts.layers, opts.ratio, opts.layer_list, opts.position),
                 None, opts.alpha)
     if opts.method not in ("gate-norm", "hybrid"):
-        raise UserError(f"unknown --method {opts.method!r}; choose harp, gate-norm or hybrid")
+        raise UserError(f"unknown --method {opts.method!r}; choose harp, gate-norm, hybrid, "
+                        f"amp, flap or wanda-sp")
     if opts.layer_list is not None or opts.position != "top":
         raise UserError(f"--method {opts.method} chooses its own layers: give --layers K "
                         "or --ratio r, not --layer-list/--position")
@@ -150,6 +175,8 @@ def run_prune(opts: PruneOptions, progress: bool = True) -> dict:
         raise UserError(f"{opts.model} is already a pruned checkpoint; prune its source model")
     family_post_norm(hf_cfg)
     harp_architecture(hf_cfg)
+    if opts.method in METHODS:
+        return run_structured(opts, src, hf_cfg, out, progress)
     layers, scores, alpha = choose_layers(opts, src, cfg["num_hidden_layers"])
     if opts.search not in ("fast", "naive"):
         raise UserError(f"--search must be fast or naive, got {opts.search!r}")
@@ -157,8 +184,8 @@ def run_prune(opts: PruneOptions, progress: bool = True) -> dict:
     calib_src: dict = {}
     if alpha is None:
         calib_text, calib_src = load_calibration_text(opts)
-        windows = calibration_windows(tok, calib_text, opts.calib_samples, opts.calib_seq_len,
-                                      opts.seed)
+        samples, seq_len = calibration_shape(opts)
+        windows = calibration_windows(tok, calib_text, samples, seq_len, opts.seed)
     eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
 
     model = models.load(src)
@@ -176,8 +203,7 @@ def run_prune(opts: PruneOptions, progress: bool = True) -> dict:
         search = fast_search if opts.search == "fast" else naive_search
         res = search(model, windows, layers, opts.grid, progress=progress)
         alphas = res.alphas
-        calibration = {**calib_src, "samples": opts.calib_samples,
-                       "seq_len": opts.calib_seq_len, "seed": opts.seed,
+        calibration = {**calib_src, "samples": samples, "seq_len": seq_len, "seed": opts.seed,
                        "grid": list(opts.grid), "search": opts.search,
                        "search_seconds": round(res.seconds, 2),
                        "calib_ppl": {str(k): v for k, v in sorted(res.calib_ppl.items())}}
@@ -201,6 +227,61 @@ def run_prune(opts: PruneOptions, progress: bool = True) -> dict:
     return report
 
 
+def run_structured(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool) -> dict:
+    """AMP / FLAP / Wanda-sp: score heads and MLP channels, cut them, write the checkpoint."""
+    check_family(hf_cfg)
+    if opts.layers is not None or opts.layer_list is not None or opts.alpha is not None:
+        raise UserError(f"--method {opts.method} prunes heads: give --ratio (share of attention "
+                        f"heads) and optionally --mlp-ratio, not --layers/--layer-list/--alpha")
+    if opts.ratio is None:
+        raise UserError(f"--method {opts.method} needs --ratio (share of attention heads)")
+    if opts.ratio == 0 and opts.mlp_ratio == 0:
+        raise UserError("--ratio 0 and --mlp-ratio 0 would prune nothing")
+    tok = models.load_tokenizer(src)
+    calib_text, calib_src = load_calibration_text(opts)
+    samples, seq_len = calibration_shape(opts)
+    windows = calibration_windows(tok, calib_text, samples, seq_len, opts.seed)
+    eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
+    model = models.load(src)
+    params_before = count_parameters(model)
+    report: dict = {"model": opts.model, "method": opts.method, "source_dir": str(src)}
+    if eval_text is not None:
+        before = evaluate_perplexity(model, tok, eval_text, opts.eval_seq_len,
+                                     opts.eval_windows, progress=progress)
+        report["ppl_before"] = before.perplexity
+    res = prune_structured(model, windows, opts.method, opts.ratio, opts.mlp_ratio,
+                           opts.allocation, opts.bias_compensation, progress=progress)
+    shapes = shapes_of(hf_cfg, res)
+    heads_total = hf_cfg.num_attention_heads * hf_cfg.num_hidden_layers
+    calibration = {**calib_src, "samples": samples, "seq_len": seq_len, "seed": opts.seed,
+                   "head_ratio": opts.ratio, "mlp_ratio": opts.mlp_ratio,
+                   "allocation": opts.allocation or DEFAULT_ALLOCATION[opts.method],
+                   "bias_compensation": bool(getattr(model.config, "mlp_bias", False)),
+                   "gqa": "whole KV groups", "score_seconds": round(res.seconds, 2),
+                   "heads_removed": heads_total - sum(shapes["num_attention_heads"]),
+                   "group_scores": res.group_scores}
+    report.update(params_before=params_before, params_after=count_parameters(model),
+                  kv_bytes_per_token_before=kv_bytes_per_token(hf_cfg),
+                  kv_bytes_per_token_after=kv_bytes_per_token(
+                      hf_cfg, shapes["num_key_value_heads"]),
+                  heads_removed=calibration["heads_removed"], heads_total=heads_total,
+                  shapes=shapes, alphas={})
+    if eval_text is not None:
+        after = evaluate_perplexity(model, tok, eval_text, opts.eval_seq_len,
+                                    opts.eval_windows, progress=progress)
+        report["ppl_after"] = after.perplexity
+        report["eval"] = {"dataset": "wikitext2", "split": "test",
+                          "seq_len": opts.eval_seq_len, "windows": before.windows}
+        calibration["eval"] = {**report["eval"], "ppl_before": before.perplexity,
+                               "ppl_after": after.perplexity}
+    spec = PruningSpec(layers={}, method=opts.method, source_model=opts.model,
+                       calibration=calibration, shapes=shapes)
+    save_pruned(model, spec, src, out, force=opts.force)
+    report["out"] = str(out)
+    report["calibration"] = calibration
+    return report
+
+
 def alpha_table_rows(report: dict) -> list[tuple[str, str, str]]:
     """(layer, alpha, calibration ppl at the chosen alpha) for printing, top layer first."""
     calib = report.get("calibration", {}).get("calib_ppl", {})
@@ -213,3 +294,10 @@ def alpha_table_rows(report: dict) -> list[tuple[str, str, str]]:
         rows.append((k, f"{a:.1f}", ppl))
     return rows
 
+
+
+def shape_table_rows(shapes: dict[str, list[int]]) -> list[tuple[str, str, str, str]]:
+    """(layer, heads, KV heads, MLP channels) for printing, top layer first."""
+    rows = zip(shapes["num_attention_heads"], shapes["num_key_value_heads"],
+               shapes["intermediate_size"], strict=True)
+    return [(str(i), str(q), str(kv), str(m)) for i, (q, kv, m) in reversed(list(enumerate(rows)))]

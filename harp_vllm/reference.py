@@ -140,6 +140,12 @@ def load_pruned(path: Path, config, spec: PruningSpec):
     family_post_norm(config)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                              attn_implementation="sdpa")
+    if spec.shapes is not None:  # head/MLP-level pruning: every layer gets its own shapes
+        from .heads import check_family, resize_layer
+
+        check_family(config)
+        for idx, layer in enumerate(decoder_layers(model)):
+            resize_layer(layer, config, **spec.layer_shape(idx))
     apply_pruning(model, spec)
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:

@@ -7,11 +7,18 @@ Format (version 1)::
       "method": "harp",                    # harp | gate-norm | hybrid | ...
       "layers": {"22": 0.3, "29": 0.8},    # pruned layer index -> alpha (0 = sublayer removed)
       "source_model": "...", "source_architecture": "LlamaForCausalLM",
-      "calibration": {...}                 # how the alphas were chosen (free-form)
+      "calibration": {...},                # how the alphas were chosen (free-form)
+      "shapes": {                          # optional: head/MLP-level pruning (amp, flap, ...)
+        "num_attention_heads": [9, 6, ...],  # per layer, >= 1
+        "num_key_value_heads": [3, 2, ...],
+        "intermediate_size": [1536, ...]
+      }
     }
 
 A pruned layer has no q/k projections and computes ``h + alpha * o_proj(repeat_kv(v_proj(
-input_layernorm(h))))``; with alpha = 0 it has no v/o projections either.
+input_layernorm(h))))``; with alpha = 0 it has no v/o projections either. ``shapes`` gives
+every layer its own head counts and MLP width (whole GQA groups removed, so the KV cache
+shrinks); it is not combined with ``layers``.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from .errors import UserError
 
 CONFIG_KEY = "harp_pruning"
 SPEC_VERSION = 1
+SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
 # HF architecture -> HARP architecture name registered with vLLM.
 HARP_ARCHITECTURES = {
@@ -43,7 +51,14 @@ class PruningSpec:
     source_model: str | None = None
     source_architecture: str | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
+    shapes: dict[str, list[int]] | None = None  # SHAPE_KEYS -> one value per layer
     version: int = SPEC_VERSION
+
+    def layer_shape(self, idx: int) -> dict[str, int] | None:
+        """Layer ``idx``'s head counts and MLP width, None when the layer keeps the config's."""
+        if self.shapes is None:
+            return None
+        return {k: self.shapes[k][idx] for k in SHAPE_KEYS}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -53,6 +68,8 @@ class PruningSpec:
             "source_model": self.source_model,
             "source_architecture": self.source_architecture,
             "calibration": self.calibration,
+            **({"shapes": {k: [int(x) for x in v] for k, v in self.shapes.items()}}
+               if self.shapes is not None else {}),
         }
 
     @classmethod
@@ -81,10 +98,12 @@ class PruningSpec:
                 raise UserError(f"'{CONFIG_KEY}.layers' has layer index {idx} out of range "
                                 f"(the model has {num_layers} layers: 0..{num_layers - 1})")
             layers[idx] = float(v)
+        shapes = _parse_shapes(d.get("shapes"), layers, num_layers)
         return cls(layers=layers, method=str(d.get("method", "harp")),
                    source_model=d.get("source_model"),
                    source_architecture=d.get("source_architecture"),
-                   calibration=dict(d.get("calibration") or {}), version=version)
+                   calibration=dict(d.get("calibration") or {}), shapes=shapes,
+                   version=version)
 
     @classmethod
     def from_config(cls, config: Any) -> PruningSpec | None:
@@ -93,6 +112,50 @@ class PruningSpec:
             config, CONFIG_KEY, None)
         if raw is None:
             return None
-        n = (config.get("num_hidden_layers") if isinstance(config, dict)
-             else getattr(config, "num_hidden_layers", None))
-        return cls.from_dict(raw, n)
+        def get(key: str) -> Any:
+            return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+        spec = cls.from_dict(raw, get("num_hidden_layers"))
+        if spec.shapes is not None:
+            for key in SHAPE_KEYS:
+                limit = get(key)
+                worst = max(spec.shapes[key])
+                if isinstance(limit, int) and worst > limit:
+                    raise UserError(f"'{CONFIG_KEY}.shapes.{key}' has {worst}, more than the "
+                                    f"config's {key} = {limit}")
+        return spec
+
+
+def _parse_shapes(raw: Any, layers: dict[int, float], num_layers: int | None
+                  ) -> dict[str, list[int]] | None:
+    """Validate the optional per-layer shapes (head counts, MLP widths) of every layer."""
+    if raw is None:
+        return None
+    where = f"'{CONFIG_KEY}.shapes'"
+    if not isinstance(raw, dict) or set(raw) != set(SHAPE_KEYS):
+        raise UserError(f"{where} must be an object with exactly {', '.join(SHAPE_KEYS)}")
+    shapes: dict[str, list[int]] = {}
+    for key in SHAPE_KEYS:
+        vals = raw[key]
+        if not isinstance(vals, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in vals):
+            raise UserError(f"{where}.{key} must be a list of non-negative integers")
+        if num_layers is not None and len(vals) != num_layers:
+            raise UserError(f"{where}.{key} has {len(vals)} entries; the model has "
+                            f"{num_layers} layers")
+        shapes[key] = list(vals)
+    lengths = {len(v) for v in shapes.values()}
+    if len(lengths) != 1:
+        raise UserError(f"{where} lists differ in length")
+    if layers:
+        raise UserError(f"{where} (head/MLP-level pruning) and '{CONFIG_KEY}.layers' (layer "
+                        f"pruning) cannot be combined in one checkpoint")
+    for i, (q, kv, inter) in enumerate(zip(*(shapes[k] for k in SHAPE_KEYS), strict=True)):
+        if q < 1 or kv < 1 or q % kv:
+            raise UserError(f"{where}: layer {i} has {q} query heads and {kv} KV heads; each "
+                            f"layer keeps at least one KV head, and its query heads must be a "
+                            f"multiple of its KV heads")
+        if inter < 1:
+            raise UserError(f"{where}: layer {i} has intermediate_size {inter} (keep at least "
+                            f"one MLP channel)")
+    return shapes

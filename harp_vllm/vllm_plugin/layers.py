@@ -6,6 +6,7 @@ Imported only by the model modules, i.e. inside vLLM processes (it imports vLLM)
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelL
 from vllm.model_executor.models.utils import extract_layer_index
 
 from ..errors import UserError
+from ..heads import STRUCTURED_FAMILIES
 from ..spec import CONFIG_KEY, PruningSpec
 from .fold import check_heads, fold_o, fold_v, rank_heads
 
@@ -46,7 +48,28 @@ def pruning_spec(config: Any, arch: str, families: tuple[str, ...]) -> PruningSp
         raise HarpCheckpointError(f"invalid '{CONFIG_KEY}' section in config.json: {e}"
                                   ) from None
     assert spec is not None
+    if spec.shapes is not None and model_type not in STRUCTURED_FAMILIES:
+        raise HarpCheckpointError(
+            f"invalid '{CONFIG_KEY}' section in config.json: per-layer head counts "
+            f"('shapes', method {spec.method}) are served for {', '.join(STRUCTURED_FAMILIES)} "
+            f"models only, not {model_type!r}")
     return spec
+
+
+def layer_config(config: Any, prefix: str) -> Any:
+    """The config decoder layer ``prefix`` is built from: the model's own, or for a head/MLP
+    pruned checkpoint a copy with the layer's head counts and MLP width (vLLM's attention
+    then registers a KV cache of the layer's own size)."""
+    spec = PruningSpec.from_config(config)
+    shape = None if spec is None else spec.layer_shape(extract_layer_index(prefix))
+    if shape is None:
+        return config
+    layer_cfg = copy.copy(config)
+    layer_cfg.head_dim = getattr(config, "head_dim", None) or (
+        config.hidden_size // config.num_attention_heads)
+    for key, value in shape.items():
+        setattr(layer_cfg, key, value)
+    return layer_cfg
 
 
 def layer_alpha(config: Any, prefix: str) -> float | None:

@@ -15,6 +15,7 @@ from vllm.model_executor.models.llama import (
 from .layers import (
     check_attention_weights,
     layer_alpha,
+    layer_config,
     pruning_spec,
     recording,
     token_local_factory,
@@ -34,6 +35,7 @@ class HarpLlamaDecoderLayer(LlamaDecoderLayer):
                  attn_layer_type: type = LlamaAttention) -> None:
         config = config or vllm_config.model_config.hf_config
         alpha = layer_alpha(config, prefix)
+        config = layer_config(config, prefix)
         if alpha is not None:
             attn_layer_type = token_local_factory(alpha, post_norm=False, biases=_llama_biases)
         super().__init__(vllm_config=vllm_config, prefix=prefix, config=config,
