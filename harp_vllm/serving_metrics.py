@@ -85,6 +85,9 @@ class KVLayout:
     total_layers: int
     pruned_layers: tuple[int, ...]
     bytes_per_token_layer: int
+    # Head/MLP-pruned checkpoints (amp, flap, wanda-sp) keep attention in every layer with
+    # fewer KV heads; their served bytes/token is summed over the per-layer KV heads.
+    served_bytes_per_token: int | None = None
 
     @property
     def attention_layers(self) -> int:
@@ -92,6 +95,8 @@ class KVLayout:
 
     @property
     def bytes_per_token(self) -> int:
+        if self.served_bytes_per_token is not None:
+            return self.served_bytes_per_token
         return self.bytes_per_token_layer * self.attention_layers
 
     @property
@@ -104,15 +109,16 @@ class KVLayout:
 
         With the engine's KV memory budget and block size (vLLM on CPU reports both), this is
         vLLM's own rule for a full-attention model: whole blocks of
-        ``block_size * dense_bytes_per_token`` bytes. Otherwise it is the layer ratio
-        ``capacity_tokens * attention_layers / total_layers``.
+        ``block_size * dense_bytes_per_token`` bytes. Otherwise it is the bytes ratio
+        ``capacity_tokens * bytes_per_token / dense_bytes_per_token`` (for HARP the layer
+        ratio ``attention_layers / total_layers``).
         """
         if kv_memory_bytes and block_size and self.dense_bytes_per_token > 0:
             return (int(kv_memory_bytes) // (block_size * self.dense_bytes_per_token)
                     ) * block_size
-        if self.total_layers <= 0:
+        if self.bytes_per_token <= 0:
             return capacity_tokens
-        return (capacity_tokens * self.attention_layers) // self.total_layers
+        return (capacity_tokens * self.bytes_per_token) // self.dense_bytes_per_token
 
 
 def pruning_section(hf_config: Any) -> dict | None:
@@ -132,12 +138,16 @@ def kv_layout(model_name: str, hf_config: Any, total_layers: int, num_kv_heads: 
     section = pruning_section(hf_config)
     arch_list = (hf_config.get("architectures") if isinstance(hf_config, dict)
                  else getattr(hf_config, "architectures", None)) or ["unknown"]
+    head_bytes = 2 * int(head_size) * int(dtype_bytes)  # K and V of one KV head, one token
+    served = None
     if section is None:
         method, pruned = "dense", ()
     else:
         spec = PruningSpec.from_dict(section, num_layers=total_layers)
         method, pruned = spec.method, tuple(sorted(spec.layers))
+        if spec.shapes is not None:
+            served = head_bytes * sum(spec.shapes["num_key_value_heads"])
     return KVLayout(model_name=model_name, method=method, architecture=str(arch_list[0]),
                     total_layers=int(total_layers), pruned_layers=pruned,
-                    bytes_per_token_layer=2 * int(num_kv_heads) * int(head_size)
-                    * int(dtype_bytes))
+                    bytes_per_token_layer=head_bytes * int(num_kv_heads),
+                    served_bytes_per_token=served)

@@ -91,7 +91,7 @@ def group_scores(method: str, stats: LayerStats, w_o: torch.Tensor, d: int, r: i
         return heads.view(-1, r).sum(1)
     w = w_o.double()
     if method == "wanda-sp":
-        chan = w.abs().mean(0) * (stats.attn_sq / n).sqrt()
+        chan = w.abs().mean(0) * stats.attn_sq.sqrt()
         return chan.view(-1, r * d).sum(1)
     if method == "flap":
         var = stats.attn_sq / n - (stats.attn_sum / n).pow(2)
@@ -108,7 +108,7 @@ def channel_scores(method: str, stats: LayerStats, w_down: torch.Tensor) -> torc
         return stats.mlp_abs / n
     w = w_down.double()
     if method == "wanda-sp":
-        return w.abs().mean(0) * (stats.mlp_sq / n).sqrt()
+        return w.abs().mean(0) * stats.mlp_sq.sqrt()
     var = stats.mlp_sq / n - (stats.mlp_sum / n).pow(2)
     return _standardise(var * w.pow(2).sum(0))
 
