@@ -172,6 +172,21 @@ def test_kv_layout_dense_and_pruned():
     assert dense.dense_capacity_tokens(23296, 1 << 30, 128) == 23296
 
 
+
+@pytest.mark.timeout(30)
+def test_kv_layout_of_a_head_pruned_checkpoint():
+    kv = [1] * 10 + [2] * 4 + [3] * 16  # 66 KV heads: 24 of 90 groups removed
+    cfg = {"architectures": ["HarpLlamaForCausalLM"], "num_hidden_layers": 30,
+           "harp_pruning": {"version": 1, "method": "flap", "layers": {}, "shapes": {
+               "num_attention_heads": [3 * k for k in kv], "num_key_value_heads": kv,
+               "intermediate_size": [1536] * 30}}}
+    lay = kv_layout("m", cfg, total_layers=30, num_kv_heads=3, head_size=64, dtype_bytes=2)
+    assert (lay.method, lay.attention_layers, lay.pruned_layers) == ("flap", 30, ())
+    assert lay.bytes_per_token == 2 * 64 * 2 * 66 == 16896
+    assert lay.dense_bytes_per_token == 23040
+    assert lay.dense_capacity_tokens(90 * 128) == 66 * 128
+
+
 @pytest.mark.timeout(30)
 def test_build_command_resolves_known_name(monkeypatch, smollm2_dir):
     cmd = serve_mod.build_command(["smollm2-135m", "--port", "9", "--enforce-eager"],

@@ -467,3 +467,75 @@ def test_gate_norm_smollm2_matches_reference_and_grows_kv(smollm2_dir, smol_prom
     dense = run_smol_dense[0]
     assert result["kv_cache_tokens"] / dense["kv_cache_tokens"] == pytest.approx(30 / 22,
                                                                                    rel=0.01)
+
+
+# ---------------------------------------------------------------------------- head/MLP pruning
+
+
+def head_pruned(src: Path, out: Path, method: str, ratio: float, mlp_ratio: float,
+                allocation: str, samples: int = 8, seq_len: int = 64) -> Path:
+    """``src`` cut by AMP / FLAP / Wanda-sp on WikiText-2 validation text, saved to ``out``."""
+    from harp_vllm import data, models
+    from harp_vllm.checkpoint import save_pruned
+    from harp_vllm.search import calibration_windows
+    from harp_vllm.spec import PruningSpec
+    from harp_vllm.structured import prune_structured, shapes_of
+
+    model = models.load(src)
+    text = data.load_text("wikitext2", "validation")[:200_000]
+    windows = calibration_windows(models.load_tokenizer(src), text, samples, seq_len)
+    res = prune_structured(model, windows, method, ratio, mlp_ratio, allocation,
+                           progress=False)
+    spec = PruningSpec(layers={}, method=method, source_model=str(src),
+                       shapes=shapes_of(model.config, res))
+    return save_pruned(model, spec, src, out)
+
+
+@vllm
+@pytest.mark.timeout(900)
+def test_tiny_flap_with_per_layer_kv_heads_matches_reference(tmp_path):
+    """FLAP (biases on o_proj/down_proj) with layers keeping 1 or 2 KV heads: vLLM's KV-cache
+    manager sizes every layer on its own, and holds dense/pruned KV heads times more tokens."""
+    dense = make_tiny("llama", tmp_path / "dense")
+    pruned = head_pruned(dense, tmp_path / "flap", "flap", 0.25, 0.25, "global")
+    kv = json.loads((pruned / "config.json").read_text())["harp_pruning"]["shapes"][
+        "num_key_value_heads"]
+    assert sum(kv) == 9 and set(kv) == {1, 2}  # 12 groups, 3 removed, unevenly
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], list(range(20, 120))]
+    result, log = run_probe(pruned, tmp_path / "run", prompts, max_model_len=512)
+    assert result["ok"], result.get("error", "") + log[-3000:]
+    assert_matches(result, reference(pruned, prompts))
+    base, _ = run_probe(dense, tmp_path / "run-dense", None, max_model_len=512,
+                        prompt_logprobs=False)
+    assert result["kv_cache_tokens"] / base["kv_cache_tokens"] == pytest.approx(12 / 9,
+                                                                                rel=0.01)
+
+
+@vllm
+@pytest.mark.timeout(1200)
+def test_head_pruned_smollm2_matches_reference(smollm2_dir, smol_prompts, run_smol_dense,
+                                               tmp_path):
+    """Wanda-sp at HARP P=8's head share (24 of 90 groups) plus 20% of MLP channels."""
+    pruned = head_pruned(smollm2_dir, tmp_path / "wanda", "wanda-sp", 0.2667, 0.2, "global")
+    shapes = json.loads((pruned / "config.json").read_text())["harp_pruning"]["shapes"]
+    assert sum(shapes["num_attention_heads"]) == 270 - 72
+    result, log = run_probe(pruned, tmp_path / "run", smol_prompts)
+    assert result["ok"], result.get("error", "") + log[-3000:]
+    assert result["architectures"] == ["HarpLlamaForCausalLM"]
+    assert_matches(result, reference(pruned, smol_prompts))
+    dense = run_smol_dense[0]
+    assert result["kv_cache_tokens"] / dense["kv_cache_tokens"] == pytest.approx(90 / 66,
+                                                                                  rel=0.01)
+
+
+@vllm
+@pytest.mark.timeout(600)
+def test_error_head_shapes_on_a_family_without_per_layer_heads(tmp_path):
+    base = make_tiny("qwen2", tmp_path / "qwen2", layers=2)
+    pruned = save(base, tmp_path / "p", {})
+    edit_config(pruned, harp_pruning={
+        "version": 1, "method": "amp", "layers": {},
+        "shapes": {"num_attention_heads": [2, 4], "num_key_value_heads": [1, 2],
+                   "intermediate_size": [256, 256]}})
+    expect_error(pruned, tmp_path / "run", "per-layer head counts",
+                 "served for llama, mistral models only, not 'qwen2'")

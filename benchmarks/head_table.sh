@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Builds the checkpoints and perplexities of the head-level comparison in docs/results.md
+# (issue 9): AMP, FLAP and Wanda-sp at HARP P=8's attention-head ratio (8/30 = 72 of 270
+# SmolLM2 heads = 24 of 90 KV groups) beside HARP P=8 (searched alphas) and alpha = 1.
+# Usage: bash benchmarks/head_table.sh [OUT_DIR] ; resumable (existing outputs are skipped).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-out/head-table}
+WIN=${EVAL_WINDOWS:-8}
+H=.venv/bin/harp-vllm
+mkdir -p "$OUT"
+run() { echo "+ $*"; "$@"; }
+prune() {
+  local out=$1; shift
+  [ -f "$out/config.json" ] || run $H prune smollm2-135m --out "$out" "$@" --eval-windows 0 \
+    --force --report "$out.prune.json"
+}
+ppl() { [ -f "$2" ] || run $H eval ppl --model "$1" --seq-len 2048 --max-windows "$WIN" --out "$2"; }
+ppl smollm2-135m "$OUT/dense.json"
+prune "$OUT/harp-top8" --layers 8
+prune "$OUT/alpha1-top8" --layers 8 --alpha 1
+R=0.2667  # round(0.2667 * 90 groups) = 24 groups = 72 heads, HARP P=8's share
+for M in amp flap wanda-sp; do
+  prune "$OUT/$M-global" --method "$M" --ratio "$R" --allocation global
+done
+prune "$OUT/flap-global-nobias" --method flap --ratio "$R" --allocation global \
+  --no-bias-compensation
+# Uniform per layer (the AMP and Wanda-sp papers' rule) cannot hit 24 of 3 groups x 30
+# layers: at 8/30 AMP rounds 0.8 up to 1 group per layer and Wanda-sp truncates it to 0, so
+# the uniform rows remove 1 group in every layer (30 groups = 90 heads, 1/3).
+for M in amp flap wanda-sp; do
+  prune "$OUT/$M-uniform" --method "$M" --ratio 0.3334 --allocation uniform
+done
+for v in harp-top8 alpha1-top8 amp-global flap-global flap-global-nobias wanda-sp-global \
+         amp-uniform flap-uniform wanda-sp-uniform; do
+  ppl "$OUT/$v" "$OUT/$v.json"
+done
