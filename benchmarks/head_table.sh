@@ -31,7 +31,12 @@ prune "$OUT/flap-global-nobias" --method flap --ratio "$R" --allocation global \
 for M in amp flap wanda-sp; do
   prune "$OUT/$M-uniform" --method "$M" --ratio 0.3334 --allocation uniform
 done
+# Score vs bias: FLAP's scores without its bias, Wanda-sp's scores with FLAP's bias
+prune "$OUT/flap-uniform-nobias" --method flap --ratio 0.3334 --allocation uniform \
+  --no-bias-compensation
+prune "$OUT/wanda-sp-uniform-bias" --method wanda-sp --ratio 0.3334 --allocation uniform \
+  --bias-compensation
 for v in harp-top8 alpha1-top8 amp-global flap-global flap-global-nobias wanda-sp-global \
-         amp-uniform flap-uniform wanda-sp-uniform; do
+         amp-uniform flap-uniform wanda-sp-uniform flap-uniform-nobias wanda-sp-uniform-bias; do
   ppl "$OUT/$v" "$OUT/$v.json"
 done

@@ -27,6 +27,8 @@ ROWS = [  # (variant, label, engine name)
     ("flap-uniform", "FLAP (uniform, 1 group/layer)", "flap_u"),
     ("wanda-sp-uniform", "Wanda-sp (uniform, 1 group/layer)", "wanda_u"),
     ("amp-uniform", "AMP (uniform, 1 group/layer)", "amp_u"),
+    ("flap-uniform-nobias", "FLAP (uniform) without bias compensation", "-"),
+    ("wanda-sp-uniform-bias", "Wanda-sp (uniform) with FLAP's bias compensation", "-"),
 ]
 
 

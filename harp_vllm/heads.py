@@ -87,12 +87,19 @@ def resize_layer(layer: nn.Module, config, num_attention_heads: int, num_key_val
     if heads // kv != group_size(config):
         raise UserError(f"a layer with {heads} heads and {kv} KV heads changes the model's "
                         f"group size {group_size(config)}")
-    attn = layer.self_attn
-    attn.q_proj = _linear(attn.q_proj, rows=torch.arange(heads * d))
-    attn.k_proj = _linear(attn.k_proj, rows=torch.arange(kv * d))
-    attn.v_proj = _linear(attn.v_proj, rows=torch.arange(kv * d))
-    attn.o_proj = _linear(attn.o_proj, cols=torch.arange(heads * d))
-    keep_channels(layer.mlp, list(range(intermediate_size)))
+    # FLAP checkpoints carry biases (attention_bias / mlp_bias), also for families whose HF
+    # code has none (Mistral); vLLM's Llama code reads the same two flags.
+    a_bias = bool(getattr(config, "attention_bias", False))
+    attn, mlp = layer.self_attn, layer.mlp
+    attn.q_proj = _linear(attn.q_proj, rows=torch.arange(heads * d), bias=a_bias)
+    attn.k_proj = _linear(attn.k_proj, rows=torch.arange(kv * d), bias=a_bias)
+    attn.v_proj = _linear(attn.v_proj, rows=torch.arange(kv * d), bias=a_bias)
+    attn.o_proj = _linear(attn.o_proj, cols=torch.arange(heads * d), bias=a_bias)
+    keep = torch.arange(intermediate_size)
+    m_bias = bool(getattr(config, "mlp_bias", False))
+    mlp.gate_proj = _linear(mlp.gate_proj, rows=keep, bias=m_bias)
+    mlp.up_proj = _linear(mlp.up_proj, rows=keep, bias=m_bias)
+    mlp.down_proj = _linear(mlp.down_proj, cols=keep, bias=m_bias)
 
 
 def add_bias(module: nn.Linear, value: torch.Tensor | None = None) -> nn.Linear:

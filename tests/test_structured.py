@@ -277,3 +277,15 @@ def test_head_methods_reject_families_the_plugin_cannot_serve(tmp_path):
     src = make_tiny_model("qwen2", tmp_path / "qwen2", layers=2)
     res = run_prune(src, tmp_path / "out", "--method", "amp", "--ratio", "0.5")
     assert res.exit_code == 2 and "supports model families llama, mistral" in res.output
+
+
+def test_flap_on_mistral_round_trips_with_biases_its_hf_code_lacks(tmp_path, windows):
+    src = make_tiny_model("mistral", tmp_path / "mistral", layers=2)
+    model = models.load(src)
+    res = prune_structured(model, windows, "flap", 0.5, 0.25, progress=False)
+    x = windows[:1]
+    spec = PruningSpec(layers={}, method="flap", shapes=shapes_of(model.config, res))
+    out = save_pruned(model, spec, src, tmp_path / "flap")
+    assert "model.layers.0.self_attn.o_proj.bias" in load_file(out / "model.safetensors")
+    torch.testing.assert_close(models.load(out)(x).logits, model(x).logits, rtol=1e-6,
+                               atol=1e-6)
