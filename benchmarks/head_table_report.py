@@ -1,7 +1,8 @@
 """The head-level comparison table of docs/results.md (issue 9) from benchmarks/head_table.sh's
 outputs and, optionally, bench_engine_variants.py's JSON (4k-prompt prefill throughput)::
 
-    .venv/bin/python benchmarks/head_table_report.py out/head-table --engine out/head-engine.json
+    .venv/bin/python benchmarks/head_table_report.py out/head-table --engine out/head-engine.json \
+        --plot docs/heads/kv_heads_per_layer.png
 """
 
 from __future__ import annotations
@@ -56,10 +57,52 @@ def describe(path: Path) -> dict:
             "heads_removed": removed, "heads_total": heads_total}
 
 
+def kv_heads_per_layer(path: Path) -> list[int]:
+    cfg = json.loads((path / "config.json").read_text())
+    sec = cfg.get("harp_pruning") or {}
+    if sec.get("shapes"):
+        return list(sec["shapes"]["num_key_value_heads"])
+    pruned = {int(k) for k in sec.get("layers", {})}
+    return [0 if i in pruned else cfg["num_key_value_heads"]
+            for i in range(cfg["num_hidden_layers"])]
+
+
+PLOTTED = ["harp-top8", "flap-global", "wanda-sp-global", "amp-global"]
+
+
+def plot(out_dir: Path, labels: dict[str, str], target: Path) -> None:
+    """KV heads kept per layer for the methods at HARP P=8's head share (72 of 270 heads)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    for k, variant in enumerate(PLOTTED):
+        path = out_dir / variant
+        if not (path / "config.json").is_file():
+            continue
+        heads = kv_heads_per_layer(path)
+        ppl = json.loads((out_dir / f"{variant}.json").read_text())["perplexity"]
+        xs = [i + (k - 1.5) * 0.2 for i in range(len(heads))]
+        ax.bar(xs, heads, width=0.2, label=f"{labels[variant]}: ppl {ppl:,.1f}")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("KV heads kept (of 3)")
+    ax.set_yticks([0, 1, 2, 3])
+    ax.set_ylim(0, 4.3)
+    ax.set_title("SmolLM2-135M, 24 of 90 KV groups removed: where each method cuts")
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
+    fig.tight_layout()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=110)
+    print(f"wrote {target}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--engine", type=Path, help="bench_engine_variants.py JSON")
+    ap.add_argument("--plot", type=Path, help="write the KV-heads-per-layer plot here")
     args = ap.parse_args()
     engine = {}
     if args.engine and args.engine.is_file():
@@ -80,6 +123,9 @@ def main() -> None:
                  else "-")
         print(f"| {label} | {info['heads_removed']}/{info['heads_total']} | {ppl:,.2f} | "
               f"{info['params'] / 1e6:.2f} M | {info['kv_bytes']:,} | {speed} |")
+
+    if args.plot:
+        plot(args.out_dir, {v: label for v, label, _ in ROWS}, args.plot)
 
 
 if __name__ == "__main__":

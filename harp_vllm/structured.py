@@ -248,6 +248,11 @@ def prune_structured(model, windows: torch.Tensor, method: str, ratio: float,
     config = model.config
     d, r = head_dim(config), group_size(config)
     layers = model.model.layers
+    n_groups = config.num_key_value_heads
+    if allocation == "uniform" and ratio > 0 and uniform_count(method, ratio, n_groups) == 0:
+        raise UserError(f"--ratio {ratio} removes no attention group with uniform allocation "
+                        f"({method}: {ratio} x {n_groups} groups per layer rounds to 0); use "
+                        f"--ratio >= {1 / n_groups:.4f} or --allocation global")
     sequential = method == "wanda-sp" and allocation == "uniform"
     start = time.perf_counter()
     inputs = layer_inputs(model, windows, batch_size)

@@ -264,6 +264,7 @@ def test_prune_cli_head_methods(tiny_llama, tmp_path):
     (["--method", "wanda-sp", "--ratio", "1.0"], "--ratio must be in [0, 1)"),
     (["--method", "flap", "--ratio", "0.5", "--allocation", "adaptive"], "uniform or global"),
     (["--method", "amp", "--ratio", "0", "--mlp-ratio", "0"], "prune nothing"),
+    (["--method", "wanda-sp", "--ratio", "0.4"], "removes no attention group with uniform"),
     (["--method", "pruneall", "--layers", "2"], "unknown --method 'pruneall'"),
 ])
 def test_prune_cli_head_method_errors_leave_nothing_behind(tiny_llama, tmp_path, args, message):

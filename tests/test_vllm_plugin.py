@@ -515,8 +515,8 @@ def test_tiny_flap_with_per_layer_kv_heads_matches_reference(tmp_path):
 @pytest.mark.timeout(1200)
 def test_head_pruned_smollm2_matches_reference(smollm2_dir, smol_prompts, run_smol_dense,
                                                tmp_path):
-    """Wanda-sp at HARP P=8's head share (24 of 90 groups) plus 20% of MLP channels."""
-    pruned = head_pruned(smollm2_dir, tmp_path / "wanda", "wanda-sp", 0.2667, 0.2, "global")
+    """FLAP (with its biases) at HARP P=8's head share (24 of 90 groups) plus 20% of MLP."""
+    pruned = head_pruned(smollm2_dir, tmp_path / "flap", "flap", 0.2667, 0.2, "global")
     shapes = json.loads((pruned / "config.json").read_text())["harp_pruning"]["shapes"]
     assert sum(shapes["num_attention_heads"]) == 270 - 72
     result, log = run_probe(pruned, tmp_path / "run", smol_prompts)
