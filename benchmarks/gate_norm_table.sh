@@ -6,15 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/gn-table}
 WIN=${EVAL_WINDOWS:-8}
-H=.venv/bin/harp-vllm
-mkdir -p "$OUT"
-run() { echo "+ $*"; "$@"; }
-# Resumable: a step whose output exists is skipped (delete OUT_DIR to start over).
-prune() {
-  local out=$1; shift
-  [ -f "$out/config.json" ] || run $H prune smollm2-135m --out "$out" "$@" --eval-windows 0 --force
-}
-ppl() { [ -f "$2" ] || run $H eval ppl --model "$1" --seq-len 2048 --max-windows "$WIN" --out "$2"; }
+# shellcheck source=benchmarks/table_lib.sh
+source benchmarks/table_lib.sh
 for K in 4 8 12; do
   prune "$OUT/gate-norm$K" --method gate-norm --layers "$K"
   ppl "$OUT/gate-norm$K" "$OUT/gate-norm$K.json"

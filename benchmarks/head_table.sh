@@ -7,15 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/head-table}
 WIN=${EVAL_WINDOWS:-8}
-H=.venv/bin/harp-vllm
-mkdir -p "$OUT"
-run() { echo "+ $*"; "$@"; }
-prune() {
-  local out=$1; shift
-  [ -f "$out/config.json" ] || run $H prune smollm2-135m --out "$out" "$@" --eval-windows 0 \
-    --force --report "$out.prune.json"
-}
-ppl() { [ -f "$2" ] || run $H eval ppl --model "$1" --seq-len 2048 --max-windows "$WIN" --out "$2"; }
+# shellcheck source=benchmarks/table_lib.sh
+source benchmarks/table_lib.sh
 ppl smollm2-135m "$OUT/dense.json"
 prune "$OUT/harp-top8" --layers 8
 prune "$OUT/alpha1-top8" --layers 8 --alpha 1

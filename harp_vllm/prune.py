@@ -162,6 +162,15 @@ def choose_layers(opts: PruneOptions, src: Path, n_layers: int
     return lowest_scoring(scores, count), scores, 0.0
 
 
+def record_eval(report: dict, calibration: dict, before, after, seq_len: int) -> None:
+    """Put the before/after WikiText-2 test perplexity into the report and the checkpoint."""
+    report["ppl_after"] = after.perplexity
+    report["eval"] = {"dataset": "wikitext2", "split": "test", "seq_len": seq_len,
+                      "windows": before.windows}
+    calibration["eval"] = {**report["eval"], "ppl_before": before.perplexity,
+                           "ppl_after": after.perplexity}
+
+
 def run_prune(opts: PruneOptions, progress: bool = True) -> dict:
     """Validate everything cheap first, then search and write; returns a report dict."""
     out = Path(opts.out)
@@ -214,11 +223,7 @@ def run_prune(opts: PruneOptions, progress: bool = True) -> dict:
         with pruned(model, alphas):
             after = evaluate_perplexity(model, tok, eval_text, opts.eval_seq_len,
                                         opts.eval_windows, progress=progress)
-        report["ppl_after"] = after.perplexity
-        report["eval"] = {"dataset": "wikitext2", "split": "test",
-                          "seq_len": opts.eval_seq_len, "windows": before.windows}
-        calibration["eval"] = {**report["eval"], "ppl_before": before.perplexity,
-                               "ppl_after": after.perplexity}
+        record_eval(report, calibration, before, after, opts.eval_seq_len)
     spec = PruningSpec(layers=alphas, method=opts.method, source_model=opts.model,
                        calibration=calibration)
     save_pruned(model, spec, src, out, force=opts.force)
@@ -269,11 +274,7 @@ def run_structured(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: b
     if eval_text is not None:
         after = evaluate_perplexity(model, tok, eval_text, opts.eval_seq_len,
                                     opts.eval_windows, progress=progress)
-        report["ppl_after"] = after.perplexity
-        report["eval"] = {"dataset": "wikitext2", "split": "test",
-                          "seq_len": opts.eval_seq_len, "windows": before.windows}
-        calibration["eval"] = {**report["eval"], "ppl_before": before.perplexity,
-                               "ppl_after": after.perplexity}
+        record_eval(report, calibration, before, after, opts.eval_seq_len)
     spec = PruningSpec(layers={}, method=opts.method, source_model=opts.model,
                        calibration=calibration, shapes=shapes)
     save_pruned(model, spec, src, out, force=opts.force)
