@@ -29,7 +29,9 @@ import contextlib
 import inspect
 import io
 import math
+import signal
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,6 +334,33 @@ def plan(cfg: Config, max_len: int | None) -> tuple[list[Step], list[str]]:
     return steps, notes
 
 
+class _CtrlC:
+    """Ctrl-C that a run cannot swallow. ``asyncio.run`` turns SIGINT into a cancellation of
+    its main task, which Python 3.11's ``wait_for`` can lose when the benchmark finishes at
+    the same moment; so SIGINT also sets a flag that is checked after every run."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._old = None
+
+    def _handler(self, signum, frame) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+
+    def uninstall(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+    def check(self) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
+
+
 def run_loadtest(cfg: Config, out_dir: Path, progress: bool = True,
                  on_update=None) -> dict:
     """Run the whole A/B test; always returns the results (status says how it ended).
@@ -348,7 +377,9 @@ def run_loadtest(cfg: Config, out_dir: Path, progress: bool = True,
     }
     bar = None
     log = (out_dir / "bench.log").open("a", encoding="utf-8")
+    ctrl_c = _CtrlC()
     try:
+        ctrl_c.install()
         dense = Endpoint("dense", cfg.dense_url, cfg.model_dense, cfg.metrics_url_dense)
         pruned = Endpoint("pruned", cfg.pruned_url, cfg.model_pruned, cfg.metrics_url_pruned)
         for ep in (dense, pruned):
@@ -380,6 +411,7 @@ def run_loadtest(cfg: Config, out_dir: Path, progress: bool = True,
                 bar.update(1)
                 if on_update:
                     on_update(results)
+                ctrl_c.check()
                 if run["stats"]["ok"] == 0:
                     first = next((r["error"] for r in run["requests"] if r["error"]), "")
                     raise EndpointError(
@@ -394,6 +426,7 @@ def run_loadtest(cfg: Config, out_dir: Path, progress: bool = True,
         results["status"] = "failed"
         results["message"] = str(e)
     finally:
+        ctrl_c.uninstall()
         if bar is not None:
             bar.close()
         log.close()

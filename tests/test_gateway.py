@@ -219,6 +219,27 @@ def test_killed_backend_gives_503_then_recovers(fakes, tmp_path):
         b.stop()
 
 
+@pytest.mark.timeout(60)
+def test_caller_hanging_up_after_done_still_counts_as_success(fake_gw):
+    """The caller closes at [DONE] while the backend's connection is still open: the request
+    is complete and must be recorded as such (status 200, its context bucket), not lost as a
+    client disconnect."""
+    def count(name: str, **match: str) -> float:
+        return metric_sum(fake_gw, name, backend="a", **match)
+
+    before = count("harp_gateway_requests_total", status="200", context="<=1k")
+    with httpx.Client(timeout=20) as c, c.stream(
+            "POST", fake_gw.url + "/v1/completions", headers=AUTH,
+            json={"model": "fake-a", "prompt": "one two three", "max_tokens": 3,
+                  "stream": True, "fake_linger": 3}) as r:
+        for line in r.iter_lines():
+            if line == "data: [DONE]":
+                break  # hang up here, like the OpenAI client does
+    time.sleep(0.5)
+    assert count("harp_gateway_requests_total", status="200", context="<=1k") == before + 1
+    assert count("harp_gateway_errors_total", kind="client_disconnect") == 0
+
+
 @pytest.mark.timeout(90)
 def test_backend_dying_mid_stream_terminates_the_stream(tmp_path):
     b = fake_backend(tmp_path, "fake-d", 0.02)

@@ -337,3 +337,24 @@ def test_ctrl_c_writes_partial_report(ab_servers, tmp_path):
     assert res["status"] == "interrupted" and len(res["runs"]) >= 2
     assert "Partial report" in (tmp_path / "report.md").read_text()
     assert os.path.exists(tmp_path / "ttft.png")
+
+
+def test_ctrl_c_survives_code_that_swallows_the_interrupt():
+    """SIGINT sets a flag checked after every run, so a run that loses the KeyboardInterrupt
+    (asyncio cancellation racing the benchmark's end) still stops the load test."""
+    from loadtest.runner import _CtrlC
+
+    ctrl_c = _CtrlC()
+    ctrl_c.install()
+    try:
+        ctrl_c.check()  # nothing yet
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            pass  # swallowed, as a cancelled asyncio run may do
+        with pytest.raises(KeyboardInterrupt):
+            ctrl_c.check()
+    finally:
+        ctrl_c.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -566,7 +566,12 @@ class Gateway:
         rec = relay.rec
         try:
             async for chunk in resp.aiter_raw():
-                for ev in relay.feed(chunk):
+                events = relay.feed(chunk)
+                if relay.saw_done and relay.saw_error is None:
+                    # Complete: record it now, before forwarding [DONE] lets the caller hang
+                    # up (a disconnect then cancels this generator before the loop ends).
+                    rec.finish(200)
+                for ev in events:
                     yield ev
             for ev in relay.flush():
                 yield ev

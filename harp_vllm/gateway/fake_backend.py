@@ -7,7 +7,8 @@ It answers ``/health``, ``/v1/models``, ``/v1/completions`` and ``/v1/chat/compl
 ``/stats`` (requests seen, finished, and streams cancelled because the client went away).
 Test hooks in the request body: ``fake_token_delay`` (seconds per token),
 ``fake_die_after`` (the process exits after streaming that many tokens, like a crashed server),
-``fake_status`` (answer with that HTTP error status).
+``fake_status`` (answer with that HTTP error status), ``fake_linger`` (seconds the stream stays
+open after ``[DONE]``, as a server may before closing the connection).
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def create_fake_app(model: str = "fake", token_delay: float = 0.0) -> FastAPI:
                     yield f"data: {json.dumps(last)}\n\n"
                 yield "data: [DONE]\n\n"
                 stats["finished"] += 1
+                await asyncio.sleep(float(body.get("fake_linger", 0.0)))
             except (asyncio.CancelledError, GeneratorExit):
                 stats["cancelled"] += 1
                 raise
