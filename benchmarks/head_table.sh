@@ -29,7 +29,10 @@ prune "$OUT/flap-uniform-nobias" --method flap --ratio 0.3334 --allocation unifo
   --no-bias-compensation
 prune "$OUT/wanda-sp-uniform-bias" --method wanda-sp --ratio 0.3334 --allocation uniform \
   --bias-compensation
-for v in harp-top8 alpha1-top8 amp-global flap-global flap-global-nobias wanda-sp-global \
+# Heads and MLP channels together (20% of the MLP channels as well)
+prune "$OUT/flap-global-mlp20" --method flap --ratio "$R" --mlp-ratio 0.2 --allocation global
+prune "$OUT/amp-uniform-mlp20" --method amp --ratio 0.3334 --mlp-ratio 0.2 --allocation uniform
+for v in flap-global-mlp20 amp-uniform-mlp20 harp-top8 alpha1-top8 amp-global flap-global flap-global-nobias wanda-sp-global \
          amp-uniform flap-uniform wanda-sp-uniform flap-uniform-nobias wanda-sp-uniform-bias; do
   ppl "$OUT/$v" "$OUT/$v.json"
 done

@@ -30,6 +30,8 @@ ROWS = [  # (variant, label, engine name)
     ("amp-uniform", "AMP (uniform, 1 group/layer)", "amp_u"),
     ("flap-uniform-nobias", "FLAP (uniform) without bias compensation", "-"),
     ("wanda-sp-uniform-bias", "Wanda-sp (uniform) with FLAP's bias compensation", "-"),
+    ("flap-global-mlp20", "FLAP (global), also 20% of MLP channels", "-"),
+    ("amp-uniform-mlp20", "AMP (uniform), also 20% of MLP channels", "-"),
 ]
 
 

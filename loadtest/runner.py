@@ -336,8 +336,9 @@ def plan(cfg: Config, max_len: int | None) -> tuple[list[Step], list[str]]:
 
 class _CtrlC:
     """Ctrl-C that a run cannot swallow. ``asyncio.run`` turns SIGINT into a cancellation of
-    its main task, which Python 3.11's ``wait_for`` can lose when the benchmark finishes at
-    the same moment; so SIGINT also sets a flag that is checked after every run."""
+    its main task, and a cancellation can be lost (Python 3.11's ``wait_for`` when the
+    benchmark ends at that moment; the sampler's ``stop`` suppressing it); so the handler
+    raises KeyboardInterrupt itself and sets a flag that is checked after every run."""
 
     def __init__(self) -> None:
         self.seen = False
