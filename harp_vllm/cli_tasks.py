@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -16,6 +17,13 @@ from .errors import UserError
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C: the default action ends this process at once, without
+    the exit hooks that stop the in-process vLLM engine's EngineCore/Worker processes, which
+    were then left running."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def register(eval_app: typer.Typer) -> None:
@@ -77,6 +85,8 @@ def register(eval_app: typer.Typer) -> None:
                 max_model_len=max_model_len, kv_cache_gb=kv_cache_gb, seed=seed,
                 max_gen_toks=max_gen_toks, num_concurrent=num_concurrent, samples_out=samples_out,
                 command=shlex.join(["harp-vllm", *sys.argv[1:]]))
+            if opts.backend == "vllm":
+                exit_on_sigterm()
             payload = run_tasks(opts, log=lambda m: typer.echo(m, err=True))
         except UserError as e:
             _fail(str(e))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -205,3 +206,40 @@ def test_eval_tasks_end_to_end_on_pruned_checkpoint(pruned_smollm2, tmp_path):
     gens = [json.loads(line) for line in (tmp_path / "s" / "triviaqa.jsonl").open()]
     assert len(gens) == 8 and all(isinstance(g["filtered_resps"][0], str) for g in gens)
     assert "| discriminative | ARC-Easy | acc | 32 | 0 |" in proc.stdout
+
+
+@have_data
+@pytest.mark.real_model
+@pytest.mark.vllm
+@pytest.mark.timeout(600)
+def test_sigterm_stops_the_in_process_engine_too(smollm2_dir, tmp_path):
+    """SIGTERM to `eval tasks` must not leave vLLM's EngineCore/Worker processes behind."""
+    import signal
+
+    import psutil
+
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harp_vllm.cli", "eval", "tasks", "--model", str(smollm2_dir),
+         "--tasks", "arc_easy", "--limit", "400", "--max-model-len", "1024"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    engine: list = []
+    try:
+        parent = psutil.Process(proc.pid)
+        deadline = time.time() + 300
+        while time.time() < deadline and not engine:
+            time.sleep(2)
+            engine = [c for c in parent.children(recursive=True)
+                      if "VLLM" in " ".join(c.cmdline() or [c.name()])]
+        assert engine, "the engine processes never started"
+        time.sleep(5)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        gone, alive = psutil.wait_procs(engine, timeout=60)
+        assert alive == [], [p.pid for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in engine:  # never leave them behind, also when the test fails
+            with contextlib.suppress(psutil.Error):
+                p.kill()
