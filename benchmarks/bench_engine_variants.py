@@ -1,9 +1,10 @@
 """Prefill throughput of several pruned checkpoints against dense SmolLM2 in vLLM's engine.
 
-One engine run per checkpoint (each in its own process, the real multi-process engine, same
-VLLM_CPU_KVCACHE_SPACE); dense runs first and last so drift shows, and its median is the
-baseline. Prints KV-cache tokens and single-prompt prefill throughput with their ratios to
-dense, and writes JSON. Used for the Gate-Norm / HARP / hybrid table (docs/results.md):
+One engine run per checkpoint and pass (each in its own process, the real multi-process
+engine, same VLLM_CPU_KVCACHE_SPACE); dense runs first and last so drift shows; every row is
+the median of its runs (``--repeats N`` passes). Prints KV-cache tokens and single-prompt
+prefill throughput with their ratios to dense, and writes JSON. Used for the Gate-Norm / HARP /
+hybrid table and the head-level table (docs/results.md):
 
     .venv/bin/python benchmarks/bench_engine_variants.py --out out/variants.json \\
         gn8=out/gn-table/gate-norm8 harp8=out/harp-table/harp-top8
@@ -26,6 +27,8 @@ def main() -> None:
     ap.add_argument("variants", nargs="+", help="NAME=CHECKPOINT_DIR")
     ap.add_argument("--prefill", default="4096,7168", help="prompt lengths (tokens)")
     ap.add_argument("--kv-space", default="2", help="VLLM_CPU_KVCACHE_SPACE in GiB (all)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="passes over dense + variants (then dense once more); medians")
     ap.add_argument("--out", type=Path, default=Path("out/bench_engine_variants.json"))
     args = ap.parse_args()
     from harp_vllm import models
@@ -40,7 +43,7 @@ def main() -> None:
     env = engine_env(args.kv_space)
     work = args.out.with_suffix(".runs")
     work.mkdir(parents=True, exist_ok=True)
-    order = [("dense", dense), *variants.items(), ("dense", dense)]
+    order = [("dense", dense), *variants.items()] * max(1, args.repeats) + [("dense", dense)]
     runs: dict[str, list[dict]] = {}
     for i, (name, path) in enumerate(order):
         print(f"[{i + 1}/{len(order)}] {name} ...", flush=True)
