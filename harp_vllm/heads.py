@@ -1,4 +1,4 @@
-"""Head- and MLP-channel surgery on Hugging Face decoder layers (Llama and Mistral).
+"""Head- and MLP-channel surgery on Hugging Face decoder layers (Llama, Mistral, Qwen2).
 
 Attention is cut by whole GQA groups: group g is KV head g and the ``r`` query heads
 ``g*r .. g*r+r-1`` that read it, so every kept layer keeps the model's group size and the KV
@@ -13,9 +13,11 @@ from torch import nn
 
 from .errors import UserError
 
-# vLLM's Qwen2 and Gemma attention derive head_dim from the head count (or need the family's
-# own biases), so per-layer head counts are served for the Llama code path only.
-STRUCTURED_FAMILIES = ("llama", "mistral")
+# Families whose head-pruned checkpoints the plugin serves (Gemma's attention has its own
+# norms and scaling; not done).
+STRUCTURED_FAMILIES = ("llama", "mistral", "qwen2")
+# Families whose vLLM code has no o_proj / down_proj bias for FLAP's compensation.
+NO_COMPENSATION_FAMILIES = ("qwen2",)
 
 
 def check_family(config) -> None:
@@ -89,14 +91,14 @@ def resize_layer(layer: nn.Module, config, num_attention_heads: int, num_key_val
                         f"group size {group_size(config)}")
     # FLAP checkpoints carry biases (attention_bias / mlp_bias), also for families whose HF
     # code has none (Mistral); vLLM's Llama code reads the same two flags.
-    a_bias = bool(getattr(config, "attention_bias", False))
+    a_bias = True if getattr(config, "attention_bias", False) else None  # None: as built
     attn, mlp = layer.self_attn, layer.mlp
     attn.q_proj = _linear(attn.q_proj, rows=torch.arange(heads * d), bias=a_bias)
     attn.k_proj = _linear(attn.k_proj, rows=torch.arange(kv * d), bias=a_bias)
     attn.v_proj = _linear(attn.v_proj, rows=torch.arange(kv * d), bias=a_bias)
     attn.o_proj = _linear(attn.o_proj, cols=torch.arange(heads * d), bias=a_bias)
     keep = torch.arange(intermediate_size)
-    m_bias = bool(getattr(config, "mlp_bias", False))
+    m_bias = True if getattr(config, "mlp_bias", False) else None
     mlp.gate_proj = _linear(mlp.gate_proj, rows=keep, bias=m_bias)
     mlp.up_proj = _linear(mlp.up_proj, rows=keep, bias=m_bias)
     mlp.down_proj = _linear(mlp.down_proj, cols=keep, bias=m_bias)

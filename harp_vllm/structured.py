@@ -32,7 +32,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import UserError
-from .heads import add_bias, channels_of, group_size, head_dim, keep_channels, keep_groups
+from .heads import (
+    NO_COMPENSATION_FAMILIES,
+    add_bias,
+    channels_of,
+    group_size,
+    head_dim,
+    keep_channels,
+    keep_groups,
+)
 
 METHODS = ("amp", "flap", "wanda-sp")
 DEFAULT_ALLOCATION = {"amp": "uniform", "flap": "global", "wanda-sp": "uniform"}
@@ -246,6 +254,9 @@ def prune_structured(model, windows: torch.Tensor, method: str, ratio: float,
         raise UserError(f"--allocation must be uniform or global, got {allocation!r}")
     compensate = method == "flap" if bias_compensation is None else bias_compensation
     config = model.config
+    if compensate and getattr(config, "model_type", None) in NO_COMPENSATION_FAMILIES:
+        raise UserError(f"bias compensation needs o_proj and down_proj biases, which vLLM's "
+                        f"{config.model_type} code has not; use --no-bias-compensation")
     d, r = head_dim(config), group_size(config)
     layers = model.model.layers
     n_groups = config.num_key_value_heads

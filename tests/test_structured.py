@@ -275,9 +275,28 @@ def test_prune_cli_head_method_errors_leave_nothing_behind(tiny_llama, tmp_path,
 
 
 def test_head_methods_reject_families_the_plugin_cannot_serve(tmp_path):
-    src = make_tiny_model("qwen2", tmp_path / "qwen2", layers=2)
+    src = make_tiny_model("gemma2", tmp_path / "gemma2", layers=2)
     res = run_prune(src, tmp_path / "out", "--method", "amp", "--ratio", "0.5")
-    assert res.exit_code == 2 and "supports model families llama, mistral" in res.output
+    assert res.exit_code == 2 and "supports model families llama, mistral, qwen2" in res.output
+    qwen = make_tiny_model("qwen2", tmp_path / "qwen2", layers=2)
+    res = run_prune(qwen, tmp_path / "out", "--method", "flap", "--ratio", "0.5")
+    assert res.exit_code == 2 and "use --no-bias-compensation" in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_qwen2_keeps_its_qkv_biases_through_the_round_trip(tmp_path, windows):
+    src = make_tiny_model("qwen2", tmp_path / "qwen2", layers=2)
+    model = models.load(src)
+    res = prune_structured(model, windows, "wanda-sp", 0.5, 0.25, "global", progress=False)
+    spec = PruningSpec(layers={}, method="wanda-sp", shapes=shapes_of(model.config, res))
+    out = save_pruned(model, spec, src, tmp_path / "pruned")
+    state = load_file(out / "model.safetensors")
+    assert state["model.layers.0.self_attn.q_proj.bias"].shape == (
+        2 * len(res.kept_groups[0]) * D,)
+    assert "model.layers.0.self_attn.o_proj.bias" not in state
+    x = windows[:1]
+    torch.testing.assert_close(models.load(out)(x).logits, model(x).logits, rtol=1e-6,
+                               atol=1e-6)
 
 
 def test_flap_on_mistral_round_trips_with_biases_its_hf_code_lacks(tmp_path, windows):

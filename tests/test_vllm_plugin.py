@@ -531,11 +531,27 @@ def test_head_pruned_smollm2_matches_reference(smollm2_dir, smol_prompts, run_sm
 @vllm
 @pytest.mark.timeout(600)
 def test_error_head_shapes_on_a_family_without_per_layer_heads(tmp_path):
-    base = make_tiny("qwen2", tmp_path / "qwen2", layers=2)
+    base = make_tiny("gemma2", tmp_path / "gemma2", layers=2)
     pruned = save(base, tmp_path / "p", {})
     edit_config(pruned, harp_pruning={
         "version": 1, "method": "amp", "layers": {},
         "shapes": {"num_attention_heads": [2, 4], "num_key_value_heads": [1, 2],
                    "intermediate_size": [256, 256]}})
     expect_error(pruned, tmp_path / "run", "per-layer head counts",
-                 "served for llama, mistral models only, not 'qwen2'")
+                 "served for llama, mistral, qwen2 models only, not 'gemma2'")
+
+
+@vllm
+@pytest.mark.timeout(900)
+def test_tiny_qwen2_with_per_layer_heads_matches_reference(tmp_path):
+    """Qwen2 (q/k/v biases) cut by Wanda-sp into layers of 1 and 2 KV heads."""
+    dense = make_tiny("qwen2", tmp_path / "dense")
+    pruned = head_pruned(dense, tmp_path / "wanda", "wanda-sp", 0.25, 0.25, "global")
+    kv = json.loads((pruned / "config.json").read_text())["harp_pruning"]["shapes"][
+        "num_key_value_heads"]
+    assert sum(kv) == 9 and set(kv) == {1, 2}
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], list(range(20, 120))]
+    result, log = run_probe(pruned, tmp_path / "run", prompts, max_model_len=512)
+    assert result["ok"], result.get("error", "") + log[-3000:]
+    assert result["architectures"] == ["HarpQwen2ForCausalLM"]
+    assert_matches(result, reference(pruned, prompts))

@@ -8,11 +8,14 @@ from collections.abc import Iterable
 import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.models import qwen2 as vllm_qwen2
+from vllm.model_executor.models.llama import LlamaAttention
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
 
 from .layers import (
+    HarpCheckpointError,
     check_attention_weights,
     layer_alpha,
+    layer_config,
     patched,
     pruning_spec,
     recording,
@@ -24,12 +27,36 @@ def _qwen2_biases(kw: dict) -> tuple[bool, bool]:
     return True, False  # Qwen2: q/k/v have biases, o has none
 
 
+def _attention_with_head_dim(config):
+    """vLLM's Qwen2 attention derives head_dim from the head count, wrong once heads are
+    removed; vLLM's Llama attention computes the same thing (q/k/v bias, RoPE, attention,
+    o_proj) with head_dim from the config, so a head-pruned Qwen2 layer uses it."""
+
+    def make(**kw):
+        if kw.get("qk_norm") or kw.get("dual_chunk_attention_config"):
+            raise HarpCheckpointError(f"{kw['prefix']}: head-pruned Qwen2 layers with qk_norm or "
+                                      f"dual-chunk attention are not supported")
+        return LlamaAttention(
+            config=config, hidden_size=kw["hidden_size"], num_heads=kw["num_heads"],
+            num_kv_heads=kw["num_kv_heads"], max_position_embeddings=kw["max_position"],
+            quant_config=kw.get("quant_config"), bias=True,
+            bias_o_proj=bool(getattr(config, "attention_bias", False)),
+            cache_config=kw.get("cache_config"), prefix=kw["prefix"],
+            attn_type=kw.get("attn_type", "decoder"))
+
+    return make
+
+
 class HarpQwen2DecoderLayer(Qwen2DecoderLayer):
     """A Qwen2 decoder layer; pruned layers get token-local attention (or none, alpha = 0)."""
 
     def __init__(self, config, cache_config=None, quant_config=None, prefix: str = "") -> None:
         alpha = layer_alpha(config, prefix)
-        if alpha is None:
+        layer_cfg = layer_config(config, prefix)
+        if layer_cfg is not config:  # head-pruned: its own head counts and MLP width
+            with patched(vllm_qwen2, "Qwen2Attention", _attention_with_head_dim(layer_cfg)):
+                super().__init__(layer_cfg, cache_config, quant_config, prefix)
+        elif alpha is None:
             super().__init__(config, cache_config, quant_config, prefix)
         else:  # Qwen2DecoderLayer builds its attention by the module-level name
             attn = token_local_factory(alpha, post_norm=False, biases=_qwen2_biases)
