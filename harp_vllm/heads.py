@@ -18,6 +18,9 @@ from .errors import UserError
 STRUCTURED_FAMILIES = ("llama", "mistral", "qwen2")
 # Families whose vLLM code has no o_proj / down_proj bias for FLAP's compensation.
 NO_COMPENSATION_FAMILIES = ("qwen2",)
+# The input-side projections (o_proj and down_proj are the output side).
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj")
 
 
 def check_family(config) -> None:
@@ -84,24 +87,19 @@ def keep_channels(mlp: nn.Module, channels: list[int]) -> None:
 def resize_layer(layer: nn.Module, config, num_attention_heads: int, num_key_value_heads: int,
                  intermediate_size: int) -> None:
     """Give one freshly built layer the shapes of a pruned checkpoint's layer (the weights
-    are whatever the first rows held until the checkpoint is loaded over them)."""
-    d, heads, kv = head_dim(config), num_attention_heads, num_key_value_heads
+    are whatever the first groups/channels held until the checkpoint is loaded over them)."""
+    heads, kv = num_attention_heads, num_key_value_heads
     if heads // kv != group_size(config):
         raise UserError(f"a layer with {heads} heads and {kv} KV heads changes the model's "
                         f"group size {group_size(config)}")
     # FLAP checkpoints carry biases (attention_bias / mlp_bias), also for families whose HF
     # code has none (Mistral); vLLM's Llama code reads the same two flags.
-    a_bias = True if getattr(config, "attention_bias", False) else None  # None: as built
-    attn, mlp = layer.self_attn, layer.mlp
-    attn.q_proj = _linear(attn.q_proj, rows=torch.arange(heads * d), bias=a_bias)
-    attn.k_proj = _linear(attn.k_proj, rows=torch.arange(kv * d), bias=a_bias)
-    attn.v_proj = _linear(attn.v_proj, rows=torch.arange(kv * d), bias=a_bias)
-    attn.o_proj = _linear(attn.o_proj, cols=torch.arange(heads * d), bias=a_bias)
-    keep = torch.arange(intermediate_size)
-    m_bias = True if getattr(config, "mlp_bias", False) else None
-    mlp.gate_proj = _linear(mlp.gate_proj, rows=keep, bias=m_bias)
-    mlp.up_proj = _linear(mlp.up_proj, rows=keep, bias=m_bias)
-    mlp.down_proj = _linear(mlp.down_proj, cols=keep, bias=m_bias)
+    if getattr(config, "attention_bias", False):
+        add_biases(layer.self_attn, (*ATTENTION_PROJECTIONS, "o_proj"))
+    if getattr(config, "mlp_bias", False):
+        add_biases(layer.mlp, (*MLP_PROJECTIONS, "down_proj"))
+    keep_groups(layer.self_attn, config, list(range(kv)))
+    keep_channels(layer.mlp, list(range(intermediate_size)))
 
 
 def add_bias(module: nn.Linear, value: torch.Tensor | None = None) -> nn.Linear:
@@ -111,6 +109,12 @@ def add_bias(module: nn.Linear, value: torch.Tensor | None = None) -> nn.Linear:
         with torch.no_grad():
             new.bias.add_(value.to(new.bias.dtype))
     return new
+
+
+def add_biases(module: nn.Module, names: tuple[str, ...]) -> None:
+    """Give ``module``'s linear layers ``names`` a bias (zeros where they had none)."""
+    for name in names:
+        setattr(module, name, add_bias(getattr(module, name)))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -33,8 +33,11 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 from .heads import (
+    ATTENTION_PROJECTIONS,
+    MLP_PROJECTIONS,
     NO_COMPENSATION_FAMILIES,
     add_bias,
+    add_biases,
     channels_of,
     group_size,
     head_dim,
@@ -222,19 +225,17 @@ def _prune_layer(layer: nn.Module, config, groups: list[int], channels: list[int
     d, r = head_dim(config), group_size(config)
     attn, mlp = layer.self_attn, layer.mlp
     if stats is not None:
-        n_groups = attn.k_proj.out_features // d
-        gone = [g for g in range(n_groups) if g not in set(groups)]
+        kept_g, kept_c = set(groups), set(channels)
+        gone = [g for g in range(attn.k_proj.out_features // d) if g not in kept_g]
         cols = channels_of([g * r + j for g in gone for j in range(r)], d)
         o_bias = attn.o_proj.weight.data.double()[:, cols] @ stats.attn_mean()[cols]
         gone_ch = torch.as_tensor([c for c in range(mlp.down_proj.in_features)
-                                   if c not in set(channels)], dtype=torch.long)
+                                   if c not in kept_c], dtype=torch.long)
         down_bias = mlp.down_proj.weight.data.double()[:, gone_ch] @ stats.mlp_mean()[gone_ch]
         attn.o_proj = add_bias(attn.o_proj, o_bias)
         mlp.down_proj = add_bias(mlp.down_proj, down_bias)
-        for name in ("q_proj", "k_proj", "v_proj"):  # the checkpoint is a biased Llama
-            setattr(attn, name, add_bias(getattr(attn, name)))
-        for name in ("gate_proj", "up_proj"):
-            setattr(mlp, name, add_bias(getattr(mlp, name)))
+        add_biases(attn, ATTENTION_PROJECTIONS)  # the checkpoint is a biased Llama
+        add_biases(mlp, MLP_PROJECTIONS)
     keep_groups(attn, config, groups)
     keep_channels(mlp, channels)
 

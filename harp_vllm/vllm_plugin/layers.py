@@ -20,7 +20,7 @@ from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelL
 from vllm.model_executor.models.utils import extract_layer_index
 
 from ..errors import UserError
-from ..heads import STRUCTURED_FAMILIES
+from ..heads import STRUCTURED_FAMILIES, head_dim
 from ..spec import CONFIG_KEY, PruningSpec
 from .fold import check_heads, fold_o, fold_v, rank_heads
 
@@ -65,8 +65,7 @@ def layer_config(config: Any, prefix: str) -> Any:
     if shape is None:
         return config
     layer_cfg = copy.copy(config)
-    layer_cfg.head_dim = getattr(config, "head_dim", None) or (
-        config.hidden_size // config.num_attention_heads)
+    layer_cfg.head_dim = head_dim(config)  # before the head count changes
     for key, value in shape.items():
         setattr(layer_cfg, key, value)
     return layer_cfg
