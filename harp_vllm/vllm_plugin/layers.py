@@ -53,7 +53,39 @@ def pruning_spec(config: Any, arch: str, families: tuple[str, ...]) -> PruningSp
             f"invalid '{CONFIG_KEY}' section in config.json: per-layer head counts "
             f"('shapes', method {spec.method}) are served for {', '.join(STRUCTURED_FAMILIES)} "
             f"models only, not {model_type!r}")
+    check_tensor_parallel(config, spec, get_tensor_model_parallel_world_size())
     return spec
+
+
+def check_tensor_parallel(config: Any, spec: PruningSpec, tp_size: int) -> None:
+    """Every layer's own head counts and MLP width split over ``tp_size`` ranks the way vLLM
+    shards them; HarpCheckpointError naming the first layer that does not (vLLM itself checks
+    only the config's head count, and would fail on a pruned layer with a bare assertion)."""
+    if tp_size <= 1:
+        return
+    for idx in range(int(config.num_hidden_layers)):
+        shape = spec.layer_shape(idx) or {
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": getattr(config, "num_key_value_heads", None)
+            or config.num_attention_heads,
+            "intermediate_size": config.intermediate_size}
+        n_q, n_kv = shape["num_attention_heads"], shape["num_key_value_heads"]
+        width = shape["intermediate_size"]
+        problem = None
+        if spec.layers.get(idx) != 0.0:  # alpha = 0: no attention weights to split
+            try:
+                check_heads(n_q, n_kv, tp_size)
+            except ValueError as e:
+                problem = str(e)
+        if problem is None and width % tp_size:
+            problem = (f"the MLP width (intermediate_size {width}) must be divisible by the "
+                       f"tensor parallel size ({tp_size})")
+        if problem is not None:
+            raise HarpCheckpointError(
+                f"tensor parallel size {tp_size} cannot split layer {idx} of this checkpoint "
+                f"({n_q} query heads, {n_kv} KV heads, MLP width {width}): {problem}. Serve "
+                f"it with --pipeline-parallel-size instead (layers are not split), or prune to "
+                f"head counts and MLP widths that divide by {tp_size}")
 
 
 def layer_config(config: Any, prefix: str) -> Any:

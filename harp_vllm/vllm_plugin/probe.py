@@ -10,6 +10,12 @@ workers are spawned) and handy by hand::
 engine's KV-cache capacity (blocks x block size), and per prompt the greedy token ids and
 (optionally) the log-probability of each prompt token given the ones before it. A failure
 to start is written as ``{"ok": false, "error": ...}`` with exit status 1.
+
+``--tensor-parallel-size`` / ``--pipeline-parallel-size`` run vLLM's multi-process executor
+(``mp``; on CPU set ``VLLM_CPU_OMP_THREADS_BIND``, e.g. "0|1", one core list per rank), and
+``--rank-info`` adds what every worker holds: its TP/PP rank, the decoder layers it builds
+(pruned or not) and the KV-cache spec of each attention layer it registered (KV heads on
+that rank, bytes per block), plus its number of KV-cache blocks.
 """
 
 from __future__ import annotations
@@ -35,14 +41,49 @@ def make_llm(model: str, max_model_len: int, **kw):
                enable_prefix_caching=False, seed=0, **kw)
 
 
+def worker_info(worker) -> dict:
+    """Runs in each worker (``collective_rpc``): what this rank holds, as plain JSON."""
+    from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
+
+    runner = worker.model_runner
+    model = runner.get_model()
+    inner = getattr(model, "model", model)
+    start, end = int(getattr(inner, "start_layer", 0)), int(getattr(inner, "end_layer", 0))
+    attn = {}
+    for name, spec in runner.get_kv_cache_spec().items():
+        attn[name] = {"num_kv_heads": int(spec.num_kv_heads), "head_size": int(spec.head_size),
+                      "block_size": int(spec.block_size),
+                      "page_size_bytes": int(spec.page_size_bytes)}
+    layers = {}
+    for i in range(start, end):
+        sa = getattr(inner.layers[i], "self_attn", None)
+        layers[str(i)] = type(sa).__name__ if sa is not None else None
+    cfg = getattr(runner, "kv_cache_config", None)
+    return {"tp_rank": int(get_tensor_model_parallel_rank()),
+            "pp_rank": int(get_pp_group().rank_in_group),
+            "start_layer": start, "end_layer": end, "attention_modules": layers,
+            "kv_cache_spec": attn,
+            "num_blocks": None if cfg is None else int(cfg.num_blocks),
+            "kv_cache_memory_bytes": worker.cache_config.kv_cache_memory_bytes}
+
+
 def run(args: argparse.Namespace) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     prompts = json.loads(Path(args.prompts).read_text()) if args.prompts else []
-    llm = make_llm(args.model, args.max_model_len)
+    kw: dict = {}
+    if args.tensor_parallel_size > 1 or args.pipeline_parallel_size > 1:
+        kw = {"tensor_parallel_size": args.tensor_parallel_size,
+              "pipeline_parallel_size": args.pipeline_parallel_size,
+              "distributed_executor_backend": "mp"}
+    llm = make_llm(args.model, args.max_model_len, **kw)
     out: dict = {"ok": True, **kv_cache_tokens(llm),
-                 "architectures": list(llm.llm_engine.vllm_config.model_config.architectures)}
+                 "architectures": list(llm.llm_engine.vllm_config.model_config.architectures),
+                 "tensor_parallel_size": args.tensor_parallel_size,
+                 "pipeline_parallel_size": args.pipeline_parallel_size}
+    if args.rank_info:
+        out["ranks"] = llm.collective_rpc(worker_info)
     if prompts:
         params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True,
                                 prompt_logprobs=0 if args.prompt_logprobs else None)
@@ -69,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--prompt-logprobs", action="store_true")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--pipeline-parallel-size", type=int, default=1)
+    ap.add_argument("--rank-info", action="store_true",
+                    help="per worker: ranks, layers, KV-cache specs (a callable sent to the "
+                         "workers: needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 with "
+                         "multiprocessing)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     try:
