@@ -121,8 +121,9 @@ def eval_ppl(
 def prune_cmd(
     model: Annotated[str, typer.Argument(help="known name, HF directory, .gguf or hub id")],
     out: Annotated[Path, typer.Option(help="output checkpoint directory")],
-    method: Annotated[str, typer.Option(help="harp, gate-norm, hybrid (layers) or amp, flap, "
-                                             "wanda-sp (heads and MLP channels)")] = "harp",
+    method: Annotated[str, typer.Option(help="harp, gate-norm, hybrid, linear (layers) or amp, "
+                                             "flap, wanda-sp (heads and MLP channels)")] = (
+        "harp"),
     layers: Annotated[int | None, typer.Option(help="prune P layers")] = None,
     ratio: Annotated[float | None, typer.Option(help="layer methods: prune round(r * L) "
                                                      "layers; amp/flap/wanda-sp: share of "
@@ -153,6 +154,17 @@ def prune_cmd(
                                                            "(default 256, else 128)")] = None,
     seed: Annotated[int, typer.Option(help="calibration sampling seed")] = 0,
     search: Annotated[str, typer.Option(help="fast or naive")] = "fast",
+    rank: Annotated[str | None, typer.Option(help="linear: map rank, an integer or 'full' "
+                                                  "(default: HARP's n_kv*head_dim)")] = None,
+    map_input: Annotated[str, typer.Option("--input", help="linear: fit on the attention's "
+                                           "normed input or the raw residual stream")] = (
+        "normed"),
+    ridge: Annotated[float, typer.Option(help="linear: ridge, relative to the mean input "
+                                              "variance")] = 1e-3,
+    fit_order: Annotated[str, typer.Option(help="linear: dense, sequential or residual")] = (
+        "dense"),
+    refine_steps: Annotated[int, typer.Option(help="linear: steps of joint KL refinement of "
+                                                   "the maps (0: closed form only)")] = 0,
     eval_windows: Annotated[int, typer.Option(help="WikiText-2 test windows for the before/"
                                                    "after perplexity (0: skip)")] = 8,
     eval_seq_len: Annotated[int, typer.Option(help="evaluation window length")] = 2048,
@@ -176,11 +188,19 @@ def prune_cmd(
             calib_split=calib_split, calib_file=calib_file, calib_samples=calib_samples,
             calib_seq_len=calib_seq_len, seed=seed, search=search, eval_windows=eval_windows,
             eval_seq_len=eval_seq_len, force=force, mlp_ratio=mlp_ratio, allocation=allocation,
-            bias_compensation=bias_compensation)
+            bias_compensation=bias_compensation, rank=rank, map_input=map_input, ridge=ridge,
+            fit_order=fit_order, refine_steps=refine_steps)
         return run_prune(opts)
 
     result = run_guarded(_run)
-    if "shapes" in result:
+    if result["method"] == "linear":
+        typer.echo(f"replaced layers {result['layers']} by linear maps "
+                   f"({result['calibration']['input']} input, rank "
+                   f"{result['calibration']['rank'] or 'full'}); parameters "
+                   f"{result['params_before']:,} -> {result['params_after']:,}; KV bytes/token "
+                   f"(bf16) {result['kv_bytes_per_token_before']:,} -> "
+                   f"{result['kv_bytes_per_token_after']:,}")
+    elif "shapes" in result:
         table = Table(title=f"{result['method']}: kept per layer ({model})")
         for col in ("layer", "heads", "KV heads", "MLP channels"):
             table.add_column(col, justify="right")

@@ -4,7 +4,8 @@ Methods: ``harp`` (top/bottom/listed layers, greedy alpha search or a fixed alph
 ``gate-norm`` (data-free: remove the attention sublayer, alpha = 0, of the K layers with the
 lowest Gate-Norm), ``hybrid`` (Gate-Norm chooses the K layers, HARP's token-local path and
 alpha search replace their attention) and the head/MLP-level methods ``amp``, ``flap`` and
-``wanda-sp`` (see ``structured.py``; ``--ratio`` is then the share of attention heads).
+``wanda-sp`` (see ``structured.py``; ``--ratio`` is then the share of attention heads), and
+``linear`` (the chosen layers' attention replaced by a fitted affine map, see ``linear.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from . import models
 from .checkpoint import check_output_dir, save_pruned
 from .errors import UserError
 from .gate_norm import gate_norm_scores, lowest_scoring
-from .heads import check_family, count_parameters
+from .heads import check_family, count_parameters, head_dim
 from .perplexity import evaluate_perplexity
 from .reference import family_post_norm, harp_architecture, pruned
 from .search import DEFAULT_GRID, calibration_windows, fast_search, naive_search
@@ -111,6 +112,11 @@ class PruneOptions:
     bias_compensation: bool | None = None  # default: on for flap only
     seed: int = 0
     search: str = "fast"
+    rank: str | None = None  # linear: an integer or "full" (default: HARP's n_kv * head_dim)
+    map_input: str = "normed"  # linear: normed | raw
+    ridge: float = 1e-3  # linear: ridge, relative to the mean input variance
+    fit_order: str = "dense"  # linear: dense | sequential | residual
+    refine_steps: int = 0  # linear: joint KL refinement steps after the closed-form fit
     eval_windows: int = 8
     eval_seq_len: int = 2048
     force: bool = False
@@ -129,15 +135,16 @@ def load_calibration_text(opts: PruneOptions) -> tuple[str, dict]:
 
 
 LAYER_METHODS = ("harp", "gate-norm", "hybrid")
+LINEAR_FAMILIES = ("llama", "mistral")  # families whose linear-map checkpoints are served
 
 
 def calibration_shape(opts: PruneOptions) -> tuple[int, int]:
-    """(samples, tokens per sample): HARP's search default, or Wanda-sp/FLAP's 128 x 128."""
-    layer_method = opts.method in LAYER_METHODS
-    samples = opts.calib_samples
-    seq_len = opts.calib_seq_len
-    return (samples if samples is not None else 8 if layer_method else 128,
-            seq_len if seq_len is not None else 256 if layer_method else 128)
+    """(samples, tokens per sample): HARP's search default 8 x 256, the linear fit's 64 x 256
+    (a d x d fit needs many tokens), or Wanda-sp/FLAP's 128 x 128."""
+    default = ((8, 256) if opts.method in LAYER_METHODS else (64, 256) if opts.method == "linear"
+               else (128, 128))
+    return (opts.calib_samples if opts.calib_samples is not None else default[0],
+            opts.calib_seq_len if opts.calib_seq_len is not None else default[1])
 
 
 def choose_layers(opts: PruneOptions, src: Path, n_layers: int
@@ -148,7 +155,7 @@ def choose_layers(opts: PruneOptions, src: Path, n_layers: int
                 None, opts.alpha)
     if opts.method not in ("gate-norm", "hybrid"):
         raise UserError(f"unknown --method {opts.method!r}; choose harp, gate-norm, hybrid, "
-                        f"amp, flap or wanda-sp")
+                        f"linear, amp, flap or wanda-sp")
     if opts.layer_list is not None or opts.position != "top":
         raise UserError(f"--method {opts.method} chooses its own layers: give --layers K "
                         "or --ratio r, not --layer-list/--position")
@@ -186,6 +193,8 @@ def run_prune(opts: PruneOptions, progress: bool = True) -> dict:
     harp_architecture(hf_cfg)
     if opts.method in METHODS:
         return run_structured(opts, src, hf_cfg, out, progress)
+    if opts.method == "linear":
+        return run_linear(opts, src, hf_cfg, out, progress)
     layers, scores, alpha = choose_layers(opts, src, cfg["num_hidden_layers"])
     if opts.search not in ("fast", "naive"):
         raise UserError(f"--search must be fast or naive, got {opts.search!r}")
@@ -277,6 +286,83 @@ def run_structured(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: b
         record_eval(report, calibration, before, after, opts.eval_seq_len)
     spec = PruningSpec(layers={}, method=opts.method, source_model=opts.model,
                        calibration=calibration, shapes=shapes)
+    save_pruned(model, spec, src, out, force=opts.force)
+    report["out"] = str(out)
+    report["calibration"] = calibration
+    return report
+
+
+def parse_rank(text: str | None, hf_cfg) -> int | None:
+    """``--rank``: an integer, ``full`` (None), or by default HARP's folded width n_kv*d_h."""
+    d = hf_cfg.hidden_size
+    if text is None:
+        return min(d, hf_cfg.num_key_value_heads * head_dim(hf_cfg))
+    if str(text).lower() == "full":
+        return None
+    try:
+        rank = int(text)
+    except ValueError:
+        raise UserError(f"--rank must be an integer or 'full', got {text!r}") from None
+    if not 1 <= rank <= d:
+        raise UserError(f"--rank {rank} is out of range: the hidden size is {d}, so a map has "
+                        f"rank 1..{d} (or 'full')")
+    return None if rank == d else rank
+
+
+def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool) -> dict:
+    """Replace the chosen layers' attention by fitted affine maps; write the checkpoint."""
+    from .linear import check_options, dense_top_states, fit_linear, map_cost, refine
+
+    if hf_cfg.model_type not in LINEAR_FAMILIES:
+        raise UserError(f"--method linear is served for {', '.join(LINEAR_FAMILIES)} models, "
+                        f"not {hf_cfg.model_type!r}")
+    if opts.alpha is not None:
+        raise UserError("--alpha is for HARP; --method linear fits its maps")
+    if opts.refine_steps < 0:
+        raise UserError(f"--refine-steps must be >= 0, got {opts.refine_steps}")
+    rank = parse_rank(opts.rank, hf_cfg)
+    check_options(hf_cfg.hidden_size, rank, opts.map_input, opts.fit_order, opts.ridge)
+    layers = select_layers(hf_cfg.num_hidden_layers, opts.layers, opts.ratio, opts.layer_list,
+                           opts.position)
+    tok = models.load_tokenizer(src)
+    calib_text, calib_src = load_calibration_text(opts)
+    samples, seq_len = calibration_shape(opts)
+    windows = calibration_windows(tok, calib_text, samples, seq_len, opts.seed)
+    eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
+    model = models.load(src)
+    params_before = count_parameters(model)
+    report: dict = {"model": opts.model, "method": "linear", "source_dir": str(src),
+                    "layers": layers}
+    if eval_text is not None:
+        before = evaluate_perplexity(model, tok, eval_text, opts.eval_seq_len,
+                                     opts.eval_windows, progress=progress)
+        report["ppl_before"] = before.perplexity
+    teacher = dense_top_states(model, windows) if opts.refine_steps else None
+    fit = fit_linear(model, windows, layers, rank=rank, input_kind=opts.map_input,
+                     order=opts.fit_order, ridge=opts.ridge, progress=progress)
+    calibration = {**calib_src, "samples": samples, "seq_len": seq_len, "seed": opts.seed,
+                   "rank": rank, "input": opts.map_input, "ridge": opts.ridge,
+                   "fit_order": opts.fit_order, "fit_seconds": round(fit.seconds, 2),
+                   "unexplained": {str(k): round(v["unexplained"], 4)
+                                   for k, v in sorted(fit.stats.items())}}
+    if teacher is not None:
+        info = refine(model, windows, layers, teacher, opts.refine_steps, progress=progress)
+        calibration["refine"] = {k: (round(v, 4) if isinstance(v, float) else v)
+                                 for k, v in info.items()}
+    cost = map_cost(hf_cfg, rank)
+    report.update(params_before=params_before, params_after=count_parameters(model),
+                  kv_bytes_per_token_before=kv_bytes_per_token(hf_cfg),
+                  kv_bytes_per_token_after=kv_bytes_per_token(hf_cfg, [
+                      0 if i in fit.maps else hf_cfg.num_key_value_heads
+                      for i in range(hf_cfg.num_hidden_layers)]),
+                  map_cost=cost, alphas={},
+                  maps={str(k): v.spec() for k, v in sorted(fit.maps.items())})
+    if eval_text is not None:
+        after = evaluate_perplexity(model, tok, eval_text, opts.eval_seq_len,
+                                    opts.eval_windows, progress=progress)
+        record_eval(report, calibration, before, after, opts.eval_seq_len)
+    spec = PruningSpec(layers={}, maps={k: v.spec() for k, v in fit.maps.items()},
+                       method="linear", source_model=opts.model, calibration=calibration)
     save_pruned(model, spec, src, out, force=opts.force)
     report["out"] = str(out)
     report["calibration"] = calibration

@@ -62,11 +62,33 @@ class TokenLocalAttention(nn.Module):
         return (out if unscaled else out * self.scale), None
 
 
+class LinearAttention(nn.Module):
+    """An attention sublayer replaced by a fitted affine map: ``out_proj(in_proj(x))`` + bias
+    (low rank), or ``out_proj(x)`` + bias (full rank, ``in_proj`` None). Token-local."""
+
+    def __init__(self, hidden_size: int, rank: int | None):
+        super().__init__()
+        self.in_proj = None if rank is None else nn.Linear(hidden_size, rank, bias=False)
+        self.out_proj = nn.Linear(hidden_size if rank is None else rank, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        x = hidden_states if self.in_proj is None else self.in_proj(hidden_states)
+        return self.out_proj(x), None
+
+
+def install_map(layer: nn.Module, module: LinearAttention, input_kind: str) -> None:
+    """Replace ``layer``'s attention by ``module``; ``raw`` input also drops the input norm
+    (the map then reads the residual stream itself)."""
+    layer.self_attn = module
+    if input_kind == "raw":
+        layer.input_layernorm = nn.Identity()
+
+
 def decoder_layers(model) -> nn.ModuleList:
     return model.model.layers
 
 
-def _check_layers(model, layers: dict[int, float]) -> None:
+def _check_layers(model, layers: dict) -> None:
     n = len(decoder_layers(model))
     bad = sorted(i for i in layers if not 0 <= i < n)
     if bad:
@@ -128,6 +150,14 @@ def apply_pruning(model, spec: PruningSpec):
         layer.self_attn = _token_local(model, idx, alpha, keep_weights=False)
         if post_norm:
             layer.post_attention_layernorm.register_forward_hook(_scale_hook(alpha))
+    if spec.maps and post_norm:
+        raise UserError(f"linear maps replace attention in Llama-like families only, not "
+                        f"{model.config.model_type!r}")
+    _check_layers(model, spec.maps)
+    for idx, m in spec.maps.items():  # a fitted map already in place is kept
+        layer = decoder_layers(model)[idx]
+        if not isinstance(layer.self_attn, LinearAttention):
+            install_map(layer, LinearAttention(model.config.hidden_size, m["rank"]), m["input"])
     model.config.harp_pruning = spec.to_dict()
     return model
 

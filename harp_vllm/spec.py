@@ -1,11 +1,14 @@
 """The pruning section a pruned checkpoint carries in its config.json.
 
-Format (version 1)::
+Format (version 2; version 1 checkpoints, which have no ``maps``, still load)::
 
     "harp_pruning": {
-      "version": 1,
-      "method": "harp",                    # harp | gate-norm | hybrid | ...
+      "version": 2,
+      "method": "harp",                    # harp | gate-norm | hybrid | linear | ...
       "layers": {"22": 0.3, "29": 0.8},    # pruned layer index -> alpha (0 = sublayer removed)
+      "maps": {                            # optional: attention replaced by a fitted linear map
+        "22": {"input": "normed", "rank": 192}   # rank null: one full d x d linear
+      },
       "source_model": "...", "source_architecture": "LlamaForCausalLM",
       "calibration": {...},                # how the alphas were chosen (free-form)
       "shapes": {                          # optional: head/MLP-level pruning (amp, flap, ...)
@@ -19,6 +22,13 @@ A pruned layer has no q/k projections and computes ``h + alpha * o_proj(repeat_k
 input_layernorm(h))))``; with alpha = 0 it has no v/o projections either. ``shapes`` gives
 every layer its own head counts and MLP width (whole GQA groups removed, so the KV cache
 shrinks); it is not combined with ``layers``.
+
+A layer in ``maps`` has no q/k/v/o either; its attention sublayer is ``out_proj(in_proj(x))``
+with a bias on ``out_proj`` (weights ``self_attn.in_proj.weight`` [rank, d],
+``self_attn.out_proj.weight`` [d, rank], ``self_attn.out_proj.bias`` [d]; a full-rank map has
+only ``out_proj`` [d, d]). ``x`` is the attention's normed input (``"input": "normed"``) or the
+residual stream before the norm (``"raw"``: the layer then has no ``input_layernorm``).
+A layer is in at most one of ``layers`` and ``maps``.
 """
 
 from __future__ import annotations
@@ -29,7 +39,9 @@ from typing import Any
 from .errors import UserError
 
 CONFIG_KEY = "harp_pruning"
-SPEC_VERSION = 1
+SPEC_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MAP_INPUTS = ("normed", "raw")
 SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
 # HF architecture -> HARP architecture name registered with vLLM.
@@ -52,6 +64,7 @@ class PruningSpec:
     source_architecture: str | None = None
     calibration: dict[str, Any] = field(default_factory=dict)
     shapes: dict[str, list[int]] | None = None  # SHAPE_KEYS -> one value per layer
+    maps: dict[int, dict[str, Any]] = field(default_factory=dict)  # layer -> input, rank
     version: int = SPEC_VERSION
 
     def layer_shape(self, idx: int) -> dict[str, int] | None:
@@ -70,6 +83,8 @@ class PruningSpec:
             "calibration": self.calibration,
             **({"shapes": {k: [int(x) for x in v] for k, v in self.shapes.items()}}
                if self.shapes is not None else {}),
+            **({"maps": {str(k): {"input": v["input"], "rank": v["rank"]}
+                         for k, v in sorted(self.maps.items())}} if self.maps else {}),
         }
 
     @classmethod
@@ -78,9 +93,9 @@ class PruningSpec:
         if not isinstance(d, dict):
             raise UserError(f"'{CONFIG_KEY}' must be an object, got {type(d).__name__}")
         version = d.get("version")
-        if version != SPEC_VERSION:
+        if version not in READABLE_VERSIONS:
             raise UserError(f"'{CONFIG_KEY}.version' is {version!r}; this harp-vllm reads "
-                            f"version {SPEC_VERSION}")
+                            f"versions {', '.join(map(str, READABLE_VERSIONS))}")
         raw = d.get("layers")
         if not isinstance(raw, dict):
             raise UserError(f"'{CONFIG_KEY}.layers' must be an object mapping layer index to "
@@ -99,10 +114,14 @@ class PruningSpec:
                                 f"(the model has {num_layers} layers: 0..{num_layers - 1})")
             layers[idx] = float(v)
         shapes = _parse_shapes(d.get("shapes"), layers, num_layers)
+        maps = _parse_maps(d.get("maps"), layers, num_layers, version)
+        if maps and shapes is not None:
+            raise UserError(f"'{CONFIG_KEY}.maps' and '{CONFIG_KEY}.shapes' cannot be combined "
+                            f"in one checkpoint")
         return cls(layers=layers, method=str(d.get("method", "harp")),
                    source_model=d.get("source_model"),
                    source_architecture=d.get("source_architecture"),
-                   calibration=dict(d.get("calibration") or {}), shapes=shapes,
+                   calibration=dict(d.get("calibration") or {}), shapes=shapes, maps=maps,
                    version=version)
 
     @classmethod
@@ -123,7 +142,47 @@ class PruningSpec:
                 if isinstance(limit, int) and worst > limit:
                     raise UserError(f"'{CONFIG_KEY}.shapes.{key}' has {worst}, more than the "
                                     f"config's {key} = {limit}")
+        d = get("hidden_size")
+        for idx, m in spec.maps.items():
+            if isinstance(d, int) and m["rank"] is not None and m["rank"] > d:
+                raise UserError(f"'{CONFIG_KEY}.maps[{idx}].rank' is {m['rank']}, larger than "
+                                f"the hidden size {d} (use null for a full-rank map)")
         return spec
+
+
+def _parse_maps(raw: Any, layers: dict[int, float], num_layers: int | None, version: int
+                ) -> dict[int, dict[str, Any]]:
+    """Validate the optional linear-map layers: index -> {"input": ..., "rank": int | None}."""
+    if raw is None:
+        return {}
+    where = f"'{CONFIG_KEY}.maps'"
+    if version < 2:
+        raise UserError(f"{where} needs '{CONFIG_KEY}.version' 2, the file says {version}")
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} must be an object mapping layer index to a map description")
+    maps: dict[int, dict[str, Any]] = {}
+    for k, v in raw.items():
+        try:
+            idx = int(k)
+        except (TypeError, ValueError):
+            raise UserError(f"{where} has a non-integer layer index {k!r}") from None
+        if num_layers is not None and not 0 <= idx < num_layers:
+            raise UserError(f"{where} has layer index {idx} out of range (the model has "
+                            f"{num_layers} layers: 0..{num_layers - 1})")
+        if idx in layers:
+            raise UserError(f"layer {idx} is in both '{CONFIG_KEY}.layers' and {where}")
+        if not isinstance(v, dict) or set(v) != {"input", "rank"}:
+            raise UserError(f"{where}[{k}] must be an object with exactly 'input' and 'rank'")
+        if v["input"] not in MAP_INPUTS:
+            raise UserError(f"{where}[{k}].input must be one of {', '.join(MAP_INPUTS)}, got "
+                            f"{v['input']!r}")
+        rank = v["rank"]
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)
+                                 or rank < 1):
+            raise UserError(f"{where}[{k}].rank must be a positive integer or null (full), "
+                            f"got {rank!r}")
+        maps[idx] = {"input": v["input"], "rank": rank}
+    return maps
 
 
 def _parse_shapes(raw: Any, layers: dict[int, float], num_layers: int | None

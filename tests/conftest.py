@@ -74,3 +74,23 @@ def smollm2_dir() -> Path:
     from harp_vllm import models
 
     return models.prepare("smollm2-135m", progress=False)
+
+
+def save_linear(src: Path, out: Path, groups: list[tuple[list[int], int | None, str]],
+                windows: torch.Tensor, alphas: dict[int, float] | None = None) -> Path:
+    """A ``--method linear`` checkpoint of ``src``: each group (layers, rank, input) fitted in
+    turn on ``windows`` (so one checkpoint can mix ranks and inputs), plus HARP ``alphas``."""
+    from harp_vllm import models
+    from harp_vllm.checkpoint import save_pruned
+    from harp_vllm.linear import fit_linear
+    from harp_vllm.spec import PruningSpec
+
+    model = models.load(src)
+    maps = {}
+    for layers, rank, input_kind in groups:
+        fit = fit_linear(model, windows, layers, rank=rank, input_kind=input_kind,
+                         order="dense", batch=len(windows), progress=False)
+        maps.update({k: v.spec() for k, v in fit.maps.items()})
+    spec = PruningSpec(layers=dict(alphas or {}), maps=maps, method="linear",
+                       source_model=str(src))
+    return save_pruned(model, spec, src, out)
