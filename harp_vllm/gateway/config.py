@@ -18,56 +18,169 @@ smollm2=dense:1,harp:1``, ``--shadow dense=harp:0.1``) and extend the file.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import UserError
 
 API_KEYS_ENV = "HARP_GATEWAY_API_KEYS"
 
+Strict = ConfigDict(extra="forbid", strict=True)
+Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+def check_key(key: object, where: str) -> str:
+    """An API key, or a :class:`ValueError` naming ``where`` (never the key itself).
+
+    A key is 1 to 4096 printable ASCII characters without spaces (a Bearer token never holds
+    one), so an empty or blank key can never match a bare ``Authorization: Bearer``.
+    """
+    if not isinstance(key, str):
+        raise ValueError(f"{where} must be a string, not {type(key).__name__}")
+    if not key:
+        raise ValueError(f"{where} is empty (an empty key would let a bare 'Bearer' in)")
+    if key != key.strip():
+        raise ValueError(f"{where} has leading or trailing whitespace")
+    if len(key) > 4096 or not all("!" <= ch <= "~" for ch in key):
+        raise ValueError(f"{where} is longer than 4096 characters or holds spaces, control or "
+                         "non-ASCII characters")
+    return key
+
+
+def split_url(url: str) -> tuple[str, tuple[str, str] | None]:
+    """Check a backend URL; return it without credentials, and the (user, password) if any.
+
+    Scheme http or https, a host, a port in 1..65535, no query or fragment. Error messages
+    never repeat the URL's password.
+    """
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"backend url {shown!r} is not a valid URL: {e}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"backend url {shown!r} must start with http:// or https://")
+    if not parts.hostname:
+        raise ValueError(f"backend url {shown!r} has no host")
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"backend url {shown!r}: port {port} is outside 1..65535")
+    if parts.query or parts.fragment:
+        raise ValueError(f"backend url {shown!r} must not have a query or fragment")
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    netloc = host if port is None else f"{host}:{port}"
+    path = parts.path.rstrip("/")
+    if path.endswith("/v1"):
+        path = path[:-3]
+    creds = None
+    if parts.username is not None or parts.password is not None:
+        creds = (unquote(parts.username or ""), unquote(parts.password or ""))
+    return urlunsplit((parts.scheme, netloc, path, "", "")), creds
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced by ``***@`` (for messages and /health)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, tail = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    return f"{scheme}://{netloc}{slash}{tail}"
+
 
 class Backend(BaseModel):
-    """One OpenAI-compatible server (normally a vLLM ``harp-vllm serve``)."""
+    """One OpenAI-compatible server (normally a vLLM ``harp-vllm serve``).
 
-    model_config = ConfigDict(extra="forbid")
+    ``url`` may carry ``user:password@`` for a backend behind HTTP basic auth; it is sent as
+    an ``Authorization: Basic`` header and never shown (``/health`` and messages redact it).
+    It cannot be combined with ``api_key`` (both would be the Authorization header).
+    """
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    model_config = Strict
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
     url: str
     # Served model names; None: discovered from the backend's /v1/models (and re-discovered).
-    models: list[str] | None = None
+    models: list[Annotated[str, StringConstraints(min_length=1)]] | None = None
     # Key sent upstream as "Authorization: Bearer ..." (the caller's key is never forwarded).
     api_key: str | None = None
 
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        v = v.strip().rstrip("/")
-        if v.endswith("/v1"):
-            v = v[:-3]
-        if not v.startswith(("http://", "https://")):
-            raise ValueError(f"backend url must start with http:// or https://, got {v!r}")
-        return v
+        split_url(v)  # raises on a bad URL
+        return v.strip()
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, v: str | None) -> str | None:
+        return None if v is None else check_key(v, "api_key")
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> Backend:
+        if self.api_key and split_url(self.url)[1]:
+            raise ValueError(f"backend {self.name!r}: give either credentials in the url or "
+                             "api_key, not both")
+        return self
+
+    @property
+    def base_url(self) -> str:
+        """The URL without credentials and without a trailing ``/v1``."""
+        return split_url(self.url)[0]
+
+    @property
+    def shown_url(self) -> str:
+        return redact_url(self.base_url if not split_url(self.url)[1] else self.url)
+
+    def auth_header(self) -> str | None:
+        """The ``Authorization`` value sent to this backend, if any."""
+        if self.api_key:
+            return f"Bearer {self.api_key}"
+        creds = split_url(self.url)[1]
+        if creds:
+            import base64
+
+            token = base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+            return f"Basic {token}"
+        return None
 
 
 class AliasTarget(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = Strict
 
     backend: str
-    weight: float = Field(default=1.0, gt=0)
+    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     # The model name sent to that backend; None: the backend's (first) served model.
-    model: str | None = None
+    model: str | None = Field(default=None, min_length=1)
 
 
 class Alias(BaseModel):
     """A model name split across backends by weight (an A/B test)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = Strict
 
     name: str = Field(min_length=1)
     targets: list[AliasTarget] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _finite_total(self) -> Alias:
+        if not math.isfinite(sum(t.weight for t in self.targets)):
+            raise ValueError(f"alias {self.name!r}: the weights' sum is not finite")
+        return self
 
 
 class Shadow(BaseModel):
@@ -77,31 +190,54 @@ class Shadow(BaseModel):
     never waits for it.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = Strict
 
     source: str
     target: str
-    fraction: float = Field(ge=0, le=1)
-    model: str | None = None
+    fraction: float = Field(ge=0, le=1, allow_inf_nan=False)
+    model: str | None = Field(default=None, min_length=1)
 
 
 class GatewayConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Everything the gateway needs; every limit has a default (see the README)."""
+
+    model_config = Strict
 
     backends: list[Backend] = Field(min_length=1)
     aliases: list[Alias] = Field(default_factory=list)
     shadows: list[Shadow] = Field(default_factory=list)
     api_keys: list[str] = Field(default_factory=list)
+    # /metrics and the detailed /health need an API key too (/live stays open).
+    protect_metrics: bool = False
+    # -- callers
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
-    connect_timeout: float = Field(default=5.0, gt=0)
+    header_timeout: Seconds = 10.0      # connection open (or next request begun) to headers
+    body_timeout: Seconds = 30.0        # headers to the whole body received
+    keep_alive_timeout: Seconds = 5.0   # idle keep-alive connection closed after this
+    max_client_connections: int = Field(default=1024, gt=0)
+    max_json_depth: int = Field(default=32, ge=4, le=200)
+    max_tokens_limit: int = Field(default=32768, gt=0)   # max_tokens, max_completion_tokens
+    max_n: int = Field(default=16, gt=0)                 # n
+    max_best_of: int = Field(default=16, gt=0)           # best_of
+    # -- backends
+    request_timeout: Seconds = 600.0    # whole request, first byte in to last byte out
+    connect_timeout: Seconds = 5.0
     # Longest wait for the next byte from a backend (a non-streamed answer arrives all at once).
-    read_timeout: float = Field(default=600.0, gt=0)
-    write_timeout: float = Field(default=30.0, gt=0)
-    health_timeout: float = Field(default=3.0, gt=0)
-    discovery_interval: float = Field(default=15.0, gt=0)
-    max_connections: int = Field(default=256, gt=0)
+    read_timeout: Seconds = 300.0
+    max_connections: int = Field(default=256, gt=0)      # per backend
+    queue_timeout: Seconds = 10.0       # wait for a free connection to a busy backend
+    max_response_bytes: int = Field(default=32 * 1024 * 1024, gt=0)  # non-streamed replies
+    max_sse_event_bytes: int = Field(default=1024 * 1024, gt=0)
+    health_interval: Seconds = 5.0
+    health_timeout: Seconds = 3.0
+    discovery_interval: Seconds = 15.0
     shadow_max_inflight: int = Field(default=16, ge=1)
     seed: int | None = None
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, v: list[str]) -> list[str]:
+        return [check_key(k, f"api_keys[{i}]") for i, k in enumerate(v)]
 
     @model_validator(mode="after")
     def _check_names(self) -> GatewayConfig:
@@ -123,6 +259,8 @@ class GatewayConfig(BaseModel):
         alias_names = [a.name for a in self.aliases]
         if len(set(alias_names)) != len(alias_names):
             raise ValueError("duplicate alias names")
+        if self.protect_metrics and not self.api_keys:
+            raise ValueError("protect_metrics needs at least one API key")
         return self
 
     def backend(self, name: str) -> Backend:
@@ -194,23 +332,48 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def _list(data: dict[str, Any], key: str) -> list:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise UserError(f"invalid gateway config: {key}: must be a list, not "
+                        f"{type(value).__name__}" + (" (write [\"...\"] for one entry)"
+                                                     if isinstance(value, str) else ""))
+    return value
+
+
+def _keys(data: dict[str, Any], api_keys: list[str] | None) -> list[str]:
+    """The configured keys: file, then flags, then ``$HARP_GATEWAY_API_KEYS``; each checked."""
+    file_keys = _list(data, "api_keys")
+    env = os.environ.get(API_KEYS_ENV)
+    env_keys = [k.strip() for k in env.split(",")] if env is not None else []
+    keys = []
+    try:
+        keys += [check_key(k, f"api_keys[{i}]") for i, k in enumerate(file_keys)]
+        keys += [check_key(k, f"--api-key #{i + 1}") for i, k in enumerate(api_keys or [])]
+        keys += [check_key(k, f"${API_KEYS_ENV} entry {i + 1}") for i, k in enumerate(env_keys)
+                 if env.strip()]
+    except ValueError as e:
+        raise UserError(f"invalid gateway config: {e}") from None
+    return keys
+
+
 def build_config(config_file: Path | None = None, backends: list[str] | None = None,
                  aliases: list[str] | None = None, shadows: list[str] | None = None,
                  api_keys: list[str] | None = None, **overrides: Any) -> GatewayConfig:
-    """Merge a config file, flags and ``$HARP_GATEWAY_API_KEYS`` (comma-separated)."""
+    """Merge a config file, flags and ``$HARP_GATEWAY_API_KEYS`` (comma-separated).
+
+    Types are strict: a string where a list belongs, a string for a number, an empty key,
+    a bad URL or an infinite weight are errors naming the setting (never a key's value).
+    """
     data: dict[str, Any] = read_config_file(config_file) if config_file else {}
-    data.setdefault("backends", [])
-    data["backends"] = list(data["backends"]) + [parse_backend_flag(b) for b in backends or []]
-    data["aliases"] = list(data.get("aliases", [])) + [parse_alias_flag(a) for a in aliases or []]
-    data["shadows"] = list(data.get("shadows", [])) + [parse_shadow_flag(s)
-                                                       for s in shadows or []]
-    keys = list(data.get("api_keys", [])) + list(api_keys or [])
-    keys += [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
-    data["api_keys"] = keys
+    data["backends"] = _list(data, "backends") + [parse_backend_flag(b) for b in backends or []]
+    data["aliases"] = _list(data, "aliases") + [parse_alias_flag(a) for a in aliases or []]
+    data["shadows"] = _list(data, "shadows") + [parse_shadow_flag(s) for s in shadows or []]
+    data["api_keys"] = _keys(data, api_keys)
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return GatewayConfig.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
-                             for err in e.errors())
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'config'}: "
+                             f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
         raise UserError(f"invalid gateway config: {problems}") from None
