@@ -144,7 +144,7 @@ def kv_layout(model_name: str, hf_config: Any, total_layers: int, num_kv_heads: 
         method, pruned = "dense", ()
     else:
         spec = PruningSpec.from_dict(section, num_layers=total_layers)
-        method, pruned = spec.method, tuple(sorted(spec.layers))
+        method, pruned = spec.method, spec.attention_free_layers
         if spec.shapes is not None:
             served = head_bytes * sum(spec.shapes["num_key_value_heads"])
     return KVLayout(model_name=model_name, method=method, architecture=str(arch_list[0]),

@@ -67,6 +67,11 @@ class PruningSpec:
     maps: dict[int, dict[str, Any]] = field(default_factory=dict)  # layer -> input, rank
     version: int = SPEC_VERSION
 
+    @property
+    def attention_free_layers(self) -> tuple[int, ...]:
+        """The layers with no attention (and so no KV cache): pruned or replaced by a map."""
+        return tuple(sorted({*self.layers, *self.maps}))
+
     def layer_shape(self, idx: int) -> dict[str, int] | None:
         """Layer ``idx``'s head counts and MLP width, None when the layer keeps the config's."""
         if self.shapes is None:

@@ -181,3 +181,14 @@ def test_cli_linear_writes_checkpoint_and_refuses_bad_options(tiny_llama, tmp_pa
         res = runner.invoke(app, [*base, "--out", str(bad), "--layers", "2", *args])
         assert res.exit_code != 0 and message in res.output, (args, res.output)
         assert not bad.exists()
+
+
+def test_kv_layout_counts_map_layers_as_attention_free():
+    from harp_vllm.serving_metrics import kv_layout
+
+    cfg = {"architectures": ["HarpLlamaForCausalLM"], "harp_pruning": {
+        "version": 2, "method": "linear", "layers": {"0": 0.5},
+        "maps": {"2": {"input": "raw", "rank": None}, "3": {"input": "normed", "rank": 8}}}}
+    lay = kv_layout("m", cfg, 6, 2, 32, 2)
+    assert lay.pruned_layers == (0, 2, 3) and lay.attention_layers == 3
+    assert lay.bytes_per_token == 3 * 2 * 2 * 32 * 2

@@ -555,3 +555,96 @@ def test_tiny_qwen2_with_per_layer_heads_matches_reference(tmp_path):
     assert result["ok"], result.get("error", "") + log[-3000:]
     assert result["architectures"] == ["HarpQwen2ForCausalLM"]
     assert_matches(result, reference(pruned, prompts))
+
+
+# ---------------------------------------------------------------------------- linear maps
+# (--method linear: attention replaced by fitted affine maps; issue 18)
+
+TINY_MAP_GROUPS = [([0], None, "raw"), ([2], 32, "normed"), ([4], 16, "raw"),
+                   ([5], None, "normed")]
+
+
+@pytest.fixture(scope="session")
+def tiny_linear(tmp_path_factory) -> Path:
+    """Tiny Llama with maps of both ranks and inputs (layer 0 raw: the first layer has no
+    residual yet) beside HARP layers (alpha 0.5 and 0)."""
+    from conftest import save_linear
+
+    base = tmp_path_factory.mktemp("tiny-linear")
+    dense = make_tiny("llama", base / "dense")
+    windows = torch.randint(0, 300, (8, 64), generator=torch.Generator().manual_seed(0))
+    return save_linear(dense, base / "linear", TINY_MAP_GROUPS, windows,
+                       alphas={1: 0.5, 3: 0.0})
+
+
+@vllm
+@pytest.mark.timeout(900)
+def test_tiny_linear_maps_match_reference(tiny_linear, tmp_path):
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], list(range(20, 120)), [40] * 30]
+    result, log = run_probe(tiny_linear, tmp_path, prompts, max_model_len=512)
+    assert result["ok"], result.get("error", "") + log[-3000:]
+    assert_matches(result, reference(tiny_linear, prompts))
+
+
+@vllm
+@pytest.mark.timeout(600)
+def test_error_linear_map_weight_of_wrong_shape(tiny_linear, tmp_path):
+    m = _copy(tiny_linear, tmp_path / "m")
+    edit_weights(m, add={"model.layers.2.self_attn.in_proj.weight": torch.zeros(16, 128)})
+    expect_error(m, tmp_path / "run", "model.layers.2.self_attn.in_proj.weight",
+                 "checkpoint shape (16, 128), expected (32, 128)")
+
+
+@vllm
+@pytest.mark.timeout(600)
+def test_error_linear_map_weight_missing(tiny_linear, tmp_path):
+    m = _copy(tiny_linear, tmp_path / "m")
+    edit_weights(m, drop=("model.layers.4.self_attn.out_proj.bias",))
+    expect_error(m, tmp_path / "run", "weights missing for layer 4",
+                 "model.layers.4.self_attn.out_proj.bias")
+
+
+@vllm
+@pytest.mark.timeout(600)
+def test_error_linear_map_rank_larger_than_hidden_size(tiny_linear, tmp_path):
+    m = _copy(tiny_linear, tmp_path / "m")
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["harp_pruning"]["maps"]["2"]["rank"] = 129
+    edit_config(m, harp_pruning=cfg["harp_pruning"])
+    expect_error(m, tmp_path / "run", "'harp_pruning.maps[2].rank' is 129",
+                 "larger than the hidden size 128")
+
+
+@pytest.fixture(scope="session")
+def smol_linear(smollm2_dir, smol_prompts, tmp_path_factory) -> Path:
+    """SmolLM2 with its top 8 layers replaced by linear maps, every rank/input combination
+    (22-23 full normed, 24-25 rank 192 normed, 26-27 full raw, 28-29 rank 192 raw), fitted
+    on 16 x 128 tokens of WikiText-2 validation."""
+    from conftest import save_linear
+
+    from harp_vllm import data as data_mod
+    from harp_vllm import models
+    from harp_vllm.search import calibration_windows
+
+    tok = models.load_tokenizer(smollm2_dir)
+    windows = calibration_windows(tok, data_mod.load_text("wikitext2", "validation"), 16, 128)
+    groups = [([22, 23], None, "normed"), ([24, 25], 192, "normed"), ([26, 27], None, "raw"),
+              ([28, 29], 192, "raw")]
+    return save_linear(smollm2_dir, tmp_path_factory.mktemp("smol") / "linear", groups,
+                       windows)
+
+
+@vllm
+@pytest.mark.real_model
+@pytest.mark.timeout(1200)
+def test_linear_smollm2_matches_reference_and_grows_kv(smol_linear, smol_prompts,
+                                                       run_smol_dense, tmp_path):
+    result, log = run_probe(smol_linear, tmp_path, smol_prompts)
+    assert result["ok"], result.get("error", "") + log[-3000:]
+    ref = reference(smol_linear, smol_prompts)
+    assert len(result["results"]) == len(PROMPTS) >= 5
+    assert all(len(got["token_ids"]) == 32 for got in result["results"])
+    assert_matches(result, ref)
+    dense = run_smol_dense[0]
+    assert result["kv_cache_tokens"] / dense["kv_cache_tokens"] == pytest.approx(30 / 22,
+                                                                                rel=0.01)

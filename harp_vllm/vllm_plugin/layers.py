@@ -72,7 +72,13 @@ def check_tensor_parallel(config: Any, spec: PruningSpec, tp_size: int) -> None:
         n_q, n_kv = shape["num_attention_heads"], shape["num_key_value_heads"]
         width = shape["intermediate_size"]
         problem = None
-        if spec.layers.get(idx) != 0.0:  # alpha = 0: no attention weights to split
+        if idx in spec.maps:  # a linear map splits its rank (full rank: its input) over ranks
+            width_in = spec.maps[idx]["rank"] or config.hidden_size
+            if width_in % tp_size:
+                problem = (f"its linear map's {'rank' if spec.maps[idx]['rank'] else 'input'} "
+                           f"({width_in}) must be divisible by the tensor parallel size "
+                           f"({tp_size})")
+        elif spec.layers.get(idx) != 0.0:  # alpha = 0: no attention weights to split
             try:
                 check_heads(n_q, n_kv, tp_size)
             except ValueError as e:
@@ -147,52 +153,125 @@ class RemovedAttention(nn.Module):
         return set()
 
 
-class TokenLocalAttention(nn.Module):
-    """HARP pruned attention, folded: ``x -> o_fold(v(x))``, two matmuls, no KV cache.
+class TokenLocalLinear(nn.Module):
+    """A token-local attention replacement: ``x -> out_proj(in_proj(x))``, or ``out_proj(x)``
+    with no ``in_proj`` (a full-rank map). No ``Attention`` module is built, so vLLM allocates
+    no KV cache for the layer.
 
-    ``v_proj`` keeps this rank's KV heads; ``o_proj`` holds ``scale * W_O`` with the query-head
-    blocks that read the same KV head summed (see ``fold.py``). No ``Attention`` module is
-    built, so vLLM allocates no KV cache for the layer. ``scale`` is alpha for Llama-like
-    families and 1 for Gemma (which scales after its post-attention norm).
+    ``in_proj`` is column-parallel and ``out_proj`` row-parallel (its all-reduce sums the
+    ranks); a full-rank ``out_proj`` splits its input across ranks. This class loads a fitted
+    linear map (``--method linear``: ``in_proj``/``out_proj`` in the checkpoint);
+    ``TokenLocalAttention`` fills the same two linears from HARP's v/o weights.
     """
+
+    kind = "linear map"
+
+    def __init__(self, *, hidden_size: int, width: int | None, in_bias: bool, out_bias: bool,
+                 prefix: str, quant_config=None):
+        super().__init__()
+        if quant_config is not None:
+            raise HarpCheckpointError(f"{prefix}: quantized HARP checkpoints are not supported "
+                                      f"(the token-local layers need unquantized weights)")
+        self.prefix = prefix
+        self.layer_idx = extract_layer_index(prefix)
+        self.tp_size = get_tensor_model_parallel_world_size()
+        self.tp_rank = get_tensor_model_parallel_rank()
+        if width is None:
+            self.in_proj = None
+            self.out_proj = RowParallelLinear(hidden_size, hidden_size, bias=out_bias,
+                                              input_is_parallel=False, reduce_results=True,
+                                              prefix=f"{prefix}.out_proj")
+        else:
+            self.in_proj = ColumnParallelLinear(hidden_size, width, bias=in_bias,
+                                                gather_output=False, prefix=f"{prefix}.in_proj")
+            self.out_proj = RowParallelLinear(width, hidden_size, bias=out_bias,
+                                              input_is_parallel=True, reduce_results=True,
+                                              prefix=f"{prefix}.out_proj")
+        self.expected = {"out_proj.weight"} | ({"out_proj.bias"} if out_bias else set())
+        if width is not None:
+            self.expected |= {"in_proj.weight"} | ({"in_proj.bias"} if in_bias else set())
+        self.loaded: set[str] = set()
+
+    def forward(self, positions: torch.Tensor | None = None,
+                hidden_states: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        x = hidden_states
+        if self.in_proj is not None:
+            x, _ = self.in_proj(x)
+        out, _ = self.out_proj(x)
+        return out
+
+    def _unexpected(self, name: str) -> HarpCheckpointError:
+        return HarpCheckpointError(
+            f"unexpected weight {self.prefix}.{name}: layer {self.layer_idx} is replaced by a "
+            f"{self.kind} and keeps only {', '.join(sorted(self.expected))}")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        for raw_name, w in weights:
+            name = _shard_name(raw_name, w)
+            if name not in self.expected:
+                raise self._unexpected(name)
+            param = params[name]
+            full = _full_shape(param, name, self.tp_size)
+            if tuple(w.shape) != full:
+                raise HarpCheckpointError(
+                    f"{self.prefix}.{name}: checkpoint shape {tuple(w.shape)}, expected {full} "
+                    f"(from '{CONFIG_KEY}.maps[{self.layer_idx}]' and the hidden size)")
+            param.weight_loader(param, w)
+            self.loaded.add(name)
+        return set(self.loaded)
+
+    def missing(self) -> list[str]:
+        return [f"{self.prefix}.{n}" for n in sorted(self.expected - self.loaded)]
+
+
+def _full_shape(param: torch.Tensor, name: str, tp_size: int) -> tuple[int, ...]:
+    """The unsharded checkpoint shape of a column- (in_proj) or row-parallel (out_proj) param."""
+    shape = list(param.shape)
+    if name == "in_proj.weight" or name == "in_proj.bias":
+        shape[0] *= tp_size
+    elif name == "out_proj.weight":
+        shape[1] *= tp_size
+    return tuple(shape)
+
+
+class TokenLocalAttention(TokenLocalLinear):
+    """HARP pruned attention, folded into ``TokenLocalLinear``: ``in_proj`` = this rank's
+    ``v_proj`` rows, ``out_proj`` = ``scale * W_O`` with the query-head blocks that read the
+    same KV head summed (see ``fold.py``). ``scale`` is alpha for Llama-like families and 1
+    for Gemma (which scales after its post-attention norm).
+    """
+
+    kind = "HARP token-local path"
 
     def __init__(self, *, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  alpha: float, post_norm: bool, v_bias: bool, o_bias: bool, prefix: str,
                  quant_config=None):
-        super().__init__()
-        if quant_config is not None:
-            raise HarpCheckpointError(f"{prefix}: quantized HARP checkpoints are not supported "
-                                      f"(the V·O fold needs unquantized weights)")
-        self.prefix, self.alpha = prefix, float(alpha)
-        self.scale = 1.0 if post_norm else self.alpha
-        self.layer_idx = extract_layer_index(prefix)
-        self.n_q, self.n_kv, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.tp_size = get_tensor_model_parallel_world_size()
-        self.tp_rank = get_tensor_model_parallel_rank()
+        tp_size = get_tensor_model_parallel_world_size()
         try:
-            check_heads(num_heads, num_kv_heads, self.tp_size)
+            check_heads(num_heads, num_kv_heads, tp_size)
         except ValueError as e:
             raise HarpCheckpointError(f"{prefix}: {e}") from None
-        self.kv_heads, _ = rank_heads(num_heads, num_kv_heads, self.tp_size, self.tp_rank)
-        width = len(self.kv_heads) * head_dim  # per rank
+        kv_heads, _ = rank_heads(num_heads, num_kv_heads, tp_size,
+                                 get_tensor_model_parallel_rank())
         # Sized so each rank's partition is exactly its own KV heads (also when replicated).
-        self.v_proj = ColumnParallelLinear(hidden_size, width * self.tp_size, bias=v_bias,
-                                           gather_output=False, prefix=f"{prefix}.v_proj")
-        self.o_proj = RowParallelLinear(width * self.tp_size, hidden_size, bias=o_bias,
-                                        input_is_parallel=True, reduce_results=True,
-                                        prefix=f"{prefix}.o_proj")
+        super().__init__(hidden_size=hidden_size, width=len(kv_heads) * head_dim * tp_size,
+                         in_bias=v_bias, out_bias=o_bias, prefix=prefix,
+                         quant_config=quant_config)
+        self.alpha = float(alpha)
+        self.scale = 1.0 if post_norm else self.alpha
+        self.n_q, self.n_kv, self.head_dim, self.kv_heads = (num_heads, num_kv_heads, head_dim,
+                                                             kv_heads)
         self.expected = {"v_proj.weight", "o_proj.weight"}
         if v_bias:
             self.expected.add("v_proj.bias")
         if o_bias:
             self.expected.add("o_proj.bias")
-        self.loaded: set[str] = set()
 
-    def forward(self, positions: torch.Tensor | None = None,
-                hidden_states: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        v, _ = self.v_proj(hidden_states)
-        out, _ = self.o_proj(v)
-        return out
+    def _unexpected(self, name: str) -> HarpCheckpointError:
+        return HarpCheckpointError(
+            f"unexpected weight {self.prefix}.{name}: layer {self.layer_idx} is pruned "
+            f"(alpha = {self.alpha}) and keeps only {', '.join(sorted(self.expected))}")
 
     def _copy(self, param: torch.Tensor, value: torch.Tensor, name: str) -> None:
         if tuple(param.shape) != tuple(value.shape):
@@ -202,31 +281,43 @@ class TokenLocalAttention(nn.Module):
             param.data.copy_(value.to(param.dtype))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        assert self.in_proj is not None
         for raw_name, w in weights:
             name = _shard_name(raw_name, w)
             if name not in self.expected:
-                raise HarpCheckpointError(
-                    f"unexpected weight {self.prefix}.{name}: layer {self.layer_idx} is pruned "
-                    f"(alpha = {self.alpha}) and keeps only "
-                    f"{', '.join(sorted(self.expected))}")
+                raise self._unexpected(name)
             if name == "v_proj.weight":
-                self._copy(self.v_proj.weight, fold_v(w, self.head_dim, self.kv_heads), name)
+                self._copy(self.in_proj.weight, fold_v(w, self.head_dim, self.kv_heads), name)
             elif name == "v_proj.bias":
-                self._copy(self.v_proj.bias, fold_v(w, self.head_dim, self.kv_heads), name)
+                self._copy(self.in_proj.bias, fold_v(w, self.head_dim, self.kv_heads), name)
             elif name == "o_proj.weight":
                 try:
                     folded = fold_o(w, self.n_q, self.n_kv, self.head_dim, self.scale,
                                     self.tp_size, self.tp_rank)
                 except ValueError as e:
                     raise HarpCheckpointError(f"{self.prefix}.o_proj.weight: {e}") from None
-                self._copy(self.o_proj.weight, folded, name)
+                self._copy(self.out_proj.weight, folded, name)
             else:  # o_proj.bias: the full output bias (the row-parallel layer adds it once)
-                self._copy(self.o_proj.bias, w * self.scale, name)
+                self._copy(self.out_proj.bias, w * self.scale, name)
             self.loaded.add(name)
         return set(self.loaded)
 
-    def missing(self) -> list[str]:
-        return [f"{self.prefix}.{n}" for n in sorted(self.expected - self.loaded)]
+
+def linear_map_factory(rank: int | None):
+    """An attention "class" for a layer replaced by a fitted linear map (``maps`` entry)."""
+
+    def make(**kw: Any) -> nn.Module:
+        return TokenLocalLinear(hidden_size=kw["hidden_size"], width=rank, in_bias=False,
+                                out_bias=True, prefix=kw["prefix"],
+                                quant_config=kw.get("quant_config"))
+
+    return make
+
+
+def layer_map(config: Any, prefix: str) -> dict[str, Any] | None:
+    """The linear-map description of decoder layer ``prefix``, None if it has none."""
+    spec = PruningSpec.from_config(config)
+    return None if spec is None else spec.maps.get(extract_layer_index(prefix))
 
 
 def token_local_factory(alpha: float, post_norm: bool,
@@ -264,11 +355,13 @@ def check_attention_weights(model: nn.Module, layers: nn.ModuleList, start: int,
     for idx in range(start, end):
         attn = getattr(layers[idx], "self_attn", None)
         base = f"{layer_prefix}.{idx}.self_attn"
-        if isinstance(attn, TokenLocalAttention):
+        if isinstance(attn, TokenLocalLinear):
             missing = attn.missing()
             if missing:
+                what = (f"alpha = {spec.layers[idx]}" if idx in spec.layers
+                        else f"linear map {spec.maps[idx]}")
                 raise HarpCheckpointError(
-                    f"weights missing for layer {idx} (pruned, alpha = {spec.layers[idx]}): "
+                    f"weights missing for layer {idx} (pruned, {what}): "
                     f"{', '.join(missing)} not in the checkpoint")
         elif isinstance(attn, RemovedAttention):
             continue
