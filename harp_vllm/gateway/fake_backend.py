@@ -8,7 +8,13 @@ It answers ``/health``, ``/v1/models``, ``/v1/completions`` and ``/v1/chat/compl
 Test hooks in the request body: ``fake_token_delay`` (seconds per token),
 ``fake_die_after`` (the process exits after streaming that many tokens, like a crashed server),
 ``fake_status`` (answer with that HTTP error status), ``fake_linger`` (seconds the stream stays
-open after ``[DONE]``, as a server may before closing the connection).
+open after ``[DONE]``, as a server may before closing the connection). Faults for the
+gateway's limits and soak tests: ``fake_drop_after`` (the stream breaks off after that many
+tokens, the process lives on), ``fake_garbage`` (a 200 reply that is not JSON),
+``fake_reply_bytes`` (a non-streamed reply padded to about that many bytes),
+``fake_event_bytes`` (one SSE event of about that many bytes), ``fake_sse_error_code`` (the
+stream ends with an error event carrying that code), ``fake_trickle`` (a non-streamed reply
+sent one byte every that many seconds).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import os
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 
 def create_fake_app(model: str = "fake", token_delay: float = 0.0) -> FastAPI:
@@ -47,6 +53,9 @@ def create_fake_app(model: str = "fake", token_delay: float = 0.0) -> FastAPI:
             return JSONResponse({"error": {"message": f"The model `{body.get('model')}` does "
                                            "not exist.", "type": "NotFoundError", "param": None,
                                            "code": 404}}, status_code=404)
+        fault = await _fault(body)
+        if fault is not None:
+            return fault
         if body.get("fake_status"):
             return JSONResponse({"error": {"message": "fake failure", "type": "fake",
                                            "param": None, "code": body["fake_status"]}},
@@ -90,13 +99,23 @@ def create_fake_app(model: str = "fake", token_delay: float = 0.0) -> FastAPI:
         async def events():
             stats["inflight"] += 1
             try:
+                if body.get("fake_event_bytes"):
+                    pad = "x" * int(body["fake_event_bytes"])
+                    yield f'data: {{"choices": [], "pad": "{pad}"}}\n\n'
                 for i in range(n_out):
                     if die_after is not None and i >= int(die_after):
                         os._exit(1)
+                    if body.get("fake_drop_after") is not None and i >= body["fake_drop_after"]:
+                        raise ConnectionAbortedError("fake_drop_after")
                     await asyncio.sleep(delay)
                     chunk = {"id": rid, "object": obj + ".chunk", "created": created,
                              "model": model, "choices": [choice(" tok", i == n_out - 1, True)]}
                     yield f"data: {json.dumps(chunk)}\n\n"
+                if body.get("fake_sse_error_code") is not None:
+                    err = {"error": {"message": "fake", "type": "fake", "param": None,
+                                     "code": body["fake_sse_error_code"]}}
+                    yield f"data: {json.dumps(err)}\n\n"
+                    return
                 if include_usage:
                     last = {"id": rid, "object": obj + ".chunk", "model": model,
                             "choices": [], "usage": usage}
@@ -121,6 +140,21 @@ def create_fake_app(model: str = "fake", token_delay: float = 0.0) -> FastAPI:
         return await generate(request, chat=True)
 
     return app
+
+
+async def _fault(body: dict):
+    """A reply for the fault hooks that replace the whole answer, else None."""
+    if body.get("fake_garbage"):
+        return PlainTextResponse("<html>not json</html>", status_code=200)
+    if body.get("fake_reply_bytes"):
+        return JSONResponse({"choices": [], "pad": "x" * int(body["fake_reply_bytes"])})
+    if body.get("fake_trickle"):
+        async def trickle():
+            for ch in '{"choices": [], "usage": null}':
+                yield ch.encode()
+                await asyncio.sleep(float(body["fake_trickle"]))
+        return StreamingResponse(trickle(), media_type="application/json")
+    return None
 
 
 def main() -> None:  # pragma: no cover - a separate process in tests

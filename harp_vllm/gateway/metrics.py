@@ -8,9 +8,11 @@ mirrored copy), ``context`` (bucket of the prompt length reported by the backend
   reached routing (``model`` is the name the caller asked for, alias or not).
 * ``harp_gateway_errors_total{backend, role, status, kind}``: failures by HTTP status the caller
   got (or would have got, for a shadow) and kind (``upstream`` error status, ``connect``,
-  ``timeout``, ``broken`` response, ``client_disconnect``).
+  ``timeout``, ``deadline``, ``busy`` (no free connection within ``queue_timeout``),
+  ``too_large`` reply or SSE event, ``broken`` response, ``client_disconnect``, ``internal``).
+  ``status`` is always ``100``..``599`` or ``other`` (a backend's SSE error code is arbitrary).
 * ``harp_gateway_rejected_total{status, reason}``: requests refused before routing (auth,
-  validation, size, unknown model).
+  validation, size, limits, unknown model, slow or surplus client connections).
 * ``harp_gateway_prompt_tokens_total``, ``harp_gateway_output_tokens_total`` (from ``usage``).
 * histograms ``harp_gateway_time_to_first_token_seconds`` and
   ``harp_gateway_inter_token_latency_seconds`` (streamed requests only: gaps between chunks
@@ -66,10 +68,11 @@ class GatewayMetrics:
                                       "Mirrors skipped because too many were in flight",
                                       ["backend"], registry=r)
 
-    def init_backend(self, backend: str) -> None:
+    def init_backend(self, backend: str, shadow_target: bool = False) -> None:
         """Export ``backend``'s per-bucket series at zero from the start (see
-        :func:`~harp_vllm.serving_metrics.zero_buckets`)."""
-        for role in ("primary", "shadow"):
+        :func:`~harp_vllm.serving_metrics.zero_buckets`); the ``shadow`` role only for a
+        backend that some ``--shadow`` mirrors to (a scrape stays small)."""
+        for role in ("primary", "shadow") if shadow_target else ("primary",):
             self.inflight.labels(backend, role)
             zero_buckets((self.prompt_tokens, self.output_tokens, self.ttft, self.itl, self.e2e,
                           self.tps), backend, role)

@@ -1,0 +1,327 @@
+"""Forwarding one request to its backend (and maybe a shadow copy to another).
+
+Bookkeeping lives in one place: an :class:`Exchange` owns the request's recorder (in-flight
+gauge), its backend connection slot and the upstream response, and ``close()`` releases all
+three exactly once: in ``forward``'s ``finally`` for a plain answer or a failure, in the
+streamed response's ``finally`` once a stream was handed over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import anyio
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from .backends import BackendBusy, Backends, BackendState
+from .config import GatewayConfig
+from .errors import CLIENT_CLOSED, ClientGone, GatewayError, describe, error_payload, sse_error
+from .metrics import GatewayMetrics
+from .relay import Recorder, SSERelay, TooLarge, read_capped
+from .routing import Router
+
+logger = logging.getLogger("harp_vllm.gateway")
+
+
+class UpstreamError(GatewayError):
+    """A failure after routing (the request is counted under ``errors``, not ``rejected``)."""
+
+
+class Exchange:
+    """One request to one backend: recorder, connection slot and response, closed once."""
+
+    def __init__(self, rec: Recorder, backend: BackendState):
+        self.rec, self.backend = rec, backend
+        self.slot = False
+        self.resp: aiohttp.ClientResponse | None = None
+
+    def close(self, unfinished: tuple[int, str] = (CLIENT_CLOSED, "client_disconnect")) -> None:
+        """Release everything; a request not yet recorded is recorded as ``unfinished``."""
+        if self.resp is not None:
+            # A complete answer frees the connection for reuse; anything else closes it, which
+            # is what makes the backend (vLLM) abort the generation.
+            if self.rec.done and self.resp.content.at_eof():
+                self.resp.release()
+            else:
+                self.resp.close()
+            self.resp = None
+        if self.slot:
+            self.slot = False
+            self.backend.release()
+        if not self.rec.done:
+            self.rec.fail(*unfinished)
+
+
+@contextlib.asynccontextmanager
+async def cancel_on_disconnect(request: Request):
+    """Run the block unless the caller disconnects first (then :class:`ClientGone`).
+
+    One watcher task reads the ASGI channel (the body was read already, so the next message
+    is the disconnect) and cancels this task when the caller goes away.
+    """
+    task = asyncio.current_task()
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    except asyncio.CancelledError:
+        if gone and task.uncancel() == 0:
+            raise ClientGone from None
+        raise
+    finally:
+        watcher.cancel()
+    if gone and task.cancelling():  # cancelled after the block's last await
+        task.uncancel()
+        raise ClientGone
+
+
+class RelayResponse(StreamingResponse):
+    """A streamed answer that always closes its exchange, even if never iterated."""
+
+    def __init__(self, content: AsyncIterator[bytes], ex: Exchange, **kw):
+        super().__init__(content, **kw)
+        self.ex = ex
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    with contextlib.suppress(Exception):
+                        await aclose()
+                self.ex.close()
+
+
+class Gateway:
+    """Routes, forwards and mirrors requests; owns the backends and their health loop."""
+
+    def __init__(self, config: GatewayConfig, metrics: GatewayMetrics | None = None):
+        self.cfg = config
+        self.metrics = metrics or GatewayMetrics()
+        self.backends = Backends(config, self.metrics)
+        self.router = Router(self.backends, config.aliases, random.Random(config.seed))
+        self.rng = self.router.rng
+        self.started = int(time.time())
+        self._shadow_tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        await self.backends.start()
+
+    async def stop(self) -> None:
+        for t in list(self._shadow_tasks):
+            t.cancel()
+        for t in list(self._shadow_tasks):
+            with contextlib.suppress(BaseException):
+                await t
+        await self.backends.stop()
+
+    # -- forwarding --------------------------------------------------------------------------
+    async def forward(self, request: Request, path: str, payload: dict, raw: bytes, t0: float,
+                      deadline: float) -> Response:
+        """Answer ``payload`` (``raw``: its bytes) from the routed backend."""
+        requested = payload["model"]
+        route = self.router.route(requested)
+        b = route.backend
+        stream = payload.get("stream") is True
+        opts = payload.get("stream_options")
+        wants_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+        if route.model != requested or (stream and not wants_usage):
+            body = dict(payload, model=route.model)
+            if stream:
+                body["stream_options"] = {**(opts or {}), "include_usage": True}
+            raw = json.dumps(body, ensure_ascii=False).encode()
+        self._maybe_shadow(b, path, payload, stream, requested)
+        headers = {"X-Harp-Backend": b.name}
+        ex: Exchange | None = Exchange(Recorder(self.metrics, b.name, requested, "primary", t0),
+                                       b)
+        try:
+            try:
+                async with cancel_on_disconnect(request), asyncio.timeout_at(deadline):
+                    await b.acquire(self.cfg.queue_timeout)
+                    ex.slot = True
+                    ex.resp = await b.session.post(f"{b.url}/v1/{path}", data=raw,
+                                                   headers=b.headers)
+                    if b.up is not True:  # it answered: up (a probe may not have run yet)
+                        self.backends.mark(b, True)
+                    if stream and ex.resp.status < 400:
+                        relay = SSERelay(ex.rec, wants_usage, self.cfg.max_sse_event_bytes)
+                        handed, ex = ex, None
+                        return RelayResponse(
+                            self._relay(handed, relay, deadline), handed,
+                            media_type="text/event-stream",
+                            headers={**headers, "Cache-Control": "no-cache",
+                                     "X-Accel-Buffering": "no"})
+                    content = await read_capped(ex.resp, self.cfg.max_response_bytes)
+            except ClientGone:
+                ex.close()
+                return Response(status_code=CLIENT_CLOSED)
+            except Exception as e:
+                raise self._failure(ex, e, headers) from None
+            return self._plain_answer(ex, content, headers)
+        finally:
+            if ex is not None:
+                ex.close((500, "internal"))
+
+    def _plain_answer(self, ex: Exchange, content: bytes, headers: dict) -> Response:
+        status, b = ex.resp.status, ex.backend
+        usage = None
+        try:
+            data = json.loads(content)
+            usage = data.get("usage") if isinstance(data, dict) else None
+        except ValueError:
+            if status < 400:
+                ex.rec.fail(502, "broken")
+                raise UpstreamError(502, f"backend '{b.name}' sent a response that is not JSON",
+                                    "bad_gateway", headers=headers) from None
+            content = json.dumps(error_payload(
+                status, f"backend '{b.name}' answered {status}: "
+                f"{content[:200].decode(errors='replace')}", "upstream_error")).encode()
+        ex.rec.finish(status, usage)
+        return Response(content, status_code=status, media_type="application/json",
+                        headers=headers)
+
+    def _failure(self, ex: Exchange, e: Exception, headers: dict) -> GatewayError:
+        """The caller's error for an exception while talking to the backend."""
+        b, rec = ex.backend, ex.rec
+        if isinstance(e, GatewayError):
+            return e
+        if isinstance(e, BackendBusy):
+            rec.fail(503, "busy")
+            return UpstreamError(503, f"backend '{b.name}' is busy: all its "
+                                      f"{self.cfg.max_connections} connections stayed in use for "
+                                      f"{self.cfg.queue_timeout} s", "backend_busy",
+                                 headers={**headers, "Retry-After": "1"})
+        if isinstance(e, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+            self.backends.mark(b, False, describe(e))
+            rec.fail(503, "connect")
+            return UpstreamError(503, f"backend '{b.name}' is unavailable: {describe(e)}",
+                                 "backend_unavailable", headers={**headers, "Retry-After": "5"})
+        if isinstance(e, aiohttp.ServerTimeoutError):
+            rec.fail(504, "timeout")
+            return UpstreamError(504, f"backend '{b.name}' timed out: {describe(e)}",
+                                 "backend_timeout", headers=headers)
+        if isinstance(e, TimeoutError):
+            rec.fail(504, "deadline")
+            return UpstreamError(504, f"the request took longer than the gateway's "
+                                      f"{self.cfg.request_timeout} s limit", "request_timeout",
+                                 headers=headers)
+        if isinstance(e, TooLarge):
+            rec.fail(502, "too_large")
+            return UpstreamError(502, f"backend '{b.name}' sent {e}", "response_too_large",
+                                 headers=headers)
+        if isinstance(e, aiohttp.ClientError | ValueError):
+            rec.fail(502, "broken")
+            return UpstreamError(502, f"backend '{b.name}' broke off its response: "
+                                      f"{describe(e)}", "bad_gateway", headers=headers)
+        raise e
+
+    async def _relay(self, ex: Exchange, relay: SSERelay, deadline: float
+                     ) -> AsyncIterator[bytes]:
+        """The backend's SSE stream, event by event; a break ends it with an error event."""
+        rec, b, content = ex.rec, ex.backend, ex.resp.content
+        try:
+            while True:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await content.readany()
+                if not chunk:
+                    break
+                events = relay.feed(chunk)
+                if relay.saw_done and relay.saw_error is None:
+                    # Complete: record it now, before forwarding [DONE] lets the caller hang
+                    # up (a disconnect then cancels this generator before the loop ends).
+                    rec.finish(200)
+                if events:
+                    yield b"".join(events)
+            rest = relay.flush()
+            if rest:
+                yield b"".join(rest)
+            if relay.saw_error is not None:
+                code = relay.saw_error.get("code")
+                rec.fail(code if isinstance(code, int) and 400 <= code <= 599 else 500,
+                         "upstream")
+            elif not relay.saw_done:
+                rec.fail(502, "broken")
+                yield sse_error(502, f"backend '{b.name}' ended the stream early", "bad_gateway")
+            else:
+                rec.finish(200)
+        except Exception as e:
+            try:
+                err = self._failure(ex, e, {})
+            except Exception:
+                logger.exception("unexpected error relaying a stream")
+                rec.fail(500, "internal")
+                err = GatewayError(500, "internal gateway error", "internal_error")
+            yield sse_error(err.status, f"{err.message} (mid-stream)", err.code or "error")
+        finally:
+            ex.close()
+
+    # -- shadow mirroring --------------------------------------------------------------------
+    def _maybe_shadow(self, primary: BackendState, path: str, payload: dict, stream: bool,
+                      requested: str) -> None:
+        for sh in self.cfg.shadows:
+            if sh.source != primary.name or self.rng.random() >= sh.fraction:
+                continue
+            target = self.backends.all[sh.target]
+            if len(self._shadow_tasks) >= self.cfg.shadow_max_inflight or not (
+                    sh.model or target.models):
+                self.metrics.shadow_dropped.labels(target.name).inc()
+                continue
+            body = dict(payload, model=sh.model or target.models[0])
+            if stream:
+                body["stream_options"] = {**(payload.get("stream_options") or {}),
+                                          "include_usage": True}
+            task = asyncio.create_task(self._shadow(target, path, json.dumps(body).encode(),
+                                                    stream, requested))
+            self._shadow_tasks.add(task)
+            task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow(self, b: BackendState, path: str, raw: bytes, stream: bool,
+                      requested: str) -> None:
+        if not await b.try_acquire():
+            self.metrics.shadow_dropped.labels(b.name).inc()
+            return
+        ex = Exchange(Recorder(self.metrics, b.name, requested, "shadow", time.perf_counter()),
+                      b)
+        ex.slot = True
+        deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                ex.resp = await b.session.post(f"{b.url}/v1/{path}", data=raw, headers=b.headers)
+                if ex.resp.status >= 400 or not stream:
+                    content = await read_capped(ex.resp, self.cfg.max_response_bytes)
+                    usage = None
+                    with contextlib.suppress(ValueError, AttributeError):
+                        usage = json.loads(content).get("usage")
+                    ex.rec.finish(ex.resp.status, usage)
+                    return
+                relay = SSERelay(ex.rec, False, self.cfg.max_sse_event_bytes)
+                async for chunk in ex.resp.content.iter_any():
+                    relay.feed(chunk)
+                relay.flush()
+            if relay.saw_done and relay.saw_error is None:
+                ex.rec.finish(200)
+            else:
+                ex.rec.fail(502, "broken")
+        except Exception as e:
+            with contextlib.suppress(Exception):
+                self._failure(ex, e, {})
+        finally:
+            ex.close((CLIENT_CLOSED, "cancelled"))
