@@ -73,6 +73,11 @@ class FitResult:
     seconds: float = 0.0
     tokens: int = 0
     stats: dict[int, dict] = field(default_factory=dict)  # per layer: relative residual etc.
+    # For ``refine``: the dense hidden states entering the lowest replaced layer and that
+    # layer's call arguments, and (``teacher=True``) the dense last-layer outputs, per batch.
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    kwargs: dict = field(default_factory=dict)
+    teacher: list[torch.Tensor] | None = None
 
 
 class Moments:
@@ -152,8 +157,8 @@ def check_options(d: int, rank: int | None, input_kind: str, order: str, ridge: 
 
 @torch.no_grad()
 def fit_linear(model, windows: torch.Tensor, layers: list[int], rank: int | None = None,
-               input_kind: str = "normed", order: str = "residual", ridge: float = 1e-3,
-               batch: int = 8, progress: bool = True) -> FitResult:
+               input_kind: str = "normed", order: str = "dense", ridge: float = 1e-3,
+               batch: int = 8, teacher: bool = False, progress: bool = True) -> FitResult:
     """Fit a linear map for every layer in ``layers`` and install them in ``model``.
 
     Runs the model once up to the lowest chosen layer, then layer by layer upwards over all
@@ -169,8 +174,15 @@ def fit_linear(model, windows: torch.Tensor, layers: list[int], rank: int | None
         raise UserError("no layers to replace")
     first, last = chosen[0], chosen[-1]
     hidden, kwargs = _capture_inputs(model, windows, first, batch)
-    dense = [h.clone() for h in hidden] if order == "residual" else None
-    result = FitResult(maps={}, tokens=int(windows.numel()))
+    result = FitResult(maps={}, tokens=int(windows.numel()), inputs=list(hidden),
+                       kwargs=kwargs)
+    if teacher:  # the dense model from the lowest replaced layer up, before any replacement
+        result.teacher = []
+        for h in hidden:
+            for j in range(first, len(all_layers)):
+                h = _run(all_layers[j], h, kwargs)
+            result.teacher.append(h)
+    dense = list(hidden) if order == "residual" else None
     bar = tqdm(total=(last - first + 1) * len(hidden), disable=not progress,
                desc="linear fit", unit="batch")
     for j in range(first, last + 1):
@@ -251,48 +263,44 @@ def _attention_io(layer, h: torch.Tensor, kw: dict) -> tuple[torch.Tensor, torch
     return x, out
 
 
-def refine(model, windows: torch.Tensor, layers: list[int], teacher: list[torch.Tensor],
-           steps: int, lr: float = 2e-4, batch: int = 8, positions: int = 64, seed: int = 0,
-           progress: bool = True) -> dict:
+def refine(model, fit: FitResult, steps: int, lr: float = 2e-4, positions: int = 64,
+           seed: int = 0, progress: bool = True) -> dict:
     """Jointly refine the installed maps' parameters (only those) against the dense model.
 
     Loss: KL(dense || replaced) of the next-token distributions at ``positions`` random token
-    positions per window (the LM head runs only there); ``teacher`` holds the dense model's
-    last-layer hidden states per batch of ``batch`` windows. Adam with cosine decay.
+    positions per window (the LM head runs only there), one calibration batch per step, from
+    the inputs and dense outputs ``fit`` recorded (``fit_linear(..., teacher=True)``). Adam
+    with cosine decay.
     """
     from .search import head_logits
 
+    if fit.teacher is None:
+        raise ValueError("refine needs fit_linear(..., teacher=True)")
     start = time.perf_counter()
     all_layers = decoder_layers(model)
-    chosen = sorted(set(layers))
+    chosen = sorted(fit.maps)
     first = chosen[0]
-    with torch.no_grad():
-        hidden, kwargs = _capture_inputs(model, windows, first, batch)
-    params = []
-    for j in chosen:
-        for p in all_layers[j].self_attn.parameters():
-            p.requires_grad_(True)
-            params.append(p)
+    params = [p for j in chosen for p in all_layers[j].self_attn.parameters()]
     ids = {id(p) for p in params}
     for p in model.parameters():
-        if id(p) not in ids:
-            p.requires_grad_(False)
+        p.requires_grad_(id(p) in ids)
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = torch.Generator().manual_seed(seed)
-    losses = []
+    losses: list[float] = []
     bar = tqdm(range(steps), disable=not progress, desc="refine maps", unit="step")
     for _ in bar:
-        b = int(torch.randint(len(hidden), (1,), generator=g))
-        nb, t = hidden[b].shape[:2]
+        b = int(torch.randint(len(fit.inputs), (1,), generator=g))
+        nb, t = fit.inputs[b].shape[:2]
         pos = torch.randint(t - 1, (nb, positions), generator=g)
         rows = torch.arange(nb)[:, None]
-        h = hidden[b]
+        h = fit.inputs[b]
         for j in range(first, len(all_layers)):
-            h = _run(all_layers[j], h, kwargs)
+            h = _run(all_layers[j], h, fit.kwargs)
         student = torch.log_softmax(head_logits(model, h[rows, pos]).float(), -1)
         with torch.no_grad():
-            target = torch.log_softmax(head_logits(model, teacher[b][rows, pos]).float(), -1)
+            target = torch.log_softmax(head_logits(model, fit.teacher[b][rows, pos]).float(),
+                                       -1)
         loss = (target.exp() * (target - student)).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
@@ -300,21 +308,74 @@ def refine(model, windows: torch.Tensor, layers: list[int], teacher: list[torch.
         sched.step()
         losses.append(float(loss.detach()))
         bar.set_postfix(kl=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}")
-    for p in params:
+    for p in model.parameters():
         p.requires_grad_(False)
-    return {"steps": steps, "kl_first": losses[0], "kl_last10": sum(losses[-10:]) / 10,
-            "seconds": time.perf_counter() - start}
+    tail = losses[-10:]
+    return {"steps": steps, "lr": lr, "positions": positions, "kl_first": losses[0],
+            "kl_last10": sum(tail) / len(tail), "seconds": time.perf_counter() - start}
 
 
 @torch.no_grad()
-def dense_top_states(model, windows: torch.Tensor, batch: int = 8) -> list[torch.Tensor]:
-    """The dense model's last decoder layer outputs (before the final norm), per batch."""
-    out: list[torch.Tensor] = []
-    handle = decoder_layers(model)[-1].register_forward_hook(
-        lambda m, a, o: out.append(o[0] if isinstance(o, tuple) else o))
+def layer_damage(model, windows: torch.Tensor, rank: int | None = None,
+                 input_kind: str = "normed", ridge: float = 1e-3, batch: int = 8,
+                 layers: list[int] | None = None, progress: bool = True) -> dict[int, float]:
+    """Per layer: the calibration KL(dense || model with only that layer's attention replaced
+    by its fitted map), nats per token. The quality estimate a layer selection ranks by.
+
+    One dense pass records every layer's input; each layer's map is fitted on its own dense
+    inputs and the model is run from that layer up with the map in place.
+    """
+    from .search import head_logits
+
+    all_layers = decoder_layers(model)
+    todo = sorted(range(len(all_layers)) if layers is None else set(layers))
+    d = model.config.hidden_size
+    inputs: dict[int, list[torch.Tensor]] = {j: [] for j in todo}
+    kwargs: dict = {}
+
+    def hook_for(j):
+        def hook(module, args, kw):
+            inputs[j].append(args[0] if args else kw["hidden_states"])
+            if not kwargs:
+                kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        return hook
+
+    handles = [all_layers[j].register_forward_pre_hook(hook_for(j), with_kwargs=True)
+               for j in todo]
+    teacher = []
     try:
         for i in range(0, len(windows), batch):
-            model.model(input_ids=windows[i:i + batch], use_cache=False)
+            h = model.model(input_ids=windows[i:i + batch], use_cache=False).last_hidden_state
+            teacher.append(torch.log_softmax(head_logits_normed(model, h), -1))
     finally:
-        handle.remove()
-    return out
+        for handle in handles:
+            handle.remove()
+    damage: dict[int, float] = {}
+    for j in tqdm(todo, disable=not progress, desc="per-layer damage", unit="layer"):
+        layer = all_layers[j]
+        m = Moments(d)
+        for h in inputs[j]:
+            x, y = _attention_io(layer, h, kwargs)
+            m.add(x if input_kind == "normed" else h, y)
+        lm, _ = solve(m, ridge, rank, input_kind)
+        saved = (layer.self_attn, layer.input_layernorm)
+        install_map(layer, lm.module(), input_kind)
+        kl, count = 0.0, 0
+        try:
+            for b, h in enumerate(inputs[j]):
+                for k in range(j, len(all_layers)):
+                    h = _run(all_layers[k], h, kwargs)
+                logp = torch.log_softmax(head_logits(model, h).float(), -1)
+                kl += float((teacher[b].exp() * (teacher[b] - logp)).sum())
+                count += h.shape[0] * h.shape[1]
+        finally:
+            layer.self_attn, layer.input_layernorm = saved
+        damage[j] = kl / count
+    return damage
+
+
+def head_logits_normed(model, h: torch.Tensor) -> torch.Tensor:
+    """Logits from the final-normed hidden states ``model.model`` returns."""
+    logits = model.lm_head(h).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits

@@ -311,7 +311,7 @@ def parse_rank(text: str | None, hf_cfg) -> int | None:
 
 def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool) -> dict:
     """Replace the chosen layers' attention by fitted affine maps; write the checkpoint."""
-    from .linear import check_options, dense_top_states, fit_linear, map_cost, refine
+    from .linear import check_options, fit_linear, map_cost, refine
 
     if hf_cfg.model_type not in LINEAR_FAMILIES:
         raise UserError(f"--method linear is served for {', '.join(LINEAR_FAMILIES)} models, "
@@ -337,16 +337,16 @@ def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool)
         before = evaluate_perplexity(model, tok, eval_text, opts.eval_seq_len,
                                      opts.eval_windows, progress=progress)
         report["ppl_before"] = before.perplexity
-    teacher = dense_top_states(model, windows) if opts.refine_steps else None
     fit = fit_linear(model, windows, layers, rank=rank, input_kind=opts.map_input,
-                     order=opts.fit_order, ridge=opts.ridge, progress=progress)
+                     order=opts.fit_order, ridge=opts.ridge, teacher=opts.refine_steps > 0,
+                     progress=progress)
     calibration = {**calib_src, "samples": samples, "seq_len": seq_len, "seed": opts.seed,
                    "rank": rank, "input": opts.map_input, "ridge": opts.ridge,
                    "fit_order": opts.fit_order, "fit_seconds": round(fit.seconds, 2),
                    "unexplained": {str(k): round(v["unexplained"], 4)
                                    for k, v in sorted(fit.stats.items())}}
-    if teacher is not None:
-        info = refine(model, windows, layers, teacher, opts.refine_steps, progress=progress)
+    if opts.refine_steps:
+        info = refine(model, fit, opts.refine_steps, progress=progress)
         calibration["refine"] = {k: (round(v, 4) if isinstance(v, float) else v)
                                  for k, v in info.items()}
     cost = map_cost(hf_cfg, rank)
