@@ -22,6 +22,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from ..errors import UserError
 from ..heads import STRUCTURED_FAMILIES, head_dim
 from ..spec import CONFIG_KEY, PruningSpec
+from . import pp_buffers
 from .fold import check_heads, fold_o, fold_v, rank_heads
 
 
@@ -54,6 +55,7 @@ def pruning_spec(config: Any, arch: str, families: tuple[str, ...]) -> PruningSp
             f"('shapes', method {spec.method}) are served for {', '.join(STRUCTURED_FAMILIES)} "
             f"models only, not {model_type!r}")
     check_tensor_parallel(config, spec, get_tensor_model_parallel_world_size())
+    pp_buffers.install()  # vLLM 0.32 CPU, eager: pipeline stage > 0 lacks its input buffer
     return spec
 
 
