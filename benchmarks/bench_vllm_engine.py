@@ -45,7 +45,8 @@ def worker(args: argparse.Namespace) -> None:
     max_len = max([*cfg["prefill"], cfg["decode_prompt"] + cfg["decode_tokens"]]) + 64
     t0 = time.perf_counter()
     llm = LLM(model=args.worker_model, dtype="float32", enforce_eager=True,
-              max_model_len=max_len, enable_prefix_caching=False, seed=0)
+              max_model_len=max_len, enable_prefix_caching=False, seed=0,
+              **cfg.get("engine_kwargs", {}))  # e.g. pipeline_parallel_size (bench_parallel)
     startup = time.perf_counter() - t0
     cache = llm.llm_engine.vllm_config.cache_config
     vocab = llm.llm_engine.vllm_config.model_config.get_vocab_size()

@@ -1,0 +1,288 @@
+"""Tensor and pipeline parallel on vLLM's CPU backend (issue 15): real multi-rank engines.
+
+vLLM's CPU platform runs TP/PP as one worker process per rank on this machine (``mp``
+executor, shared-memory collectives); ``VLLM_CPU_OMP_THREADS_BIND="0|1"`` gives each rank one
+of the two cores. Every parallel engine is compared with the single-rank engine on the same
+checkpoint: identical greedy tokens (32 per prompt) and prompt logprobs within 1e-4. Each
+engine starts once per module and its JSON result (with what every rank holds: its layers and
+the KV-cache spec of each attention layer it registered) is shared between the tests.
+
+Select with ``pytest -m parallel``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from test_vllm_plugin import (
+    PROMPTS,
+    SMOL_ALPHAS,
+    TINY_ALPHAS,
+    head_pruned,
+    make_tiny,
+    max_logprob_diff,
+    save,
+)
+
+KV_SPACE_GIB = 1
+TOL = 1e-4  # prompt logprobs, parallel vs single rank (fp32)
+TINY_PROMPTS = [
+    [5, 6, 7, 8, 9, 10, 11, 12],
+    list(range(20, 120)),
+    [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4],
+    list(range(300, 200, -3)),
+]
+
+
+def probe(model: Path, workdir: Path, prompts: list, *, tp: int = 1, pp: int = 1,
+          max_model_len: int = 512, timeout: float = 1200) -> tuple[dict, str]:
+    """One engine run of ``harp_vllm.vllm_plugin.probe`` with per-rank information.
+
+    A single-rank engine runs in process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: it starts
+    fast); a parallel one runs vLLM's default multi-process engine with one worker per rank.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "prompts.json").write_text(json.dumps(prompts))
+    out = workdir / "result.json"
+    cmd = [sys.executable, "-m", "harp_vllm.vllm_plugin.probe", "--model", str(model),
+           "--out", str(out), "--prompts", str(workdir / "prompts.json"), "--max-tokens", "32",
+           "--max-model-len", str(max_model_len), "--prompt-logprobs", "--rank-info",
+           "--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp)]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_PLUGINS",
+                        "VLLM_CPU_OMP_THREADS_BIND", "VLLM_PP_LAYER_PARTITION")}
+    env.update(VLLM_CPU_KVCACHE_SPACE=str(KV_SPACE_GIB), TOKENIZERS_PARALLELISM="false")
+    if tp * pp > 1:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % 2) for i in range(tp * pp))
+        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # --rank-info sends a function
+    else:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    log = proc.stdout + "\n" + proc.stderr
+    (workdir / "log.txt").write_text(log)
+    result = json.loads(out.read_text()) if out.is_file() else {
+        "ok": False, "error": f"probe exited {proc.returncode} without a result"}
+    return result, log
+
+
+def assert_same_as_single_rank(par: tuple[dict, str], single: tuple[dict, str],
+                               n_prompts: int) -> float:
+    """Identical greedy tokens, prompt logprobs within TOL; returns the largest difference."""
+    (p, plog), (s, slog) = par, single
+    assert s["ok"], s.get("error", "") + slog[-3000:]
+    assert p["ok"], p.get("error", "") + plog[-3000:]
+    assert len(p["results"]) == len(s["results"]) == n_prompts >= 3
+    worst = 0.0
+    for got, want in zip(p["results"], s["results"], strict=True):
+        assert len(got["token_ids"]) == 32
+        assert got["token_ids"] == want["token_ids"]
+        worst = max(worst, max_logprob_diff(got["prompt_logprobs"], want["prompt_logprobs"]))
+    assert worst < TOL, worst
+    return worst
+
+
+def rank_blocks(rank: dict) -> int:
+    """KV-cache blocks this rank's own attention layers fit in its VLLM_CPU_KVCACHE_SPACE."""
+    per_block = sum(s["page_size_bytes"] for s in rank["kv_cache_spec"].values())
+    return rank["kv_cache_memory_bytes"] // per_block
+
+
+def spec_heads(rank: dict) -> dict[int, int]:
+    """{layer index: KV heads on this rank} of the attention layers with a KV cache."""
+    return {int(name.split(".")[2]): s["num_kv_heads"]
+            for name, s in rank["kv_cache_spec"].items()}
+
+
+# ---------------------------------------------------------------------------- fast checks
+
+
+def test_tp_split_check_names_the_layer_and_its_counts():
+    """The plugin's up-front check (vLLM itself checks only the config's head count)."""
+    from harp_vllm.spec import PruningSpec
+    from harp_vllm.vllm_plugin.layers import HarpCheckpointError, check_tensor_parallel
+
+    cfg = SimpleNamespace(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=256)
+    shapes = {"num_attention_heads": [4, 2, 4], "num_key_value_heads": [2, 1, 2],
+              "intermediate_size": [256, 192, 193]}
+    spec = PruningSpec(layers={}, method="flap", shapes=shapes)
+    check_tensor_parallel(cfg, spec, 1)
+    with pytest.raises(HarpCheckpointError, match=r"cannot split layer 2 .*4 query heads, 2 KV "
+                       r"heads, MLP width 193.*intermediate_size 193"):
+        check_tensor_parallel(cfg, spec, 2)
+    shapes["intermediate_size"][2] = 192
+    check_tensor_parallel(cfg, spec, 2)  # a 1-KV-head layer is replicated: fine
+    with pytest.raises(HarpCheckpointError, match=r"layer 1 .*2 query heads, 1 KV heads.*"
+                       r"divisible by the tensor parallel size \(4\)"):
+        check_tensor_parallel(cfg, spec, 4)
+    smol = SimpleNamespace(num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3,
+                           intermediate_size=1536)
+    harp = PruningSpec(layers={1: 0.0})  # alpha = 0: layer 1 has no attention to split
+    with pytest.raises(HarpCheckpointError, match=r"layer 0 .*9 query heads, 3 KV heads"):
+        check_tensor_parallel(smol, harp, 2)
+
+
+# ---------------------------------------------------------------------------- TP = 2 (tiny)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A random Llama (4 query / 2 KV heads, head_dim 32, 6 layers), HARP-pruned at
+    {0: 0.7, 2: 0.0, 4: 0.4, 5: 1.0}, and FLAP-cut (heads only) into 1- and 2-KV-head layers."""
+    base = tmp_path_factory.mktemp("par-tiny")
+    dense = make_tiny("llama", base / "dense")
+    harp = save(dense, base / "harp", TINY_ALPHAS)
+    flap = head_pruned(dense, base / "flap", "flap", 0.25, 0.0, "global")
+    flap_mlp = head_pruned(dense, base / "flap-mlp", "flap", 0.25, 0.25, "global")
+    return {"dense": dense, "harp": harp, "flap": flap, "flap_mlp": flap_mlp}
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    """Engine results by (checkpoint, tp, pp), each engine started once."""
+    cache: dict = {}
+
+    def get(model: Path, prompts: list, tp: int = 1, pp: int = 1,
+            max_model_len: int = 512) -> tuple[dict, str]:
+        key = (str(model), tp, pp)
+        if key not in cache:
+            work = tmp_path_factory.mktemp(f"{model.name}-tp{tp}-pp{pp}")
+            cache[key] = probe(model, work, prompts, tp=tp, pp=pp, max_model_len=max_model_len)
+        return cache[key]
+
+    return get
+
+
+def parallel(fn):
+    """An engine test: marked vllm and parallel, with room for engine starts."""
+    return pytest.mark.vllm(pytest.mark.parallel(pytest.mark.timeout(1500)(fn)))
+
+
+@parallel
+@pytest.mark.parametrize("name", ["harp", "flap"])
+def test_tp2_matches_single_rank(name, tiny, engines):
+    single = engines(tiny[name], TINY_PROMPTS)
+    par = engines(tiny[name], TINY_PROMPTS, tp=2)
+    worst = assert_same_as_single_rank(par, single, len(TINY_PROMPTS))
+    print(f"{name}: TP=2 vs TP=1 max |d prompt logprob| = {worst:.2e}")
+    p = par[0]
+    assert p["architectures"] == ["HarpLlamaForCausalLM"]
+    assert [(r["tp_rank"], r["pp_rank"]) for r in p["ranks"]] == [(0, 0), (1, 0)]
+
+
+@parallel
+def test_tp2_harp_ranks_hold_half_the_kv_heads(tiny, engines):
+    """HARP under TP=2: both ranks build every layer (token-local in 0, 4, 5, none in 2),
+    register a KV cache only for the dense layers 1 and 3 with 1 of their 2 KV heads each, and
+    so hold twice the single-rank engine's tokens in the same KV-cache memory per rank."""
+    single, par = engines(tiny["harp"], TINY_PROMPTS)[0], engines(tiny["harp"], TINY_PROMPTS,
+                                                                  tp=2)[0]
+    assert par["ok"] and single["ok"]
+    kinds = {"0": "TokenLocalAttention", "1": "LlamaAttention", "2": "RemovedAttention",
+             "3": "LlamaAttention", "4": "TokenLocalAttention", "5": "TokenLocalAttention"}
+    (one,) = single["ranks"]
+    assert one["attention_modules"] == kinds and spec_heads(one) == {1: 2, 3: 2}
+    for rank in par["ranks"]:
+        assert rank["attention_modules"] == kinds
+        assert spec_heads(rank) == {1: 1, 3: 1}
+        assert rank["num_blocks"] == rank_blocks(rank) == par["num_gpu_blocks"]
+    assert one["num_blocks"] == rank_blocks(one) == single["num_gpu_blocks"]
+    assert par["kv_cache_tokens"] == 2 * single["kv_cache_tokens"]
+
+
+@parallel
+def test_tp2_flap_replicates_one_kv_head_layers(tiny, engines):
+    """FLAP layers keep 1 or 2 KV heads: a 2-head layer is split (1 per rank), a 1-head layer
+    is replicated on both ranks, and the capacity follows from what each rank holds."""
+    shapes = json.loads((tiny["flap"] / "config.json").read_text())["harp_pruning"]["shapes"]
+    kv = shapes["num_key_value_heads"]
+    assert 1 in kv and 2 in kv and set(shapes["intermediate_size"]) == {256}
+    single, par = engines(tiny["flap"], TINY_PROMPTS)[0], engines(tiny["flap"], TINY_PROMPTS,
+                                                                  tp=2)[0]
+    assert par["ok"] and single["ok"]
+    assert spec_heads(single["ranks"][0]) == dict(enumerate(kv))
+    for rank in par["ranks"]:
+        assert spec_heads(rank) == {i: max(1, n // 2) for i, n in enumerate(kv)}
+        assert rank["num_blocks"] == rank_blocks(rank) == par["num_gpu_blocks"]
+    ratio = par["kv_cache_tokens"] / single["kv_cache_tokens"]
+    assert ratio == pytest.approx(sum(kv) / len(kv), rel=0.01)  # 1 head per layer per rank
+
+
+@parallel
+def test_tp2_refuses_an_mlp_width_it_cannot_split(tiny, tmp_path):
+    """FLAP with MLP pruning leaves odd MLP widths: TP=2 fails at load with the layer named."""
+    widths = json.loads((tiny["flap_mlp"] / "config.json").read_text())["harp_pruning"][
+        "shapes"]["intermediate_size"]
+    odd = next(i for i, w in enumerate(widths) if w % 2)
+    result, log = probe(tiny["flap_mlp"], tmp_path, [[5, 6, 7]], tp=2, timeout=900)
+    assert not result["ok"]
+    assert (f"tensor parallel size 2 cannot split layer {odd} of this checkpoint" in log
+            and f"intermediate_size {widths[odd]}" in log), log[-3000:]
+
+
+# ---------------------------------------------------------------------------- SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_dir, tmp_path_factory) -> tuple[Path, list[list[int]]]:
+    """SmolLM2 HARP P=8 (the top 8 of 30 layers, fixed alphas incl. two alpha = 0 layers)."""
+    from harp_vllm import models
+
+    tok = models.load_tokenizer(smollm2_dir)
+    pruned = save(smollm2_dir, tmp_path_factory.mktemp("par-smol") / "p8", SMOL_ALPHAS)
+    return pruned, [tok(p)["input_ids"] for p in PROMPTS]
+
+
+@parallel
+@pytest.mark.real_model
+def test_tp2_on_smollm2_fails_naming_its_head_counts(smol, tmp_path):
+    """SmolLM2 has 9 query heads (3 KV heads): TP=2 cannot split them; vLLM says so."""
+    result, log = probe(smol[0], tmp_path, [[5, 6, 7]], tp=2, timeout=600)
+    assert not result["ok"]
+    assert ("Total number of attention heads (9) must be divisible by tensor parallel size "
+            "(2)") in result["error"] + log, log[-3000:]
+
+
+@parallel
+@pytest.mark.real_model
+def test_pp2_smollm2_harp_matches_single_rank(smol, engines):
+    model, prompts = smol
+    single = engines(model, prompts, max_model_len=2048)
+    par = engines(model, prompts, pp=2, max_model_len=2048)
+    worst = assert_same_as_single_rank(par, single, len(prompts))
+    print(f"SmolLM2 HARP P=8: PP=2 vs PP=1 max |d prompt logprob| = {worst:.2e}")
+    assert [(r["tp_rank"], r["pp_rank"]) for r in par[0]["ranks"]] == [(0, 0), (0, 1)]
+
+
+@parallel
+@pytest.mark.real_model
+def test_pp2_smollm2_kv_capacity_follows_each_stages_attention_layers(smol, engines):
+    """Stage 0 builds layers 0-14 (15 with attention), stage 1 layers 15-29 (7 with attention,
+    15-21, and the 8 pruned 22-29). Each stage fits its own layers in its KV-cache memory and
+    the engine takes the smaller: 15 attention layers' worth, 22/15 of the single rank's."""
+    model, prompts = smol
+    single = engines(model, prompts, max_model_len=2048)[0]
+    par = engines(model, prompts, pp=2, max_model_len=2048)[0]
+    assert single["ok"] and par["ok"]
+    first, second = par["ranks"]
+    assert (first["start_layer"], first["end_layer"]) == (0, 15)
+    assert (second["start_layer"], second["end_layer"]) == (15, 30)
+    assert sorted(spec_heads(first)) == list(range(0, 15))
+    assert sorted(spec_heads(second)) == list(range(15, 22))
+    assert set(spec_heads(first).values()) == set(spec_heads(second).values()) == {3}
+    assert {second["attention_modules"][str(i)] for i in SMOL_ALPHAS} <= {
+        "TokenLocalAttention", "RemovedAttention"}
+    assert rank_blocks(second) > rank_blocks(first)
+    for rank in (first, second):
+        assert rank["num_blocks"] == par["num_gpu_blocks"] == rank_blocks(first)
+    (one,) = single["ranks"]
+    assert len(spec_heads(one)) == 22 and one["num_blocks"] == rank_blocks(one)
+    assert par["kv_cache_tokens"] / single["kv_cache_tokens"] == pytest.approx(22 / 15,
+                                                                               rel=0.01)
