@@ -225,6 +225,9 @@ def test_sse_event_over_the_cap_is_refused():
     r.feed(b"data: " + b"x" * 900)
     with pytest.raises(TooLarge):
         r.feed(b"x" * 200)
+    with pytest.raises(TooLarge):  # a whole oversized event in one piece (found by the soak)
+        relay(max_event=1000).feed(b"data: " + b"x" * 2000 + b"\n\n")
+    assert relay(max_event=1000).feed(b"data: " + b"x" * 900 + b"\n\n")
 
 
 def test_status_labels_are_bounded():

@@ -132,8 +132,10 @@ class SSERelay:
         while i >= 0:
             end = i - 1 if i > pos and buf[i - 1] == 13 else i
             if end > pos:
-                self.lines.append(bytes(buf[pos:end]))
                 self.size += end - pos + 1
+                if self.size > self.max_event_bytes:
+                    raise TooLarge(f"an SSE event over {self.max_event_bytes} bytes")
+                self.lines.append(bytes(buf[pos:end]))
             elif self.lines:
                 ev = self._event(self.lines)
                 self.lines, self.size = [], 0
