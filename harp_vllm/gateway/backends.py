@@ -106,7 +106,9 @@ class Backends:
                     keepalive_timeout=UPSTREAM_KEEPALIVE_S, ttl_dns_cache=60),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=c.connect_timeout,
                                               sock_read=c.read_timeout),
-                auto_decompress=False, trust_env=False, skip_auto_headers=("User-Agent",))
+                # No Accept-Encoding: replies are relayed byte for byte, never decompressed.
+                auto_decompress=False, trust_env=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding"))
         await self.check_all(discover=True)
         self._task = asyncio.create_task(self._loop())
 
