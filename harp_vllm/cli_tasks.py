@@ -99,3 +99,32 @@ def register(eval_app: typer.Typer) -> None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(payload, indent=2) + "\n")
             typer.echo(f"wrote {out}", err=True)
+
+    @eval_app.command("passkey")
+    def eval_passkey(
+        model: Annotated[str, typer.Option(
+            help="known name or HF directory (dense or pruned)")],
+        lengths: Annotated[str, typer.Option(help="prompt lengths in tokens")] = (
+            "1024,2048,4096,7168"),
+        trials: Annotated[int, typer.Option(help="trials per length")] = 50,
+        seed: Annotated[int, typer.Option(help="keys and depths seed")] = 0,
+        kv_cache_gb: Annotated[float, typer.Option(
+            help="VLLM_CPU_KVCACHE_SPACE in GiB, unless already set")] = 2.0,
+        out: Annotated[Path | None, typer.Option(help="write the result JSON here")] = None,
+    ) -> None:
+        """Passkey retrieval: a 5-digit key hidden at a random depth, by context length."""
+        from .tasks.passkey import parse_lengths, run_passkey
+
+        try:
+            exit_on_sigterm()
+            payload = run_passkey(model, parse_lengths(lengths), trials, seed, kv_cache_gb)
+        except UserError as e:
+            _fail(str(e))
+        typer.echo("| tokens | trials | passkey accuracy |\n| --- | --- | --- |")
+        for length, row in payload["accuracy"].items():
+            typer.echo(f"| {length} | {row['trials']} | {row['accuracy']:.2f} |")
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(payload, indent=2) + "\n")
+            typer.echo(f"wrote {out}", err=True)
+
