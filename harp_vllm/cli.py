@@ -165,6 +165,9 @@ def prune_cmd(
         "dense"),
     refine_steps: Annotated[int, typer.Option(help="linear: steps of joint KL refinement of "
                                                    "the maps (0: closed form only)")] = 0,
+    select: Annotated[str, typer.Option(help="linear: top (by --position) or damage (the P "
+                                             "layers whose lone replacement costs the least "
+                                             "calibration KL)")] = "top",
     eval_windows: Annotated[int, typer.Option(help="WikiText-2 test windows for the before/"
                                                    "after perplexity (0: skip)")] = 8,
     eval_seq_len: Annotated[int, typer.Option(help="evaluation window length")] = 2048,
@@ -189,7 +192,7 @@ def prune_cmd(
             calib_seq_len=calib_seq_len, seed=seed, search=search, eval_windows=eval_windows,
             eval_seq_len=eval_seq_len, force=force, mlp_ratio=mlp_ratio, allocation=allocation,
             bias_compensation=bias_compensation, rank=rank, map_input=map_input, ridge=ridge,
-            fit_order=fit_order, refine_steps=refine_steps)
+            fit_order=fit_order, refine_steps=refine_steps, select=select)
         return run_prune(opts)
 
     result = run_guarded(_run)

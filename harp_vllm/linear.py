@@ -318,9 +318,12 @@ def refine(model, fit: FitResult, steps: int, lr: float = 2e-4, positions: int =
 @torch.no_grad()
 def layer_damage(model, windows: torch.Tensor, rank: int | None = None,
                  input_kind: str = "normed", ridge: float = 1e-3, batch: int = 8,
-                 layers: list[int] | None = None, progress: bool = True) -> dict[int, float]:
+                 positions: int = 64, layers: list[int] | None = None, seed: int = 0,
+                 progress: bool = True) -> dict[int, float]:
     """Per layer: the calibration KL(dense || model with only that layer's attention replaced
-    by its fitted map), nats per token. The quality estimate a layer selection ranks by.
+    by its fitted map), nats per token, at ``positions`` random positions per window (all
+    positions when the windows are not longer). The
+    quality estimate ``--select damage`` ranks layers by.
 
     One dense pass records every layer's input; each layer's map is fitted on its own dense
     inputs and the model is run from that layer up with the map in place.
@@ -340,13 +343,20 @@ def layer_damage(model, windows: torch.Tensor, rank: int | None = None,
                 kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
         return hook
 
+    g = torch.Generator().manual_seed(seed)
+    picks, teacher = [], []
     handles = [all_layers[j].register_forward_pre_hook(hook_for(j), with_kwargs=True)
                for j in todo]
-    teacher = []
     try:
         for i in range(0, len(windows), batch):
-            h = model.model(input_ids=windows[i:i + batch], use_cache=False).last_hidden_state
-            teacher.append(torch.log_softmax(head_logits_normed(model, h), -1))
+            w = windows[i:i + batch]
+            h = model.model(input_ids=w, use_cache=False).last_hidden_state
+            n, t = w.shape
+            pos = (torch.arange(t).expand(n, t) if positions >= t
+                   else torch.randint(t, (n, positions), generator=g))
+            rows = torch.arange(w.shape[0])[:, None]
+            picks.append((rows, pos))
+            teacher.append(torch.log_softmax(head_logits_normed(model, h[rows, pos]), -1))
     finally:
         for handle in handles:
             handle.remove()
@@ -365,13 +375,18 @@ def layer_damage(model, windows: torch.Tensor, rank: int | None = None,
             for b, h in enumerate(inputs[j]):
                 for k in range(j, len(all_layers)):
                     h = _run(all_layers[k], h, kwargs)
-                logp = torch.log_softmax(head_logits(model, h).float(), -1)
+                logp = torch.log_softmax(head_logits(model, h[picks[b]]).float(), -1)
                 kl += float((teacher[b].exp() * (teacher[b] - logp)).sum())
-                count += h.shape[0] * h.shape[1]
+                count += logp.shape[0] * logp.shape[1]
         finally:
             layer.self_attn, layer.input_layernorm = saved
         damage[j] = kl / count
     return damage
+
+
+def lowest_damage(damage: dict[int, float], count: int) -> list[int]:
+    """The ``count`` layers whose single replacement costs the least."""
+    return sorted(sorted(damage, key=lambda j: (damage[j], j))[:count])
 
 
 def head_logits_normed(model, h: torch.Tensor) -> torch.Tensor:

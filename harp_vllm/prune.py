@@ -117,6 +117,7 @@ class PruneOptions:
     ridge: float = 1e-3  # linear: ridge, relative to the mean input variance
     fit_order: str = "dense"  # linear: dense | sequential | residual
     refine_steps: int = 0  # linear: joint KL refinement steps after the closed-form fit
+    select: str = "top"  # linear: top (--position) or damage (lowest single-layer KL)
     eval_windows: int = 8
     eval_seq_len: int = 2048
     force: bool = False
@@ -136,6 +137,7 @@ def load_calibration_text(opts: PruneOptions) -> tuple[str, dict]:
 
 LAYER_METHODS = ("harp", "gate-norm", "hybrid")
 LINEAR_FAMILIES = ("llama", "mistral")  # families whose linear-map checkpoints are served
+DAMAGE_WINDOWS = 16  # calibration windows --select damage scores every layer on
 
 
 def calibration_shape(opts: PruneOptions) -> tuple[int, int]:
@@ -311,7 +313,14 @@ def parse_rank(text: str | None, hf_cfg) -> int | None:
 
 def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool) -> dict:
     """Replace the chosen layers' attention by fitted affine maps; write the checkpoint."""
-    from .linear import check_options, fit_linear, map_cost, refine
+    from .linear import (
+        check_options,
+        fit_linear,
+        layer_damage,
+        lowest_damage,
+        map_cost,
+        refine,
+    )
 
     if hf_cfg.model_type not in LINEAR_FAMILIES:
         raise UserError(f"--method linear is served for {', '.join(LINEAR_FAMILIES)} models, "
@@ -322,6 +331,11 @@ def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool)
         raise UserError(f"--refine-steps must be >= 0, got {opts.refine_steps}")
     rank = parse_rank(opts.rank, hf_cfg)
     check_options(hf_cfg.hidden_size, rank, opts.map_input, opts.fit_order, opts.ridge)
+    if opts.select not in ("top", "damage"):
+        raise UserError(f"--select must be top or damage, got {opts.select!r}")
+    if opts.select == "damage" and (opts.layer_list is not None or opts.position != "top"):
+        raise UserError("--select damage chooses its own layers: give --layers P or --ratio r, "
+                        "not --layer-list/--position")
     layers = select_layers(hf_cfg.num_hidden_layers, opts.layers, opts.ratio, opts.layer_list,
                            opts.position)
     tok = models.load_tokenizer(src)
@@ -337,12 +351,21 @@ def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool)
         before = evaluate_perplexity(model, tok, eval_text, opts.eval_seq_len,
                                      opts.eval_windows, progress=progress)
         report["ppl_before"] = before.perplexity
+    damage = None
+    if opts.select == "damage":  # rank every layer by the KL its lone replacement costs
+        damage = layer_damage(model, windows[:DAMAGE_WINDOWS], rank=rank,
+                              input_kind=opts.map_input, ridge=opts.ridge, progress=progress)
+        layers = lowest_damage(damage, len(layers))
+        report["layers"] = layers
     fit = fit_linear(model, windows, layers, rank=rank, input_kind=opts.map_input,
                      order=opts.fit_order, ridge=opts.ridge, teacher=opts.refine_steps > 0,
                      progress=progress)
     calibration = {**calib_src, "samples": samples, "seq_len": seq_len, "seed": opts.seed,
                    "rank": rank, "input": opts.map_input, "ridge": opts.ridge,
                    "fit_order": opts.fit_order, "fit_seconds": round(fit.seconds, 2),
+                   "select": opts.select,
+                   **({"damage": {str(k): round(v, 5) for k, v in damage.items()}}
+                      if damage is not None else {}),
                    "unexplained": {str(k): round(v["unexplained"], 4)
                                    for k, v in sorted(fit.stats.items())}}
     if opts.refine_steps:

@@ -192,3 +192,50 @@ def test_kv_layout_counts_map_layers_as_attention_free():
     lay = kv_layout("m", cfg, 6, 2, 32, 2)
     assert lay.pruned_layers == (0, 2, 3) and lay.attention_layers == 3
     assert lay.bytes_per_token == 3 * 2 * 2 * 32 * 2
+
+
+def test_layer_damage_equals_direct_kl_and_selects_lowest(tiny_llama):
+    """Each layer's damage is the KL of the full model with only that layer replaced."""
+    import copy
+
+    from harp_vllm.linear import layer_damage, lowest_damage
+    from harp_vllm.reference import install_map
+
+    w = _windows(tiny_llama, n=4, t=32)
+    model = models.load(tiny_llama)
+    damage = layer_damage(model, w, rank=None, batch=4, positions=32, progress=False)
+    assert set(damage) == {0, 1, 2, 3} and all(v > 0 for v in damage.values())
+    for j in (0, 2):
+        replaced = copy.deepcopy(model)
+        fit = fit_linear(copy.deepcopy(model), w, [j], batch=4, progress=False)
+        install_map(replaced.model.layers[j], fit.maps[j].module(), "normed")
+        with torch.no_grad():
+            p = torch.log_softmax(model(w).logits.float(), -1)
+            q = torch.log_softmax(replaced(w).logits.float(), -1)
+        direct = float((p.exp() * (p - q)).sum(-1).mean())
+        assert damage[j] == pytest.approx(direct, rel=1e-3)
+    ranked = sorted(damage, key=damage.get)
+    assert lowest_damage(damage, 2) == sorted(ranked[:2])
+
+
+def test_cli_select_damage_records_scores(tiny_llama, tmp_path):
+    from typer.testing import CliRunner
+
+    from harp_vllm.cli import app
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(Path(__file__).with_name("conftest.py").read_text() * 4)
+    out = tmp_path / "sel"
+    res = CliRunner().invoke(app, [
+        "prune", str(tiny_llama), "--method", "linear", "--calib-file", str(calib),
+        "--calib-samples", "8", "--calib-seq-len", "32", "--eval-windows", "0", "--out",
+        str(out), "--layers", "2", "--select", "damage"])
+    assert res.exit_code == 0, res.output
+    sec = json.loads((out / "config.json").read_text())["harp_pruning"]
+    damage = {int(k): v for k, v in sec["calibration"]["damage"].items()}
+    chosen = sorted(int(k) for k in sec["maps"])
+    assert chosen == sorted(sorted(damage, key=damage.get)[:2])
+    res = CliRunner().invoke(app, [
+        "prune", str(tiny_llama), "--method", "linear", "--calib-file", str(calib),
+        "--out", str(tmp_path / "bad"), "--layer-list", "1,2", "--select", "damage"])
+    assert res.exit_code != 0 and "--select damage chooses its own layers" in res.output
