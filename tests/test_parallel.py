@@ -7,6 +7,10 @@ checkpoint: identical greedy tokens (32 per prompt) and prompt logprobs within 1
 engine starts once per module and its JSON result (with what every rank holds: its layers and
 the KV-cache spec of each attention layer it registered) is shared between the tests.
 
+PP on vLLM 0.32's CPU backend in eager mode needs the plugin's workaround for a vLLM bug (a
+later stage's input buffer is never allocated; see ``harp_vllm/vllm_plugin/pp_buffers.py``):
+without it stage 1 fails with ``assert self.intermediate_tensors is not None`` (dense too).
+
 Select with ``pytest -m parallel``.
 """
 
