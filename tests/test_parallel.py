@@ -45,11 +45,13 @@ TINY_PROMPTS = [
 
 
 def probe(model: Path, workdir: Path, prompts: list, *, tp: int = 1, pp: int = 1,
-          max_model_len: int = 512, timeout: float = 1200) -> tuple[dict, str]:
+          max_model_len: int = 512, timeout: float = 1200, extra: tuple[str, ...] = (),
+          in_process: bool | None = None) -> tuple[dict, str]:
     """One engine run of ``harp_vllm.vllm_plugin.probe`` with per-rank information.
 
     A single-rank engine runs in process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: it starts
-    fast); a parallel one runs vLLM's default multi-process engine with one worker per rank.
+    fast) unless ``in_process`` is False; a parallel one runs vLLM's default multi-process
+    engine with one worker per rank. ``extra``: more probe flags.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "prompts.json").write_text(json.dumps(prompts))
@@ -57,16 +59,19 @@ def probe(model: Path, workdir: Path, prompts: list, *, tp: int = 1, pp: int = 1
     cmd = [sys.executable, "-m", "harp_vllm.vllm_plugin.probe", "--model", str(model),
            "--out", str(out), "--prompts", str(workdir / "prompts.json"), "--max-tokens", "32",
            "--max-model-len", str(max_model_len), "--prompt-logprobs", "--rank-info",
-           "--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp)]
+           "--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp), *extra]
     env = {k: v for k, v in os.environ.items()
            if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_PLUGINS",
                         "VLLM_CPU_OMP_THREADS_BIND", "VLLM_PP_LAYER_PARTITION")}
     env.update(VLLM_CPU_KVCACHE_SPACE=str(KV_SPACE_GIB), TOKENIZERS_PARALLELISM="false")
     if tp * pp > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % 2) for i in range(tp * pp))
-        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # --rank-info sends a function
-    else:
+    if in_process is None:
+        in_process = tp * pp == 1
+    if in_process:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    else:
+        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # --rank-info sends a function
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True,
                           timeout=timeout)
     log = proc.stdout + "\n" + proc.stderr

@@ -35,10 +35,23 @@ def kv_cache_tokens(llm) -> dict:
 
 
 def make_llm(model: str, max_model_len: int, **kw):
+    """vLLM's LLM, fp32, eager, no prefix caching unless ``kw`` says otherwise."""
     from vllm import LLM
 
-    return LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=max_model_len,
-               enable_prefix_caching=False, seed=0, **kw)
+    args = dict(dtype="float32", enforce_eager=True, enable_prefix_caching=False, seed=0)
+    args.update(kw)
+    return LLM(model=model, max_model_len=max_model_len, **args)
+
+
+def engine_settings(llm) -> dict:
+    cfg = llm.llm_engine.vllm_config
+    return {"enforce_eager": bool(cfg.model_config.enforce_eager),
+            "compilation_mode": getattr(cfg.compilation_config.mode, "name",
+                                        str(cfg.compilation_config.mode)),
+            "enable_prefix_caching": bool(cfg.cache_config.enable_prefix_caching),
+            "enable_chunked_prefill": bool(cfg.scheduler_config.enable_chunked_prefill),
+            "max_num_batched_tokens": int(cfg.scheduler_config.max_num_batched_tokens),
+            "kv_cache_dtype": str(cfg.cache_config.cache_dtype)}
 
 
 def worker_info(worker) -> dict:
@@ -77,11 +90,18 @@ def run(args: argparse.Namespace) -> dict:
         kw = {"tensor_parallel_size": args.tensor_parallel_size,
               "pipeline_parallel_size": args.pipeline_parallel_size,
               "distributed_executor_backend": "mp"}
+    if args.vllm_defaults:  # vLLM's default compilation, prefix caching, chunked prefill
+        kw.update(enforce_eager=False, enable_prefix_caching=True, enable_chunked_prefill=True)
+    if args.max_num_batched_tokens:
+        kw["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.kv_cache_dtype:
+        kw["kv_cache_dtype"] = args.kv_cache_dtype
     llm = make_llm(args.model, args.max_model_len, **kw)
     out: dict = {"ok": True, **kv_cache_tokens(llm),
                  "architectures": list(llm.llm_engine.vllm_config.model_config.architectures),
                  "tensor_parallel_size": args.tensor_parallel_size,
-                 "pipeline_parallel_size": args.pipeline_parallel_size}
+                 "pipeline_parallel_size": args.pipeline_parallel_size,
+                 **engine_settings(llm)}
     if args.rank_info:
         out["ranks"] = llm.collective_rpc(worker_info)
     if prompts:
@@ -92,7 +112,8 @@ def run(args: argparse.Namespace) -> dict:
         results = []
         for r in llm.generate(inputs, params, use_tqdm=False):
             item = {"prompt_token_ids": list(r.prompt_token_ids),
-                    "token_ids": list(r.outputs[0].token_ids)}
+                    "token_ids": list(r.outputs[0].token_ids),
+                    "num_cached_tokens": getattr(r, "num_cached_tokens", None)}
             if args.prompt_logprobs:
                 lps = []
                 for tok, d in zip(r.prompt_token_ids, r.prompt_logprobs or [], strict=False):
@@ -100,6 +121,13 @@ def run(args: argparse.Namespace) -> dict:
                 item["prompt_logprobs"] = lps
             results.append(item)
         out["results"] = results
+        if args.second_pass:  # again, without prompt logprobs: prefix-cache hits allowed
+            again = SamplingParams(temperature=0.0, max_tokens=args.max_tokens,
+                                   ignore_eos=True)
+            out["second_pass"] = [
+                {"token_ids": list(r.outputs[0].token_ids),
+                 "num_cached_tokens": getattr(r, "num_cached_tokens", None)}
+                for r in llm.generate(inputs, again, use_tqdm=False)]
     return out
 
 
@@ -112,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-logprobs", action="store_true")
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--pipeline-parallel-size", type=int, default=1)
+    ap.add_argument("--vllm-defaults", action="store_true",
+                    help="no --enforce-eager (vLLM's default compilation), prefix caching and "
+                         "chunked prefill on")
+    ap.add_argument("--max-num-batched-tokens", type=int,
+                    help="tokens per engine step (a smaller value splits long prompts)")
+    ap.add_argument("--kv-cache-dtype", help="e.g. fp8")
+    ap.add_argument("--second-pass", action="store_true",
+                    help="generate the prompts again without prompt logprobs (prefix cache)")
     ap.add_argument("--rank-info", action="store_true",
                     help="per worker: ranks, layers, KV-cache specs (a callable sent to the "
                          "workers: needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 with "
