@@ -165,9 +165,9 @@ def prune_cmd(
         "dense"),
     refine_steps: Annotated[int, typer.Option(help="linear: steps of joint KL refinement of "
                                                    "the maps (0: closed form only)")] = 0,
-    select: Annotated[str, typer.Option(help="linear: top (by --position) or damage (the P "
-                                             "layers whose lone replacement costs the least "
-                                             "calibration KL)")] = "top",
+    select: Annotated[str | None, typer.Option(
+        help="linear: damage (the P layers whose lone replacement costs the least calibration "
+             "KL; default unless --layer-list/--position) or top (by --position)")] = None,
     eval_windows: Annotated[int, typer.Option(help="WikiText-2 test windows for the before/"
                                                    "after perplexity (0: skip)")] = 8,
     eval_seq_len: Annotated[int, typer.Option(help="evaluation window length")] = 2048,

@@ -117,7 +117,8 @@ class PruneOptions:
     ridge: float = 1e-3  # linear: ridge, relative to the mean input variance
     fit_order: str = "dense"  # linear: dense | sequential | residual
     refine_steps: int = 0  # linear: joint KL refinement steps after the closed-form fit
-    select: str = "top"  # linear: top (--position) or damage (lowest single-layer KL)
+    select: str | None = None  # linear: damage (lowest single-layer KL; the default unless
+    # --layer-list or --position is given) or top (by --position)
     eval_windows: int = 8
     eval_seq_len: int = 2048
     force: bool = False
@@ -331,9 +332,11 @@ def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool)
         raise UserError(f"--refine-steps must be >= 0, got {opts.refine_steps}")
     rank = parse_rank(opts.rank, hf_cfg)
     check_options(hf_cfg.hidden_size, rank, opts.map_input, opts.fit_order, opts.ridge)
-    if opts.select not in ("top", "damage"):
-        raise UserError(f"--select must be top or damage, got {opts.select!r}")
-    if opts.select == "damage" and (opts.layer_list is not None or opts.position != "top"):
+    explicit = opts.layer_list is not None or opts.position != "top"
+    select = opts.select or ("top" if explicit else "damage")
+    if select not in ("top", "damage"):
+        raise UserError(f"--select must be top or damage, got {select!r}")
+    if select == "damage" and explicit:
         raise UserError("--select damage chooses its own layers: give --layers P or --ratio r, "
                         "not --layer-list/--position")
     layers = select_layers(hf_cfg.num_hidden_layers, opts.layers, opts.ratio, opts.layer_list,
@@ -352,7 +355,7 @@ def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool)
                                      opts.eval_windows, progress=progress)
         report["ppl_before"] = before.perplexity
     damage = None
-    if opts.select == "damage":  # rank every layer by the KL its lone replacement costs
+    if select == "damage":  # rank every layer by the KL its lone replacement costs
         damage = layer_damage(model, windows[:DAMAGE_WINDOWS], rank=rank,
                               input_kind=opts.map_input, ridge=opts.ridge, progress=progress)
         layers = lowest_damage(damage, len(layers))
@@ -363,7 +366,7 @@ def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool)
     calibration = {**calib_src, "samples": samples, "seq_len": seq_len, "seed": opts.seed,
                    "rank": rank, "input": opts.map_input, "ridge": opts.ridge,
                    "fit_order": opts.fit_order, "fit_seconds": round(fit.seconds, 2),
-                   "select": opts.select,
+                   "select": select,
                    **({"damage": {str(k): round(v, 5) for k, v in damage.items()}}
                       if damage is not None else {}),
                    "unexplained": {str(k): round(v["unexplained"], 4)

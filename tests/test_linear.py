@@ -164,8 +164,8 @@ def test_cli_linear_writes_checkpoint_and_refuses_bad_options(tiny_llama, tmp_pa
     base = ["prune", str(tiny_llama), "--method", "linear", "--calib-file", str(calib),
             "--calib-samples", "8", "--calib-seq-len", "32", "--eval-windows", "0"]
     out = tmp_path / "ok"
-    res = runner.invoke(app, [*base, "--out", str(out), "--layers", "2", "--rank", "full",
-                              "--input", "raw", "--refine-steps", "3"])
+    res = runner.invoke(app, [*base, "--out", str(out), "--layers", "2", "--select", "top",
+                              "--rank", "full", "--input", "raw", "--refine-steps", "3"])
     assert res.exit_code == 0, res.output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["harp_pruning"]["method"] == "linear"
