@@ -161,21 +161,23 @@ class Gateway:
                                                    headers=b.headers)
                     if b.up is not True:  # it answered: up (a probe may not have run yet)
                         self.backends.mark(b, True)
-                    if stream and ex.resp.status < 400:
-                        relay = SSERelay(ex.rec, wants_usage, self.cfg.max_sse_event_bytes)
-                        handed, ex = ex, None
-                        return RelayResponse(
-                            self._relay(handed, relay, deadline), handed,
-                            media_type="text/event-stream",
-                            headers={**headers, "Cache-Control": "no-cache",
-                                     "X-Accel-Buffering": "no"})
-                    content = await read_capped(ex.resp, self.cfg.max_response_bytes)
+                    relayed = stream and ex.resp.status < 400
+                    if not relayed:
+                        content = await read_capped(ex.resp, self.cfg.max_response_bytes)
             except ClientGone:
                 ex.close()
                 return Response(status_code=CLIENT_CLOSED)
             except Exception as e:
                 raise self._failure(ex, e, headers) from None
-            return self._plain_answer(ex, content, headers)
+            if not relayed:
+                return self._plain_answer(ex, content, headers)
+            # The stream's response owns the exchange from here (it closes it when done).
+            handed, ex = ex, None
+            relay = SSERelay(handed.rec, wants_usage, self.cfg.max_sse_event_bytes)
+            return RelayResponse(self._relay(handed, relay, deadline), handed,
+                                 media_type="text/event-stream",
+                                 headers={**headers, "Cache-Control": "no-cache",
+                                          "X-Accel-Buffering": "no"})
         finally:
             if ex is not None:
                 ex.close((500, "internal"))
