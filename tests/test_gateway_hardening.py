@@ -351,10 +351,13 @@ def test_full_pool_is_busy_not_down(tmp, fast, slow):
 @pytest.mark.timeout(90)
 def test_health_answers_from_state_with_a_hung_backend(tmp, fast):
     hung = HungServer()
+    late_port = free_port()
     g = gateway_from(tmp, "hung", {
         "backends": [{"name": "fast", "url": fast.url},
-                     {"name": "hung", "url": hung.url, "models": ["hung-model"]}],
+                     {"name": "hung", "url": hung.url, "models": ["hung-model"]},
+                     {"name": "late", "url": f"http://127.0.0.1:{late_port}"}],
         "health_interval": 0.5, "health_timeout": 5, "read_timeout": 30})
+    late = None
     try:
         def health(_):
             t0 = time.monotonic()
@@ -373,9 +376,20 @@ def test_health_answers_from_state_with_a_hung_backend(tmp, fast):
                        json={"model": "fast", "prompt": "x", "max_tokens": 2})
         assert r.status_code == 200
         assert httpx.get(g.url + "/live", timeout=5).json() == {"status": "ok"}
+        # Each backend has its own probe loop: one that comes up is seen within a few
+        # health_intervals, not after the hung backend's 5 s probe.
+        late = Proc([__import__("sys").executable, "-m", "harp_vllm.gateway.fake_backend",
+                     "--port", str(late_port), "--model", "fake-late"], late_port,
+                    tmp / "late-h.log")
+        t0 = time.monotonic()
+        while not httpx.get(g.url + "/health", timeout=5).json()["backends"]["late"]["up"]:
+            assert time.monotonic() - t0 < 4.0
+            time.sleep(0.1)
     finally:
         g.stop()
         hung.close()
+        if late is not None:
+            late.stop()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ class Backends:
         for name in self.all:
             metrics.init_backend(name, shadow_target=name in targets)
             metrics.backend_up.labels(name).set(0)
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._kick: asyncio.Task | None = None
         self._last_discovery = 0.0
 
@@ -110,10 +110,11 @@ class Backends:
                 auto_decompress=False, trust_env=False,
                 skip_auto_headers=("User-Agent", "Accept-Encoding"))
         await self.check_all(discover=True)
-        self._task = asyncio.create_task(self._loop())
+        # One loop per backend: a hung backend's probes never delay another's.
+        self._tasks = [asyncio.create_task(self._loop(b)) for b in self.all.values()]
 
     async def stop(self) -> None:
-        for t in (self._task, self._kick):
+        for t in (*self._tasks, self._kick):
             if t is not None:
                 t.cancel()
                 with contextlib.suppress(BaseException):
@@ -122,14 +123,17 @@ class Backends:
             if b.session is not None:
                 await b.session.close()
 
-    async def _loop(self) -> None:
+    async def _loop(self, b: BackendState) -> None:
+        last_discovery = time.monotonic()
         while True:
             await asyncio.sleep(self.cfg.health_interval)
-            due = time.monotonic() - self._last_discovery >= self.cfg.discovery_interval
+            due = time.monotonic() - last_discovery >= self.cfg.discovery_interval
+            if due:
+                last_discovery = time.monotonic()
             try:
-                await self.check_all(discover=due)
+                await self.check(b, discover=due)
             except Exception:  # never let the loop die
-                logger.exception("health check round failed")
+                logger.exception("health check of %s failed", b.name)
 
     # -- probes ------------------------------------------------------------------------------
     def mark(self, b: BackendState, up: bool, error: str | None = None) -> None:
