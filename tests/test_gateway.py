@@ -7,7 +7,11 @@
 * Routing, streaming, the A/B split, mirroring and metrics run against the real dense and
   pruned SmolLM2 vLLM servers shared with tests/test_serve.py (started once per session).
 
-Every gateway is a real ``python -m harp_vllm.cli gateway`` process.
+Every gateway is a real ``python -m harp_vllm.cli gateway`` process. Issue 14's hardening
+(configuration, odd JSON, busy vs down, open endpoints, limits) is tested in
+tests/test_gateway_hardening.py, the parser and configuration without processes in
+tests/test_gateway_units.py, the soak and HTTP fuzzing in tests/test_gateway_soak.py; the
+helpers here are shared with them.
 """
 
 from __future__ import annotations
