@@ -11,6 +11,7 @@ alpha search replace their attention) and the head/MLP-level methods ``amp``, ``
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -354,19 +355,21 @@ def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool)
         before = evaluate_perplexity(model, tok, eval_text, opts.eval_seq_len,
                                      opts.eval_windows, progress=progress)
         report["ppl_before"] = before.perplexity
-    damage = None
+    damage, select_seconds = None, 0.0
     if select == "damage":  # rank every layer by the KL its lone replacement costs
+        t0 = time.perf_counter()
         damage = layer_damage(model, windows[:DAMAGE_WINDOWS], rank=rank,
                               input_kind=opts.map_input, ridge=opts.ridge, progress=progress)
         layers = lowest_damage(damage, len(layers))
         report["layers"] = layers
+        select_seconds = time.perf_counter() - t0
     fit = fit_linear(model, windows, layers, rank=rank, input_kind=opts.map_input,
                      order=opts.fit_order, ridge=opts.ridge, teacher=opts.refine_steps > 0,
                      progress=progress)
     calibration = {**calib_src, "samples": samples, "seq_len": seq_len, "seed": opts.seed,
                    "rank": rank, "input": opts.map_input, "ridge": opts.ridge,
                    "fit_order": opts.fit_order, "fit_seconds": round(fit.seconds, 2),
-                   "select": select,
+                   "select": select, "select_seconds": round(select_seconds, 2),
                    **({"damage": {str(k): round(v, 5) for k, v in damage.items()}}
                       if damage is not None else {}),
                    "unexplained": {str(k): round(v["unexplained"], 4)
