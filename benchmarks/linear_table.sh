@@ -25,7 +25,7 @@ row lin8-raw --method linear --layers 8 --input raw
 row lin8-seq --method linear --layers 8 --fit-order sequential
 row lin8-res --method linear --layers 8 --fit-order residual
 row lin8-c16 --method linear --layers 8 --calib-samples 16
-row lin8-c256 --method linear --layers 8 --calib-samples 256
 row lin8-top-full --method linear --layers 8 --select top --rank full
 row lin8-top-raw --method linear --layers 8 --select top --input raw
+row lin8-c256 --method linear --layers 8 --calib-samples 256
 row lin8-refine --method linear --layers 8 --refine-steps "${REFINE_STEPS:-100}"
