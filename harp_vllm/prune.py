@@ -139,7 +139,7 @@ def load_calibration_text(opts: PruneOptions) -> tuple[str, dict]:
 
 LAYER_METHODS = ("harp", "gate-norm", "hybrid")
 LINEAR_FAMILIES = ("llama", "mistral")  # families whose linear-map checkpoints are served
-DAMAGE_WINDOWS = 16  # calibration windows --select damage scores every layer on
+DAMAGE_WINDOWS = 8  # calibration windows --select damage scores every layer on
 
 
 def calibration_shape(opts: PruneOptions) -> tuple[int, int]:
