@@ -24,10 +24,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
+from conftest import save_linear
 from test_vllm_plugin import (
     PROMPTS,
     SMOL_ALPHAS,
     TINY_ALPHAS,
+    TINY_MAP_GROUPS,
     head_pruned,
     make_tiny,
     max_logprob_diff,
@@ -144,13 +147,18 @@ def test_tp_split_check_names_the_layer_and_its_counts():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """A random Llama (4 query / 2 KV heads, head_dim 32, 6 layers), HARP-pruned at
-    {0: 0.7, 2: 0.0, 4: 0.4, 5: 1.0}, and FLAP-cut (heads only) into 1- and 2-KV-head layers."""
+    {0: 0.7, 2: 0.0, 4: 0.4, 5: 1.0}, FLAP-cut (heads only) into 1- and 2-KV-head layers, and
+    with linear maps of both ranks and inputs beside HARP layers (--method linear)."""
     base = tmp_path_factory.mktemp("par-tiny")
     dense = make_tiny("llama", base / "dense")
     harp = save(dense, base / "harp", TINY_ALPHAS)
     flap = head_pruned(dense, base / "flap", "flap", 0.25, 0.0, "global")
     flap_mlp = head_pruned(dense, base / "flap-mlp", "flap", 0.25, 0.25, "global")
-    return {"dense": dense, "harp": harp, "flap": flap, "flap_mlp": flap_mlp}
+    windows = torch.randint(0, 300, (8, 64), generator=torch.Generator().manual_seed(0))
+    linear = save_linear(dense, base / "linear", TINY_MAP_GROUPS, windows,
+                         alphas={1: 0.5, 3: 0.0})
+    return {"dense": dense, "harp": harp, "flap": flap, "flap_mlp": flap_mlp,
+            "linear": linear}
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +183,7 @@ def parallel(fn):
 
 
 @parallel
-@pytest.mark.parametrize("name", ["harp", "flap"])
+@pytest.mark.parametrize("name", ["harp", "flap", "linear"])
 def test_tp2_matches_single_rank(name, tiny, engines):
     single = engines(tiny[name], TINY_PROMPTS)
     par = engines(tiny[name], TINY_PROMPTS, tp=2)
