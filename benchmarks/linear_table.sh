@@ -12,7 +12,7 @@ WIN=${EVAL_WINDOWS:-8}
 source benchmarks/table_lib.sh
 row() { local name=$1; shift; prune "$OUT/$name" "$@"; ppl "$OUT/$name" "$OUT/$name.json"; }
 ppl smollm2-135m "$OUT/dense.json"
-row lin8 --method linear --layers 8                       # the default (--select damage)
+row lin8-timed --method linear --layers 8                 # the default (--select damage)
 row harp8 --layers 8                                      # HARP, searched alphas (timed)
 row flap8 --method flap --ratio 0.2667 --allocation global  # 24 of 90 KV groups
 row lin8-top --method linear --layers 8 --select top

@@ -14,9 +14,10 @@ from pathlib import Path
 
 ROWS = [  # (variant, label)
     ("dense", "dense"),
-    ("lin4", "linear P=4 (default: damage-selected, rank 192, normed)"),
+    ("lin4", "linear P=4 (damage-selected on 16 windows, rank 192, normed)"),
     ("flap4", "FLAP, 12 of 90 KV groups (global, bias comp.)"),
-    ("lin8", "**linear P=8 (default)**"),
+    ("lin8-timed", "**linear P=8 (default: damage-selected on 8 windows, rank 192)**"),
+    ("lin8", "linear P=8, damage-selected on 16 windows"),
     ("harp8", "HARP top-8, searched alphas"),
     ("flap8", "FLAP, 24 of 90 KV groups"),
     ("lin8-top", "linear, top 8 layers"),
@@ -29,7 +30,7 @@ ROWS = [  # (variant, label)
     ("lin8-top-full", "linear, top 8, rank full"),
     ("lin8-top-raw", "linear, top 8, raw input"),
     ("lin8-refine", "linear P=8 + 100 steps KL refinement"),
-    ("lin12", "linear P=12 (default)"),
+    ("lin12", "linear P=12 (damage-selected on 16 windows)"),
     ("flap12", "FLAP, 36 of 90 KV groups"),
 ]
 
@@ -117,7 +118,7 @@ def plot(out: Path, target: Path) -> None:
     import matplotlib.pyplot as plt
     from head_table_report import kv_heads_per_layer
 
-    names = [("lin8", "linear (damage-selected)"), ("lin8-top", "linear (top 8)"),
+    names = [("lin8-timed", "linear (damage-selected)"), ("lin8-top", "linear (top 8)"),
              ("harp8", "HARP top-8"), ("flap8", "FLAP 24 groups")]
     fig, ax = plt.subplots(figsize=(9, 3.2))
     for row, (name, _label) in enumerate(names):
