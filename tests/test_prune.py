@@ -78,7 +78,7 @@ def test_prune_cli_writes_a_checkpoint_and_eval_reads_it(tiny_llama, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["HarpLlamaForCausalLM"]
     sec = cfg["harp_pruning"]
-    assert sec["version"] == 1 and sec["method"] == "harp"
+    assert sec["version"] == 2 and sec["method"] == "harp" and "maps" not in sec
     assert set(sec["layers"]) == {"2", "3"} and sec["source_architecture"] == "LlamaForCausalLM"
     assert sec["calibration"]["samples"] == 2 and sec["calibration"]["seq_len"] == 32
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
