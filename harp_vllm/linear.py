@@ -14,11 +14,11 @@ and optionally cut to rank ``r`` by reduced-rank regression (the top-r principal
 
 The target ``t`` and the inputs depend on the fitting ``order``:
 
-- ``dense``: every layer fitted on the dense model's activations, ``t`` = the dense
+- ``dense`` (default): every layer fitted on the dense model's activations, ``t`` = the dense
   attention output (the "local" objective).
 - ``sequential``: bottom-up, each layer fitted on the inputs the already-replaced layers below
   produce, ``t`` = the dense attention output on those inputs.
-- ``residual`` (default): bottom-up like ``sequential``, but ``t`` = what brings the residual
+- ``residual``: bottom-up like ``sequential``, but ``t`` = what brings the residual
   stream back to the dense model's: ``h_dense + attn(norm(h_dense)) - h``, where ``h_dense`` is
   the dense model's hidden state at that layer. Each map also repairs the drift the replaced
   layers below it left in the residual stream.
@@ -328,7 +328,7 @@ def layer_damage(model, windows: torch.Tensor, rank: int | None = None,
     One dense pass records every layer's input; each layer's map is fitted on its own dense
     inputs and the model is run from that layer up with the map in place.
     """
-    from .search import head_logits
+    from .search import head_logits, normed_head_logits
 
     all_layers = decoder_layers(model)
     todo = sorted(range(len(all_layers)) if layers is None else set(layers))
@@ -356,7 +356,7 @@ def layer_damage(model, windows: torch.Tensor, rank: int | None = None,
                    else torch.randint(t, (n, positions), generator=g))
             rows = torch.arange(w.shape[0])[:, None]
             picks.append((rows, pos))
-            teacher.append(torch.log_softmax(head_logits_normed(model, h[rows, pos]), -1))
+            teacher.append(torch.log_softmax(normed_head_logits(model, h[rows, pos]).float(), -1))
     finally:
         for handle in handles:
             handle.remove()
@@ -387,10 +387,3 @@ def layer_damage(model, windows: torch.Tensor, rank: int | None = None,
 def lowest_damage(damage: dict[int, float], count: int) -> list[int]:
     """The ``count`` layers whose single replacement costs the least."""
     return sorted(sorted(damage, key=lambda j: (damage[j], j))[:count])
-
-
-def head_logits_normed(model, h: torch.Tensor) -> torch.Tensor:
-    """Logits from the final-normed hidden states ``model.model`` returns."""
-    logits = model.lm_head(h).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits

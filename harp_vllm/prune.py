@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import data as data_mod
 from . import models
@@ -245,6 +246,43 @@ def run_prune(opts: PruneOptions, progress: bool = True) -> dict:
     return report
 
 
+@dataclass
+class PreparedRun:
+    """What a calibrated prune job starts from: tokenizer, dense model, calibration windows,
+    the evaluation text and the dense perplexity (when evaluating), and the report so far."""
+
+    tok: Any
+    model: Any
+    windows: Any
+    calib_src: dict
+    samples: int
+    seq_len: int
+    eval_text: str | None
+    before: Any
+    params_before: int
+    report: dict
+
+
+def prepare_run(opts: PruneOptions, src: Path, progress: bool, **report_extra: Any
+                ) -> PreparedRun:
+    """Load tokenizer, calibration windows and model; measure the dense perplexity."""
+    tok = models.load_tokenizer(src)
+    calib_text, calib_src = load_calibration_text(opts)
+    samples, seq_len = calibration_shape(opts)
+    windows = calibration_windows(tok, calib_text, samples, seq_len, opts.seed)
+    eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
+    model = models.load(src)
+    report: dict = {"model": opts.model, "method": opts.method, "source_dir": str(src),
+                    **report_extra}
+    before = None
+    if eval_text is not None:
+        before = evaluate_perplexity(model, tok, eval_text, opts.eval_seq_len,
+                                     opts.eval_windows, progress=progress)
+        report["ppl_before"] = before.perplexity
+    return PreparedRun(tok, model, windows, calib_src, samples, seq_len, eval_text, before,
+                       count_parameters(model), report)
+
+
 def run_structured(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool) -> dict:
     """AMP / FLAP / Wanda-sp: score heads and MLP channels, cut them, write the checkpoint."""
     check_family(hf_cfg)
@@ -255,18 +293,10 @@ def run_structured(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: b
         raise UserError(f"--method {opts.method} needs --ratio (share of attention heads)")
     if opts.ratio == 0 and opts.mlp_ratio == 0:
         raise UserError("--ratio 0 and --mlp-ratio 0 would prune nothing")
-    tok = models.load_tokenizer(src)
-    calib_text, calib_src = load_calibration_text(opts)
-    samples, seq_len = calibration_shape(opts)
-    windows = calibration_windows(tok, calib_text, samples, seq_len, opts.seed)
-    eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
-    model = models.load(src)
-    params_before = count_parameters(model)
-    report: dict = {"model": opts.model, "method": opts.method, "source_dir": str(src)}
-    if eval_text is not None:
-        before = evaluate_perplexity(model, tok, eval_text, opts.eval_seq_len,
-                                     opts.eval_windows, progress=progress)
-        report["ppl_before"] = before.perplexity
+    run = prepare_run(opts, src, progress)
+    tok, model, windows, report = run.tok, run.model, run.windows, run.report
+    calib_src, samples, seq_len = run.calib_src, run.samples, run.seq_len
+    eval_text, before, params_before = run.eval_text, run.before, run.params_before
     res = prune_structured(model, windows, opts.method, opts.ratio, opts.mlp_ratio,
                            opts.allocation, opts.bias_compensation, progress=progress)
     shapes = shapes_of(hf_cfg, res)
@@ -342,19 +372,10 @@ def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool)
                         "not --layer-list/--position")
     layers = select_layers(hf_cfg.num_hidden_layers, opts.layers, opts.ratio, opts.layer_list,
                            opts.position)
-    tok = models.load_tokenizer(src)
-    calib_text, calib_src = load_calibration_text(opts)
-    samples, seq_len = calibration_shape(opts)
-    windows = calibration_windows(tok, calib_text, samples, seq_len, opts.seed)
-    eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
-    model = models.load(src)
-    params_before = count_parameters(model)
-    report: dict = {"model": opts.model, "method": "linear", "source_dir": str(src),
-                    "layers": layers}
-    if eval_text is not None:
-        before = evaluate_perplexity(model, tok, eval_text, opts.eval_seq_len,
-                                     opts.eval_windows, progress=progress)
-        report["ppl_before"] = before.perplexity
+    run = prepare_run(opts, src, progress, layers=layers)
+    tok, model, windows, report = run.tok, run.model, run.windows, run.report
+    calib_src, samples, seq_len = run.calib_src, run.samples, run.seq_len
+    eval_text, before, params_before = run.eval_text, run.before, run.params_before
     damage, select_seconds = None, 0.0
     if select == "damage":  # rank every layer by the KL its lone replacement costs
         t0 = time.perf_counter()

@@ -60,7 +60,12 @@ def calibration_windows(tokenizer, text: str, samples: int, seq_len: int, seed: 
 
 def head_logits(model, h: torch.Tensor) -> torch.Tensor:
     """Final norm, LM head and (Gemma) logit soft-capping, as the causal-LM forward does."""
-    logits = model.lm_head(model.model.norm(h))
+    return normed_head_logits(model, model.model.norm(h))
+
+
+def normed_head_logits(model, h: torch.Tensor) -> torch.Tensor:
+    """LM head and soft-capping of hidden states that already went through the final norm."""
+    logits = model.lm_head(h)
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
