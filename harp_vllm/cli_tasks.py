@@ -59,6 +59,9 @@ def register(eval_app: typer.Typer) -> None:
         max_model_len: Annotated[int, typer.Option(help="context length (tokens)")] = 4096,
         kv_cache_gb: Annotated[float, typer.Option(
             help="VLLM_CPU_KVCACHE_SPACE in GiB, unless already set")] = 2.0,
+        kv_cache_dtype: Annotated[str, typer.Option(
+            help="vllm backend: KV-cache dtype, auto (the model's) or fp8; with the openai "
+                 "backend it is the server's setting")] = "auto",
         max_gen_toks: Annotated[int, typer.Option(help="generation cap per item")] = 256,
         num_concurrent: Annotated[int, typer.Option(
             help="openai backend: concurrent requests")] = 4,
@@ -82,7 +85,8 @@ def register(eval_app: typer.Typer) -> None:
                 model=model, tasks=names, backend="openai" if base_url else backend,
                 base_url=base_url, tokenizer=tokenizer, api_key=api_key, data=data, limit=lim,
                 task_limits=task_lim, num_fewshot=shots, task_fewshot=task_shots,
-                max_model_len=max_model_len, kv_cache_gb=kv_cache_gb, seed=seed,
+                max_model_len=max_model_len, kv_cache_gb=kv_cache_gb,
+                kv_cache_dtype=kv_cache_dtype, seed=seed,
                 max_gen_toks=max_gen_toks, num_concurrent=num_concurrent, samples_out=samples_out,
                 command=shlex.join(["harp-vllm", *sys.argv[1:]]))
             if opts.backend == "vllm":

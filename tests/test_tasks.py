@@ -243,3 +243,36 @@ def test_sigterm_stops_the_in_process_engine_too(smollm2_dir, tmp_path):
         for p in engine:  # never leave them behind, also when the test fails
             with contextlib.suppress(psutil.Error):
                 p.kill()
+
+
+def test_kv_cache_dtype_reaches_the_engine_and_is_checked(tmp_path, monkeypatch):
+    """--kv-cache-dtype: fp8 goes to vllm.LLM's kwargs (through lm-eval's VLLM), auto adds
+    nothing; a bad value and the openai backend (the server's setting) fail clearly."""
+    from harp_vllm.tasks import backends, runner
+
+    res = _cli("--model", "m", "--tasks", "gsm8k", "--kv-cache-dtype", "fp4")
+    assert res.exit_code == 2 and "unknown --kv-cache-dtype 'fp4'" in res.output
+    res = _cli("--model", "m", "--tasks", "gsm8k", "--base-url", "http://127.0.0.1:1/v1",
+               "--kv-cache-dtype", "fp8")
+    assert res.exit_code == 2 and "the KV-cache dtype is the server's" in res.output
+
+    seen: list[dict] = []
+
+    class FakeVLLM:  # stands in for lm_eval.models.vllm_causallms.VLLM: no engine starts
+        def __init__(self, **kwargs):
+            seen.append(kwargs)
+            raise runner.UserError("fake engine")
+
+    monkeypatch.setattr(backends, "import_lm_eval_vllm", lambda: type("M", (), {"VLLM": FakeVLLM}))
+    monkeypatch.setattr(runner, "_task_manager", lambda data: None)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    for kv in ("fp8", "auto"):
+        res = _cli("--model", str(tmp_path / "model"), "--tasks", "gsm8k",
+                   "--kv-cache-dtype", kv, env={"HARP_VLLM_DATA_DIR": str(tmp_path)})
+        assert res.exit_code == 2 and "fake engine" in res.output, res.output
+    assert seen[0]["kv_cache_dtype"] == "fp8" and seen[0]["pretrained"] == str(tmp_path / "model")
+    assert "kv_cache_dtype" not in seen[1]  # auto: vLLM's own default

@@ -19,6 +19,7 @@ from .registry import TASK_YAML_DIR, TASKS, get_task, task_files
 SCHEMA = "harp-vllm/eval-tasks/1"
 BACKENDS = ("vllm", "openai")
 DATA_SOURCES = ("local", "hub")
+KV_CACHE_DTYPES = ("auto", "fp8")   # vllm backend: vLLM's --kv-cache-dtype (auto = the model's)
 
 
 @dataclass
@@ -36,6 +37,7 @@ class EvalOptions:
     task_fewshot: dict[str, int] = field(default_factory=dict)
     max_model_len: int | None = 4096
     kv_cache_gb: float = 2.0
+    kv_cache_dtype: str = "auto"
     seed: int = 1234
     max_gen_toks: int = 256
     num_concurrent: int = 4
@@ -72,6 +74,13 @@ def _check_options(opts: EvalOptions) -> None:
     if opts.data not in DATA_SOURCES:
         raise UserError(f"unknown data source {opts.data!r}; available: "
                         f"{', '.join(DATA_SOURCES)}")
+    if opts.kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise UserError(f"unknown --kv-cache-dtype {opts.kv_cache_dtype!r}; available: "
+                        f"{', '.join(KV_CACHE_DTYPES)}")
+    if opts.backend == "openai" and opts.kv_cache_dtype != "auto":
+        raise UserError("--kv-cache-dtype is for the in-process vllm backend; with --backend "
+                        "openai the KV-cache dtype is the server's (start it with "
+                        "--kv-cache-dtype)")
     if opts.backend == "openai" and not opts.base_url:
         raise UserError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
     for name in opts.tasks:
@@ -93,6 +102,11 @@ def _task_manager(data: str):
     return TaskManager()
 
 
+def engine_extra(opts: EvalOptions) -> dict[str, Any]:
+    """Engine arguments beyond make_vllm_lm's defaults (only what differs from vLLM's)."""
+    return {"kv_cache_dtype": opts.kv_cache_dtype} if opts.kv_cache_dtype != "auto" else {}
+
+
 def _make_lm(opts: EvalOptions) -> tuple[Any, dict[str, Any]]:
     from . import backends
 
@@ -101,9 +115,11 @@ def _make_lm(opts: EvalOptions) -> tuple[Any, dict[str, Any]]:
 
         path = str(models.resolve(opts.model))
         lm = backends.make_vllm_lm(path, max_model_len=opts.max_model_len, seed=opts.seed,
-                                   max_gen_toks=opts.max_gen_toks, kv_cache_gb=opts.kv_cache_gb)
+                                   max_gen_toks=opts.max_gen_toks, kv_cache_gb=opts.kv_cache_gb,
+                                   extra=engine_extra(opts))
         return lm, {"model_path": path, "dtype": "float32", "enforce_eager": True,
-                    "max_model_len": opts.max_model_len, "kv_cache_gb": opts.kv_cache_gb}
+                    "max_model_len": opts.max_model_len, "kv_cache_gb": opts.kv_cache_gb,
+                    "kv_cache_dtype": opts.kv_cache_dtype}
     tokenizer = opts.tokenizer
     if tokenizer is None:
         from .. import models
