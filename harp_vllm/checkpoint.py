@@ -25,13 +25,14 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise UserError(f"output path exists and is not a directory: {out}")
 
 
-def save_pruned(model, spec: PruningSpec, source_dir: Path, out: Path, force: bool = False
-                ) -> Path:
+def save_pruned(model, spec: PruningSpec, source_dir: Path, out: Path, force: bool = False,
+                extra_files: dict[str, str] | None = None) -> Path:
     """Prune ``model`` in place by ``spec`` and write it to ``out`` atomically.
 
     Safetensors without the removed q/k (and v/o where alpha = 0) weights; config.json with
     the HARP architecture and the pruning section; tokenizer files and generation config
-    copied from ``source_dir``. Written to a temporary sibling and renamed into place.
+    copied from ``source_dir``; ``extra_files`` (name -> text, e.g. ``plan.json``) beside
+    them. Written to a temporary sibling and renamed into place.
     """
     out = Path(out)
     check_output_dir(out, force)
@@ -51,6 +52,8 @@ def save_pruned(model, spec: PruningSpec, source_dir: Path, out: Path, force: bo
         cfg["architectures"] = [arch]
         cfg[CONFIG_KEY] = spec.to_dict()
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if out.exists():
             backup = out.with_name(f".{out.name}.old")
             shutil.rmtree(backup, ignore_errors=True)

@@ -242,6 +242,10 @@ from .cli_stack import register as _register_stack  # noqa: E402
 
 _register_stack(app)
 
+from .cli_plan import register as _register_plan  # noqa: E402
+
+_register_plan(app)
+
 from .cli_tasks import register as _register_tasks  # noqa: E402
 
 _register_tasks(eval_app)

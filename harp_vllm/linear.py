@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .damage import run_layer
 from .errors import UserError
 from .reference import LinearAttention, decoder_layers, install_map
 
@@ -180,7 +181,7 @@ def fit_linear(model, windows: torch.Tensor, layers: list[int], rank: int | None
         result.teacher = []
         for h in hidden:
             for j in range(first, len(all_layers)):
-                h = _run(all_layers[j], h, kwargs)
+                h = run_layer(all_layers[j], h, kwargs)
             result.teacher.append(h)
     dense = list(hidden) if order == "residual" else None
     bar = tqdm(total=(last - first + 1) * len(hidden), disable=not progress,
@@ -204,11 +205,11 @@ def fit_linear(model, windows: torch.Tensor, layers: list[int], rank: int | None
             bar.update(len(hidden))
             break
         if dense is not None:  # the dense stream goes through the dense layer j
-            dense = [_run(layer, hd, kwargs) for hd in dense]
+            dense = [run_layer(layer, hd, kwargs) for hd in dense]
         if j in chosen and order != "dense":
             install_map(layer, result.maps[j].module(), input_kind)
         for b in range(len(hidden)):
-            hidden[b] = _run(layer, hidden[b], kwargs)
+            hidden[b] = run_layer(layer, hidden[b], kwargs)
             bar.update()
     for j, lm in result.maps.items():
         if not isinstance(all_layers[j].self_attn, LinearAttention):
@@ -216,11 +217,6 @@ def fit_linear(model, windows: torch.Tensor, layers: list[int], rank: int | None
     bar.close()
     result.seconds = time.perf_counter() - start
     return result
-
-
-def _run(layer, h: torch.Tensor, kw: dict) -> torch.Tensor:
-    out = layer(h, **kw)
-    return out[0] if isinstance(out, tuple) else out
 
 
 def _capture_inputs(model, windows: torch.Tensor, first: int, batch: int
@@ -296,7 +292,7 @@ def refine(model, fit: FitResult, steps: int, lr: float = 2e-4, positions: int =
         rows = torch.arange(nb)[:, None]
         h = fit.inputs[b]
         for j in range(first, len(all_layers)):
-            h = _run(all_layers[j], h, fit.kwargs)
+            h = run_layer(all_layers[j], h, fit.kwargs)
         student = torch.log_softmax(head_logits(model, h[rows, pos]).float(), -1)
         with torch.no_grad():
             target = torch.log_softmax(head_logits(model, fit.teacher[b][rows, pos]).float(),
@@ -325,62 +321,30 @@ def layer_damage(model, windows: torch.Tensor, rank: int | None = None,
     positions when the windows are not longer). The
     quality estimate ``--select damage`` ranks layers by.
 
-    One dense pass records every layer's input; each layer's map is fitted on its own dense
-    inputs and the model is run from that layer up with the map in place.
+    One dense pass records every layer's input (``damage.record_dense``); each layer's map is
+    fitted on its own dense inputs and the model is run from that layer up with the map in
+    place.
     """
-    from .search import head_logits, normed_head_logits
+    from .damage import record_dense, suffix_kl
 
     all_layers = decoder_layers(model)
     todo = sorted(range(len(all_layers)) if layers is None else set(layers))
     d = model.config.hidden_size
-    inputs: dict[int, list[torch.Tensor]] = {j: [] for j in todo}
-    kwargs: dict = {}
-
-    def hook_for(j):
-        def hook(module, args, kw):
-            inputs[j].append(args[0] if args else kw["hidden_states"])
-            if not kwargs:
-                kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
-        return hook
-
-    g = torch.Generator().manual_seed(seed)
-    picks, teacher = [], []
-    handles = [all_layers[j].register_forward_pre_hook(hook_for(j), with_kwargs=True)
-               for j in todo]
-    try:
-        for i in range(0, len(windows), batch):
-            w = windows[i:i + batch]
-            h = model.model(input_ids=w, use_cache=False).last_hidden_state
-            n, t = w.shape
-            pos = (torch.arange(t).expand(n, t) if positions >= t
-                   else torch.randint(t, (n, positions), generator=g))
-            rows = torch.arange(w.shape[0])[:, None]
-            picks.append((rows, pos))
-            teacher.append(torch.log_softmax(normed_head_logits(model, h[rows, pos]).float(), -1))
-    finally:
-        for handle in handles:
-            handle.remove()
+    rec = record_dense(model, windows, todo, batch, positions, seed)
     damage: dict[int, float] = {}
     for j in tqdm(todo, disable=not progress, desc="per-layer damage", unit="layer"):
         layer = all_layers[j]
         m = Moments(d)
-        for h in inputs[j]:
-            x, y = _attention_io(layer, h, kwargs)
+        for h in rec.inputs[j]:
+            x, y = _attention_io(layer, h, rec.kwargs)
             m.add(x if input_kind == "normed" else h, y)
         lm, _ = solve(m, ridge, rank, input_kind)
         saved = (layer.self_attn, layer.input_layernorm)
         install_map(layer, lm.module(), input_kind)
-        kl, count = 0.0, 0
         try:
-            for b, h in enumerate(inputs[j]):
-                for k in range(j, len(all_layers)):
-                    h = _run(all_layers[k], h, kwargs)
-                logp = torch.log_softmax(head_logits(model, h[picks[b]]).float(), -1)
-                kl += float((teacher[b].exp() * (teacher[b] - logp)).sum())
-                count += logp.shape[0] * logp.shape[1]
+            damage[j] = suffix_kl(model, rec, j)
         finally:
             layer.self_attn, layer.input_layernorm = saved
-        damage[j] = kl / count
     return damage
 
 

@@ -21,7 +21,8 @@ Format (version 2; version 1 checkpoints, which have no ``maps``, still load)::
 A pruned layer has no q/k projections and computes ``h + alpha * o_proj(repeat_kv(v_proj(
 input_layernorm(h))))``; with alpha = 0 it has no v/o projections either. ``shapes`` gives
 every layer its own head counts and MLP width (whole GQA groups removed, so the KV cache
-shrinks); it is not combined with ``layers``.
+shrinks). It combines with ``layers`` and ``maps`` (a planned checkpoint mixes all three): a
+layer listed there keeps the config's head counts in ``shapes`` and has no attention.
 
 A layer in ``maps`` has no q/k/v/o either; its attention sublayer is ``out_proj(in_proj(x))``
 with a bias on ``out_proj`` (weights ``self_attn.in_proj.weight`` [rank, d],
@@ -72,6 +73,14 @@ class PruningSpec:
         """The layers with no attention (and so no KV cache): pruned or replaced by a map."""
         return tuple(sorted({*self.layers, *self.maps}))
 
+    def kv_heads(self, config: Any) -> list[int]:
+        """KV heads per layer as served: 0 for attention-free layers, else the layer's own."""
+        n_kv = (getattr(config, "num_key_value_heads", None)
+                or config.num_attention_heads)
+        return [0 if i in self.layers or i in self.maps
+                else self.shapes["num_key_value_heads"][i] if self.shapes is not None else n_kv
+                for i in range(config.num_hidden_layers)]
+
     def layer_shape(self, idx: int) -> dict[str, int] | None:
         """Layer ``idx``'s head counts and MLP width, None when the layer keeps the config's."""
         if self.shapes is None:
@@ -118,11 +127,8 @@ class PruningSpec:
                 raise UserError(f"'{CONFIG_KEY}.layers' has layer index {idx} out of range "
                                 f"(the model has {num_layers} layers: 0..{num_layers - 1})")
             layers[idx] = float(v)
-        shapes = _parse_shapes(d.get("shapes"), layers, num_layers)
+        shapes = _parse_shapes(d.get("shapes"), num_layers)
         maps = _parse_maps(d.get("maps"), layers, num_layers, version)
-        if maps and shapes is not None:
-            raise UserError(f"'{CONFIG_KEY}.maps' and '{CONFIG_KEY}.shapes' cannot be combined "
-                            f"in one checkpoint")
         return cls(layers=layers, method=str(d.get("method", "harp")),
                    source_model=d.get("source_model"),
                    source_architecture=d.get("source_architecture"),
@@ -147,6 +153,15 @@ class PruningSpec:
                 if isinstance(limit, int) and worst > limit:
                     raise UserError(f"'{CONFIG_KEY}.shapes.{key}' has {worst}, more than the "
                                     f"config's {key} = {limit}")
+            for idx in spec.attention_free_layers:
+                for key in SHAPE_KEYS[:2]:
+                    limit = get(key)
+                    if isinstance(limit, int) and spec.shapes[key][idx] != limit:
+                        raise UserError(
+                            f"layer {idx} has no attention (in '{CONFIG_KEY}.layers' or "
+                            f"'.maps') but '{CONFIG_KEY}.shapes.{key}[{idx}]' is "
+                            f"{spec.shapes[key][idx]}; such a layer keeps the config's "
+                            f"{key} = {limit}")
         d = get("hidden_size")
         for idx, m in spec.maps.items():
             if isinstance(d, int) and m["rank"] is not None and m["rank"] > d:
@@ -190,8 +205,7 @@ def _parse_maps(raw: Any, layers: dict[int, float], num_layers: int | None, vers
     return maps
 
 
-def _parse_shapes(raw: Any, layers: dict[int, float], num_layers: int | None
-                  ) -> dict[str, list[int]] | None:
+def _parse_shapes(raw: Any, num_layers: int | None) -> dict[str, list[int]] | None:
     """Validate the optional per-layer shapes (head counts, MLP widths) of every layer."""
     if raw is None:
         return None
@@ -211,9 +225,6 @@ def _parse_shapes(raw: Any, layers: dict[int, float], num_layers: int | None
     lengths = {len(v) for v in shapes.values()}
     if len(lengths) != 1:
         raise UserError(f"{where} lists differ in length")
-    if layers:
-        raise UserError(f"{where} (head/MLP-level pruning) and '{CONFIG_KEY}.layers' (layer "
-                        f"pruning) cannot be combined in one checkpoint")
     for i, (q, kv, inter) in enumerate(zip(*(shapes[k] for k in SHAPE_KEYS), strict=True)):
         if q < 1 or kv < 1 or q % kv:
             raise UserError(f"{where}: layer {i} has {q} query heads and {kv} KV heads; each "

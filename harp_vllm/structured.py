@@ -222,22 +222,32 @@ def _prune_layer(layer: nn.Module, config, groups: list[int], channels: list[int
                  stats: LayerStats | None) -> None:
     """Cut one layer to ``groups`` and ``channels``; with ``stats``, FLAP's bias compensation:
     the removed inputs of o_proj / down_proj are replaced by their calibration means."""
-    d, r = head_dim(config), group_size(config)
     attn, mlp = layer.self_attn, layer.mlp
     if stats is not None:
-        kept_g, kept_c = set(groups), set(channels)
-        gone = [g for g in range(attn.k_proj.out_features // d) if g not in kept_g]
-        cols = channels_of([g * r + j for g in gone for j in range(r)], d)
-        o_bias = attn.o_proj.weight.data.double()[:, cols] @ stats.attn_mean()[cols]
+        compensate_attention(attn, config, groups, stats.attn_mean())
+        kept_c = set(channels)
         gone_ch = torch.as_tensor([c for c in range(mlp.down_proj.in_features)
                                    if c not in kept_c], dtype=torch.long)
         down_bias = mlp.down_proj.weight.data.double()[:, gone_ch] @ stats.mlp_mean()[gone_ch]
-        attn.o_proj = add_bias(attn.o_proj, o_bias)
         mlp.down_proj = add_bias(mlp.down_proj, down_bias)
-        add_biases(attn, ATTENTION_PROJECTIONS)  # the checkpoint is a biased Llama
         add_biases(mlp, MLP_PROJECTIONS)
     keep_groups(attn, config, groups)
     keep_channels(mlp, channels)
+
+
+def compensate_attention(attn: nn.Module, config, groups: list[int], attn_mean: torch.Tensor
+                         ) -> None:
+    """FLAP's bias compensation for keeping only ``groups``: o_proj gets a bias holding the
+    removed heads' calibration-mean contribution (``attn_mean``: the mean o_proj input), and
+    q/k/v get zero biases (the checkpoint is a biased Llama). The cut itself is
+    ``keep_groups``."""
+    d, r = head_dim(config), group_size(config)
+    kept = set(groups)
+    gone = [g for g in range(attn.k_proj.out_features // d) if g not in kept]
+    cols = channels_of([g * r + j for g in gone for j in range(r)], d)
+    o_bias = attn.o_proj.weight.data.double()[:, cols] @ attn_mean[cols]
+    attn.o_proj = add_bias(attn.o_proj, o_bias)
+    add_biases(attn, ATTENTION_PROJECTIONS)
 
 
 def prune_structured(model, windows: torch.Tensor, method: str, ratio: float,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -228,8 +229,16 @@ def test_spec_shapes_validation():
     for shapes, message in bad:
         with pytest.raises(UserError, match=message):
             PruningSpec.from_dict({**base, "shapes": shapes}, 2)
-    with pytest.raises(UserError, match="cannot be combined"):
-        PruningSpec.from_dict({**base, "layers": {"1": 0.5}, "shapes": ok}, 2)
+    # A planned checkpoint mixes shapes with pruned layers; those keep the config's heads.
+    mixed = {**base, "layers": {"1": 0.0}, "shapes": ok}
+    cfg = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "intermediate_size": 128, "harp_pruning": mixed}
+    with pytest.raises(UserError, match=r"layer 1 has no attention .* keeps the config's "
+                                        r"num_attention_heads = 4"):
+        PruningSpec.from_config(cfg)
+    mixed["shapes"] = {**ok, "num_attention_heads": [2, 4], "num_key_value_heads": [1, 2]}
+    spec = PruningSpec.from_config(cfg)
+    assert spec.kv_heads(SimpleNamespace(**cfg)) == [1, 0]
     cfg = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
            "intermediate_size": 100, "harp_pruning": {**base, "shapes": ok}}
     with pytest.raises(UserError, match="intermediate_size' has 128, more than the config's"):
