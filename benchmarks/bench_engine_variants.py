@@ -2,9 +2,12 @@
 
 One engine run per checkpoint and pass (each in its own process, the real multi-process
 engine, same VLLM_CPU_KVCACHE_SPACE); dense runs first and last so drift shows; every row is
-the median of its runs (``--repeats N`` passes). Prints KV-cache tokens and single-prompt
-prefill throughput with their ratios to dense, and writes JSON. Used for the Gate-Norm / HARP /
-hybrid table and the head-level table (docs/results.md):
+the median of its runs (``--repeats N`` passes, alternating dense and variants). Prints
+KV-cache tokens, single-prompt prefill throughput and (``--decode-requests N``) decode
+throughput of N concurrent requests at ``--decode-prompt`` tokens of context, with their ratios
+to dense beside the cost model's predicted ratio (``harp_vllm.costs``), and writes JSON. Used
+for the Gate-Norm / HARP / hybrid table, the head-level table and the plan's engine check
+(docs/results.md):
 
     .venv/bin/python benchmarks/bench_engine_variants.py --out out/variants.json \\
         gn8=out/gn-table/gate-norm8 harp8=out/harp-table/harp-top8
@@ -29,6 +32,10 @@ def main() -> None:
     ap.add_argument("--kv-space", default="2", help="VLLM_CPU_KVCACHE_SPACE in GiB (all)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="passes over dense + variants (then dense once more); medians")
+    ap.add_argument("--decode-requests", type=int, default=0,
+                    help="concurrent requests of the decode test (0: no decode test)")
+    ap.add_argument("--decode-prompt", type=int, default=4096, help="their prompt length")
+    ap.add_argument("--decode-tokens", type=int, default=32, help="tokens each generates")
     ap.add_argument("--out", type=Path, default=Path("out/bench_engine_variants.json"))
     args = ap.parse_args()
     from harp_vllm import models
@@ -39,7 +46,10 @@ def main() -> None:
             raise SystemExit(f"{name}: no checkpoint at {path}")
     dense = str(models.prepare("smollm2-135m", progress=False))
     lens = [int(x) for x in args.prefill.split(",")]
-    cfg = dict(rounds=1, prefill=lens, decode_requests=0, decode_prompt=1, decode_tokens=1)
+    cfg = dict(rounds=1, prefill=lens, decode_requests=args.decode_requests,
+               decode_prompt=args.decode_prompt if args.decode_requests else 1,
+               decode_tokens=args.decode_tokens if args.decode_requests else 1)
+    decode_ctx = args.decode_prompt + args.decode_tokens // 2
     env = engine_env(args.kv_space)
     work = args.out.with_suffix(".runs")
     work.mkdir(parents=True, exist_ok=True)
@@ -58,9 +68,12 @@ def main() -> None:
     bind = env.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
     print(f"\nVLLM_CPU_KVCACHE_SPACE={args.kv_space} GiB, VLLM_CPU_OMP_THREADS_BIND={bind}, "
           f"dense = median of {len(runs['dense'])} runs")
-    head = " ".join(f"{f'{n} tok/s':>12s} {'ratio':>6s}" for n in lens)
+    head = " ".join(f"{f'{n} tok/s':>12s} {'ratio':>6s} {'pred':>6s}" for n in lens)
+    if args.decode_requests:
+        head += f" {'decode tok/s':>12s} {'ratio':>6s} {'pred':>6s}"
     print(f"{'variant':12s} {'KV tokens':>10s} {'ratio':>6s} {head}")
     table = []
+    path_of = lambda name: dense if name == "dense" else variants[name]  # noqa: E731
     for name in ["dense", *variants]:
         row = {"variant": name, "kv_cache_tokens": med(name, kv),
                "kv_ratio": med(name, kv) / med("dense", kv)}
@@ -69,15 +82,38 @@ def main() -> None:
             v = med(name, pre[n])
             row[f"prefill_{n}_tok_s"] = v
             row[f"prefill_{n}_ratio"] = v / med("dense", pre[n])
-            cells.append(f"{v:12.1f} {row[f'prefill_{n}_ratio']:6.3f}")
+            row[f"prefill_{n}_predicted"] = predicted(path_of(name), n, "prefill")
+            cells.append(f"{v:12.1f} {row[f'prefill_{n}_ratio']:6.3f} "
+                         f"{row[f'prefill_{n}_predicted']:6.3f}")
+        if args.decode_requests:
+            v = med(name, lambda r: r["decode_tok_s"])
+            row["decode_tok_s"] = v
+            row["decode_ratio"] = v / med("dense", lambda r: r["decode_tok_s"])
+            row["decode_predicted"] = predicted(path_of(name), decode_ctx, "decode")
+            cells.append(f"{v:12.1f} {row['decode_ratio']:6.3f} {row['decode_predicted']:6.3f}")
         table.append(row)
         print(f"{name:12s} {row['kv_cache_tokens']:10,.0f} {row['kv_ratio']:6.3f} "
               + " ".join(cells))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"kv_space_gib": args.kv_space, "threads_bind": bind,
+                                    "decode": {"requests": args.decode_requests,
+                                               "prompt": args.decode_prompt,
+                                               "tokens": args.decode_tokens},
                                     "variants": variants, "table": table, "runs": runs},
                                    indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+def predicted(path: str, context: int, phase: str) -> float:
+    """The cost model's speed-up of the checkpoint at ``path`` over its dense model."""
+    from transformers import AutoConfig
+
+    from harp_vllm import costs
+    from harp_vllm.spec import PruningSpec
+
+    cfg = AutoConfig.from_pretrained(path)
+    shapes = costs.model_shapes(cfg, PruningSpec.from_config(cfg))
+    return costs.predicted_speedup(cfg, shapes, context, phase)
 
 
 if __name__ == "__main__":

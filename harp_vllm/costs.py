@@ -121,3 +121,30 @@ def summary(cfg: Any, shapes: list[LayerShape], contexts: tuple[int, ...] = (409
             f"{phase}@{n}": round(predicted_speedup(cfg, shapes, n, phase), 4)
             for n in contexts for phase in ("prefill", "decode")},
     }
+
+
+def request_speedup(cfg: Any, shapes: list[LayerShape], prompt: int, output: int) -> float:
+    """Predicted dense / pruned time of one request: its prompt prefilled at ``prompt``
+    tokens, then ``output`` tokens decoded at the growing context (the load test's
+    total-tokens/s ratio)."""
+    dense = [dense_shape(cfg)] * cfg.num_hidden_layers
+
+    def work(s: list[LayerShape]) -> float:
+        total = prompt * model_macs(cfg, s, prompt, "prefill")
+        return total + output * model_macs(cfg, s, prompt + output // 2, "decode")
+
+    return work(dense) / work(shapes)
+
+
+def checkpoint_shapes(path: str | Any) -> tuple[Any, list[LayerShape]] | None:
+    """(HF config, per-layer shapes) of a local checkpoint directory, None if not local."""
+    from pathlib import Path
+
+    if not (Path(str(path)) / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    from .spec import PruningSpec
+
+    cfg = AutoConfig.from_pretrained(str(path))
+    return cfg, model_shapes(cfg, PruningSpec.from_config(cfg))

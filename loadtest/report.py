@@ -80,7 +80,9 @@ def summarize(results: dict) -> dict:
                                    for r in reps]) for m in RATIO_METRICS}
         pt["pairs"] = len(reps)
         points.append(pt)
-    summary = {"points": points, "checks": checks(results)}
+    summary = {"points": points, "checks": checks(results),
+               "pruned_root": results.get("endpoints", {}).get("pruned", {}).get("root"),
+               "output_len": results.get("config", {}).get("output_len")}
     summary["capacity"] = capacity_summary([p for p in points if p["scenario"] == "capacity"])
     return summary
 
@@ -300,6 +302,20 @@ def markdown(results: dict, summary: dict, command: str | None = None,
 
 # ---------------------------------------------------------------------------- plots
 
+def predicted_ratios(summary: dict, prompt_lens: list[int]) -> dict[int, float]:
+    """The cost model's pruned/dense request-throughput ratio per prompt length, when the
+    pruned endpoint serves a local checkpoint directory (else empty)."""
+    from harp_vllm.costs import checkpoint_shapes, request_speedup
+
+    root = (summary.get("pruned_root") or "")
+    found = checkpoint_shapes(root) if root else None
+    if found is None:
+        return {}
+    cfg, shapes = found
+    out_len = int(summary.get("output_len") or 1)
+    return {n: request_speedup(cfg, shapes, n, out_len) for n in prompt_lens}
+
+
 def plot(summary: dict, out_dir: Path) -> dict:
     """Write the PNG plots that have data; returns {name: path}."""
     import matplotlib
@@ -334,6 +350,10 @@ def plot(summary: dict, out_dir: Path) -> dict:
                 ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=colors[i % 10],
                             label=f"concurrency {c}")
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        pred = predicted_ratios(summary, sorted({p["prompt_len"] for p in sweep}))
+        if pred:
+            ax.plot(list(pred), list(pred.values()), "k--", lw=1.2,
+                    label="cost model (harp_vllm.costs)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel("pruned / dense total tokens/s")

@@ -158,6 +158,15 @@ def test_plan_cli_writes_a_mixed_checkpoint_that_reloads_identically(tiny_llama,
         plan["layout"], SimpleNamespace(num_key_value_heads=2, hidden_size=64,
                                         num_hidden_layers=4)))
     _logits_equal_reference(out, tiny_llama, plan["layout"])
+    # The load-test report's cost-model line reads the served checkpoint's shapes.
+    from loadtest.report import predicted_ratios
+
+    found = costs.checkpoint_shapes(out)
+    assert found is not None and costs.summary(*found)["kv_saving"] >= 0.5
+    pred = predicted_ratios({"pruned_root": str(out), "output_len": 16}, [64, 256])
+    assert pred == {n: costs.request_speedup(*found, n, 16) for n in (64, 256)}
+    assert 1 < pred[64] < pred[256]
+    assert predicted_ratios({"pruned_root": "no-such-dir", "output_len": 16}, [64]) == {}
     stats_files = list((tmp_path / "cache" / "plan-stats").glob("*.pt"))
     assert len(stats_files) == 1
     # The second plan reuses the cached statistics: same damage table, no new file.
