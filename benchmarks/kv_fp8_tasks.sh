@@ -20,6 +20,7 @@ for pair in dense=smollm2-135m harp-p8=$LT/harp8 linear-p8=$LT/lin8; do
     f=$OUT/$label-$kv.json
     [ -f "$f" ] || run flock "$LOCK" .venv/bin/harp-vllm eval tasks --model "$model" \
       --tasks lambada_openai,arc_easy --limit "$LIMIT" --kv-cache-dtype "$kv" \
-      --label "$label-$kv" --out "$f" 2> >(tee "$OUT/$label-$kv.log" >&2)
+      --label "$label-$kv" --samples-out "$OUT/$label-$kv.samples" --out "$f" \
+      2> >(tee "$OUT/$label-$kv.log" >&2)
   done
 done

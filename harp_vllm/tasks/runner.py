@@ -117,9 +117,12 @@ def _make_lm(opts: EvalOptions) -> tuple[Any, dict[str, Any]]:
         lm = backends.make_vllm_lm(path, max_model_len=opts.max_model_len, seed=opts.seed,
                                    max_gen_toks=opts.max_gen_toks, kv_cache_gb=opts.kv_cache_gb,
                                    extra=engine_extra(opts))
+        engine_dtype = None
+        with contextlib.suppress(AttributeError):  # what the engine took, not what was asked
+            engine_dtype = str(lm.model.llm_engine.vllm_config.cache_config.cache_dtype)
         return lm, {"model_path": path, "dtype": "float32", "enforce_eager": True,
                     "max_model_len": opts.max_model_len, "kv_cache_gb": opts.kv_cache_gb,
-                    "kv_cache_dtype": opts.kv_cache_dtype}
+                    "kv_cache_dtype": opts.kv_cache_dtype, "engine_kv_cache_dtype": engine_dtype}
     tokenizer = opts.tokenizer
     if tokenizer is None:
         from .. import models
