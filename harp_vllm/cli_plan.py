@@ -49,6 +49,9 @@ def register(app: typer.Typer) -> None:
                                                     "KL")] = 64,
         ridge: Annotated[float, typer.Option(help="linear maps' ridge")] = 1e-3,
         top_k: Annotated[int, typer.Option(help="best layouts re-scored as whole models")] = 8,
+        rounds: Annotated[int, typer.Option(
+            help="solve rounds: each corrects the best layout's estimates to their in-context "
+                 "damage and solves again")] = 1,
         seed: Annotated[int, typer.Option(help="calibration sampling seed")] = 0,
         eval_windows: Annotated[int, typer.Option(help="WikiText-2 test windows (0: skip)")
                                 ] = 8,
@@ -81,7 +84,7 @@ def register(app: typer.Typer) -> None:
                 layout=layout, frontier=frontier, budgets=sweep, compare=compare, ranks=ranks,
                 calib_file=calib_file, drop=drop, remove=remove, calib_samples=calib_samples,
                 calib_seq_len=calib_seq_len, damage_windows=damage_windows,
-                positions=positions, ridge=ridge, top_k=top_k, seed=seed,
+                positions=positions, ridge=ridge, top_k=top_k, rounds=rounds, seed=seed,
                 eval_windows=eval_windows, eval_seq_len=eval_seq_len, use_cache=cache,
                 force=force)
             return run_frontier(opts) if frontier else run_plan(opts)

@@ -329,17 +329,35 @@ class Planned:
 
 
 def plan_layout(model, stats: PlanStats, rec: DenseRecord, choices: list[Choice],
-                budget: Budget, top_k: int = 8, progress: bool = True) -> Planned:
-    """Solve, then re-score the ``top_k`` best layouts as whole models; the best measured."""
+                budget: Budget, top_k: int = 8, rounds: int = 1, progress: bool = True
+                ) -> Planned:
+    """Solve, then re-score the ``top_k`` best layouts as whole models. Each further round
+    corrects the estimates of the best layout's changed layers to their in-context marginal
+    damage (the layout's KL minus its KL with that layer restored) and solves again. The best
+    measured layout of all rounds wins."""
     cfg = model.config
-    found = solve_layouts(cfg, stats.damage, choices, budget, top_k)
-    tried = []
-    for layout, predicted in tqdm(found, disable=not progress, desc="re-score layouts",
-                                  unit="layout"):
-        tried.append({"layout": layout_text(layout), "predicted_kl": round(predicted, 5),
-                      "measured_kl": round(layout_kl(model, layout, stats, rec), 5)})
-    best = min(range(len(found)), key=lambda i: tried[i]["measured_kl"])
-    return Planned(found[best][0], found[best][1], tried[best]["measured_kl"], tried)
+    damage = {j: dict(v) for j, v in stats.damage.items()}
+    tried: list[dict] = []
+    seen: dict[str, tuple[dict[int, Choice], float, float]] = {}
+    for r in range(rounds):
+        found = solve_layouts(cfg, damage, choices, budget, top_k)
+        for layout, predicted in tqdm(found, disable=not progress, unit="layout",
+                                      desc=f"re-score layouts (round {r + 1}/{rounds})"):
+            key = layout_text(layout)
+            if key not in seen:
+                kl = layout_kl(model, layout, stats, rec)
+                seen[key] = (layout, predicted, kl)
+                tried.append({"round": r + 1, "layout": key,
+                              "predicted_kl": round(predicted, 5), "measured_kl": round(kl, 5)})
+        best_layout, _, best_kl = min(seen.values(), key=lambda t: t[2])
+        if r + 1 < rounds:  # in-context marginals of the best layout's changes
+            for j, c in tqdm(best_layout.items(), disable=not progress, unit="layer",
+                             desc="in-context damage"):
+                rest = {k: v for k, v in best_layout.items() if k != j}
+                damage[j][c.name] = max(best_kl - layout_kl(model, rest, stats, rec), 0.0)
+    best_layout, predicted, best_kl = min(seen.values(), key=lambda t: t[2])
+    single = sum(stats.damage[j][c.name] for j, c in best_layout.items())
+    return Planned(best_layout, single, best_kl, tried)
 
 
 def apply_layout(model, layout: dict[int, Choice], stats: PlanStats):

@@ -59,6 +59,7 @@ class PlanOptions:
     positions: int = 64
     ridge: float = 1e-3
     top_k: int = 8
+    rounds: int = 1
     seed: int = 0
     eval_windows: int = 8
     eval_seq_len: int = 2048
@@ -84,8 +85,8 @@ def _check(opts: PlanOptions) -> None:
                         f"{opts.speedup}")
     if opts.context < 1:
         raise UserError(f"--context must be >= 1, got {opts.context}")
-    if opts.top_k < 1:
-        raise UserError(f"--top-k must be >= 1, got {opts.top_k}")
+    if opts.top_k < 1 or opts.rounds < 1:
+        raise UserError(f"--top-k and --rounds must be >= 1, got {opts.top_k}, {opts.rounds}")
     if not 1 <= opts.damage_windows <= opts.calib_samples:
         raise UserError(f"--damage-windows must be in 1..--calib-samples ({opts.calib_samples}), "
                         f"got {opts.damage_windows}")
@@ -178,10 +179,11 @@ def _ppl(s: Session, layout: dict[int, Choice], progress: bool) -> float | None:
 def plan_budget(s: Session, budget: Budget, progress: bool = True) -> dict:
     """Plan one budget and measure it; the plan record (no checkpoint written)."""
     t0 = time.perf_counter()
-    found = plan_layout(s.model, s.stats, s.rec, s.choices, budget, s.opts.top_k, progress)
+    found = plan_layout(s.model, s.stats, s.rec, s.choices, budget, s.opts.top_k,
+                        s.opts.rounds, progress)
     solve_seconds = time.perf_counter() - t0
-    return _record(s, found.layout, progress, budget=budget, predicted_kl=found.predicted_kl,
-                   measured_kl=found.measured_kl, tried=found.tried,
+    return _record(s, found.layout, progress, budget=budget, predicted_kl=round(found.predicted_kl, 5),
+                   measured_kl=round(found.measured_kl, 5), tried=found.tried,
                    solve_seconds=round(solve_seconds, 2))
 
 
@@ -205,7 +207,8 @@ def _settings_record(s: Session) -> dict:
     o = s.opts
     return {"calibration": s.stats.settings["calibration"], "fit_windows": o.calib_samples,
             "fit_seq_len": o.calib_seq_len, "damage_windows": o.damage_windows,
-            "positions": o.positions, "ridge": o.ridge, "top_k": o.top_k, "seed": o.seed,
+            "positions": o.positions, "ridge": o.ridge, "top_k": o.top_k, "rounds": o.rounds,
+            "seed": o.seed,
             "candidates": [c.name for c in s.choices],
             "eval": {"dataset": "wikitext2", "split": "test", "windows": o.eval_windows,
                      "seq_len": o.eval_seq_len},

@@ -172,8 +172,11 @@ def test_plan_cli_writes_a_mixed_checkpoint_that_reloads_identically(tiny_llama,
     # The second plan reuses the cached statistics: same damage table, no new file.
     before = stats_files[0].stat().st_mtime_ns
     res = runner.invoke(app, [*_tiny_args(tiny_llama, tmp_path), "--kv-saving", "0.25",
-                              "--out", str(tmp_path / "plan2")])
+                              "--rounds", "2", "--out", str(tmp_path / "plan2")])
     assert res.exit_code == 0, res.output
+    plan2 = json.loads((tmp_path / "plan2" / "plan.json").read_text())
+    assert {t["round"] for t in plan2["tried"]} <= {1, 2} and plan2["settings"]["rounds"] == 2
+    assert plan2["measured_kl"] == min(t["measured_kl"] for t in plan2["tried"])
     assert stats_files[0].stat().st_mtime_ns == before
     assert list((tmp_path / "cache" / "plan-stats").glob("*.pt")) == stats_files
 
