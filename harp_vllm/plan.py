@@ -189,7 +189,7 @@ def fit_statistics(model, windows: torch.Tensor, ranks: list[int | None], ridge:
             moments[j].add(kw["hidden_states"], out[0])
 
         def o_hook(module, args, j=j):
-            flap[j].add_attn(args[0], module.weight, hd)
+            flap[j].add_attn(args[0], module.weight, hd, contributions=False)
 
         handles.append(layer.self_attn.register_forward_hook(attn_hook, with_kwargs=True))
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(o_hook))

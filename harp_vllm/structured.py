@@ -65,11 +65,16 @@ class LayerStats:
     def _add(acc: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
         return value if acc is None else acc + value
 
-    def add_attn(self, x: torch.Tensor, w_o: torch.Tensor, d: int) -> None:
+    def add_attn(self, x: torch.Tensor, w_o: torch.Tensor, d: int,
+                 contributions: bool = True) -> None:
+        """Add o_proj inputs ``x``; ``contributions=False`` skips AMP's per-head output norms
+        (the costly part; FLAP and Wanda-sp do not need them)."""
         x = x.reshape(-1, x.shape[-1]).double()
         self.tokens += x.shape[0]
         self.attn_sum = self._add(self.attn_sum, x.sum(0))
         self.attn_sq = self._add(self.attn_sq, x.pow(2).sum(0))
+        if not contributions:
+            return
         n_heads = x.shape[1] // d
         w = w_o.double().view(w_o.shape[0], n_heads, d)  # [d_model, H, d]
         contrib = torch.einsum("thd,ohd->tho", x.view(-1, n_heads, d), w)  # per-head output
