@@ -267,7 +267,10 @@ def solve_layouts(cfg: Any, damage: dict[int, dict[str, float]], choices: list[C
                   budget: Budget, count: int = 1) -> list[tuple[dict[int, Choice], float]]:
     """The ``count`` best layouts by summed damage under ``budget`` (multiple-choice knapsack,
     exact MILP by HiGHS; each next layout is excluded from the following solves by a no-good
-    cut). Returns (layout without the kept layers, predicted damage)."""
+    cut). A candidate another one of its layer beats on every budgeted cost and on damage is
+    left out (a full-rank map that costs less damage than the rank-192 one, under a KV budget
+    alone), so the next-best layouts differ in substance. Returns (layout without the kept
+    layers, predicted damage)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     n_layers, n_c = cfg.num_hidden_layers, len(choices)
@@ -285,9 +288,11 @@ def solve_layouts(cfg: Any, damage: dict[int, dict[str, float]], choices: list[C
         head = cfg.hidden_size * cfg.vocab_size / budget.context
         limit = costs.model_macs(cfg, [dense] * n_layers, budget.context) / budget.speedup
         rows.append(macs[None]), lo.append([-np.inf]), hi.append([limit - head])
+    budgeted = [kv] + ([macs] if budget.speedup is not None else [])
+    upper = _undominated(cost, budgeted, n_c).astype(float)
     out: list[tuple[dict[int, Choice], float]] = []
     for _ in range(count):
-        res = milp(cost, integrality=np.ones_like(cost), bounds=Bounds(0, 1),
+        res = milp(cost, integrality=np.ones_like(cost), bounds=Bounds(0, upper),
                    constraints=LinearConstraint(np.vstack(rows), np.concatenate(lo),
                                                 np.concatenate(hi)))
         if res.x is None:
@@ -303,6 +308,24 @@ def solve_layouts(cfg: Any, damage: dict[int, dict[str, float]], choices: list[C
         cut[picked] = 1
         rows.append(cut[None]), lo.append([-np.inf]), hi.append([n_layers - 1])
     return out
+
+
+def _undominated(cost: np.ndarray, budgeted: list[np.ndarray], n_c: int) -> np.ndarray:
+    """Per variable: False if another choice of the same layer is no worse on damage and
+    every budgeted cost and better on one (ties: the first listed stays)."""
+    keep = np.ones_like(cost, dtype=bool)
+    for base in range(0, len(cost), n_c):
+        for a in range(base, base + n_c):
+            for b in range(base, base + n_c):
+                if a == b:
+                    continue
+                vals_a = [cost[a], *(c[a] for c in budgeted)]
+                vals_b = [cost[b], *(c[b] for c in budgeted)]
+                if all(vb <= va for va, vb in zip(vals_a, vals_b, strict=True)) and (
+                        vals_a != vals_b or b < a):
+                    keep[a] = False
+                    break
+    return keep
 
 
 def _budget_text(b: Budget) -> str:
