@@ -688,3 +688,32 @@ def test_tiny_planned_mixture_matches_reference_and_sizes_kv(tmp_path):
                         prompt_logprobs=False)
     # KV heads per layer: 1, 0, 0, 2, 0, 1 = 4 of the dense 12.
     assert result["kv_cache_tokens"] / base["kv_cache_tokens"] == pytest.approx(3.0, rel=0.01)
+
+
+# The layout `harp-vllm plan smollm2-135m --kv-saving 0.27` chose (docs/results.md section 10).
+SMOL_PLAN27 = ("7:linearfull,8:linearfull,14:linearfull,15:linearfull,25:linearfull,26:drop1,"
+               "27:linearfull,28:linearfull,29:linearfull")
+
+
+@vllm
+@pytest.mark.real_model
+@pytest.mark.timeout(1200)
+def test_smollm2_plan27_matches_reference_and_kv_equals_plan(smollm2_dir, smol_prompts,
+                                                             run_smol_dense, tmp_path):
+    """SmolLM2 with the 27% plan's layout (maps fitted on 16 x 128 tokens here): the engine's
+    greedy tokens and prompt logprobs equal the reference's, and its KV-cache tokens grow by
+    exactly dense / planned KV bytes per token (65 of 90 KV heads) within block rounding."""
+    from harp_vllm import costs
+
+    pruned = planned(smollm2_dir, tmp_path / "plan27", SMOL_PLAN27, samples=16, seq_len=128)
+    cfg, shapes = costs.checkpoint_shapes(pruned)
+    summary = costs.summary(cfg, shapes)
+    assert summary["kv_bytes_per_token"] == 16640 and summary["kv_saving"] >= 0.27
+    result, log = run_probe(pruned, tmp_path / "run", smol_prompts)
+    assert result["ok"], result.get("error", "") + log[-3000:]
+    assert result["architectures"] == ["HarpLlamaForCausalLM"]
+    assert_matches(result, reference(pruned, smol_prompts))
+    dense = run_smol_dense[0]
+    want = summary["kv_bytes_per_token_dense"] / summary["kv_bytes_per_token"]
+    rounding = 2 * result["block_size"] / dense["kv_cache_tokens"]  # a block on either side
+    assert abs(result["kv_cache_tokens"] / dense["kv_cache_tokens"] - want) <= want * rounding
