@@ -4,7 +4,9 @@ One engine run per checkpoint and pass (each in its own process, the real multi-
 engine, same VLLM_CPU_KVCACHE_SPACE); dense runs first and last so drift shows; every row is
 the median of its runs (``--repeats N`` passes, alternating dense and variants). Prints
 KV-cache tokens, single-prompt prefill throughput and (``--decode-requests N``) decode
-throughput of N concurrent requests at ``--decode-prompt`` tokens of context, with their ratios
+throughput of N concurrent requests at ``--decode-prompt`` tokens of context (prefix caching on:
+the prompts are prefilled once, then decode time = a full run minus a 1-token run, both with
+the prompts in the cache, so the long prefill does not drown the decode time), with ratios
 to dense beside the cost model's predicted ratio (``harp_vllm.costs``), and writes JSON. Used
 for the Gate-Norm / HARP / hybrid table, the head-level table and the plan's engine check
 (docs/results.md):
@@ -48,7 +50,8 @@ def main() -> None:
     lens = [int(x) for x in args.prefill.split(",")]
     cfg = dict(rounds=1, prefill=lens, decode_requests=args.decode_requests,
                decode_prompt=args.decode_prompt if args.decode_requests else 1,
-               decode_tokens=args.decode_tokens if args.decode_requests else 1)
+               decode_tokens=args.decode_tokens if args.decode_requests else 1,
+               decode_cached=bool(args.decode_requests))
     decode_ctx = args.decode_prompt + args.decode_tokens // 2
     env = engine_env(args.kv_space)
     work = args.out.with_suffix(".runs")
