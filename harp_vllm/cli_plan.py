@@ -45,6 +45,9 @@ def register(app: typer.Typer) -> None:
         calib_seq_len: Annotated[int, typer.Option(help="tokens per calibration window")] = 256,
         damage_windows: Annotated[int, typer.Option(help="of those, windows each candidate's "
                                                          "KL is measured on")] = 8,
+        rescore_windows: Annotated[int, typer.Option(
+            help="held-out windows (after the damage windows) the best layouts are re-scored "
+                 "on, every position (0: the damage windows)")] = 8,
         positions: Annotated[int, typer.Option(help="sampled positions per window for the "
                                                     "KL")] = 64,
         ridge: Annotated[float, typer.Option(help="linear maps' ridge")] = 1e-3,
@@ -84,6 +87,7 @@ def register(app: typer.Typer) -> None:
                 layout=layout, frontier=frontier, budgets=sweep, compare=compare, ranks=ranks,
                 calib_file=calib_file, drop=drop, remove=remove, calib_samples=calib_samples,
                 calib_seq_len=calib_seq_len, damage_windows=damage_windows,
+                rescore_windows=rescore_windows,
                 positions=positions, ridge=ridge, top_k=top_k, rounds=rounds, seed=seed,
                 eval_windows=eval_windows, eval_seq_len=eval_seq_len, use_cache=cache,
                 force=force)

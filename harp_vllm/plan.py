@@ -354,7 +354,9 @@ class Planned:
 def plan_layout(model, stats: PlanStats, rec: DenseRecord, choices: list[Choice],
                 budget: Budget, top_k: int = 8, rounds: int = 1, progress: bool = True
                 ) -> Planned:
-    """Solve, then re-score the ``top_k`` best layouts as whole models. Each further round
+    """Solve, then re-score the ``top_k`` best layouts as whole models on ``rec`` (held-out
+    calibration windows, so the pick is not fitted to the damage windows' noise). Each further
+    round
     corrects the estimates of the best layout's changed layers to their in-context marginal
     damage (the layout's KL minus its KL with that layer restored) and solves again. The best
     measured layout of all rounds wins."""

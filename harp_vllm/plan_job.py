@@ -12,6 +12,7 @@ from typing import Any
 from . import data as data_mod
 from . import models
 from .checkpoint import check_output_dir, save_pruned
+from .damage import record_dense
 from .errors import UserError
 from .paths import cache_dir
 from .perplexity import evaluate_perplexity
@@ -56,6 +57,7 @@ class PlanOptions:
     calib_samples: int = 64
     calib_seq_len: int = 256
     damage_windows: int = 8
+    rescore_windows: int = 8  # held-out windows (after the damage ones) layouts are re-scored on
     positions: int = 64
     ridge: float = 1e-3
     top_k: int = 8
@@ -90,6 +92,10 @@ def _check(opts: PlanOptions) -> None:
     if not 1 <= opts.damage_windows <= opts.calib_samples:
         raise UserError(f"--damage-windows must be in 1..--calib-samples ({opts.calib_samples}), "
                         f"got {opts.damage_windows}")
+    if opts.rescore_windows < 0 or (
+            opts.damage_windows + opts.rescore_windows > opts.calib_samples):
+        raise UserError(f"--rescore-windows {opts.rescore_windows} plus --damage-windows "
+                        f"{opts.damage_windows} exceed --calib-samples {opts.calib_samples}")
     if opts.calib_samples % 8:
         raise UserError(f"--calib-samples must be a multiple of 8 (the batch), got "
                         f"{opts.calib_samples}")
@@ -115,6 +121,7 @@ class Session:
     model: Any
     stats: PlanStats
     rec: Any
+    held_out: Any  # the re-scoring record: held-out windows, every position
     choices: list[Choice]
     cache: Path | None
     eval_text: str | None
@@ -155,8 +162,14 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     score = layout is None
     stats, rec = ensure_statistics(model, windows, settings, choices if score else [KEEP],
                                    ranks, opts.ridge, cache, progress)
+    held_out = rec
+    if opts.rescore_windows:
+        first = opts.damage_windows
+        held_out = record_dense(model, windows[first:first + opts.rescore_windows],
+                                list(range(cfg.num_hidden_layers)),
+                                positions=opts.calib_seq_len, seed=opts.seed)
     eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
-    return Session(opts, src, cfg, tok, model, stats, rec, choices, cache, eval_text,
+    return Session(opts, src, cfg, tok, model, stats, rec, held_out, choices, cache, eval_text,
                    time.perf_counter() - t0)
 
 
@@ -179,7 +192,7 @@ def _ppl(s: Session, layout: dict[int, Choice], progress: bool) -> float | None:
 def plan_budget(s: Session, budget: Budget, progress: bool = True) -> dict:
     """Plan one budget and measure it; the plan record (no checkpoint written)."""
     t0 = time.perf_counter()
-    found = plan_layout(s.model, s.stats, s.rec, s.choices, budget, s.opts.top_k,
+    found = plan_layout(s.model, s.stats, s.held_out, s.choices, budget, s.opts.top_k,
                         s.opts.rounds, progress)
     solve_seconds = time.perf_counter() - t0
     return _record(s, found.layout, progress, budget=budget,
@@ -200,7 +213,7 @@ def _record(s: Session, layout: dict[int, Choice], progress: bool, budget: Budge
            "costs": layout_summary(cfg, layout, (4096, 7168, s.opts.context)),
            "ppl": _ppl(s, layout, progress)}
     if "measured_kl" not in rec:
-        rec["measured_kl"] = round(layout_kl(s.model, layout, s.stats, s.rec), 5)
+        rec["measured_kl"] = round(layout_kl(s.model, layout, s.stats, s.held_out), 5)
     return rec
 
 
@@ -208,8 +221,8 @@ def _settings_record(s: Session) -> dict:
     o = s.opts
     return {"calibration": s.stats.settings["calibration"], "fit_windows": o.calib_samples,
             "fit_seq_len": o.calib_seq_len, "damage_windows": o.damage_windows,
-            "positions": o.positions, "ridge": o.ridge, "top_k": o.top_k, "rounds": o.rounds,
-            "seed": o.seed,
+            "positions": o.positions, "rescore_windows": o.rescore_windows, "ridge": o.ridge,
+            "top_k": o.top_k, "rounds": o.rounds, "seed": o.seed,
             "candidates": [c.name for c in s.choices],
             "eval": {"dataset": "wikitext2", "split": "test", "windows": o.eval_windows,
                      "seq_len": o.eval_seq_len},

@@ -115,7 +115,7 @@ def _calib(tmp_path: Path) -> Path:
 
 def _tiny_args(tiny_llama: Path, tmp_path: Path) -> list[str]:
     return ["plan", str(tiny_llama), "--calib-file", str(_calib(tmp_path)),
-            "--calib-samples", "8", "--calib-seq-len", "32", "--positions", "16",
+            "--calib-samples", "16", "--calib-seq-len", "32", "--positions", "16",
             "--ranks", "16,full", "--eval-windows", "0", "--top-k", "3"]
 
 
@@ -132,7 +132,7 @@ def _logits_equal_reference(ckpt: Path, tiny_llama: Path, layout_text: str) -> N
     from harp_vllm.plan_job import PlanOptions, open_session
 
     s = open_session(PlanOptions(model=str(tiny_llama), out=ckpt, layout=layout_text,
-                                 calib_file=ckpt.parent / "calib.txt", calib_samples=8,
+                                 calib_file=ckpt.parent / "calib.txt", calib_samples=16,
                                  calib_seq_len=32, positions=16, eval_windows=0,
                                  ranks="16,full", use_cache=False), progress=False)
     with torch.no_grad(), installed(s.model, parse_layout(layout_text, s.cfg), s.stats):
@@ -208,7 +208,8 @@ def test_plan_cli_refuses_bad_input_and_leaves_nothing(tiny_llama, tmp_path):
              (["--layout", "0:drop5"], "drop 1..1"),
              (["--kv-saving", "0.3", "--ranks", "65"], "--rank 65 is out of range"),
              (["--frontier", "--kv-saving", "0.3"], "--frontier sweeps --budgets"),
-             (["--frontier", "--budgets", "0.2,1.2"], "--budgets must be KV savings")]
+             (["--frontier", "--budgets", "0.2,1.2"], "--budgets must be KV savings"),
+             (["--kv-saving", "0.3", "--rescore-windows", "9"], "exceed --calib-samples 16")]
     for i, (args, message) in enumerate(cases):
         out = tmp_path / f"bad{i}"
         res = runner.invoke(app, [*base, "--no-cache", *args, "--out", str(out)])

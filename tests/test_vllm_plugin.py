@@ -664,6 +664,7 @@ def planned(src: Path, out: Path, layout: str, samples: int = 8, seq_len: int = 
     res = CliRunner().invoke(app, [
         "plan", str(src), "--layout", layout, "--out", str(out), "--calib-samples",
         str(samples), "--calib-seq-len", str(seq_len), "--eval-windows", "0", "--no-cache",
+        "--rescore-windows", "0",
         "--ranks", "full"])
     assert res.exit_code == 0, res.output
     return out
