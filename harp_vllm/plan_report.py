@@ -26,7 +26,7 @@ def table(report: dict) -> str:
         changed = sum(x != "keep" for x in p["per_layer"])
         ppl = "-" if p["ppl"] is None else f"{p['ppl']:.2f}"
         lines.append(
-            f"| {p['budget']['kv_saving']:.2f} | {c['kv_saving']:.3f} | {ppl} | "
+            f"| {p['budget']['kv_saving']:.4g} | {c['kv_saving']:.3f} | {ppl} | "
             f"{p['predicted_kl']:.4f} / {p['measured_kl']:.4f} | "
             f"{sp['prefill@4096']:.3f} / {sp['prefill@7168']:.3f} | {changed} | "
             f"`{p['layout']}` |")
@@ -92,7 +92,7 @@ def write_report(report: dict, out: Path) -> list[Path]:
     ax.set_xlim(0, n_layers)
     ax.set_ylim(0, len(report["plans"]))
     ax.set_yticks([r + 0.45 for r in range(len(report["plans"]))],
-                  [f"{p['budget']['kv_saving']:.0%}" for p in report["plans"]])
+                  [f"{p['budget']['kv_saving']:.1%}" for p in report["plans"]])
     ax.set_xticks([j + 0.45 for j in range(n_layers)], [str(j) for j in range(n_layers)],
                   fontsize=7)
     ax.set_xlabel("layer")

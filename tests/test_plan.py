@@ -234,4 +234,4 @@ def test_frontier_writes_table_and_plots(tiny_llama, tmp_path):
     assert report["plans"][0]["predicted_kl"] <= report["plans"][1]["predicted_kl"]
     for name in ("frontier.md", "frontier.png", "layouts.png"):
         assert (out / name).stat().st_size > 0
-    assert "| 0.50 |" in (out / "frontier.md").read_text()
+    assert "| 0.5 |" in (out / "frontier.md").read_text()
