@@ -12,12 +12,8 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .families import STRUCTURED_MODEL_TYPES, head_dim
 
-# Families whose head-pruned checkpoints the plugin serves (Gemma's attention has its own
-# norms and scaling; not done).
-STRUCTURED_FAMILIES = ("llama", "mistral", "qwen2")
-# Families whose vLLM code has no o_proj / down_proj bias for FLAP's compensation.
-NO_COMPENSATION_FAMILIES = ("qwen2",)
 # The input-side projections (o_proj and down_proj are the output side).
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj")
@@ -25,13 +21,9 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj")
 
 def check_family(config) -> None:
     mt = getattr(config, "model_type", None)
-    if mt not in STRUCTURED_FAMILIES:
+    if mt not in STRUCTURED_MODEL_TYPES:
         raise UserError(f"head/MLP pruning supports model families "
-                        f"{', '.join(STRUCTURED_FAMILIES)}; got {mt!r}")
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+                        f"{', '.join(STRUCTURED_MODEL_TYPES)}; got {mt!r}")
 
 
 def group_size(config) -> int:

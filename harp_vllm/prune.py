@@ -20,11 +20,19 @@ from . import data as data_mod
 from . import models
 from .checkpoint import check_output_dir, save_pruned
 from .errors import UserError
+from .families import LINEAR_MODEL_TYPES, head_dim
 from .gate_norm import gate_norm_scores, lowest_scoring
-from .heads import check_family, count_parameters, head_dim
+from .heads import check_family, count_parameters
 from .perplexity import evaluate_perplexity
 from .reference import family_post_norm, harp_architecture, pruned
-from .search import DEFAULT_GRID, calibration_windows, fast_search, naive_search
+from .search import (
+    DEFAULT_CALIB_SAMPLES,
+    DEFAULT_CALIB_SEQ_LEN,
+    DEFAULT_GRID,
+    calibration_windows,
+    fast_search,
+    naive_search,
+)
 from .spec import PruningSpec
 from .structured import (
     DEFAULT_ALLOCATION,
@@ -139,15 +147,14 @@ def load_calibration_text(opts: PruneOptions) -> tuple[str, dict]:
 
 
 LAYER_METHODS = ("harp", "gate-norm", "hybrid")
-LINEAR_FAMILIES = ("llama", "mistral")  # families whose linear-map checkpoints are served
 DAMAGE_WINDOWS = 8  # calibration windows --select damage scores every layer on
 
 
 def calibration_shape(opts: PruneOptions) -> tuple[int, int]:
     """(samples, tokens per sample): HARP's search default 8 x 256, the linear fit's 64 x 256
     (a d x d fit needs many tokens), or Wanda-sp/FLAP's 128 x 128."""
-    default = ((8, 256) if opts.method in LAYER_METHODS else (64, 256) if opts.method == "linear"
-               else (128, 128))
+    default = ((DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQ_LEN) if opts.method in LAYER_METHODS
+               else (64, 256) if opts.method == "linear" else (128, 128))
     return (opts.calib_samples if opts.calib_samples is not None else default[0],
             opts.calib_seq_len if opts.calib_seq_len is not None else default[1])
 
@@ -354,8 +361,8 @@ def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool)
         refine,
     )
 
-    if hf_cfg.model_type not in LINEAR_FAMILIES:
-        raise UserError(f"--method linear is served for {', '.join(LINEAR_FAMILIES)} models, "
+    if hf_cfg.model_type not in LINEAR_MODEL_TYPES:
+        raise UserError(f"--method linear is served for {', '.join(LINEAR_MODEL_TYPES)} models, "
                         f"not {hf_cfg.model_type!r}")
     if opts.alpha is not None:
         raise UserError("--alpha is for HARP; --method linear fits its maps")

@@ -12,7 +12,6 @@ against.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,21 +19,9 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .spec import HARP_ARCHITECTURES, PruningSpec
-
-# model_type -> True if alpha applies after a post-attention norm (Gemma family).
-FAMILIES = {"llama": False, "mistral": False, "qwen2": False, "gemma2": True,
-            "gemma3_text": True}
-
-
-def family_post_norm(config) -> bool:
-    """Whether the model family scales after the post-attention norm; errors if unsupported."""
-    mt = getattr(config, "model_type", None)
-    if mt not in FAMILIES:
-        raise UserError(f"unsupported model family {mt!r} (architectures "
-                        f"{getattr(config, 'architectures', None)}); supported: "
-                        f"{', '.join(sorted(FAMILIES))}")
-    return FAMILIES[mt]
+from .families import HARP_ARCHITECTURES, head_dim
+from .families import post_norm as family_post_norm
+from .spec import PruningSpec
 
 
 class TokenLocalAttention(nn.Module):
@@ -101,11 +88,10 @@ def _token_local(model, idx: int, alpha: float | torch.Tensor,
     cfg = model.config
     attn = decoder_layers(model)[idx].self_attn
     v, o = attn.v_proj, attn.o_proj
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     n_rep = cfg.num_attention_heads // cfg.num_key_value_heads
     post_norm = family_post_norm(cfg)
     keep = keep_weights or not (isinstance(alpha, float) and alpha == 0.0)
-    return TokenLocalAttention(v if keep else None, o if keep else None, n_rep, head_dim,
+    return TokenLocalAttention(v if keep else None, o if keep else None, n_rep, head_dim(cfg),
                                1.0 if post_norm else alpha)
 
 
@@ -213,6 +199,3 @@ def harp_architecture(config) -> str:
     raise UserError(f"unsupported architecture {archs}; supported: "
                     f"{', '.join(HARP_ARCHITECTURES)}")
 
-
-def read_config(path: Path) -> dict:
-    return json.loads((Path(path) / "config.json").read_text())

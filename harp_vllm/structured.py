@@ -32,15 +32,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .families import NO_COMPENSATION_MODEL_TYPES, head_dim
 from .heads import (
     ATTENTION_PROJECTIONS,
     MLP_PROJECTIONS,
-    NO_COMPENSATION_FAMILIES,
     add_bias,
     add_biases,
     channels_of,
     group_size,
-    head_dim,
     keep_channels,
     keep_groups,
 )
@@ -255,7 +254,7 @@ def prune_structured(model, windows: torch.Tensor, method: str, ratio: float,
         raise UserError(f"--allocation must be uniform or global, got {allocation!r}")
     compensate = method == "flap" if bias_compensation is None else bias_compensation
     config = model.config
-    if compensate and getattr(config, "model_type", None) in NO_COMPENSATION_FAMILIES:
+    if compensate and getattr(config, "model_type", None) in NO_COMPENSATION_MODEL_TYPES:
         raise UserError(f"bias compensation needs o_proj and down_proj biases, which vLLM's "
                         f"{config.model_type} code has not; use --no-bias-compensation")
     d, r = head_dim(config), group_size(config)

@@ -205,7 +205,7 @@ def test_importing_the_plugin_does_not_import_vllm():
 def test_entry_point_is_installed_and_archs_match_the_spec():
     from importlib.metadata import entry_points
 
-    from harp_vllm.spec import HARP_ARCHITECTURES
+    from harp_vllm.families import HARP_ARCHITECTURES
     from harp_vllm.vllm_plugin import MODELS
 
     eps = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
