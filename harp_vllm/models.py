@@ -175,7 +175,7 @@ def load(path: Path):
     config = AutoConfig.from_pretrained(path)
     pruning = spec_mod.PruningSpec.from_config(config)
     if pruning is not None:
-        from .reference import load_pruned
+        from .pruning.reference import load_pruned
 
         return load_pruned(path, config, pruning)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,

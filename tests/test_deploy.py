@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harp_vllm import stack as native
+from harp_vllm.ops import stack as native
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

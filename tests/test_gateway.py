@@ -1,7 +1,7 @@
 """``harp-vllm gateway`` with real processes on 127.0.0.1.
 
 * Hardening tests (bad input, killed backend, mid-stream death, client disconnect, shadow that
-  must not delay the caller) run against ``harp_vllm.gateway.fake_backend`` processes: a
+  must not delay the caller) run against ``tests/fake_backend.py`` processes: a
   backend has to be killed and restarted, which costs a second for the fake server and a
   minute for vLLM.
 * Routing, streaming, the A/B split, mirroring and metrics run against the real dense and
@@ -40,6 +40,8 @@ from test_serve import (
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+
+FAKE_BACKEND = Path(__file__).with_name("fake_backend.py")
 
 
 class Proc:
@@ -90,7 +92,7 @@ class Proc:
 
 def fake_backend(tmp: Path, name: str, delay: float = 0.0) -> Proc:
     port = free_port()
-    return Proc([sys.executable, "-m", "harp_vllm.gateway.fake_backend", "--port", str(port),
+    return Proc([sys.executable, str(FAKE_BACKEND), "--port", str(port),
                  "--model", name, "--token-delay", str(delay)], port, tmp / f"{name}.log")
 
 

@@ -19,9 +19,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from harp_vllm import serve as serve_mod
 from harp_vllm.errors import UserError
-from harp_vllm.serving_metrics import KVLayout, context_bucket, kv_layout
+from harp_vllm.serving import serve as serve_mod
+from harp_vllm.serving.metrics import KVLayout, context_bucket, kv_layout
 
 PRUNED_LAYERS = {22: 0.2, 23: 0.3, 24: 0.4, 25: 0.5, 26: 0.5, 27: 0.6, 28: 0.7, 29: 0.8}
 DENSE_NAME, HARP_NAME = "smollm2-dense", "smollm2-harp"
@@ -101,7 +101,7 @@ def get_vllm_pair(tmp_root: Path, smollm2_dir: Path) -> dict:
     """{"dense": ServerProcess, "harp": ServerProcess, "pruned_dir": Path}, started once.
 
     The pruned server is started through the real CLI (``python -m harp_vllm.cli serve``),
-    the dense one through ``python -m harp_vllm.serve``; both in parallel, then awaited.
+    the dense one through ``python -m harp_vllm.serving.serve``; both in parallel, then awaited.
     """
     with _POOL_LOCK:
         if "error" in _POOL:
@@ -191,7 +191,7 @@ def test_kv_layout_of_a_head_pruned_checkpoint():
 def test_build_command_resolves_known_name(monkeypatch, smollm2_dir):
     cmd = serve_mod.build_command(["smollm2-135m", "--port", "9", "--enforce-eager"],
                                   python="py")
-    assert cmd[:3] == ["py", "-m", "harp_vllm.serve"]
+    assert cmd[:3] == ["py", "-m", "harp_vllm.serving.serve"]
     assert cmd[cmd.index("--model") + 1] == str(smollm2_dir)
     assert cmd[cmd.index("--served-model-name") + 1] == "smollm2-135m"
     assert cmd[-3:] == ["--port", "9", "--enforce-eager"]
@@ -230,7 +230,7 @@ def test_stat_logger_records_engine_stats():
     from vllm.v1.engine import FinishReason
     from vllm.v1.metrics.stats import FinishedRequestStats, IterationStats
 
-    from harp_vllm.stat_logger import HarpStatLogger, unregister_harp_metrics
+    from harp_vllm.serving.stat_logger import HarpStatLogger, unregister_harp_metrics
 
     hf = SimpleNamespace(architectures=["HarpLlamaForCausalLM"], num_hidden_layers=30,
                          harp_pruning={"version": 1, "method": "harp",

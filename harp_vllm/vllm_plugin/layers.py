@@ -46,7 +46,7 @@ def pruning_spec(config: Any, arch: str) -> PruningSpec:
         raise HarpCheckpointError(
             f"config.json declares architecture {arch} but has no '{CONFIG_KEY}' section; a "
             f"HARP checkpoint must list its pruned layers (write it with "
-            f"harp_vllm.checkpoint.save_pruned)")
+            f"harp_vllm.pruning.checkpoint.save_pruned)")
     try:
         spec = PruningSpec.from_config(config)
     except UserError as e:
