@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,15 +28,11 @@ from pathlib import Path
 import httpx
 import psutil
 
+from harp_vllm.process import free_port
+
 FAKE_BACKEND = Path(__file__).resolve().parents[1] / "tests" / "fake_backend.py"
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(cmd: list[str], port: int, probe: str, tree: Path) -> subprocess.Popen:

@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from harp_vllm.ops import stack as native
+from harp_vllm.process import free_port, http_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -48,12 +49,6 @@ def tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed; run `make setup`")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_json(url: str, timeout: float = 10.0) -> dict:
@@ -113,7 +108,7 @@ class Prometheus:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, (workdir / "prometheus.log").read_text()
-            if native._http_ok(self.url + "/-/ready", timeout=2):
+            if http_ok(self.url + "/-/ready", timeout=2):
                 return
             time.sleep(0.3)
         self.stop()

@@ -32,11 +32,12 @@ from test_serve import (
     DENSE_NAME,
     HARP_NAME,
     STARTUP_TIMEOUT,
-    free_port,
     get_vllm_pair,
     metric_samples,
     stop_vllm_pair,
 )
+
+from harp_vllm.process import free_port
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

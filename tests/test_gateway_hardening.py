@@ -27,7 +27,8 @@ from test_gateway import (
     gw_metrics,
     metric_sum,
 )
-from test_serve import free_port
+
+from harp_vllm.process import free_port
 
 KEY = "sk-hardening-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

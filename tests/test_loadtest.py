@@ -115,7 +115,7 @@ def test_report_ratios_and_capacity(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_unreachable_url_clear_message(tmp_path):
-    from harp_vllm.loadtest.servers import free_port
+    from harp_vllm.process import free_port
 
     port = free_port()
     r = _loadtest(["--dense-url", f"http://127.0.0.1:{port}", "--pruned-url",
@@ -171,12 +171,12 @@ def ab_servers(tmp_path_factory, smollm2_dir):
     dense = servers.start(smollm2_dir, base / "dense.log", served_name="smollm2-135m", **kw)
     pruned = servers.start(pruned_model, base / "pruned.log", served_name="smollm2-harp", **kw)
     try:
-        servers.wait_ready(dense, 400)
-        servers.wait_ready(pruned, 400)
+        dense.wait_ready(400)
+        pruned.wait_ready(400)
         yield dense.url, pruned.url, harp
     finally:
-        servers.stop(dense)
-        servers.stop(pruned)
+        dense.stop()
+        pruned.stop()
 
 
 @pytest.mark.vllm

@@ -11,7 +11,6 @@ import atexit
 import json
 import os
 import re
-import socket
 import threading
 import urllib.request
 from pathlib import Path
@@ -20,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from harp_vllm.errors import UserError
+from harp_vllm.process import free_port
 from harp_vllm.serving import serve as serve_mod
 from harp_vllm.serving.metrics import KVLayout, context_bucket, kv_layout
 
@@ -29,12 +29,6 @@ SERVER_FLAGS = ["--enforce-eager", "--max-model-len", "2048", "--dtype", "float3
                 "--disable-uvicorn-access-log"]
 SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 STARTUP_TIMEOUT = 400  # two engines starting at once on 2 loaded cores
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(url: str, timeout: float = 30) -> tuple[int, str]:

@@ -33,12 +33,9 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +43,7 @@ from typing import Any
 
 from ..errors import UserError
 from ..paths import cache_dir
+from ..process import http_ok, log_tail, port_free
 
 STACK_DIR_ENV = "HARP_STACK_DIR"
 STATE_FILE = "state.json"
@@ -430,24 +428,6 @@ def _rewrite_prometheus(s: Service, sdir: Path, tr: _Translator) -> None:
 
 # -- processes --------------------------------------------------------------------------------
 
-def _http_ok(url: str, timeout: float = 3.0) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return 200 <= r.status < 300
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host if host not in ("", "0.0.0.0") else "0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
 def _proc(pid: int, create_time: float | None):
     """The psutil process ``pid`` if it is still the one started (same creation time)."""
     import psutil
@@ -461,13 +441,6 @@ def _proc(pid: int, create_time: float | None):
         return p
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-
-
-def _log_tail(path: str | Path, n: int = 30) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return ""
 
 
 def stop_tree(pid: int, create_time: float | None, timeout: float = 30.0) -> list[int]:
@@ -545,7 +518,7 @@ class Stack:
             raise UserError(f"a stack is already running from {self.dir} (harp-vllm stack "
                             "status / down)")
         for s in self.plan.services:
-            if s.port and not _port_free(s.host or "127.0.0.1", s.port):
+            if s.port and not port_free(s.host or "127.0.0.1", s.port):
                 raise UserError(f"{s.name}: port {s.port} is in use; set its port variable "
                                 "(see deploy/.env.example) or stop what listens there")
         logs = self.dir / "logs"
@@ -581,9 +554,9 @@ class Stack:
                             continue
                         raise UserError(f"{s.name} exited with code {rc}; log "
                                         f"{state['services'][s.name]['log']}:\n"
-                                        f"{_log_tail(state['services'][s.name]['log'])}")
+                                        f"{log_tail(state['services'][s.name]['log'])}")
                     if status[s.name] == "started" and not s.oneshot and (
-                            s.health_url is None or _http_ok(s.health_url)):
+                            s.health_url is None or http_ok(s.health_url)):
                         status[s.name] = "healthy"
                         self.echo(f"{s.name} healthy")
                 if all(status.get(s.name) in ("healthy", "completed")
@@ -662,7 +635,7 @@ class Stack:
             elif not alive:
                 st = "dead"
             elif rec.get("health_url"):
-                st = "healthy" if _http_ok(rec["health_url"]) else "unhealthy"
+                st = "healthy" if http_ok(rec["health_url"]) else "unhealthy"
             else:
                 st = "running"
             out[name] = {"state": st, "pid": rec["pid"], "url": rec.get("url"),

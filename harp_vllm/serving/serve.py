@@ -19,18 +19,13 @@ benchmarks).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .. import process
 from ..errors import UserError
 
 PLUGIN_GROUP = "vllm.general_plugins"
@@ -150,79 +145,19 @@ def _run_vllm_main() -> None:  # pragma: no cover - runs in the server process
     main()
 
 
-class ServerProcess:
-    """A ``harp-vllm serve`` server started in the background (its own process group).
-
-    ``wait_ready`` polls ``/health`` and fails early, with the log's tail, if the process exits;
-    ``stop`` sends SIGTERM to the group (API server, engine core, workers), then SIGKILL.
-    """
+class ServerProcess(process.ServerProcess):
+    """A ``harp-vllm serve`` server started in the background (see ``harp_vllm.process``)."""
 
     def __init__(self, args: Sequence[str], port: int, host: str = "127.0.0.1",
                  env: Mapping[str, str] | None = None, log_path: Path | None = None,
                  via_cli: bool = False):
         self.port, self.host = port, host
-        self.url = f"http://{host}:{port}"
         args = [*args, "--host", host, "--port", str(port)]
         # via_cli: through the `harp-vllm serve` command itself (Typer, then exec).
         cmd = ([sys.executable, "-m", "harp_vllm.cli", "serve", *args] if via_cli
                else build_command(args))
-        self.cmd = cmd
-        full_env = serving_env({**os.environ, **(env or {})})
-        self.log_path = Path(log_path) if log_path else None
-        self._env = full_env
-        if self.log_path:
-            self.log_path.write_bytes(b"")
-        self._spawn()
-
-    def _spawn(self) -> None:
-        self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(self.cmd, env=self._env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    def restart(self) -> ServerProcess:
-        """Stop (if running) and start the same command again on the same port."""
-        self.stop()
-        self._spawn()
-        return self
-
-    def log_tail(self, n: int = 40) -> str:
-        if not self.log_path or not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def healthy(self, timeout: float = 2.0) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=timeout) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    def wait_ready(self, timeout: float = 300.0) -> ServerProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode} before it was "
-                                   f"ready; log tail:\n{self.log_tail()}")
-            if self.healthy():
-                return self
-            time.sleep(1.0)
-        raise TimeoutError(f"server not healthy after {timeout:.0f} s; log tail:\n"
-                           f"{self.log_tail()}")
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        # Children left behind in the group (engine core, workers) go too.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        if self._log is not subprocess.DEVNULL and not self._log.closed:
-            self._log.close()
+        super().__init__(cmd, f"http://{host}:{port}", serving_env({**os.environ, **(env or {})}),
+                         log_path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:  # pragma: no cover - server process
