@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ..errors import UserError
+from .errors import console, run_guarded
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Prune LLM attention (HARP and friends) and serve the result with vLLM.")
@@ -17,23 +17,6 @@ models_app = typer.Typer(no_args_is_help=True, help="Prepare and list models.")
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models.")
 app.add_typer(models_app, name="models")
 app.add_typer(eval_app, name="eval")
-
-console = Console(stderr=True)
-
-
-def fail(message: str) -> None:
-    """Print one clear error line and exit non-zero."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-def run_guarded(fn, *args, **kwargs):
-    """Run ``fn``, turning ``UserError`` into a one-line error and exit status 2."""
-    try:
-        return fn(*args, **kwargs)
-    except UserError as e:
-        fail(str(e))
-
 
 def write_json(path: Path | None, payload: dict) -> None:
     if path is None:

@@ -8,11 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+from .errors import fail
 
 
 def register(app: typer.Typer) -> None:
@@ -31,11 +27,11 @@ def register(app: typer.Typer) -> None:
         from ..serving.serve import exec_server
 
         if not ctx.args:
-            _fail("no model given: harp-vllm serve MODEL [vllm serve flags]")
+            fail("no model given: harp-vllm serve MODEL [vllm serve flags]")
         try:
             exec_server(ctx.args)
         except UserError as e:
-            _fail(str(e))
+            fail(str(e), e.exit_code)
 
     @app.command("gateway")
     def gateway_cmd(
@@ -68,5 +64,5 @@ def register(app: typer.Typer) -> None:
                                max_body_bytes=max_body_bytes, connect_timeout=connect_timeout,
                                read_timeout=read_timeout, seed=seed)
         except UserError as e:
-            _fail(str(e))
+            fail(str(e), e.exit_code)
         serve(cfg, host=host, port=port, log_level=log_level)

@@ -9,14 +9,11 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
+from .errors import fail
 
 FileOpt = Annotated[Path | None, typer.Option(
     "--file", "-f", help="compose file [default: deploy/docker-compose.yml]")]
 
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
 
 
 def _print_status(status: dict) -> None:
@@ -60,7 +57,7 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"skipping {name}: {why}")
             status = Stack(plan, echo=typer.echo).up(timeout=timeout)
         except UserError as e:
-            _fail(str(e))
+            fail(str(e), e.exit_code)
         _print_status(status)
 
     @stack_app.command("down")
@@ -74,7 +71,7 @@ def register(app: typer.Typer) -> None:
         try:
             stack = Stack(build_plan(file), echo=typer.echo)
         except UserError as e:
-            _fail(str(e))
+            fail(str(e), e.exit_code)
         stopped = stack.down(timeout=timeout)
         typer.echo("stack is down" + ("" if stopped else " (nothing was running)"))
 
@@ -89,7 +86,7 @@ def register(app: typer.Typer) -> None:
         try:
             status = Stack(build_plan(file)).status()
         except UserError as e:
-            _fail(str(e))
+            fail(str(e), e.exit_code)
         if as_json:
             typer.echo(json.dumps(status, indent=2))
         elif not status:
@@ -110,7 +107,7 @@ def register(app: typer.Typer) -> None:
         try:
             plan = build_plan(file, profiles=profile)
         except UserError as e:
-            _fail(str(e))
+            fail(str(e), e.exit_code)
         typer.echo(json.dumps({"compose_file": plan.compose_file, "stack_dir": plan.stack_dir,
                                "skipped": plan.skipped, "services": plan_summary(plan)},
                               indent=2))

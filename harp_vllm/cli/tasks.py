@@ -12,11 +12,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+from .errors import fail
 
 
 def exit_on_sigterm() -> None:
@@ -89,7 +85,7 @@ def register(eval_app: typer.Typer) -> None:
                 exit_on_sigterm()
             payload = run_tasks(opts, log=lambda m: typer.echo(m, err=True))
         except UserError as e:
-            _fail(str(e))
+            fail(str(e), e.exit_code)
         if label:
             payload["label"] = label
         typer.echo(markdown_table([payload], all_metrics=True))
@@ -119,7 +115,7 @@ def register(eval_app: typer.Typer) -> None:
             exit_on_sigterm()
             payload = run_passkey(model, parse_lengths(lengths), trials, seed, kv_cache_gb)
         except UserError as e:
-            _fail(str(e))
+            fail(str(e), e.exit_code)
         typer.echo("| tokens | trials | passkey accuracy |\n| --- | --- | --- |")
         for length, row in payload["accuracy"].items():
             typer.echo(f"| {length} | {row['trials']} | {row['accuracy']:.2f} |")

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..errors import RunFailure, UserError
 from ..paths import cache_dir
 from ..process import http_ok, log_tail, port_free
 
@@ -515,11 +515,11 @@ class Stack:
     def up(self, timeout: float = 900.0) -> dict:
         """Start every service in dependency order; return when all are healthy (or fail)."""
         if self.running():
-            raise UserError(f"a stack is already running from {self.dir} (harp-vllm stack "
+            raise RunFailure(f"a stack is already running from {self.dir} (harp-vllm stack "
                             "status / down)")
         for s in self.plan.services:
             if s.port and not port_free(s.host or "127.0.0.1", s.port):
-                raise UserError(f"{s.name}: port {s.port} is in use; set its port variable "
+                raise RunFailure(f"{s.name}: port {s.port} is in use; set its port variable "
                                 "(see deploy/.env.example) or stop what listens there")
         logs = self.dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -552,7 +552,7 @@ class Stack:
                             self._write_state(state)
                             self.echo(f"{s.name} completed")
                             continue
-                        raise UserError(f"{s.name} exited with code {rc}; log "
+                        raise RunFailure(f"{s.name} exited with code {rc}; log "
                                         f"{state['services'][s.name]['log']}:\n"
                                         f"{log_tail(state['services'][s.name]['log'])}")
                     if status[s.name] == "started" and not s.oneshot and (
@@ -564,7 +564,7 @@ class Stack:
                     break
                 if time.monotonic() > deadline:
                     waiting = [n for n in status if status[n] == "started"]
-                    raise UserError(f"not healthy after {timeout:.0f} s: {', '.join(waiting)}")
+                    raise RunFailure(f"not healthy after {timeout:.0f} s: {', '.join(waiting)}")
                 time.sleep(1.0)
         except BaseException:
             self.echo("start-up failed: stopping what was started")
