@@ -16,6 +16,16 @@ CORPUS = (
 ) * 4
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs the prepared SmolLM2 (``smollm2_dir``, directly or through another
+    fixture) is ``real_model``, so ``-m "not real_model"`` never prepares the model."""
+    for item in items:
+        if "smollm2_dir" in getattr(item, "fixturenames", ()) and \
+                item.get_closest_marker("real_model") is None:
+            item.add_marker(pytest.mark.real_model)
+
+
 def tiny_tokenizer():
     """A byte-level BPE tokenizer trained in well under a second on a small corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -372,7 +372,18 @@ def test_serve_cli_rejects_missing_model():
     assert r.returncode == 2 and "error:" in r.stderr
 
 
-def test_kvlayout_is_frozen():
-    lay = KVLayout("m", "dense", "A", 2, (), 8)
-    with pytest.raises(AttributeError):
-        lay.total_layers = 3  # type: ignore[misc]
+def test_kvlayout_capacity_rules():
+    """HARP P=8 of 30 layers: 22 layers hold KV, so the dense original fits 30/22 fewer
+    tokens; with vLLM's budget and block size the count is whole dense blocks."""
+    per_layer = 2 * 3 * 64 * 4  # K and V, 3 KV heads of 64, fp32
+    lay = KVLayout("m", "harp", "A", 30, tuple(range(22, 30)), per_layer)
+    assert lay.attention_layers == 22
+    assert lay.bytes_per_token == per_layer * 22
+    assert lay.dense_bytes_per_token == per_layer * 30
+    assert lay.dense_capacity_tokens(3000) == 2200
+    budget = per_layer * 30 * 16 * 10 + 123  # ten dense blocks of 16 tokens, plus change
+    assert lay.dense_capacity_tokens(0, kv_memory_bytes=budget, block_size=16) == 160
+    dense = KVLayout("m", "dense", "A", 30, (), per_layer)
+    assert dense.dense_capacity_tokens(3000) == 3000
+    heads = KVLayout("m", "flap", "A", 30, (), per_layer, served_bytes_per_token=per_layer * 20)
+    assert heads.dense_capacity_tokens(3000) == 2000

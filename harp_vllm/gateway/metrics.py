@@ -60,7 +60,8 @@ class GatewayMetrics:
                              "Output tokens / end-to-end latency per request", base,
                              buckets=THROUGHPUT_BUCKETS_TPS, registry=r)
         self.backend_up = Gauge("harp_gateway_backend_up",
-                                "1 if the backend answered its last health or model probe",
+                                "1 if the backend is up: its last health probe or request "
+                                "reached it",
                                 ["backend"], registry=r)
         self.inflight = Gauge("harp_gateway_inflight_requests", "Requests in flight",
                               ["backend", "role"], registry=r)

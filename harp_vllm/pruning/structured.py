@@ -1,7 +1,8 @@
 """AMP, FLAP and Wanda-sp: score attention groups and MLP channels, remove the lowest.
 
-Formulas and settings: ``../shared/reference/papers.md`` sections 3 (AMP) and 4 (FLAP,
-Wanda-sp). Statistics are taken on the inputs of ``o_proj`` (x, one slice per query head) and
+Formulas and settings follow the AMP paper (attention heads and MLP pruning) and FLAP (An et
+al., AAAI 2024, whose structured Wanda baseline is Wanda-sp), as written out below.
+Statistics are taken on the inputs of ``o_proj`` (x, one slice per query head) and
 ``down_proj`` (a = SiLU(x W_gate) * x W_up) over calibration tokens:
 
 - AMP: head h scores ``mean_t ||x_{t,h} W_O[:, h]^T||_1`` (its contribution to the residual

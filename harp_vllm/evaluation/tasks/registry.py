@@ -52,10 +52,6 @@ TASKS: dict[str, TaskInfo] = {t.name: t for t in [
 TASK_YAML_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 
 
-def task_names() -> list[str]:
-    return list(TASKS)
-
-
 def task_files(name: str, must_exist: bool = False) -> list[Path]:
     """Absolute paths of ``name``'s local files; with ``must_exist`` a clear error if absent."""
     info = get_task(name)
