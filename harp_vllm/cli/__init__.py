@@ -206,8 +206,8 @@ def prune_cmd(
         table = Table(title=f"{result['method']} alphas ({model})")
         for col in ("layer", "alpha", "calib ppl"):
             table.add_column(col, justify="right")
-        for row in alpha_table_rows(result):
-            table.add_row(*row)
+        for alpha_row in alpha_table_rows(result):
+            table.add_row(*alpha_row)
         Console().print(table)
     if "ppl_before" in result:
         ev = result["eval"]

@@ -36,6 +36,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -191,8 +192,8 @@ def create_app(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
         finally:
             await gw.stop()
 
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: http_error})
+    handlers: dict[Any, Any] = {HTTPException: http_error}
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.gateway = gw
     return app
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from harp_vllm.errors import UserError
 
-QUICK = dict(prompt_lens="512,2048", concurrency="1,4", output_len=16, repeats=2,
+QUICK: dict[str, Any] = dict(prompt_lens="512,2048", concurrency="1,4", output_len=16, repeats=2,
              capacity_prompt_len=1024, capacity_concurrency="1,2,3,4", capacity_waves=1)
-FULL = dict(prompt_lens="512,1024,2048,4096,7168", concurrency="1,4,16", output_len=64,
-            repeats=2, capacity_prompt_len=2048, capacity_concurrency="1,2,4,6,8,12",
-            capacity_waves=2)
+FULL: dict[str, Any] = dict(prompt_lens="512,1024,2048,4096,7168", concurrency="1,4,16",
+                            output_len=64, repeats=2, capacity_prompt_len=2048,
+                            capacity_concurrency="1,2,4,6,8,12", capacity_waves=2)
 
 
 def _ints(text: str, what: str) -> list[int]:

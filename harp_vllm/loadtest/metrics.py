@@ -93,7 +93,7 @@ class Sampler:
             while True:
                 t0 = time.perf_counter()
                 with contextlib.suppress(Exception):
-                    r = await client.get(self.url)
+                    r = await client.get(str(self.url))
                     snap = parse(r.text)
                     for k in GAUGES:
                         if k in snap:

@@ -248,7 +248,7 @@ async def _bench(ep: Endpoint, prompts: list, concurrency: int, cfg: Config,
 
     reqs = [SampleRequest(prompt=p.text, prompt_len=p.tokens, expected_output_len=cfg.output_len,
                           request_id=f"{p.request_id}-{ep.label}") for p in prompts]
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         task_type=vbench.TaskType.GENERATION, endpoint_type="openai",
         api_url=ep.url + "/v1/completions", base_url=ep.url, model_id=ep.served_model,
         model_name=ep.served_model, tokenizer=None, input_requests=reqs, logprobs=None,
@@ -342,7 +342,7 @@ class _CtrlC:
 
     def __init__(self) -> None:
         self.seen = False
-        self._old = None
+        self._old: Any = None
 
     def _handler(self, signum, frame) -> None:
         self.seen = True
@@ -387,6 +387,8 @@ def run_loadtest(cfg: Config, out_dir: Path, progress: bool = True,
             check_endpoint(ep, cfg.request_timeout)
             results["endpoints"][ep.label] = ep.describe()
         tok_name = cfg.tokenizer or dense.root or dense.served_model
+        if tok_name is None:
+            raise UserError("no tokenizer: the dense endpoint names no model; pass --tokenizer")
         results["tokenizer"] = tok_name
         factory = PromptFactory(load_tokenizer(tok_name),
                                 load_corpus_text(cfg.data, cfg.data_split, cfg.data_file),

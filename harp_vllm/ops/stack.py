@@ -117,11 +117,11 @@ def interpolate(value: Any, env: Mapping[str, str]) -> Any:
             return val or ""
         unset_or_empty = val is None or (op.startswith(":") and val == "")
         if op.endswith("-"):
-            return interpolate(arg, env) if unset_or_empty else val
+            return interpolate(arg, env) if unset_or_empty else (val or "")
         if op.endswith("?"):
             if unset_or_empty:
                 raise UserError(f"compose variable {name} is required: {arg}")
-            return val
+            return val or ""
         return "" if unset_or_empty else interpolate(arg, env)  # "+": alternative value
 
     return _VAR.sub(sub, value)
@@ -266,8 +266,11 @@ class _Translator:
         s = re.sub(r"(?<![\w.-])([A-Za-z0-9][\w.-]*):(\d+)\b", other, s)
         for target in sorted(self.mounts.get(own, {}), key=len, reverse=True):
             host = self.mounts[own][target]
-            s = re.sub(rf"(?<![\w./-]){re.escape(target)}(?=/|$|[^\w.-])",
-                       lambda _m, h=host: h, s)
+
+            def keep(_m: re.Match, h: str = host) -> str:  # the path, never a template
+                return h
+
+            s = re.sub(rf"(?<![\w./-]){re.escape(target)}(?=/|$|[^\w.-])", keep, s)
         return s
 
     def argv(self, args: list[str], own: str, cport: int | None) -> list[str]:
@@ -298,14 +301,14 @@ def build_plan(compose_file: str | Path | None = None, env: Mapping[str, str] | 
     native = data.get("x-native") or {}
     native_vols = native.get("volumes") or {}
     native_svcs = native.get("services") or {}
-    profiles = set(profiles or [])
+    active = set(profiles or [])
 
     services: dict[str, dict] = {}
     skipped: dict[str, str] = {}
     for name, svc in data["services"].items():
         svc = svc or {}
         prof = set(svc.get("profiles") or [])
-        if prof and not prof & profiles and name not in (only or []):
+        if prof and not prof & active and name not in (only or []):
             continue
         nat = native_svcs.get(name) or {}
         if nat.get("skip"):
@@ -377,8 +380,8 @@ def build_plan(compose_file: str | Path | None = None, env: Mapping[str, str] | 
         else:
             raise UserError(f"{name}: image {svc.get('image')!r} has no native equivalent "
                             "(x-native.services.NAME.executable or skip)")
-        cport = main_port.get(name)
-        argv = tr.argv(argv, name, cport)
+        main = main_port.get(name)
+        argv = tr.argv(argv, name, main)
         if argv and argv[0] == "python":
             argv[0] = sys.executable
         elif argv and argv[0] == "harp-vllm":
@@ -391,15 +394,15 @@ def build_plan(compose_file: str | Path | None = None, env: Mapping[str, str] | 
         if hc and not hc.get("disable"):
             test = hc.get("test")
             text = " ".join(test) if isinstance(test, list) else str(test or "")
-            m = re.search(r"https?://[^\s'\"]+", text)
-            if m:
-                health = tr.text(m.group(0), name)
+            url = re.search(r"https?://[^\s'\"]+", text)
+            if url:
+                health = tr.text(url.group(0), name)
         deps_here = {d: c for d, c in deps[name].items() if d in services}
         oneshot = svc.get("restart") in ("no", False) or any(
             deps[o].get(name) == "service_completed_successfully" for o in services)
         s = Service(name=name, argv=argv, env=senv, cwd=cwd, oneshot=oneshot,
-                    depends_on=deps_here, host=ports[(name, cport)][0] if cport else None,
-                    port=ports[(name, cport)][1] if cport else None, health_url=health)
+                    depends_on=deps_here, host=ports[(name, main)][0] if main else None,
+                    port=ports[(name, main)][1] if main else None, health_url=health)
         if nat.get("executable") == "prometheus" or Path(argv[0]).name == "prometheus":
             _rewrite_prometheus(s, sdir, tr)
         out.append(s)
@@ -523,7 +526,7 @@ class Stack:
                                 "(see deploy/.env.example) or stop what listens there")
         logs = self.dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        state = {"compose_file": self.plan.compose_file, "started": time.time(),
+        state: dict[str, Any] = {"compose_file": self.plan.compose_file, "started": time.time(),
                  "services": {}, "skipped": self.plan.skipped}
         self._write_state(state)
         status: dict[str, str] = {}  # pending | started | healthy | completed

@@ -8,6 +8,8 @@ gate/up, columns of down). Biases of the cut rows go with them.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -55,7 +57,7 @@ def channels_of(units: list[int] | torch.Tensor, width: int) -> torch.Tensor:
     return (units[:, None] * width + torch.arange(width)).reshape(-1)
 
 
-def keep_groups(attn: nn.Module, config, groups: list[int]) -> None:
+def keep_groups(attn: Any, config, groups: list[int]) -> None:
     """Keep only the GQA ``groups`` (sorted indices) of one attention module, in place."""
     d, r = head_dim(config), group_size(config)
     q_heads = [g * r + j for g in groups for j in range(r)]
@@ -66,7 +68,7 @@ def keep_groups(attn: nn.Module, config, groups: list[int]) -> None:
     attn.o_proj = _linear(attn.o_proj, cols=q_ch)
 
 
-def keep_channels(mlp: nn.Module, channels: list[int]) -> None:
+def keep_channels(mlp: Any, channels: list[int]) -> None:
     """Keep only the intermediate ``channels`` (sorted indices) of one MLP, in place."""
     idx = torch.as_tensor(channels, dtype=torch.long)
     mlp.gate_proj = _linear(mlp.gate_proj, rows=idx)
@@ -76,7 +78,7 @@ def keep_channels(mlp: nn.Module, channels: list[int]) -> None:
         mlp.intermediate_size = len(channels)
 
 
-def resize_layer(layer: nn.Module, config, num_attention_heads: int, num_key_value_heads: int,
+def resize_layer(layer: Any, config, num_attention_heads: int, num_key_value_heads: int,
                  intermediate_size: int) -> None:
     """Give one freshly built layer the shapes of a pruned checkpoint's layer (the weights
     are whatever the first groups/channels held until the checkpoint is loaded over them)."""

@@ -12,8 +12,9 @@ against.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,6 +45,7 @@ class TokenLocalAttention(nn.Module):
             *lead, width = v.shape
             v = v.view(*lead, width // self.head_dim, self.head_dim)
             v = v.repeat_interleave(self.n_rep, dim=-2).reshape(*lead, -1)
+        assert self.o_proj is not None  # v_proj and o_proj are removed together
         out = self.o_proj(v)
         unscaled = isinstance(self.scale, float) and self.scale == 1.0
         return (out if unscaled else out * self.scale), None
@@ -75,7 +77,7 @@ def decoder_layers(model) -> nn.ModuleList:
     return model.model.layers
 
 
-def _check_layers(model, layers: dict) -> None:
+def _check_layers(model, layers: Mapping) -> None:
     n = len(decoder_layers(model))
     bad = sorted(i for i in layers if not 0 <= i < n)
     if bad:
@@ -86,7 +88,7 @@ def _check_layers(model, layers: dict) -> None:
 def _token_local(model, idx: int, alpha: float | torch.Tensor,
                  keep_weights: bool) -> TokenLocalAttention:
     cfg = model.config
-    attn = decoder_layers(model)[idx].self_attn
+    attn: Any = decoder_layers(model)[idx].self_attn
     v, o = attn.v_proj, attn.o_proj
     n_rep = cfg.num_attention_heads // cfg.num_key_value_heads
     post_norm = family_post_norm(cfg)
@@ -102,7 +104,7 @@ def _scale_hook(alpha: float | torch.Tensor):
 
 
 @contextlib.contextmanager
-def pruned(model, layers: dict[int, float]) -> Iterator[None]:
+def pruned(model, layers: Mapping[int, float | torch.Tensor]) -> Iterator[None]:
     """Temporarily prune ``layers`` (index -> alpha); the dense modules come back on exit.
 
     An alpha may be a tensor broadcasting over the batch (``[b, 1, 1]``): the search uses it
@@ -113,7 +115,7 @@ def pruned(model, layers: dict[int, float]) -> Iterator[None]:
     saved, hooks = {}, []
     try:
         for idx, alpha in layers.items():
-            layer = decoder_layers(model)[idx]
+            layer: Any = decoder_layers(model)[idx]
             saved[idx] = layer.self_attn
             layer.self_attn = _token_local(model, idx, alpha, keep_weights=True)
             if post_norm:
@@ -132,7 +134,7 @@ def apply_pruning(model, spec: PruningSpec):
     post_norm = family_post_norm(model.config)
     _check_layers(model, spec.layers)
     for idx, alpha in spec.layers.items():
-        layer = decoder_layers(model)[idx]
+        layer: Any = decoder_layers(model)[idx]
         layer.self_attn = _token_local(model, idx, alpha, keep_weights=False)
         if post_norm:
             layer.post_attention_layernorm.register_forward_hook(_scale_hook(alpha))
@@ -161,7 +163,9 @@ def load_pruned(path: Path, config, spec: PruningSpec):
 
         check_family(config)
         for idx, layer in enumerate(decoder_layers(model)):
-            resize_layer(layer, config, **spec.layer_shape(idx))
+            shape = spec.layer_shape(idx)
+            assert shape is not None  # spec.shapes is set
+            resize_layer(layer, config, **shape)
     apply_pruning(model, spec)
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:

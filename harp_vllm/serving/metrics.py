@@ -140,8 +140,9 @@ def kv_layout(model_name: str, hf_config: Any, total_layers: int, num_kv_heads: 
                  else getattr(hf_config, "architectures", None)) or ["unknown"]
     head_bytes = 2 * int(head_size) * int(dtype_bytes)  # K and V of one KV head, one token
     served = None
+    pruned: tuple[int, ...] = ()
     if section is None:
-        method, pruned = "dense", ()
+        method = "dense"
     else:
         spec = PruningSpec.from_dict(section, num_layers=total_layers)
         method, pruned = spec.method, spec.attention_free_layers

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from vllm.v1.metrics.loggers import AggregateStatLoggerBase
@@ -96,7 +97,7 @@ class HarpStatLogger(AggregateStatLoggerBase):
         self.layout = layout_from_vllm_config(self.vllm_config)
         self.model_name = self.layout.model_name
         lay = self.layout
-        mp = {"multiprocess_mode": "mostrecent"}
+        mp: dict[str, Any] = {"multiprocess_mode": "mostrecent"}
         info = Gauge("harp_model_info", "Served model: pruning method and layer counts",
                      ["model_name", "method", "architecture", "total_layers",
                       "attention_layers", "pruned_layers"], **mp)

@@ -248,7 +248,7 @@ class TokenLocalLinear(nn.Module):
                 raise HarpCheckpointError(
                     f"{self.prefix}.{name}: checkpoint shape {tuple(w.shape)}, expected {full} "
                     f"(from '{CONFIG_KEY}.maps[{self.layer_idx}]' and the hidden size)")
-            param.weight_loader(param, w)
+            param.weight_loader(param, w)  # type: ignore[attr-defined]  # set by vLLM
             self.loaded.add(name)
         return set(self.loaded)
 
@@ -304,7 +304,7 @@ class TokenLocalAttention(TokenLocalLinear):
             f"unexpected weight {self.prefix}.{name}: layer {self.layer_idx} is pruned "
             f"(alpha = {self.alpha}) and keeps only {', '.join(sorted(self.expected))}")
 
-    def _copy(self, param: torch.Tensor, value: torch.Tensor, name: str) -> None:
+    def _copy(self, param: Any, value: torch.Tensor, name: str) -> None:
         if tuple(param.shape) != tuple(value.shape):
             raise HarpCheckpointError(f"{self.prefix}.{name}: shape {tuple(value.shape)} after "
                                       f"folding does not fit {tuple(param.shape)}")

@@ -37,9 +37,9 @@ class HarpLlamaDecoderLayer(HarpDecoderLayerMixin, LlamaDecoderLayer):
         linear_map = layer_map(config, prefix)
         config = layer_config(config, prefix)
         if alpha is not None:
-            attn_layer_type = token_local_factory(alpha, LLAMA)  # type: ignore[assignment]
+            attn_layer_type = token_local_factory(alpha, LLAMA)
         elif linear_map is not None:
-            attn_layer_type = linear_map_factory(linear_map["rank"])  # type: ignore[assignment]
+            attn_layer_type = linear_map_factory(linear_map["rank"])
         super().__init__(vllm_config=vllm_config, prefix=prefix, config=config,
                          attn_layer_type=attn_layer_type)
         self.harp_alpha = alpha

@@ -70,7 +70,7 @@ def build_trials(tokenizer, lengths: list[int], trials: int, seed: int = 0) -> l
 def score(answer: str, key: str) -> bool:
     """Correct when the first 5-digit number in the answer is the key."""
     m = re.search(r"\d{5}", answer)
-    return bool(m) and m.group(0) == key
+    return m is not None and m.group(0) == key
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -97,14 +97,15 @@ def run_passkey(model: str, lengths: list[int], trials: int, seed: int = 0,
     cases = build_trials(tok, lengths, trials, seed)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gb:g}")
     from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
 
     start = time.perf_counter()
     llm = LLM(model=str(path), dtype="float32", enforce_eager=True, seed=seed,
               max_model_len=max(lengths) + ANSWER_TOKENS + 1, enable_prefix_caching=True)
     started = time.perf_counter() - start
     params = SamplingParams(temperature=0.0, max_tokens=ANSWER_TOKENS)
-    outs = llm.generate([{"prompt_token_ids": c.prompt_ids} for c in cases], params,
-                        use_tqdm=progress)
+    prompts: list[TokensPrompt] = [{"prompt_token_ids": c.prompt_ids} for c in cases]
+    outs = llm.generate(prompts, params, use_tqdm=progress)
     rows = []
     for c, o in zip(cases, outs, strict=True):
         answer = o.outputs[0].text
@@ -112,7 +113,7 @@ def run_passkey(model: str, lengths: list[int], trials: int, seed: int = 0,
                      "answer": answer, "correct": score(answer, c.key)})
     by_length = {}
     for length in lengths:
-        hits = [r["correct"] for r in rows if r["length"] == length]
+        hits = [bool(r["correct"]) for r in rows if r["length"] == length]
         by_length[str(length)] = {"trials": len(hits), "accuracy": sum(hits) / len(hits)}
     return {"model": model, "path": str(path), "trials_per_length": trials, "seed": seed,
             "accuracy": by_length, "seconds": time.perf_counter() - start,

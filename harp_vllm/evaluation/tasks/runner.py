@@ -31,7 +31,7 @@ class EvalOptions:
     api_key: str | None = None
     data: str = "local"
     limit: int | None = None                      # default for every task
-    task_limits: dict[str, int | None] = field(default_factory=dict)
+    task_limits: dict[str, int] = field(default_factory=dict)
     num_fewshot: int | None = None                # None: the task's own default
     task_fewshot: dict[str, int] = field(default_factory=dict)
     max_model_len: int | None = 4096
@@ -113,6 +113,7 @@ def _make_lm(opts: EvalOptions) -> tuple[Any, dict[str, Any]]:
         except UserError as e:
             raise UserError(f"--backend openai: cannot find a local tokenizer for "
                             f"{opts.model!r} ({e}); pass --tokenizer DIR_OR_HUB_ID") from e
+    assert opts.base_url is not None  # the openai backend requires it (checked on input)
     lm = backends.make_openai_lm(opts.base_url, opts.model, tokenizer,
                                  max_length=opts.max_model_len, seed=opts.seed,
                                  max_gen_toks=opts.max_gen_toks,
