@@ -593,3 +593,9 @@ def test_native_stack_end_to_end(tmp_path):
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))  # free again
+
+
+def test_the_default_compose_file_is_found_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert native.find_compose_file() == native.SOURCE_ROOT / native.DEFAULT_COMPOSE
+    assert (native.SOURCE_ROOT / "pyproject.toml").is_file()

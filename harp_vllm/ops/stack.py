@@ -47,7 +47,7 @@ from ..process import http_ok, log_tail, port_free
 
 STACK_DIR_ENV = "HARP_STACK_DIR"
 STATE_FILE = "state.json"
-SOURCE_ROOT = Path(__file__).resolve().parents[1]
+SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the repository (harp_vllm/ops/../..)
 DEFAULT_COMPOSE = Path("deploy") / "docker-compose.yml"
 CONDITIONS = ("service_started", "service_healthy", "service_completed_successfully")
 
