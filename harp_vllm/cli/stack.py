@@ -49,7 +49,8 @@ def register(app: typer.Typer) -> None:
                                                     "healthy")] = 900.0,
     ) -> None:
         """Start the stack in dependency order and wait until every service is healthy."""
-        from ..ops.stack import Stack, build_plan
+        from ..ops.plan import build_plan
+        from ..ops.stack import Stack
 
         try:
             plan = build_plan(file, profiles=profile, only=services or None)
@@ -66,7 +67,8 @@ def register(app: typer.Typer) -> None:
         timeout: Annotated[float, typer.Option(help="seconds before SIGKILL")] = 30.0,
     ) -> None:
         """Stop every process the stack started (with their children)."""
-        from ..ops.stack import Stack, build_plan
+        from ..ops.plan import build_plan
+        from ..ops.stack import Stack
 
         try:
             stack = Stack(build_plan(file), echo=typer.echo)
@@ -81,7 +83,8 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     ) -> None:
         """Each service's process, health and URL; exit 1 when one is dead or unhealthy."""
-        from ..ops.stack import Stack, build_plan
+        from ..ops.plan import build_plan
+        from ..ops.stack import Stack
 
         try:
             status = Stack(build_plan(file)).status()
@@ -102,7 +105,7 @@ def register(app: typer.Typer) -> None:
         profile: Annotated[list[str] | None, typer.Option(help="include this profile")] = None,
     ) -> None:
         """Print the translated plan (commands, environment, ports) as JSON; start nothing."""
-        from ..ops.stack import build_plan, plan_summary
+        from ..ops.plan import build_plan, plan_summary
 
         try:
             plan = build_plan(file, profiles=profile)
