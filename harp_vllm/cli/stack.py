@@ -30,7 +30,8 @@ def _print_status(status: dict) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    """Add the ``stack`` command group to ``app``."""
+    """Add the ``stack`` command group to ``app`` (long: it declares the four commands and
+    their options, each a few lines)."""
     stack_app = typer.Typer(
         help="Run deploy/docker-compose.yml without Docker: the same services, ports and "
              "environment as local processes, with a local Prometheus. State and logs: "

@@ -131,6 +131,8 @@ def guarded(m: GatewayMetrics, route: Callable[[Request], Awaitable[Response]]
 
 
 def create_app(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> Starlette:
+    """The gateway's Starlette app (long: its small route handlers are closures over the
+    gateway, auth and metrics, defined here in one place)."""
     gw = Gateway(config, metrics)
     m = gw.metrics
     auth = Auth(config.api_keys)

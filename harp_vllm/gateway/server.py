@@ -30,7 +30,8 @@ def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
 
 def guarded_protocol(config: GatewayConfig, metrics: GatewayMetrics) -> type | None:
     """uvicorn's httptools protocol with a header timeout and a connection cap (None when
-    httptools is not installed; uvicorn then runs unguarded, with a warning)."""
+    httptools is not installed; uvicorn then runs unguarded, with a warning). Long: the
+    protocol subclass is defined inside, to close over ``config`` and ``metrics``."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:

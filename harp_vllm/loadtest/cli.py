@@ -82,7 +82,10 @@ def loadtest(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     plots: Annotated[bool, typer.Option(help="write PNG plots")] = True,
 ) -> None:
-    """A/B load test: the same long-context workload against a dense and a pruned endpoint."""
+    """A/B load test: the same long-context workload against a dense and a pruned endpoint.
+
+    (Long: the Typer signature declares every option; the body only builds ``Config``.)
+    """
     from .report import write_outputs
     from .runner import Config, run_loadtest
 

@@ -194,6 +194,7 @@ def _server_table(points: list[dict]) -> list[str]:
 
 def markdown(results: dict, summary: dict, command: str | None = None,
              plots: dict | None = None) -> str:
+    """The Markdown report (long: one section after another, in the order they are read)."""
     cfg = results.get("config", {})
     status = results.get("status")
     L = ["# HARP load test: dense vs pruned", ""]
@@ -301,7 +302,8 @@ def markdown(results: dict, summary: dict, command: str | None = None,
 # ---------------------------------------------------------------------------- plots
 
 def plot(summary: dict, out_dir: Path) -> dict:
-    """Write the PNG plots that have data; returns {name: path}."""
+    """Write the PNG plots that have data; returns {name: path}. (Long: one short block per
+    plot, kept together so the figures share their styling.)"""
     import matplotlib
 
     matplotlib.use("Agg")

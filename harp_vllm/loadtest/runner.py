@@ -367,6 +367,8 @@ def run_loadtest(cfg: Config, out_dir: Path, progress: bool = True,
     """Run the whole A/B test; always returns the results (status says how it ended).
 
     ``on_update(results)`` is called after every run (the CLI writes the partial report).
+    Long because it is the whole A/B sequence (checks, sweeps, capacity waves) in the order
+    it runs, each step a call.
     """
     from tqdm import tqdm
 

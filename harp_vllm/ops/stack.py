@@ -129,7 +129,10 @@ class Stack:
 
     # -- up ---------------------------------------------------------------------------------
     def up(self, timeout: float = 900.0) -> dict:
-        """Start every service in dependency order; return when all are healthy (or fail)."""
+        """Start every service in dependency order; return when all are healthy (or fail).
+
+        (Long: one polling loop with the per-state transitions written out in order.)
+        """
         if self.running():
             raise RunFailure(f"a stack is already running from {self.dir} (harp-vllm stack "
                             "status / down)")

@@ -191,7 +191,10 @@ def record_eval(report: dict, calibration: dict, before, after, seq_len: int) ->
 
 
 def run_prune(opts: PruneOptions, progress: bool = True) -> dict:
-    """Validate everything cheap first, then search and write; returns a report dict."""
+    """Validate everything cheap first, then search and write; returns a report dict.
+
+    (Long: the checks and the dispatch by method are one readable sequence.)
+    """
     out = Path(opts.out)
     check_output_dir(out, opts.force)
     src = models.resolve(opts.model)
@@ -351,7 +354,10 @@ def parse_rank(text: str | None, hf_cfg) -> int | None:
 
 
 def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool) -> dict:
-    """Replace the chosen layers' attention by fitted affine maps; write the checkpoint."""
+    """Replace the chosen layers' attention by fitted affine maps; write the checkpoint.
+
+    (Long: option checks, layer choice, fit, optional refinement and the report, in order.)
+    """
     from .linear import (
         check_options,
         fit_linear,
