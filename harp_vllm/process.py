@@ -51,6 +51,17 @@ def http_ok(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
+def http_status(url: str, timeout: float = 3.0) -> int | None:
+    """The HTTP status GET ``url`` answers (None: no answer)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
 def log_tail(path: str | Path | None, n: int = 30) -> str:
     """The last ``n`` lines of a log file ("" if there is none)."""
     if path is None:
@@ -64,14 +75,17 @@ def log_tail(path: str | Path | None, n: int = 30) -> str:
 class ServerProcess:
     """``cmd`` started in the background, in its own process group, output to ``log_path``.
 
-    ``url`` is the server's base URL; ``wait_ready`` polls ``url + health_path``.
+    ``url`` is the server's base URL; ``wait_ready`` polls ``url + health_path`` every
+    ``poll`` seconds until it answers 2xx (or one of ``ready_status``).
     """
 
     def __init__(self, cmd: Sequence[str], url: str, env: Mapping[str, str] | None = None,
-                 log_path: Path | None = None, health_path: str = "/health"):
+                 log_path: Path | None = None, health_path: str = "/health",
+                 ready_status: tuple[int, ...] | None = None, poll: float = 1.0):
         self.cmd = list(cmd)
         self.url = url
         self.health_path = health_path
+        self.ready_status, self.poll = ready_status, poll
         self.log_path = Path(log_path) if log_path else None
         self._env = dict(os.environ if env is None else env)
         self._log: IO[bytes] | int = subprocess.DEVNULL
@@ -101,7 +115,9 @@ class ServerProcess:
         return log_tail(self.log_path, n)
 
     def healthy(self, timeout: float = 2.0) -> bool:
-        return http_ok(self.url + self.health_path, timeout)
+        if self.ready_status is None:
+            return http_ok(self.url + self.health_path, timeout)
+        return http_status(self.url + self.health_path, timeout) in self.ready_status
 
     def wait_ready(self, timeout: float = 300.0) -> ServerProcess:
         """Return once healthy; RuntimeError (with the log's tail) if the process exits first,
@@ -113,9 +129,18 @@ class ServerProcess:
                                    f"ready; log tail:\n{self.log_tail()}")
             if self.healthy():
                 return self
-            time.sleep(1.0)
+            time.sleep(self.poll)
         raise TimeoutError(f"server not healthy after {timeout:.0f} s; log tail:\n"
                            f"{self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL the process group at once (a crash, as tests simulate)."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        if not isinstance(self._log, int) and not self._log.closed:
+            self._log.close()
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the process group, SIGKILL it after ``timeout`` s; children left behind in
