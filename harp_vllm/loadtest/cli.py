@@ -82,10 +82,9 @@ def loadtest(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     plots: Annotated[bool, typer.Option(help="write PNG plots")] = True,
 ) -> None:
-    """A/B load test: the same long-context workload against a dense and a pruned endpoint.
-
-    (Long: the Typer signature declares every option; the body only builds ``Config``.)
-    """
+    """A/B load test: the same long-context workload against a dense and a pruned endpoint."""
+    # (Long: the Typer signature declares every option; the body only builds ``Config``. The
+    # docstring above is the command's --help text.)
     from .report import write_outputs
     from .runner import Config, run_loadtest
 
