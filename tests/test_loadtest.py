@@ -160,7 +160,8 @@ def ab_servers(tmp_path_factory, smollm2_dir):
     base = tmp_path_factory.mktemp("loadtest-servers")
     pruned_model, harp = smollm2_dir, False
     if _plugin_serves_pruned():
-        from harp_vllm import checkpoint, models, spec
+        from harp_vllm import models, spec
+        from harp_vllm.pruning import checkpoint
 
         out = base / "smollm2-harp-p8"
         checkpoint.save_pruned(models.load(smollm2_dir),

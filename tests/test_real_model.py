@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from harp_vllm import data, models
+from harp_vllm import models
+from harp_vllm.evaluation import data
 from harp_vllm.evaluation.perplexity import make_windows, perplexity, tokenize
 
 pytestmark = pytest.mark.real_model

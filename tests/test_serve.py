@@ -75,7 +75,8 @@ def plugin_present() -> bool:
 
 
 def make_pruned_checkpoint(src: Path, out: Path) -> Path:
-    from harp_vllm import checkpoint, models, spec
+    from harp_vllm import models, spec
+    from harp_vllm.pruning import checkpoint
 
     if (out / "config.json").is_file():
         return out

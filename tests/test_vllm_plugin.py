@@ -478,7 +478,8 @@ def test_gate_norm_smollm2_matches_reference_and_grows_kv(smollm2_dir, smol_prom
 def head_pruned(src: Path, out: Path, method: str, ratio: float, mlp_ratio: float,
                 allocation: str, samples: int = 8, seq_len: int = 64) -> Path:
     """``src`` cut by AMP / FLAP / Wanda-sp on WikiText-2 validation text, saved to ``out``."""
-    from harp_vllm import data, models
+    from harp_vllm import models
+    from harp_vllm.evaluation import data
     from harp_vllm.pruning.checkpoint import save_pruned
     from harp_vllm.pruning.search import calibration_windows
     from harp_vllm.pruning.structured import prune_structured, shapes_of
