@@ -10,9 +10,11 @@ setup:            ## virtualenv + package (CPU vLLM) + SmolLM2 prepared in the m
 quickstart: setup ## set up, then the main job: SmolLM2's WikiText-2 test perplexity
 	$(BIN)/harp-vllm eval ppl --model smollm2-135m --seq-len 2048 --max-windows 16
 
-test:             ## the whole test suite (unit tests and real-model/vLLM tests)
+test:             ## ruff, mypy, then the whole test suite (unit tests and real-model/vLLM tests)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 lint:
 	$(BIN)/ruff check .
+	$(BIN)/mypy

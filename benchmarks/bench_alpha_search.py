@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from harp_vllm import data, models
-from harp_vllm.prune import select_layers
-from harp_vllm.search import DEFAULT_GRID, calibration_windows, fast_search, naive_search
+from harp_vllm import models
+from harp_vllm.evaluation import data
+from harp_vllm.pruning.prune import select_layers
+from harp_vllm.pruning.search import DEFAULT_GRID, calibration_windows, fast_search, naive_search
 
 
 def main() -> None:

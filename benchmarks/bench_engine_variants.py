@@ -7,8 +7,8 @@ KV-cache tokens, single-prompt prefill throughput and (``--decode-requests N``) 
 throughput of N concurrent requests at ``--decode-prompt`` tokens of context (prefix caching on:
 the prompts are prefilled once, then decode time = a full run minus a 1-token run, both with
 the prompts in the cache, so the long prefill does not drown the decode time), with ratios
-to dense beside the cost model's predicted ratio (``harp_vllm.costs``), and writes JSON. Used
-for the Gate-Norm / HARP / hybrid table, the head-level table and the plan's engine check
+to dense beside the cost model's predicted ratio (``harp_vllm.pruning.costs``), and writes
+JSON. Used for the Gate-Norm / HARP / hybrid table, the head-level table and the plan's engine check
 (docs/results.md):
 
     .venv/bin/python benchmarks/bench_engine_variants.py --out out/variants.json \\
@@ -111,7 +111,7 @@ def predicted(path: str, context: int, phase: str) -> float:
     """The cost model's speed-up of the checkpoint at ``path`` over its dense model."""
     from transformers import AutoConfig
 
-    from harp_vllm import costs
+    from harp_vllm.pruning import costs
     from harp_vllm.spec import PruningSpec
 
     cfg = AutoConfig.from_pretrained(path)

@@ -3,7 +3,7 @@
     flock /tmp/harp-cpu.lock .venv/bin/python benchmarks/bench_gateway.py \
         [--requests 5000] [--concurrency 50] [--compare-src /path/to/old/checkout] [--stream]
 
-One fake backend (``harp_vllm.gateway.fake_backend``, no token delay) and one gateway process
+One fake backend (``tests/fake_backend.py``, no token delay) and one gateway process
 per code tree (this checkout, plus ``--compare-src`` trees, e.g. an older commit unpacked with
 ``git archive``) run on 127.0.0.1. A keep-alive HTTP/1.1 load generator written on raw asyncio
 streams (so the client's own cost stays small) sends ``--requests`` completions at
@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,13 +28,11 @@ from pathlib import Path
 import httpx
 import psutil
 
+from harp_vllm.process import free_port
+
+FAKE_BACKEND = Path(__file__).resolve().parents[1] / "tests" / "fake_backend.py"
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(cmd: list[str], port: int, probe: str, tree: Path) -> subprocess.Popen:
@@ -175,7 +172,7 @@ def main() -> None:
     rounds: list[list[Result]] = []
     try:
         bport = free_port()
-        backend = start([sys.executable, "-m", "harp_vllm.gateway.fake_backend", "--port",
+        backend = start([sys.executable, str(FAKE_BACKEND), "--port",
                          str(bport), "--model", "fake"], bport, "/health", REPO)
         procs.append(backend)
         gateways = []

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+PROBE = Path(__file__).resolve().parents[1] / "tests" / "probe.py"
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def run(model: Path, prompts: Path, out: Path, kv_dtype: str, tokens: int, kv_space: str
         ) -> dict:
-    cmd = [sys.executable, "-m", "harp_vllm.vllm_plugin.probe", "--model", str(model),
+    cmd = [sys.executable, str(PROBE), "--model", str(model),
            "--prompts", str(prompts), "--max-tokens", str(tokens), "--max-model-len", "2048",
            "--out", str(out)]
     if kv_dtype != "auto":

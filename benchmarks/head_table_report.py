@@ -15,7 +15,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from harp_vllm import models
-from harp_vllm.serving_metrics import kv_layout
+from harp_vllm.serving.metrics import kv_layout
 
 ROWS = [  # (variant, label, engine name)
     ("dense", "dense", "dense"),

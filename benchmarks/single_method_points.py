@@ -4,8 +4,8 @@ SmolLM2-135M-Instruct, WikiText-2 test, 8 windows x 2048 tokens (dense 19.13), a
 docs/results.md: HARP top-P with searched alphas and Gate-Norm (section 5; HARP P = 12 from
 section 9), FLAP global allocation at HARP's head share and the linear maps with
 ``--select damage`` (section 9, ``benchmarks/linear_table.sh``). KV saving and the predicted
-7k prefill speed-up come from the cost model (``harp_vllm.costs``); FLAP's per-layer KV heads
-are read from its checkpoints when they exist (``out/linear-table/flapP``).
+7k prefill speed-up come from the cost model (``harp_vllm.pruning.costs``); FLAP's per-layer KV
+heads are read from its checkpoints when they exist (``out/linear-table/flapP``).
 
     .venv/bin/python benchmarks/single_method_points.py out/plan/single_methods.json
 """
@@ -18,7 +18,8 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from harp_vllm import costs, models
+from harp_vllm import models
+from harp_vllm.pruning import costs
 from harp_vllm.spec import PruningSpec
 
 # method -> [(P layers or FLAP's equal head share, perplexity, layers or checkpoint dir)]

@@ -1,5 +1,21 @@
-"""The one exception type the CLI turns into a clean, single-line error."""
+"""The exceptions the CLI turns into a clean, single-line error, and their exit statuses.
+
+Every ``harp-vllm`` command exits 2 on a usage error (``UserError``: a bad path, file, model or
+option) and 1 on a runtime failure (``RunFailure``: the input was fine, running it failed).
+"""
+
+USAGE_EXIT = 2
+RUNTIME_EXIT = 1
 
 
 class UserError(Exception):
     """Bad input from the user (path, file, model, option); the message says what is wrong."""
+
+    exit_code = USAGE_EXIT
+
+
+class RunFailure(UserError):
+    """The command was well-formed but failed while running (a service exited, a port was
+    taken, nothing became healthy); the message says what happened."""
+
+    exit_code = RUNTIME_EXIT

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError
 from .paths import cache_dir
@@ -94,7 +95,7 @@ def convert_gguf(gguf: Path, out: Path, progress: bool = True) -> Path:
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             bar.advance(task)
             bar.update(task, description=steps[1])
-            model = AutoModelForCausalLM.from_pretrained(
+            model: Any = AutoModelForCausalLM.from_pretrained(
                 gguf.parent, gguf_file=gguf.name, dtype=torch.float32
             )
             # The weights are already dequantized: drop every trace of GGUF quantization.
@@ -175,7 +176,7 @@ def load(path: Path):
     config = AutoConfig.from_pretrained(path)
     pruning = spec_mod.PruningSpec.from_config(config)
     if pruning is not None:
-        from .reference import load_pruned
+        from .pruning.reference import load_pruned
 
         return load_pruned(path, config, pruning)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,

@@ -45,15 +45,6 @@ READABLE_VERSIONS = (1, 2)
 MAP_INPUTS = ("normed", "raw")
 SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
-# HF architecture -> HARP architecture name registered with vLLM.
-HARP_ARCHITECTURES = {
-    "LlamaForCausalLM": "HarpLlamaForCausalLM",
-    "MistralForCausalLM": "HarpMistralForCausalLM",
-    "Qwen2ForCausalLM": "HarpQwen2ForCausalLM",
-    "Gemma2ForCausalLM": "HarpGemma2ForCausalLM",
-    "Gemma3ForCausalLM": "HarpGemma3ForCausalLM",
-}
-
 
 @dataclass
 class PruningSpec:

@@ -16,6 +16,16 @@ CORPUS = (
 ) * 4
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs the prepared SmolLM2 (``smollm2_dir``, directly or through another
+    fixture) is ``real_model``, so ``-m "not real_model"`` never prepares the model."""
+    for item in items:
+        if "smollm2_dir" in getattr(item, "fixturenames", ()) and \
+                item.get_closest_marker("real_model") is None:
+            item.add_marker(pytest.mark.real_model)
+
+
 def tiny_tokenizer():
     """A byte-level BPE tokenizer trained in well under a second on a small corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -81,8 +91,8 @@ def save_linear(src: Path, out: Path, groups: list[tuple[list[int], int | None, 
     """A ``--method linear`` checkpoint of ``src``: each group (layers, rank, input) fitted in
     turn on ``windows`` (so one checkpoint can mix ranks and inputs), plus HARP ``alphas``."""
     from harp_vllm import models
-    from harp_vllm.checkpoint import save_pruned
-    from harp_vllm.linear import fit_linear
+    from harp_vllm.pruning.checkpoint import save_pruned
+    from harp_vllm.pruning.linear import fit_linear
     from harp_vllm.spec import PruningSpec
 
     model = models.load(src)

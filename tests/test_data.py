@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from harp_vllm import data
 from harp_vllm.errors import UserError
+from harp_vllm.evaluation import data
 
 
 def test_wikitext_rows_match_hf_layout():

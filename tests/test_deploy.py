@@ -28,7 +28,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harp_vllm import stack as native
+from harp_vllm.errors import UserError
+from harp_vllm.ops import compose
+from harp_vllm.ops import plan as native_plan
+from harp_vllm.ops import stack as native
+from harp_vllm.process import free_port, http_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -48,12 +52,6 @@ def tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed; run `make setup`")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_json(url: str, timeout: float = 10.0) -> dict:
@@ -113,7 +111,7 @@ class Prometheus:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, (workdir / "prometheus.log").read_text()
-            if native._http_ok(self.url + "/-/ready", timeout=2):
+            if http_ok(self.url + "/-/ready", timeout=2):
                 return
             time.sleep(0.3)
         self.stop()
@@ -331,11 +329,11 @@ def test_dashboard_queries_parse_on_prometheus(scratch_prometheus):
 @pytest.mark.timeout(30)
 def test_interpolation_follows_compose():
     env = {"A": "1", "EMPTY": ""}
-    f = native.interpolate
+    f = compose.interpolate
     assert f("${A}-${B:-x}-${EMPTY:-d}-${EMPTY-d}-$$A-$A", env) == "1-x-d--$A-1"
     assert f({"k": ["${A:+set}", "${B:+set}"]}, env) == {"k": ["set", ""]}
     assert f("${B:-${A}}", env) == "1"
-    with pytest.raises(native.UserError, match="required"):
+    with pytest.raises(UserError, match="required"):
         f("${B:?needed}", env)
 
 
@@ -345,7 +343,7 @@ def test_native_plan_translates_the_compose_file(tmp_path):
            "HARP_VLLM_CACHE": str(tmp_path / "models"), "HARP_DENSE_PORT": "18001",
            "HARP_PRUNED_PORT": "18002", "HARP_GATEWAY_PORT": "18080",
            "HARP_PROMETHEUS_PORT": "19090", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    plan = native.build_plan(COMPOSE, env=env)
+    plan = native_plan.build_plan(COMPOSE, env=env)
     names = [s.name for s in plan.services]
     assert names.index("model-prep") < names.index("vllm-dense") < names.index("gateway")
     assert set(names) == {"model-prep", "vllm-dense", "vllm-harp", "gateway", "prometheus"}
@@ -375,11 +373,11 @@ def test_native_plan_translates_the_compose_file(tmp_path):
                        "127.0.0.1:18002": {"variant": "harp"}, "127.0.0.1:18080": {},
                        "127.0.0.1:19090": {}}
     # `up SERVICE` takes what it depends on along.
-    only = native.build_plan(COMPOSE, env=env, only=["gateway"])
+    only = native_plan.build_plan(COMPOSE, env=env, only=["gateway"])
     assert {s.name for s in only.services} == {"model-prep", "vllm-dense", "vllm-harp",
                                                 "gateway"}
     # The load test is behind its profile.
-    assert "loadtest" in {s.name for s in native.build_plan(COMPOSE, env=env,
+    assert "loadtest" in {s.name for s in native_plan.build_plan(COMPOSE, env=env,
                                                             profiles=["loadtest"]).services}
 
 
@@ -598,3 +596,9 @@ def test_native_stack_end_to_end(tmp_path):
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))  # free again
+
+
+def test_the_default_compose_file_is_found_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert compose.find_compose_file() == compose.SOURCE_ROOT / compose.DEFAULT_COMPOSE
+    assert (compose.SOURCE_ROOT / "pyproject.toml").is_file()

@@ -1,7 +1,7 @@
 """``harp-vllm gateway`` with real processes on 127.0.0.1.
 
 * Hardening tests (bad input, killed backend, mid-stream death, client disconnect, shadow that
-  must not delay the caller) run against ``harp_vllm.gateway.fake_backend`` processes: a
+  must not delay the caller) run against ``tests/fake_backend.py`` processes: a
   backend has to be killed and restarted, which costs a second for the fake server and a
   minute for vLLM.
 * Routing, streaming, the A/B split, mirroring and metrics run against the real dense and
@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,65 +30,39 @@ from test_serve import (
     DENSE_NAME,
     HARP_NAME,
     STARTUP_TIMEOUT,
-    free_port,
     get_vllm_pair,
     metric_samples,
     stop_vllm_pair,
 )
 
+from harp_vllm.process import ServerProcess, free_port
+
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
+FAKE_BACKEND = Path(__file__).with_name("fake_backend.py")
 
-class Proc:
-    """A background process in its own group, ready when ``url + probe`` answers."""
+
+class Proc(ServerProcess):
+    """A test server on 127.0.0.1:``port`` (``harp_vllm.process.ServerProcess``), ready when
+    ``url + probe`` answers one of ``ready_status``; ``start`` starts it again and waits."""
 
     def __init__(self, cmd: list[str], port: int, log: Path, probe: str = "/health",
                  ready_status: tuple[int, ...] = (200, 503)):
-        self.cmd, self.port, self.log_path = cmd, port, log
-        self.url = f"http://127.0.0.1:{port}"
-        self.probe, self.ready_status = probe, ready_status
-        self.start()
+        self.port = port
+        super().__init__(cmd, f"http://127.0.0.1:{port}", {**os.environ, "NO_COLOR": "1"}, log,
+                         health_path=probe, ready_status=ready_status, poll=0.2)
+        self.wait_ready(30)
 
     def start(self, timeout: float = 30) -> Proc:
-        if getattr(self, "_log", None) is not None:
-            self._log.close()
-        self._log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True,
-                                     env={**os.environ, "NO_COLOR": "1"})
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.cmd} exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + self.probe, timeout=2).status_code in self.ready_status:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.cmd} not ready: {self.log_path.read_text()[-2000:]}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        self._log.close()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self._log.close()
+        self.restart()
+        self.wait_ready(timeout)
+        return self
 
 
 def fake_backend(tmp: Path, name: str, delay: float = 0.0) -> Proc:
     port = free_port()
-    return Proc([sys.executable, "-m", "harp_vllm.gateway.fake_backend", "--port", str(port),
+    return Proc([sys.executable, str(FAKE_BACKEND), "--port", str(port),
                  "--model", name, "--token-delay", str(delay)], port, tmp / f"{name}.log")
 
 

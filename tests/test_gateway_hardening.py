@@ -1,7 +1,7 @@
 """Issue 14 (gateway hardening) with real processes on 127.0.0.1: each defect of the issue has
 a test here that failed on the gateway before the fix.
 
-Backends are ``harp_vllm.gateway.fake_backend`` processes (its fault hooks: trickle, drop,
+Backends are ``tests/fake_backend.py`` processes (its fault hooks: trickle, drop,
 oversized replies and events, odd SSE error codes) and, for a backend that accepts
 connections but never answers, a plain listening socket. Every gateway is a real
 ``python -m harp_vllm.cli gateway`` process, configured by file.
@@ -19,8 +19,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_gateway import Proc, assert_openai_error, fake_backend, gw_metrics, metric_sum
-from test_serve import free_port
+from test_gateway import (
+    FAKE_BACKEND,
+    Proc,
+    assert_openai_error,
+    fake_backend,
+    gw_metrics,
+    metric_sum,
+)
+
+from harp_vllm.process import free_port
 
 KEY = "sk-hardening-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -378,7 +386,7 @@ def test_health_answers_from_state_with_a_hung_backend(tmp, fast):
         assert httpx.get(g.url + "/live", timeout=5).json() == {"status": "ok"}
         # Each backend has its own probe loop: one that comes up is seen within a few
         # health_intervals, not after the hung backend's 5 s probe.
-        late = Proc([__import__("sys").executable, "-m", "harp_vllm.gateway.fake_backend",
+        late = Proc([__import__("sys").executable, str(FAKE_BACKEND),
                      "--port", str(late_port), "--model", "fake-late"], late_port,
                     tmp / "late-h.log")
         t0 = time.monotonic()
@@ -537,7 +545,7 @@ def test_backend_down_at_start_is_503_then_served(tmp):
                        json={"model": "fake-late", "prompt": "x", "max_tokens": 1})
         assert_openai_error(r, 503, "backend_unavailable")
         assert r.headers["retry-after"]
-        b = Proc([__import__("sys").executable, "-m", "harp_vllm.gateway.fake_backend",
+        b = Proc([__import__("sys").executable, str(FAKE_BACKEND),
                   "--port", str(port), "--model", "fake-late"], port, tmp / "late.log")
         deadline = time.monotonic() + 20
         while True:

@@ -10,9 +10,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from harp_vllm import models
-from harp_vllm.checkpoint import save_pruned
 from harp_vllm.errors import UserError
-from harp_vllm.reference import decoder_layers, pruned
+from harp_vllm.pruning.checkpoint import save_pruned
+from harp_vllm.pruning.reference import decoder_layers, pruned
 from harp_vllm.spec import PruningSpec
 
 FAMILIES = ["llama", "mistral", "qwen2", "gemma2"]

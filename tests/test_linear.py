@@ -11,8 +11,8 @@ from conftest import save_linear
 
 from harp_vllm import models
 from harp_vllm.errors import UserError
-from harp_vllm.linear import Moments, fit_linear, map_cost, solve
-from harp_vllm.reference import LinearAttention
+from harp_vllm.pruning.linear import Moments, fit_linear, map_cost, solve
+from harp_vllm.pruning.reference import LinearAttention
 from harp_vllm.spec import PruningSpec
 
 
@@ -76,7 +76,7 @@ def test_fit_installs_maps_that_reload_identically(tiny_llama, tmp_path, rank, i
         assert (attn.in_proj is None) == (rank is None)
         assert isinstance(model.model.layers[j].input_layernorm, torch.nn.Identity) == (
             input_kind == "raw")
-    from harp_vllm.checkpoint import save_pruned
+    from harp_vllm.pruning.checkpoint import save_pruned
 
     spec = PruningSpec(layers={}, maps={k: v.spec() for k, v in fit.maps.items()},
                        method="linear")
@@ -184,7 +184,7 @@ def test_cli_linear_writes_checkpoint_and_refuses_bad_options(tiny_llama, tmp_pa
 
 
 def test_kv_layout_counts_map_layers_as_attention_free():
-    from harp_vllm.serving_metrics import kv_layout
+    from harp_vllm.serving.metrics import kv_layout
 
     cfg = {"architectures": ["HarpLlamaForCausalLM"], "harp_pruning": {
         "version": 2, "method": "linear", "layers": {"0": 0.5},
@@ -198,8 +198,8 @@ def test_layer_damage_equals_direct_kl_and_selects_lowest(tiny_llama):
     """Each layer's damage is the KL of the full model with only that layer replaced."""
     import copy
 
-    from harp_vllm.linear import layer_damage, lowest_damage
-    from harp_vllm.reference import install_map
+    from harp_vllm.pruning.linear import layer_damage, lowest_damage
+    from harp_vllm.pruning.reference import install_map
 
     w = _windows(tiny_llama, n=4, t=32)
     model = models.load(tiny_llama)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import metrics as prom
-from loadtest import report
-from loadtest.prompts import PromptFactory
+from harp_vllm.loadtest import metrics as prom
+from harp_vllm.loadtest import report
+from harp_vllm.loadtest.prompts import PromptFactory
 
 REPO = Path(__file__).resolve().parents[1]
 KV_BYTES = 64 * 2**20  # dense: 22 blocks of 128 tokens; pruned (8 of 30 layers): ~30
@@ -29,8 +29,8 @@ PRUNED_SPEC = {22: 0.2, 23: 0.0, 24: 0.1, 25: 0.0, 26: 0.1, 27: 0.2, 28: 0.3, 29
 
 
 def _loadtest(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "loadtest", *args], cwd=REPO, timeout=timeout,
-                          capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "harp_vllm.loadtest", *args], cwd=REPO,
+                          timeout=timeout, capture_output=True, text=True)
 
 
 # ---------------------------------------------------------------------------- no server
@@ -40,7 +40,7 @@ def _loadtest(args: list[str], timeout: float = 240) -> subprocess.CompletedProc
 def test_prompts_exact_length_unique_prefix(smollm2_dir):
     from transformers import AutoTokenizer
 
-    from harp_vllm.data import load_text
+    from harp_vllm.evaluation.data import load_text
 
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     f = PromptFactory(tok, load_text("wikitext2", "test")[:400_000], seed=1)
@@ -105,7 +105,7 @@ def test_report_ratios_and_capacity(tmp_path):
     assert pt["dense"]["total_tps"] == {"median": 100.5, "min": 100.0, "max": 101.0, "n": 2}
     assert s["capacity"]["dense"]["max_concurrency_without_preemption"] == 2
     assert s["capacity"]["pruned"]["max_concurrency_without_preemption"] == 4
-    paths = report.write_outputs(results, tmp_path, "python -m loadtest ...")
+    paths = report.write_outputs(results, tmp_path, "python -m harp_vllm.loadtest ...")
     md = paths["report"].read_text()
     assert "Partial report" in md and "## Pruned / dense ratios" in md and "## Capacity" in md
     for name in ("throughput_ratio", "ttft", "capacity"):
@@ -115,7 +115,7 @@ def test_report_ratios_and_capacity(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_unreachable_url_clear_message(tmp_path):
-    from loadtest.servers import free_port
+    from harp_vllm.process import free_port
 
     port = free_port()
     r = _loadtest(["--dense-url", f"http://127.0.0.1:{port}", "--pruned-url",
@@ -155,12 +155,13 @@ def _plugin_serves_pruned() -> bool:
 @pytest.fixture(scope="session")
 def ab_servers(tmp_path_factory, smollm2_dir):
     """(dense_url, pruned_url, pruned_is_harp); both servers with the same small KV budget."""
-    from loadtest import servers
+    from harp_vllm.loadtest import servers
 
     base = tmp_path_factory.mktemp("loadtest-servers")
     pruned_model, harp = smollm2_dir, False
     if _plugin_serves_pruned():
-        from harp_vllm import checkpoint, models, spec
+        from harp_vllm import models, spec
+        from harp_vllm.pruning import checkpoint
 
         out = base / "smollm2-harp-p8"
         checkpoint.save_pruned(models.load(smollm2_dir),
@@ -171,12 +172,12 @@ def ab_servers(tmp_path_factory, smollm2_dir):
     dense = servers.start(smollm2_dir, base / "dense.log", served_name="smollm2-135m", **kw)
     pruned = servers.start(pruned_model, base / "pruned.log", served_name="smollm2-harp", **kw)
     try:
-        servers.wait_ready(dense, 400)
-        servers.wait_ready(pruned, 400)
+        dense.wait_ready(400)
+        pruned.wait_ready(400)
         yield dense.url, pruned.url, harp
     finally:
-        servers.stop(dense)
-        servers.stop(pruned)
+        dense.stop()
+        pruned.stop()
 
 
 @pytest.mark.vllm
@@ -226,7 +227,7 @@ def test_quick_run_real_servers(ab_servers, tmp_path):
         assert s["capacity"][side]["tested"] == [1, 2, 3, 4]
     md = (tmp_path / "report.md").read_text()
     for head in ("## Pruned / dense ratios", "## Dense", "## Pruned", "## Server metrics",
-                 "## Capacity", "## Checks", "python -m loadtest"):
+                 "## Capacity", "## Checks", "python -m harp_vllm.loadtest"):
         assert head in md
     for png in ("throughput_ratio.png", "ttft.png", "capacity.png"):
         assert (tmp_path / png).stat().st_size > 1000
@@ -315,7 +316,7 @@ def test_failing_endpoint_partial_report(ab_servers, smollm2_dir, tmp_path):
 def test_ctrl_c_writes_partial_report(ab_servers, tmp_path):
     dense, pruned, _ = ab_servers
     proc = subprocess.Popen(
-        [sys.executable, "-m", "loadtest", "--dense-url", dense, "--pruned-url", pruned,
+        [sys.executable, "-m", "harp_vllm.loadtest", "--dense-url", dense, "--pruned-url", pruned,
          "--quick", "--prompt-lens", "512", "--concurrency", "1", "--repeats", "20",
          "--no-capacity", "--out", str(tmp_path), "--no-progress"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -342,7 +343,7 @@ def test_ctrl_c_writes_partial_report(ab_servers, tmp_path):
 def test_ctrl_c_survives_code_that_swallows_the_interrupt():
     """SIGINT sets a flag checked after every run, so a run that loses the KeyboardInterrupt
     (asyncio cancellation racing the benchmark's end) still stops the load test."""
-    from loadtest.runner import _CtrlC
+    from harp_vllm.loadtest.runner import _CtrlC
 
     ctrl_c = _CtrlC()
     ctrl_c.install()

@@ -46,11 +46,13 @@ TINY_PROMPTS = [
     list(range(300, 200, -3)),
 ]
 
+PROBE = Path(__file__).with_name("probe.py")
+
 
 def probe(model: Path, workdir: Path, prompts: list, *, tp: int = 1, pp: int = 1,
           max_model_len: int = 512, timeout: float = 1200, extra: tuple[str, ...] = (),
           in_process: bool | None = None) -> tuple[dict, str]:
-    """One engine run of ``harp_vllm.vllm_plugin.probe`` with per-rank information.
+    """One engine run of ``tests/probe.py`` with per-rank information.
 
     A single-rank engine runs in process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: it starts
     fast) unless ``in_process`` is False; a parallel one runs vLLM's default multi-process
@@ -59,7 +61,7 @@ def probe(model: Path, workdir: Path, prompts: list, *, tp: int = 1, pp: int = 1
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "prompts.json").write_text(json.dumps(prompts))
     out = workdir / "result.json"
-    cmd = [sys.executable, "-m", "harp_vllm.vllm_plugin.probe", "--model", str(model),
+    cmd = [sys.executable, str(PROBE), "--model", str(model),
            "--out", str(out), "--prompts", str(workdir / "prompts.json"), "--max-tokens", "32",
            "--max-model-len", str(max_model_len), "--prompt-logprobs", "--rank-info",
            "--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp), *extra]

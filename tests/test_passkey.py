@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from harp_vllm.errors import UserError
-from harp_vllm.tasks.passkey import build_trials, parse_lengths, score
+from harp_vllm.evaluation.tasks.passkey import build_trials, parse_lengths, score
 
 
 @pytest.mark.real_model

@@ -6,7 +6,12 @@ import torch
 
 from harp_vllm import models
 from harp_vllm.errors import UserError
-from harp_vllm.perplexity import evaluate_perplexity, make_windows, perplexity, window_nll
+from harp_vllm.evaluation.perplexity import (
+    evaluate_perplexity,
+    make_windows,
+    perplexity,
+    window_nll,
+)
 
 
 def test_windows_are_non_overlapping_and_drop_the_tail():

@@ -12,10 +12,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from harp_vllm import costs
 from harp_vllm.cli import app
 from harp_vllm.errors import UserError
-from harp_vllm.plan import KEEP, Budget, Choice, candidates, parse_layout, solve_layouts
+from harp_vllm.pruning import costs
+from harp_vllm.pruning.plan import KEEP, Budget, Choice, candidates, parse_layout, solve_layouts
 from harp_vllm.spec import PruningSpec
 
 SMOL = SimpleNamespace(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
@@ -122,14 +122,14 @@ def _tiny_args(tiny_llama: Path, tmp_path: Path) -> list[str]:
 def _logits_equal_reference(ckpt: Path, tiny_llama: Path, layout_text: str) -> None:
     """The written checkpoint, reloaded, computes what the planner's in-memory layout did."""
     from harp_vllm import models
-    from harp_vllm.plan import installed
+    from harp_vllm.pruning.plan import installed
 
     reloaded = models.load(ckpt)
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = reloaded(input_ids=ids).logits
     # Rebuild the same layout on the dense model from a fresh session's statistics.
-    from harp_vllm.plan_job import PlanOptions, open_session
+    from harp_vllm.pruning.plan_job import PlanOptions, open_session
 
     s = open_session(PlanOptions(model=str(tiny_llama), out=ckpt, layout=layout_text,
                                  calib_file=ckpt.parent / "calib.txt", calib_samples=16,
@@ -159,7 +159,7 @@ def test_plan_cli_writes_a_mixed_checkpoint_that_reloads_identically(tiny_llama,
                                         num_hidden_layers=4)))
     _logits_equal_reference(out, tiny_llama, plan["layout"])
     # The load-test report's cost-model line reads the served checkpoint's shapes.
-    from loadtest.report import predicted_ratios
+    from harp_vllm.loadtest.report import predicted_ratios
 
     found = costs.checkpoint_shapes(out)
     assert found is not None and costs.summary(*found)["kv_saving"] >= 0.5

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from harp_vllm import models
 from harp_vllm.cli import app
 from harp_vllm.errors import UserError
-from harp_vllm.prune import parse_layer_list, select_layers
-from harp_vllm.search import calibration_windows, fast_search, naive_search
+from harp_vllm.pruning.prune import parse_layer_list, select_layers
+from harp_vllm.pruning.search import calibration_windows, fast_search, naive_search
 
 runner = CliRunner()
 

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from harp_vllm import data, models
-from harp_vllm.perplexity import make_windows, perplexity, tokenize
+from harp_vllm import models
+from harp_vllm.evaluation import data
+from harp_vllm.evaluation.perplexity import make_windows, perplexity, tokenize
 
 pytestmark = pytest.mark.real_model
 
@@ -45,7 +46,7 @@ def test_wikitext_perplexity_beats_unigram_and_needs_word_order(smollm2_dir):
 
 def test_harp_prune_real_model_end_to_end(smollm2_dir, tmp_path):
     """Prune SmolLM2's top 2 layers with a tiny calibration; the checkpoint reloads exactly."""
-    from harp_vllm.prune import PruneOptions, run_prune
+    from harp_vllm.pruning.prune import PruneOptions, run_prune
 
     out = tmp_path / "harp2"
     report = run_prune(PruneOptions(model=str(smollm2_dir), out=out, layers=2, calib_samples=2,

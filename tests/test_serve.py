@@ -11,7 +11,6 @@ import atexit
 import json
 import os
 import re
-import socket
 import threading
 import urllib.request
 from pathlib import Path
@@ -19,9 +18,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from harp_vllm import serve as serve_mod
 from harp_vllm.errors import UserError
-from harp_vllm.serving_metrics import KVLayout, context_bucket, kv_layout
+from harp_vllm.process import free_port
+from harp_vllm.serving import serve as serve_mod
+from harp_vllm.serving.metrics import KVLayout, context_bucket, kv_layout
 
 PRUNED_LAYERS = {22: 0.2, 23: 0.3, 24: 0.4, 25: 0.5, 26: 0.5, 27: 0.6, 28: 0.7, 29: 0.8}
 DENSE_NAME, HARP_NAME = "smollm2-dense", "smollm2-harp"
@@ -29,12 +29,6 @@ SERVER_FLAGS = ["--enforce-eager", "--max-model-len", "2048", "--dtype", "float3
                 "--disable-uvicorn-access-log"]
 SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 STARTUP_TIMEOUT = 400  # two engines starting at once on 2 loaded cores
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(url: str, timeout: float = 30) -> tuple[int, str]:
@@ -81,7 +75,8 @@ def plugin_present() -> bool:
 
 
 def make_pruned_checkpoint(src: Path, out: Path) -> Path:
-    from harp_vllm import checkpoint, models, spec
+    from harp_vllm import models, spec
+    from harp_vllm.pruning import checkpoint
 
     if (out / "config.json").is_file():
         return out
@@ -101,7 +96,7 @@ def get_vllm_pair(tmp_root: Path, smollm2_dir: Path) -> dict:
     """{"dense": ServerProcess, "harp": ServerProcess, "pruned_dir": Path}, started once.
 
     The pruned server is started through the real CLI (``python -m harp_vllm.cli serve``),
-    the dense one through ``python -m harp_vllm.serve``; both in parallel, then awaited.
+    the dense one through ``python -m harp_vllm.serving.serve``; both in parallel, then awaited.
     """
     with _POOL_LOCK:
         if "error" in _POOL:
@@ -191,7 +186,7 @@ def test_kv_layout_of_a_head_pruned_checkpoint():
 def test_build_command_resolves_known_name(monkeypatch, smollm2_dir):
     cmd = serve_mod.build_command(["smollm2-135m", "--port", "9", "--enforce-eager"],
                                   python="py")
-    assert cmd[:3] == ["py", "-m", "harp_vllm.serve"]
+    assert cmd[:3] == ["py", "-m", "harp_vllm.serving.serve"]
     assert cmd[cmd.index("--model") + 1] == str(smollm2_dir)
     assert cmd[cmd.index("--served-model-name") + 1] == "smollm2-135m"
     assert cmd[-3:] == ["--port", "9", "--enforce-eager"]
@@ -230,7 +225,7 @@ def test_stat_logger_records_engine_stats():
     from vllm.v1.engine import FinishReason
     from vllm.v1.metrics.stats import FinishedRequestStats, IterationStats
 
-    from harp_vllm.stat_logger import HarpStatLogger, unregister_harp_metrics
+    from harp_vllm.serving.stat_logger import HarpStatLogger, unregister_harp_metrics
 
     hf = SimpleNamespace(architectures=["HarpLlamaForCausalLM"], num_hidden_layers=30,
                          harp_pruning={"version": 1, "method": "harp",
@@ -378,7 +373,18 @@ def test_serve_cli_rejects_missing_model():
     assert r.returncode == 2 and "error:" in r.stderr
 
 
-def test_kvlayout_is_frozen():
-    lay = KVLayout("m", "dense", "A", 2, (), 8)
-    with pytest.raises(AttributeError):
-        lay.total_layers = 3  # type: ignore[misc]
+def test_kvlayout_capacity_rules():
+    """HARP P=8 of 30 layers: 22 layers hold KV, so the dense original fits 30/22 fewer
+    tokens; with vLLM's budget and block size the count is whole dense blocks."""
+    per_layer = 2 * 3 * 64 * 4  # K and V, 3 KV heads of 64, fp32
+    lay = KVLayout("m", "harp", "A", 30, tuple(range(22, 30)), per_layer)
+    assert lay.attention_layers == 22
+    assert lay.bytes_per_token == per_layer * 22
+    assert lay.dense_bytes_per_token == per_layer * 30
+    assert lay.dense_capacity_tokens(3000) == 2200
+    budget = per_layer * 30 * 16 * 10 + 123  # ten dense blocks of 16 tokens, plus change
+    assert lay.dense_capacity_tokens(0, kv_memory_bytes=budget, block_size=16) == 160
+    dense = KVLayout("m", "dense", "A", 30, (), per_layer)
+    assert dense.dense_capacity_tokens(3000) == 3000
+    heads = KVLayout("m", "flap", "A", 30, (), per_layer, served_bytes_per_token=per_layer * 20)
+    assert heads.dense_capacity_tokens(3000) == 2000

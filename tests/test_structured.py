@@ -13,13 +13,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from harp_vllm import models
-from harp_vllm.checkpoint import save_pruned
 from harp_vllm.cli import app
 from harp_vllm.errors import UserError
-from harp_vllm.heads import count_parameters
-from harp_vllm.search import calibration_windows
-from harp_vllm.spec import PruningSpec
-from harp_vllm.structured import (
+from harp_vllm.pruning.checkpoint import save_pruned
+from harp_vllm.pruning.heads import count_parameters
+from harp_vllm.pruning.search import calibration_windows
+from harp_vllm.pruning.structured import (
     allocate,
     channel_scores,
     group_scores,
@@ -28,6 +27,7 @@ from harp_vllm.structured import (
     prune_structured,
     shapes_of,
 )
+from harp_vllm.spec import PruningSpec
 
 runner = CliRunner()
 D = 16  # head_dim of conftest's tiny models (4 query heads, 2 KV heads: groups of 2)

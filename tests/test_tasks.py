@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from harp_vllm.evaluation.tasks import registry
+from harp_vllm.evaluation.tasks.registry import DISCRIMINATIVE, GENERATION, TASKS, TaskDataError
 from harp_vllm.paths import data_dir
-from harp_vllm.tasks import registry
-from harp_vllm.tasks.registry import DISCRIMINATIVE, GENERATION, TASKS, TaskDataError
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -139,8 +139,8 @@ def test_bad_limit_and_backend_options():
 
 
 def test_report_table_and_payload_check():
-    from harp_vllm.tasks.report import markdown_table
-    from harp_vllm.tasks.runner import SCHEMA, check_payload
+    from harp_vllm.evaluation.tasks.report import markdown_table
+    from harp_vllm.evaluation.tasks.runner import SCHEMA, check_payload
 
     payload = {"schema": SCHEMA, "model": "m", "tasks": {
         "gsm8k": {"kind": GENERATION, "n": 10, "num_fewshot": 5, "report": ["x"], "metrics": {
@@ -163,7 +163,7 @@ def test_report_table_and_payload_check():
 @pytest.fixture(scope="module")
 def pruned_smollm2(smollm2_dir, tmp_path_factory) -> Path:
     from harp_vllm import models
-    from harp_vllm.checkpoint import save_pruned
+    from harp_vllm.pruning.checkpoint import save_pruned
     from harp_vllm.spec import PruningSpec
 
     out = tmp_path_factory.mktemp("tasks") / "harp-top8"
@@ -178,7 +178,7 @@ def pruned_smollm2(smollm2_dir, tmp_path_factory) -> Path:
 @pytest.mark.vllm
 @pytest.mark.timeout(900)
 def test_eval_tasks_end_to_end_on_pruned_checkpoint(pruned_smollm2, tmp_path):
-    from harp_vllm.tasks.runner import check_payload
+    from harp_vllm.evaluation.tasks.runner import check_payload
 
     out = tmp_path / "result.json"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -248,7 +248,7 @@ def test_sigterm_stops_the_in_process_engine_too(smollm2_dir, tmp_path):
 def test_kv_cache_dtype_reaches_the_engine_and_is_checked(tmp_path, monkeypatch):
     """--kv-cache-dtype: fp8 goes to vllm.LLM's kwargs (through lm-eval's VLLM), auto adds
     nothing; a bad value and the openai backend (the server's setting) fail clearly."""
-    from harp_vllm.tasks import backends, runner
+    from harp_vllm.evaluation.tasks import backends, runner
 
     res = _cli("--model", "m", "--tasks", "gsm8k", "--kv-cache-dtype", "fp4")
     assert res.exit_code == 2 and "unknown --kv-cache-dtype 'fp4'" in res.output

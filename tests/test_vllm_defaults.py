@@ -21,7 +21,8 @@ BUDGET = 512  # --max-num-batched-tokens
 
 @pytest.fixture(scope="module")
 def smol_defaults(smollm2_dir, tmp_path_factory):
-    from harp_vllm import data, models
+    from harp_vllm import models
+    from harp_vllm.evaluation import data
 
     tok = models.load_tokenizer(smollm2_dir)
     pruned = save(smollm2_dir, tmp_path_factory.mktemp("defaults") / "p8", SMOL_ALPHAS)

@@ -36,6 +36,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -130,6 +131,8 @@ def guarded(m: GatewayMetrics, route: Callable[[Request], Awaitable[Response]]
 
 
 def create_app(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> Starlette:
+    """The gateway's Starlette app (long: its small route handlers are closures over the
+    gateway, auth and metrics, defined here in one place)."""
     gw = Gateway(config, metrics)
     m = gw.metrics
     auth = Auth(config.api_keys)
@@ -191,8 +194,8 @@ def create_app(config: GatewayConfig, metrics: GatewayMetrics | None = None) -> 
         finally:
             await gw.stop()
 
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: http_error})
+    handlers: dict[Any, Any] = {HTTPException: http_error}
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.gateway = gw
     return app
 

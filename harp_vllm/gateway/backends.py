@@ -57,6 +57,12 @@ class BackendState:
         self.slots = asyncio.Semaphore(self.max_connections)
 
     @property
+    def client(self) -> aiohttp.ClientSession:
+        """The HTTP session (opened when the gateway starts)."""
+        assert self.session is not None
+        return self.session
+
+    @property
     def name(self) -> str:
         return self.cfg.name
 

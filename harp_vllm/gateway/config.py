@@ -351,7 +351,7 @@ def _keys(data: dict[str, Any], api_keys: list[str] | None) -> list[str]:
         keys += [check_key(k, f"api_keys[{i}]") for i, k in enumerate(file_keys)]
         keys += [check_key(k, f"--api-key #{i + 1}") for i, k in enumerate(api_keys or [])]
         keys += [check_key(k, f"${API_KEYS_ENV} entry {i + 1}") for i, k in enumerate(env_keys)
-                 if env.strip()]
+                 if (env or "").strip()]
     except ValueError as e:
         raise UserError(f"invalid gateway config: {e}") from None
     return keys

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..serving_metrics import LATENCY_BUCKETS_S, THROUGHPUT_BUCKETS_TPS, zero_buckets
+from ..serving.metrics import LATENCY_BUCKETS_S, THROUGHPUT_BUCKETS_TPS, zero_buckets
 
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5,
                  0.75, 1.0, 2.5, 5.0)
@@ -60,7 +60,8 @@ class GatewayMetrics:
                              "Output tokens / end-to-end latency per request", base,
                              buckets=THROUGHPUT_BUCKETS_TPS, registry=r)
         self.backend_up = Gauge("harp_gateway_backend_up",
-                                "1 if the backend answered its last health or model probe",
+                                "1 if the backend is up: its last health probe or request "
+                                "reached it",
                                 ["backend"], registry=r)
         self.inflight = Gauge("harp_gateway_inflight_requests", "Requests in flight",
                               ["backend", "role"], registry=r)
@@ -70,7 +71,7 @@ class GatewayMetrics:
 
     def init_backend(self, backend: str, shadow_target: bool = False) -> None:
         """Export ``backend``'s per-bucket series at zero from the start (see
-        :func:`~harp_vllm.serving_metrics.zero_buckets`); the ``shadow`` role only for a
+        :func:`~harp_vllm.serving.metrics.zero_buckets`); the ``shadow`` role only for a
         backend that some ``--shadow`` mirrors to (a scrape stays small)."""
         for role in ("primary", "shadow") if shadow_target else ("primary",):
             self.inflight.labels(backend, role)

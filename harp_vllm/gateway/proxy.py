@@ -59,6 +59,12 @@ class Exchange:
         if not self.rec.done:
             self.rec.fail(*unfinished)
 
+    @property
+    def response(self) -> aiohttp.ClientResponse:
+        """The backend's response (only after the request was sent)."""
+        assert self.resp is not None
+        return self.resp
+
 
 @contextlib.asynccontextmanager
 async def cancel_on_disconnect(request: Request):
@@ -68,6 +74,7 @@ async def cancel_on_disconnect(request: Request):
     is the disconnect) and cancels this task when the caller goes away.
     """
     task = asyncio.current_task()
+    assert task is not None
     gone = False
 
     async def watch() -> None:
@@ -150,29 +157,29 @@ class Gateway:
             raw = json.dumps(body, ensure_ascii=False).encode()
         self._maybe_shadow(b, path, payload, stream, requested)
         headers = {"X-Harp-Backend": b.name}
-        ex: Exchange | None = Exchange(Recorder(self.metrics, b.name, requested, "primary", t0),
-                                       b)
+        exchange = Exchange(Recorder(self.metrics, b.name, requested, "primary", t0), b)
+        ex: Exchange | None = exchange  # None once the stream's response owns it
         try:
             try:
                 async with cancel_on_disconnect(request), asyncio.timeout_at(deadline):
                     await b.acquire(self.cfg.queue_timeout)
-                    ex.slot = True
-                    ex.resp = await b.session.post(f"{b.url}/v1/{path}", data=raw,
-                                                   headers=b.headers)
+                    exchange.slot = True
+                    exchange.resp = await b.client.post(f"{b.url}/v1/{path}", data=raw,
+                                                        headers=b.headers)
                     if b.up is not True:  # it answered: up (a probe may not have run yet)
                         self.backends.mark(b, True)
-                    relayed = stream and ex.resp.status < 400
+                    relayed = stream and exchange.resp.status < 400
                     if not relayed:
-                        content = await read_capped(ex.resp, self.cfg.max_response_bytes)
+                        content = await read_capped(exchange.resp, self.cfg.max_response_bytes)
             except ClientGone:
-                ex.close()
+                exchange.close()
                 return Response(status_code=CLIENT_CLOSED)
             except Exception as e:
-                raise self._failure(ex, e, headers) from None
+                raise self._failure(exchange, e, headers) from None
             if not relayed:
-                return self._plain_answer(ex, content, headers)
+                return self._plain_answer(exchange, content, headers)
             # The stream's response owns the exchange from here (it closes it when done).
-            handed, ex = ex, None
+            handed, ex = exchange, None
             relay = SSERelay(handed.rec, wants_usage, self.cfg.max_sse_event_bytes)
             return RelayResponse(self._relay(handed, relay, deadline), handed,
                                  media_type="text/event-stream",
@@ -183,7 +190,7 @@ class Gateway:
                 ex.close((500, "internal"))
 
     def _plain_answer(self, ex: Exchange, content: bytes, headers: dict) -> Response:
-        status, b = ex.resp.status, ex.backend
+        status, b = ex.response.status, ex.backend
         usage = None
         try:
             data = json.loads(content)
@@ -238,7 +245,7 @@ class Gateway:
     async def _relay(self, ex: Exchange, relay: SSERelay, deadline: float
                      ) -> AsyncIterator[bytes]:
         """The backend's SSE stream, event by event; a break ends it with an error event."""
-        rec, b, content = ex.rec, ex.backend, ex.resp.content
+        rec, b, content = ex.rec, ex.backend, ex.response.content
         try:
             while True:
                 async with asyncio.timeout_at(deadline):
@@ -306,7 +313,7 @@ class Gateway:
         deadline = asyncio.get_running_loop().time() + self.cfg.request_timeout
         try:
             async with asyncio.timeout_at(deadline):
-                ex.resp = await b.session.post(f"{b.url}/v1/{path}", data=raw, headers=b.headers)
+                ex.resp = await b.client.post(f"{b.url}/v1/{path}", data=raw, headers=b.headers)
                 if ex.resp.status >= 400 or not stream:
                     content = await read_capped(ex.resp, self.cfg.max_response_bytes)
                     usage = None

@@ -14,7 +14,7 @@ import time
 
 import aiohttp
 
-from ..serving_metrics import UNKNOWN_BUCKET, context_bucket
+from ..serving.metrics import UNKNOWN_BUCKET, context_bucket
 from .errors import status_label
 from .metrics import GatewayMetrics
 

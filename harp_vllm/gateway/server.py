@@ -30,7 +30,8 @@ def _raw_response(status: int, reason: str, message: str, code: str) -> bytes:
 
 def guarded_protocol(config: GatewayConfig, metrics: GatewayMetrics) -> type | None:
     """uvicorn's httptools protocol with a header timeout and a connection cap (None when
-    httptools is not installed; uvicorn then runs unguarded, with a warning)."""
+    httptools is not installed; uvicorn then runs unguarded, with a warning). Long: the
+    protocol subclass is defined inside, to close over ``config`` and ``metrics``."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
@@ -45,7 +46,7 @@ def guarded_protocol(config: GatewayConfig, metrics: GatewayMetrics) -> type | N
         _timer: asyncio.TimerHandle | None = None
         _refused = False
 
-        def connection_made(self, transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport) -> None:
             if len(self.connections) >= config.max_client_connections:
                 self._refused, self.transport = True, transport
                 metrics.rejected.labels("503", "too_many_connections").inc()
@@ -104,5 +105,7 @@ def serve(config: GatewayConfig, host: str = "127.0.0.1", port: int = 8080,
     app = create_app(config, metrics)
     protocol = guarded_protocol(config, metrics)
     uvicorn.run(app, host=host, port=port, log_level=log_level, http=protocol or "auto",
-                timeout_keep_alive=config.keep_alive_timeout, timeout_graceful_shutdown=5,
+                # uvicorn annotates an int but schedules it with call_later: seconds as float
+                timeout_keep_alive=config.keep_alive_timeout,  # type: ignore[arg-type]
+                timeout_graceful_shutdown=5,
                 access_log=log_level in ("debug", "trace"))

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import os
 
+from ..families import FAMILIES
+
 # HARP architecture name -> "module:Class" of its vLLM implementation.
-MODELS = {
-    "HarpLlamaForCausalLM": "harp_vllm.vllm_plugin.llama:HarpLlamaForCausalLM",
-    "HarpMistralForCausalLM": "harp_vllm.vllm_plugin.llama:HarpMistralForCausalLM",
-    "HarpQwen2ForCausalLM": "harp_vllm.vllm_plugin.qwen2:HarpQwen2ForCausalLM",
-    "HarpGemma2ForCausalLM": "harp_vllm.vllm_plugin.gemma:HarpGemma2ForCausalLM",
-    "HarpGemma3ForCausalLM": "harp_vllm.vllm_plugin.gemma:HarpGemma3ForCausalLM",
-}
+MODELS = {f.harp_architecture: f.plugin_class for f in FAMILIES}
 
 # The vLLM releases the plugin is tested with (the model classes subclass vLLM's own Llama,
 # Qwen2 and Gemma code, whose constructor arguments change between minor releases). The `cpu`

@@ -1,4 +1,6 @@
-"""Pieces shared by the HARP model families: the pruned attention modules and the checks.
+"""Pieces shared by the HARP model families: the pruned attention modules, the decoder-layer
+and model mixins every family's classes use, the checks, and the one helper that swaps a vLLM
+module global.
 
 Imported only by the model modules, i.e. inside vLLM processes (it imports vLLM).
 """
@@ -7,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterable, Iterator
+import os
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -20,9 +23,9 @@ from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelL
 from vllm.model_executor.models.utils import extract_layer_index
 
 from ..errors import UserError
-from ..heads import STRUCTURED_FAMILIES, head_dim
+from ..families import BY_HARP_ARCHITECTURE, STRUCTURED_MODEL_TYPES, Family, head_dim
 from ..spec import CONFIG_KEY, PruningSpec
-from . import pp_buffers
+from . import SKIP_VERSION_CHECK_ENV, SUPPORTED_VLLM, UnsupportedVllmVersion, pp_buffers
 from .fold import check_heads, fold_o, fold_v, rank_heads
 
 
@@ -30,8 +33,9 @@ class HarpCheckpointError(UserError):
     """A HARP checkpoint that vLLM cannot serve as described (the message says why)."""
 
 
-def pruning_spec(config: Any, arch: str, families: tuple[str, ...]) -> PruningSpec:
-    """The validated pruning section of ``config`` for architecture ``arch``."""
+def pruning_spec(config: Any, arch: str) -> PruningSpec:
+    """The validated pruning section of ``config`` for HARP architecture ``arch``."""
+    families = BY_HARP_ARCHITECTURE[arch].model_types
     model_type = getattr(config, "model_type", None)
     if model_type not in families:
         raise HarpCheckpointError(
@@ -42,17 +46,18 @@ def pruning_spec(config: Any, arch: str, families: tuple[str, ...]) -> PruningSp
         raise HarpCheckpointError(
             f"config.json declares architecture {arch} but has no '{CONFIG_KEY}' section; a "
             f"HARP checkpoint must list its pruned layers (write it with "
-            f"harp_vllm.checkpoint.save_pruned)")
+            f"harp_vllm.pruning.checkpoint.save_pruned)")
     try:
         spec = PruningSpec.from_config(config)
     except UserError as e:
         raise HarpCheckpointError(f"invalid '{CONFIG_KEY}' section in config.json: {e}"
                                   ) from None
     assert spec is not None
-    if spec.shapes is not None and model_type not in STRUCTURED_FAMILIES:
+    if spec.shapes is not None and model_type not in STRUCTURED_MODEL_TYPES:
         raise HarpCheckpointError(
             f"invalid '{CONFIG_KEY}' section in config.json: per-layer head counts "
-            f"('shapes', method {spec.method}) are served for {', '.join(STRUCTURED_FAMILIES)} "
+            f"('shapes', method {spec.method}) are served for "
+            f"{', '.join(STRUCTURED_MODEL_TYPES)} "
             f"models only, not {model_type!r}")
     check_tensor_parallel(config, spec, get_tensor_model_parallel_world_size())
     pp_buffers.install()  # vLLM 0.32 CPU, eager: pipeline stage > 0 lacks its input buffer
@@ -118,8 +123,32 @@ def layer_alpha(config: Any, prefix: str) -> float | None:
 
 
 @contextlib.contextmanager
-def patched(module: Any, name: str, value: Any) -> Iterator[None]:
-    """Temporarily replace ``module.name`` (a class vLLM's model code looks up by name)."""
+def swapped_global(module: Any, name: str, value: Any) -> Iterator[None]:
+    """Temporarily replace ``module.name``, a class vLLM's model code looks up by its
+    module-level name where vLLM offers no hook (Qwen2's attention and model, Gemma's decoder
+    layers). Written for vLLM ``SUPPORTED_VLLM``: on another vLLM (unless the version check
+    is skipped) or when the global is gone, ``UnsupportedVllmVersion`` says which one, instead
+    of a model silently built from vLLM's own class."""
+    import vllm
+
+    skip = os.environ.get(SKIP_VERSION_CHECK_ENV, "") in ("1", "true", "yes")
+    where = f"{module.__name__}.{name}"
+    if not skip:
+        from packaging.specifiers import SpecifierSet
+        from packaging.version import InvalidVersion, Version
+
+        try:
+            ok = Version(Version(vllm.__version__).base_version) in SpecifierSet(SUPPORTED_VLLM)
+        except InvalidVersion:
+            ok = False
+        if not ok:
+            raise UnsupportedVllmVersion(
+                f"harp-vllm replaces {where} while building the model, which was written for "
+                f"vLLM {SUPPORTED_VLLM}; the running vLLM is {vllm.__version__!r}")
+    if not hasattr(module, name):
+        raise UnsupportedVllmVersion(
+            f"harp-vllm replaces {where} while building the model, but vLLM "
+            f"{vllm.__version__} has no such name (written for vLLM {SUPPORTED_VLLM})")
     old = getattr(module, name)
     setattr(module, name, value)
     try:
@@ -219,7 +248,7 @@ class TokenLocalLinear(nn.Module):
                 raise HarpCheckpointError(
                     f"{self.prefix}.{name}: checkpoint shape {tuple(w.shape)}, expected {full} "
                     f"(from '{CONFIG_KEY}.maps[{self.layer_idx}]' and the hidden size)")
-            param.weight_loader(param, w)
+            param.weight_loader(param, w)  # type: ignore[attr-defined]  # set by vLLM
             self.loaded.add(name)
         return set(self.loaded)
 
@@ -275,7 +304,7 @@ class TokenLocalAttention(TokenLocalLinear):
             f"unexpected weight {self.prefix}.{name}: layer {self.layer_idx} is pruned "
             f"(alpha = {self.alpha}) and keeps only {', '.join(sorted(self.expected))}")
 
-    def _copy(self, param: torch.Tensor, value: torch.Tensor, name: str) -> None:
+    def _copy(self, param: Any, value: torch.Tensor, name: str) -> None:
         if tuple(param.shape) != tuple(value.shape):
             raise HarpCheckpointError(f"{self.prefix}.{name}: shape {tuple(value.shape)} after "
                                       f"folding does not fit {tuple(param.shape)}")
@@ -322,25 +351,20 @@ def layer_map(config: Any, prefix: str) -> dict[str, Any] | None:
     return None if spec is None else spec.maps.get(extract_layer_index(prefix))
 
 
-def token_local_factory(alpha: float, post_norm: bool,
-                        biases: Callable[[dict[str, Any]], tuple[bool, bool]]):
-    """An attention "class" for a pruned layer; takes the family attention's keyword args.
-
-    ``biases(kwargs)`` gives (v_bias, o_bias) from those keyword arguments.
-    """
+def token_local_factory(alpha: float, family: Family):
+    """An attention "class" for a pruned layer of ``family``; takes the family attention's
+    keyword args (``family.biases(kwargs)`` gives v_bias, o_bias from them)."""
 
     def make(**kw: Any) -> nn.Module:
         prefix = kw["prefix"]
         if alpha == 0.0:
             return RemovedAttention(prefix)
-        config = kw.get("config")
         hidden, n_q = kw["hidden_size"], kw["num_heads"]
-        head_dim = (kw.get("head_dim") or getattr(config, "head_dim", None)
-                    or hidden // n_q)
-        v_bias, o_bias = biases(kw)
+        d = kw.get("head_dim") or head_dim(kw.get("config"), hidden, n_q)
+        v_bias, o_bias = family.biases(kw)
         return TokenLocalAttention(hidden_size=hidden, num_heads=n_q,
-                                   num_kv_heads=kw["num_kv_heads"], head_dim=head_dim,
-                                   alpha=alpha, post_norm=post_norm, v_bias=v_bias,
+                                   num_kv_heads=kw["num_kv_heads"], head_dim=d,
+                                   alpha=alpha, post_norm=family.post_norm, v_bias=v_bias,
                                    o_bias=o_bias, prefix=prefix,
                                    quant_config=kw.get("quant_config"))
 
@@ -382,3 +406,66 @@ def recording(weights: Iterable[tuple[str, torch.Tensor]], seen: set[str]
     for name, w in weights:
         seen.add(name)
         yield name, w
+
+
+def _add_norm(norm: nn.Module, hidden_states: torch.Tensor, residual: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's fused residual add + norm (the first layer has no residual yet)."""
+    if residual is None:
+        return norm(hidden_states), hidden_states
+    return norm(hidden_states, residual)
+
+
+class HarpDecoderLayerMixin:
+    """The pruned-layer forward of every family's decoder layer (listed before vLLM's class).
+
+    Dense layers (``harp_alpha`` None) run the parent's forward. alpha = 0: the attention
+    branch is skipped and only the MLP half runs. Pre-norm families (Llama, Qwen2) run their
+    token-local attention through the parent's forward; post-norm families (Gemma:
+    ``harp_post_norm``) scale the normed attention output by alpha here.
+    """
+
+    harp_alpha: float | None = None
+    harp_post_norm = False
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None, **kwargs: Any
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha = self.harp_alpha
+        if alpha is None or (alpha != 0.0 and not self.harp_post_norm):
+            return super().forward(positions, hidden_states, residual, **kwargs)  # type: ignore[misc]
+        layer: Any = self
+        if not self.harp_post_norm:  # alpha = 0
+            hidden_states, residual = _add_norm(layer.post_attention_layernorm, hidden_states,
+                                                residual)
+            return layer.mlp(hidden_states), residual
+        if alpha == 0.0:
+            hidden_states, residual = _add_norm(layer.pre_feedforward_layernorm, hidden_states,
+                                                residual)
+        else:
+            hidden_states, residual = _add_norm(layer.input_layernorm, hidden_states, residual)
+            hidden_states = layer.self_attn(positions=positions, hidden_states=hidden_states)
+            hidden_states = layer.post_attention_layernorm(hidden_states)
+            if alpha != 1.0:
+                hidden_states = hidden_states * alpha
+            hidden_states, residual = layer.pre_feedforward_layernorm(hidden_states, residual)
+        hidden_states = layer.mlp(hidden_states)
+        hidden_states = layer.post_feedforward_layernorm(hidden_states)
+        return hidden_states, residual
+
+
+class HarpModelMixin:
+    """The checked ``load_weights`` of every family's model class (listed before vLLM's):
+    after vLLM's own loading, every layer got the attention weights its pruning status
+    requires (``check_attention_weights``)."""
+
+    harp_arch: str
+    harp_spec: PruningSpec
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        seen: set[str] = set()
+        loaded = super().load_weights(recording(weights, seen))  # type: ignore[misc]
+        model: Any = self
+        check_attention_weights(model, model.model.layers, model.model.start_layer,
+                                model.model.end_layer, seen, self.harp_spec, "model.layers")
+        return loaded

@@ -1,0 +1,115 @@
+"""``harp-vllm plan``: per-layer pruning under a KV (and speed) budget, or the frontier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``plan`` command to the top-level app."""
+
+    @app.command("plan")
+    def plan_cmd(
+        model: Annotated[str, typer.Argument(help="known name, HF directory or hub id")],
+        out: Annotated[Path, typer.Option(help="checkpoint directory (a plan) or report "
+                                               "directory (--frontier)")],
+        kv_saving: Annotated[float | None, typer.Option(
+            help="at least this share of the dense KV bytes per token saved, e.g. 0.27")] = None,
+        speedup: Annotated[float | None, typer.Option(
+            help="also a predicted prefill speed-up of at least this at --context tokens "
+                 "(cost model)")] = None,
+        context: Annotated[int, typer.Option(help="context length of the speed budget")] = 7168,
+        layout: Annotated[str | None, typer.Option(
+            help="no search: an explicit layout, e.g. 7:linear192,28-29:remove,3:drop1 (the "
+                 "'layout' of a plan.json)")] = None,
+        frontier: Annotated[bool, typer.Option(help="sweep --budgets; write a table and "
+                                                    "plots to --out")] = False,
+        budgets: Annotated[str, typer.Option(help="--frontier: KV savings")] = (
+            "0.1,0.2,0.27,0.3,0.4,0.5"),
+        compare: Annotated[Path | None, typer.Option(
+            help="--frontier: JSON of single-method curves {method: [{kv_saving, ppl}]} for "
+                 "the plot")] = None,
+        ranks: Annotated[str, typer.Option(help="linear-map ranks offered (integers or "
+                                                "'full')")] = "192,full",
+        drop: Annotated[bool, typer.Option("--drop/--no-drop", help="offer FLAP KV-group "
+                                                                    "cuts")] = True,
+        remove: Annotated[bool, typer.Option("--remove/--no-remove", help="offer removing "
+                                                                          "the sublayer")] = True,
+        calib_file: Annotated[Path | None, typer.Option(
+            help="calibrate on a text file (default: WikiText-2 validation)")] = None,
+        calib_samples: Annotated[int, typer.Option(help="calibration windows for the maps and "
+                                                        "FLAP's statistics")] = 64,
+        calib_seq_len: Annotated[int, typer.Option(help="tokens per calibration window")] = 256,
+        damage_windows: Annotated[int, typer.Option(help="of those, windows each candidate's "
+                                                         "KL is measured on")] = 8,
+        rescore_windows: Annotated[int, typer.Option(
+            help="held-out windows (after the damage windows) the best layouts are re-scored "
+                 "on, every position (0: the damage windows)")] = 8,
+        positions: Annotated[int, typer.Option(help="sampled positions per window for the "
+                                                    "KL")] = 64,
+        ridge: Annotated[float, typer.Option(help="linear maps' ridge")] = 1e-3,
+        top_k: Annotated[int, typer.Option(help="best layouts re-scored as whole models")] = 8,
+        rounds: Annotated[int, typer.Option(
+            help="solve rounds: each corrects the best layout's estimates to their in-context "
+                 "damage and solves again")] = 1,
+        seed: Annotated[int, typer.Option(help="calibration sampling seed")] = 0,
+        eval_windows: Annotated[int, typer.Option(help="WikiText-2 test windows (0: skip)")
+                                ] = 8,
+        eval_seq_len: Annotated[int, typer.Option(help="evaluation window length")] = 2048,
+        cache: Annotated[bool, typer.Option("--cache/--no-cache", help="reuse the per-layer "
+                                                                       "statistics")] = True,
+        force: Annotated[bool, typer.Option(help="replace an existing output directory")
+                         ] = False,
+        threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+    ) -> None:
+        """Choose each layer's attention (keep, fewer KV groups, linear map, removed) under a
+        KV budget by an exact MILP over per-layer calibration damage; write the checkpoint
+        and plan.json, or with --frontier a sweep of budgets."""
+        import torch
+
+        from ..errors import UserError
+        from ..pruning.plan_job import PlanOptions, run_frontier, run_plan
+        from .errors import run_guarded
+
+        if threads:
+            torch.set_num_threads(threads)
+
+        def _run() -> dict:
+            try:
+                sweep = tuple(float(x) for x in budgets.split(",") if x.strip())
+            except ValueError:
+                raise UserError(f"bad --budgets {budgets!r} (use e.g. 0.1,0.27,0.4)") from None
+            opts = PlanOptions(
+                model=model, out=out, kv_saving=kv_saving, speedup=speedup, context=context,
+                layout=layout, frontier=frontier, budgets=sweep, compare=compare, ranks=ranks,
+                calib_file=calib_file, drop=drop, remove=remove, calib_samples=calib_samples,
+                calib_seq_len=calib_seq_len, damage_windows=damage_windows,
+                rescore_windows=rescore_windows,
+                positions=positions, ridge=ridge, top_k=top_k, rounds=rounds, seed=seed,
+                eval_windows=eval_windows, eval_seq_len=eval_seq_len, use_cache=cache,
+                force=force)
+            return run_frontier(opts) if frontier else run_plan(opts)
+
+        result = run_guarded(_run)
+        if frontier:
+            from ..pruning.plan_report import table
+
+            typer.echo(table(result))
+            typer.echo(f"wrote {result['out']}/frontier.md, frontier.png, layouts.png, "
+                       f"frontier.json")
+            return
+        c = result["costs"]
+        typer.echo(f"layout: {result['layout']}")
+        typer.echo(f"KV bytes/token (bf16) {c['kv_bytes_per_token_dense']:,} -> "
+                   f"{c['kv_bytes_per_token']:,} (saving {c['kv_saving']:.3f}); predicted "
+                   f"prefill speed-up at {context}: "
+                   f"{c['predicted_speedup'][f'prefill@{context}']:.3f}")
+        typer.echo(f"calibration KL predicted {result['predicted_kl']:.4f}, measured "
+                   f"{result['measured_kl']:.4f}")
+        if result.get("ppl") is not None:
+            typer.echo(f"WikiText-2 test perplexity: dense {result['ppl_dense']:.4f} -> "
+                       f"planned {result['ppl']:.4f}")
+        typer.echo(f"wrote {result['out']} (with plan.json)")

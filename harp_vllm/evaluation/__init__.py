@@ -1,0 +1,2 @@
+"""Evaluation: WikiText-2 perplexity (``perplexity``, ``data``) and downstream tasks through
+vLLM (``tasks``)."""

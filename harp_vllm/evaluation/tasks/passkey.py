@@ -1,0 +1,120 @@
+"""``harp-vllm eval passkey``: synthetic passkey retrieval at long contexts, through vLLM.
+
+The classic long-context probe (Landmark Attention, LongLoRA): a random 5-digit key is hidden
+at a random depth of repetitive filler text and the model is asked to repeat it. No external
+data. Each prompt is built to an exact token count with the model's own tokenizer::
+
+    There is an important info hidden inside a lot of irrelevant text. Find it and memorize
+    it. I will quiz you about the important information there.
+    <filler ...> The pass key is 41273. Remember it. 41273 is the pass key. <filler ...>
+    What is the pass key? The pass key is
+
+Greedy decoding of a few tokens; a trial is correct when the first 5-digit number in the
+answer is the key. Scored through vLLM with the HARP plugin (``vllm.LLM`` in this process, so
+call it from a CLI process or under ``if __name__ == "__main__":``).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from dataclasses import dataclass
+
+from ...errors import UserError
+
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
+         "memorize it. I will quiz you about the important information there.\n")
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
+          "again. ")
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "\nWhat is the pass key? The pass key is"
+ANSWER_TOKENS = 8
+
+
+@dataclass
+class Trial:
+    length: int  # prompt tokens
+    depth: float  # where the key sits, 0 = start of the filler, 1 = end
+    key: str
+    prompt_ids: list[int]
+
+
+def build_trials(tokenizer, lengths: list[int], trials: int, seed: int = 0) -> list[Trial]:
+    """``trials`` prompts of exactly each length (tokens), keys and depths seeded."""
+    rng = random.Random(seed)
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    intro, question, unit = ids(INTRO), ids(QUESTION), ids(FILLER)
+    out: list[Trial] = []
+    for length in lengths:
+        for _ in range(trials):
+            key = f"{rng.randint(10000, 99999)}"
+            needle = ids(NEEDLE.format(key=key))
+            room = length - len(intro) - len(question) - len(needle)
+            if room < len(unit):
+                raise UserError(f"passkey length {length} is too short: the fixed text alone "
+                                f"takes {length - room} tokens")
+            filler = (unit * (room // len(unit) + 1))[:room]
+            depth = rng.random()
+            cut = round(depth * (room // len(unit))) * len(unit)  # at a filler boundary
+            cut = min(cut, room)
+            prompt = intro + filler[:cut] + needle + filler[cut:] + question
+            assert len(prompt) == length
+            out.append(Trial(length, cut / room, key, prompt))
+    return out
+
+
+def score(answer: str, key: str) -> bool:
+    """Correct when the first 5-digit number in the answer is the key."""
+    m = re.search(r"\d{5}", answer)
+    return m is not None and m.group(0) == key
+
+
+def parse_lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"bad --lengths {text!r} (use e.g. 1024,2048,4096,7168)") from None
+    if not lengths or min(lengths) < 64:
+        raise UserError(f"--lengths needs token counts of at least 64, got {text!r}")
+    return lengths
+
+
+def run_passkey(model: str, lengths: list[int], trials: int, seed: int = 0,
+                kv_cache_gb: float = 2.0, progress: bool = True) -> dict:
+    """Accuracy by length through an in-process vLLM engine (fp32, eager, plugin loaded)."""
+    import os
+
+    from ... import models
+
+    if trials < 1:
+        raise UserError(f"--trials must be at least 1, got {trials}")
+    path = models.resolve(model)
+    tok = models.load_tokenizer(path)
+    cases = build_trials(tok, lengths, trials, seed)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gb:g}")
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    start = time.perf_counter()
+    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, seed=seed,
+              max_model_len=max(lengths) + ANSWER_TOKENS + 1, enable_prefix_caching=True)
+    started = time.perf_counter() - start
+    params = SamplingParams(temperature=0.0, max_tokens=ANSWER_TOKENS)
+    prompts: list[TokensPrompt] = [{"prompt_token_ids": c.prompt_ids} for c in cases]
+    outs = llm.generate(prompts, params, use_tqdm=progress)
+    rows = []
+    for c, o in zip(cases, outs, strict=True):
+        answer = o.outputs[0].text
+        rows.append({"length": c.length, "depth": round(c.depth, 3), "key": c.key,
+                     "answer": answer, "correct": score(answer, c.key)})
+    by_length = {}
+    for length in lengths:
+        hits = [bool(r["correct"]) for r in rows if r["length"] == length]
+        by_length[str(length)] = {"trials": len(hits), "accuracy": sum(hits) / len(hits)}
+    return {"model": model, "path": str(path), "trials_per_length": trials, "seed": seed,
+            "accuracy": by_length, "seconds": time.perf_counter() - start,
+            "seconds_engine_start": started, "rows": rows}

@@ -1,0 +1,117 @@
+"""One record per model family HARP supports: every family fact lives here.
+
+The offline side (pruning, the reference model, the checkpoint writer) and the vLLM plugin
+both read these records; nothing else keeps a list of model types or architectures. Adding a
+family is one ``Family`` record here plus a small plugin subclass (README: "Adding a model
+family"). This module imports neither torch nor vLLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import UserError
+
+BiasRule = Callable[[dict[str, Any]], tuple[bool, bool]]
+
+
+def _llama_biases(kw: dict[str, Any]) -> tuple[bool, bool]:
+    return bool(kw.get("bias", False)), bool(kw.get("bias_o_proj", False))
+
+
+def _qwen2_biases(kw: dict[str, Any]) -> tuple[bool, bool]:
+    return True, False  # Qwen2: q/k/v have biases, o has none
+
+
+def _gemma_biases(kw: dict[str, Any]) -> tuple[bool, bool]:
+    bias = bool(getattr(kw["config"], "attention_bias", False))
+    return bias, bias
+
+
+@dataclass(frozen=True)
+class Family:
+    """What HARP knows about one HF architecture."""
+
+    hf_architecture: str  # the dense checkpoint's config.json "architectures" entry
+    model_types: tuple[str, ...]  # config.json "model_type" values the plugin class accepts
+    harp_architecture: str  # the architecture a pruned checkpoint declares (vLLM registry)
+    plugin_class: str  # "module:Class" of the plugin's implementation
+    vllm_base: str  # the vLLM class it subclasses ("module:Class")
+    post_norm: bool  # alpha scales after a post-attention norm (Gemma), else the o_proj output
+    heads: bool  # head/MLP-level pruning (amp, flap, wanda-sp) is served
+    linear_maps: bool  # --method linear checkpoints are served
+    compensation: bool  # vLLM's code has o_proj / down_proj biases for FLAP's compensation
+    biases: BiasRule  # (v_bias, o_bias) of a pruned layer from the attention's keyword args
+
+
+_PLUGIN = "harp_vllm.vllm_plugin"
+_VLLM = "vllm.model_executor.models"
+FAMILIES: tuple[Family, ...] = (
+    Family("LlamaForCausalLM", ("llama", "mistral"), "HarpLlamaForCausalLM",
+           f"{_PLUGIN}.llama:HarpLlamaForCausalLM", f"{_VLLM}.llama:LlamaForCausalLM",
+           post_norm=False, heads=True, linear_maps=True, compensation=True,
+           biases=_llama_biases),
+    # HF-format Mistral checkpoints run on vLLM's Llama code.
+    Family("MistralForCausalLM", ("llama", "mistral"), "HarpMistralForCausalLM",
+           f"{_PLUGIN}.llama:HarpMistralForCausalLM", f"{_VLLM}.llama:LlamaForCausalLM",
+           post_norm=False, heads=True, linear_maps=True, compensation=True,
+           biases=_llama_biases),
+    Family("Qwen2ForCausalLM", ("qwen2",), "HarpQwen2ForCausalLM",
+           f"{_PLUGIN}.qwen2:HarpQwen2ForCausalLM", f"{_VLLM}.qwen2:Qwen2ForCausalLM",
+           post_norm=False, heads=True, linear_maps=False, compensation=False,
+           biases=_qwen2_biases),
+    Family("Gemma2ForCausalLM", ("gemma2",), "HarpGemma2ForCausalLM",
+           f"{_PLUGIN}.gemma:HarpGemma2ForCausalLM", f"{_VLLM}.gemma2:Gemma2ForCausalLM",
+           post_norm=True, heads=False, linear_maps=False, compensation=False,
+           biases=_gemma_biases),
+    Family("Gemma3ForCausalLM", ("gemma3_text",), "HarpGemma3ForCausalLM",
+           f"{_PLUGIN}.gemma:HarpGemma3ForCausalLM", f"{_VLLM}.gemma3:Gemma3ForCausalLM",
+           post_norm=True, heads=False, linear_maps=False, compensation=False,
+           biases=_gemma_biases),
+)
+
+# HF architecture -> HARP architecture name registered with vLLM.
+HARP_ARCHITECTURES = {f.hf_architecture: f.harp_architecture for f in FAMILIES}
+BY_HARP_ARCHITECTURE = {f.harp_architecture: f for f in FAMILIES}
+
+
+def _model_types(pred: Callable[[Family], bool]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(mt for f in FAMILIES if pred(f) for mt in f.model_types))
+
+
+MODEL_TYPES = _model_types(lambda f: True)
+# model types whose head-pruned checkpoints the plugin serves (Gemma's attention has its own
+# norms and scaling; not done).
+STRUCTURED_MODEL_TYPES = _model_types(lambda f: f.heads)
+# model types whose vLLM code has no o_proj / down_proj bias for FLAP's compensation.
+NO_COMPENSATION_MODEL_TYPES = _model_types(lambda f: f.heads and not f.compensation)
+# model types whose linear-map checkpoints the plugin serves.
+LINEAR_MODEL_TYPES = _model_types(lambda f: f.linear_maps)
+
+
+def family_of(config: Any) -> Family:
+    """The family of a HF config by its ``model_type``; UserError if HARP does not support it."""
+    mt = getattr(config, "model_type", None)
+    for f in FAMILIES:
+        if mt in f.model_types:
+            return f
+    raise UserError(f"unsupported model family {mt!r} (architectures "
+                    f"{getattr(config, 'architectures', None)}); supported: "
+                    f"{', '.join(sorted(MODEL_TYPES))}")
+
+
+def post_norm(config: Any) -> bool:
+    """Whether the family scales after the post-attention norm; UserError if unsupported."""
+    return family_of(config).post_norm
+
+
+def head_dim(config: Any, hidden_size: int | None = None, num_heads: int | None = None) -> int:
+    """The attention head size: ``config.head_dim`` if set, else hidden size / head count
+    (``hidden_size`` / ``num_heads`` override the config's, as vLLM's attention passes them)."""
+    explicit = getattr(config, "head_dim", None)
+    if explicit:
+        return int(explicit)
+    hidden = hidden_size or config.hidden_size
+    return int(hidden // (num_heads or config.num_attention_heads))

@@ -1,0 +1,5 @@
+"""``python -m harp_vllm.loadtest``: the A/B load test (same as ``harp-vllm loadtest``)."""
+
+from .cli import main
+
+main()

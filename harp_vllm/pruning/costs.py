@@ -1,0 +1,150 @@
+"""The cost model: KV bytes, parameters and multiply-adds per token of every layer choice.
+
+One place for the arithmetic the planner budgets with and the reports predict speed-ups from.
+Per decoder layer and token (``d`` hidden size, ``H``/``G`` query/KV heads, ``h`` head dim,
+``I`` MLP width, ``V`` vocabulary, ``N`` context length), in multiply-adds (MACs):
+
+- attention projections: ``q`` ``d*H*h``, ``k`` and ``v`` ``d*G*h`` each, ``o`` ``H*h*d``;
+- attention core (``QK^T`` and ``AV``): ``2*H*h*n`` for a token attending to ``n`` tokens.
+  Prefilling ``N`` tokens causally costs ``H*h*N*(N+1)`` over the prompt, i.e.
+  ``H*h*(N+1)`` per token; decoding one token at context ``N`` costs ``2*H*h*N``;
+- MLP (gated): ``3*d*I``;
+- a fitted linear map: ``2*d*r`` (rank ``r``) or ``d*d`` (full); a removed sublayer: 0;
+- the LM head, ``d*V``: once per sequence in prefill (vLLM computes logits only for the last
+  prompt token), once per token in decode.
+
+Norms, rotary embeddings, sampling and the embedding lookup are left out (O(d) per token).
+KV cache: ``2*G*h*dtype_bytes`` per token and layer (K and V). The predicted speed-up of a
+pruned model is the ratio of summed MACs, dense over pruned: it assumes a MAC costs the same in
+attention as in a GEMM, which the engine benchmarks check (see ``docs/results.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..families import head_dim
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What one decoder layer computes: attention kind and sizes, MLP width."""
+
+    attention: str  # "dense" | "linear" | "removed"
+    q_heads: int = 0
+    kv_heads: int = 0
+    rank: int | None = None  # linear: None = full d x d
+    intermediate: int = 0
+
+
+def layer_params(cfg: Any, s: LayerShape) -> int:
+    """Weights of one layer's attention and MLP (norms and biases left out)."""
+    d, h = cfg.hidden_size, head_dim(cfg)
+    if s.attention == "dense":
+        attn = 2 * d * s.q_heads * h + 2 * d * s.kv_heads * h
+    elif s.attention == "linear":
+        attn = d * d if s.rank is None else 2 * d * s.rank
+    else:
+        attn = 0
+    return attn + 3 * d * s.intermediate
+
+
+def layer_macs(cfg: Any, s: LayerShape, context: int, phase: str = "prefill") -> float:
+    """Multiply-adds per token of one layer at context ``context`` (prefill or decode)."""
+    h = head_dim(cfg)
+    macs = float(layer_params(cfg, s))  # every weight is one MAC per token
+    if s.attention == "dense":
+        n = context + 1 if phase == "prefill" else 2 * context
+        macs += s.q_heads * h * n
+    return macs
+
+
+def kv_bytes(cfg: Any, s: LayerShape, dtype_bytes: int = 2) -> int:
+    """KV-cache bytes one token takes in this layer."""
+    return 2 * s.kv_heads * head_dim(cfg) * dtype_bytes if s.attention == "dense" else 0
+
+
+def dense_shape(cfg: Any) -> LayerShape:
+    return LayerShape("dense", cfg.num_attention_heads, cfg.num_key_value_heads, None,
+                      cfg.intermediate_size)
+
+
+def model_shapes(cfg: Any, spec: Any | None) -> list[LayerShape]:
+    """Every layer's ``LayerShape`` for a dense config (``spec`` None) or a pruning spec."""
+    out = []
+    for i in range(cfg.num_hidden_layers):
+        base = dense_shape(cfg)
+        shape = None if spec is None else spec.layer_shape(i)
+        if shape is not None:
+            base = LayerShape("dense", shape["num_attention_heads"],
+                              shape["num_key_value_heads"], None, shape["intermediate_size"])
+        if spec is not None and i in spec.maps:
+            base = LayerShape("linear", rank=spec.maps[i]["rank"],
+                              intermediate=base.intermediate)
+        elif spec is not None and spec.layers.get(i) == 0.0:
+            base = LayerShape("removed", intermediate=base.intermediate)
+        elif spec is not None and i in spec.layers:  # HARP token-local: v and o folded
+            base = LayerShape("linear", rank=base.kv_heads * head_dim(cfg),
+                              intermediate=base.intermediate)
+        out.append(base)
+    return out
+
+
+def model_macs(cfg: Any, shapes: list[LayerShape], context: int, phase: str = "prefill"
+               ) -> float:
+    """MACs per token of the whole model (LM head: once per sequence in prefill)."""
+    head = cfg.hidden_size * cfg.vocab_size
+    lm_head = head / context if phase == "prefill" else head
+    return sum(layer_macs(cfg, s, context, phase) for s in shapes) + lm_head
+
+
+def predicted_speedup(cfg: Any, shapes: list[LayerShape], context: int,
+                      phase: str = "prefill") -> float:
+    """Dense over pruned MACs per token at ``context``: the cost model's speed-up."""
+    dense = [dense_shape(cfg)] * cfg.num_hidden_layers
+    return model_macs(cfg, dense, context, phase) / model_macs(cfg, shapes, context, phase)
+
+
+def summary(cfg: Any, shapes: list[LayerShape], contexts: tuple[int, ...] = (4096, 7168),
+            dtype_bytes: int = 2) -> dict:
+    """KV bytes per token, parameters and predicted prefill/decode speed-ups at ``contexts``."""
+    dense = [dense_shape(cfg)] * cfg.num_hidden_layers
+    kv = sum(kv_bytes(cfg, s, dtype_bytes) for s in shapes)
+    kv_dense = sum(kv_bytes(cfg, s, dtype_bytes) for s in dense)
+    return {
+        "kv_bytes_per_token": kv, "kv_bytes_per_token_dense": kv_dense,
+        "kv_saving": round(1 - kv / kv_dense, 6),
+        "layer_params": sum(layer_params(cfg, s) for s in shapes),
+        "layer_params_dense": sum(layer_params(cfg, s) for s in dense),
+        "predicted_speedup": {
+            f"{phase}@{n}": round(predicted_speedup(cfg, shapes, n, phase), 4)
+            for n in contexts for phase in ("prefill", "decode")},
+    }
+
+
+def request_speedup(cfg: Any, shapes: list[LayerShape], prompt: int, output: int) -> float:
+    """Predicted dense / pruned time of one request: its prompt prefilled at ``prompt``
+    tokens, then ``output`` tokens decoded at the growing context (the load test's
+    total-tokens/s ratio)."""
+    dense = [dense_shape(cfg)] * cfg.num_hidden_layers
+
+    def work(s: list[LayerShape]) -> float:
+        total = prompt * model_macs(cfg, s, prompt, "prefill")
+        return total + output * model_macs(cfg, s, prompt + output // 2, "decode")
+
+    return work(dense) / work(shapes)
+
+
+def checkpoint_shapes(path: str | Any) -> tuple[Any, list[LayerShape]] | None:
+    """(HF config, per-layer shapes) of a local checkpoint directory, None if not local."""
+    from pathlib import Path
+
+    if not (Path(str(path)) / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    from ..spec import PruningSpec
+
+    cfg = AutoConfig.from_pretrained(str(path))
+    return cfg, model_shapes(cfg, PruningSpec.from_config(cfg))

@@ -1,0 +1,121 @@
+"""Head- and MLP-channel surgery on Hugging Face decoder layers (Llama, Mistral, Qwen2).
+
+Attention is cut by whole GQA groups: group g is KV head g and the ``r`` query heads
+``g*r .. g*r+r-1`` that read it, so every kept layer keeps the model's group size and the KV
+cache shrinks with each group removed. MLP layers are cut by intermediate channels (rows of
+gate/up, columns of down). Biases of the cut rows go with them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..families import STRUCTURED_MODEL_TYPES, head_dim
+
+# The input-side projections (o_proj and down_proj are the output side).
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj")
+
+
+def check_family(config) -> None:
+    mt = getattr(config, "model_type", None)
+    if mt not in STRUCTURED_MODEL_TYPES:
+        raise UserError(f"head/MLP pruning supports model families "
+                        f"{', '.join(STRUCTURED_MODEL_TYPES)}; got {mt!r}")
+
+
+def group_size(config) -> int:
+    return config.num_attention_heads // config.num_key_value_heads
+
+
+def _linear(old: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+            bias: bool | None = None) -> nn.Linear:
+    """A copy of ``old`` keeping output ``rows`` and input ``cols`` (None: all)."""
+    w = old.weight.data
+    if rows is not None:
+        w = w[rows]
+    if cols is not None:
+        w = w[:, cols]
+    has_bias = old.bias is not None if bias is None else bias
+    new = nn.Linear(w.shape[1], w.shape[0], bias=has_bias, dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if has_bias:
+            b = old.bias.data if old.bias is not None else torch.zeros(old.out_features,
+                                                                      dtype=w.dtype)
+            new.bias.copy_(b if rows is None else b[rows])
+    return new
+
+
+def channels_of(units: list[int] | torch.Tensor, width: int) -> torch.Tensor:
+    """Channel indices of ``units`` (heads or groups) that are ``width`` channels wide."""
+    units = torch.as_tensor(units, dtype=torch.long)
+    return (units[:, None] * width + torch.arange(width)).reshape(-1)
+
+
+def keep_groups(attn: Any, config, groups: list[int]) -> None:
+    """Keep only the GQA ``groups`` (sorted indices) of one attention module, in place."""
+    d, r = head_dim(config), group_size(config)
+    q_heads = [g * r + j for g in groups for j in range(r)]
+    q_ch, kv_ch = channels_of(q_heads, d), channels_of(groups, d)
+    attn.q_proj = _linear(attn.q_proj, rows=q_ch)
+    attn.k_proj = _linear(attn.k_proj, rows=kv_ch)
+    attn.v_proj = _linear(attn.v_proj, rows=kv_ch)
+    attn.o_proj = _linear(attn.o_proj, cols=q_ch)
+
+
+def keep_channels(mlp: Any, channels: list[int]) -> None:
+    """Keep only the intermediate ``channels`` (sorted indices) of one MLP, in place."""
+    idx = torch.as_tensor(channels, dtype=torch.long)
+    mlp.gate_proj = _linear(mlp.gate_proj, rows=idx)
+    mlp.up_proj = _linear(mlp.up_proj, rows=idx)
+    mlp.down_proj = _linear(mlp.down_proj, cols=idx)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = len(channels)
+
+
+def resize_layer(layer: Any, config, num_attention_heads: int, num_key_value_heads: int,
+                 intermediate_size: int) -> None:
+    """Give one freshly built layer the shapes of a pruned checkpoint's layer (the weights
+    are whatever the first groups/channels held until the checkpoint is loaded over them)."""
+    heads, kv = num_attention_heads, num_key_value_heads
+    if heads // kv != group_size(config):
+        raise UserError(f"a layer with {heads} heads and {kv} KV heads changes the model's "
+                        f"group size {group_size(config)}")
+    # FLAP checkpoints carry biases (attention_bias / mlp_bias), also for families whose HF
+    # code has none (Mistral); vLLM's Llama code reads the same two flags.
+    if getattr(config, "attention_bias", False):
+        add_biases(layer.self_attn, (*ATTENTION_PROJECTIONS, "o_proj"))
+    if getattr(config, "mlp_bias", False):
+        add_biases(layer.mlp, (*MLP_PROJECTIONS, "down_proj"))
+    keep_groups(layer.self_attn, config, list(range(kv)))
+    keep_channels(layer.mlp, list(range(intermediate_size)))
+
+
+def add_bias(module: nn.Linear, value: torch.Tensor | None = None) -> nn.Linear:
+    """``module`` with a bias (zeros, or ``value`` added to an existing one)."""
+    new = _linear(module, bias=True)
+    if value is not None:
+        with torch.no_grad():
+            new.bias.add_(value.to(new.bias.dtype))
+    return new
+
+
+def add_biases(module: nn.Module, names: tuple[str, ...]) -> None:
+    """Give ``module``'s linear layers ``names`` a bias (zeros where they had none)."""
+    for name in names:
+        setattr(module, name, add_bias(getattr(module, name)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

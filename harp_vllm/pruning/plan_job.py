@@ -1,0 +1,304 @@
+"""The ``harp-vllm plan`` jobs: one budget -> a checkpoint and ``plan.json``; ``--frontier``
+-> a sweep of budgets with a table and plots (see ``plan.py`` for the method)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import models
+from ..errors import UserError
+from ..evaluation import data as data_mod
+from ..evaluation.perplexity import evaluate_perplexity
+from ..paths import cache_dir
+from .checkpoint import check_output_dir, save_pruned
+from .damage import record_dense
+from .plan import (
+    KEEP,
+    Budget,
+    Choice,
+    PlanStats,
+    apply_layout,
+    candidates,
+    ensure_statistics,
+    installed,
+    layout_kl,
+    layout_summary,
+    layout_text,
+    parse_layout,
+    plan_layout,
+    rank_key,
+    statistics_settings,
+    stats_path,
+)
+
+DEFAULT_BUDGETS = (0.1, 0.2, 0.27, 0.3, 0.4, 0.5)
+PLAN_FAMILIES = ("llama", "mistral")  # maps and KV-group cuts are both served for these
+
+
+@dataclass
+class PlanOptions:
+    model: str
+    out: Path
+    kv_saving: float | None = None
+    speedup: float | None = None
+    context: int = 7168
+    layout: str | None = None  # explicit layout: no search
+    frontier: bool = False
+    budgets: tuple[float, ...] = DEFAULT_BUDGETS
+    compare: Path | None = None  # single-method curves for the frontier plot
+    ranks: str = "192,full"
+    calib_file: Path | None = None
+    drop: bool = True
+    remove: bool = True
+    calib_samples: int = 64
+    calib_seq_len: int = 256
+    damage_windows: int = 8
+    rescore_windows: int = 8  # held-out windows (after the damage ones) layouts are re-scored on
+    positions: int = 64
+    ridge: float = 1e-3
+    top_k: int = 8
+    rounds: int = 1
+    seed: int = 0
+    eval_windows: int = 8
+    eval_seq_len: int = 2048
+    use_cache: bool = True
+    force: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _check(opts: PlanOptions) -> None:
+    if opts.frontier:
+        if opts.layout or opts.kv_saving is not None:
+            raise UserError("--frontier sweeps --budgets; do not give --kv-saving or --layout")
+        bad = [b for b in opts.budgets if not 0 < b < 1]
+        if bad or not opts.budgets:
+            raise UserError(f"--budgets must be KV savings in (0, 1), got {list(opts.budgets)}")
+    elif (opts.layout is None) == (opts.kv_saving is None):
+        raise UserError("give --kv-saving S (plan under a budget), --layout (an explicit "
+                        "layout) or --frontier")
+    if opts.kv_saving is not None and not 0 < opts.kv_saving < 1:
+        raise UserError(f"--kv-saving must be in (0, 1), got {opts.kv_saving}")
+    if opts.speedup is not None and opts.speedup <= 1:
+        raise UserError(f"--speedup must be > 1 (a predicted prefill speed-up), got "
+                        f"{opts.speedup}")
+    if opts.context < 1:
+        raise UserError(f"--context must be >= 1, got {opts.context}")
+    if opts.top_k < 1 or opts.rounds < 1:
+        raise UserError(f"--top-k and --rounds must be >= 1, got {opts.top_k}, {opts.rounds}")
+    if not 1 <= opts.damage_windows <= opts.calib_samples:
+        raise UserError(f"--damage-windows must be in 1..--calib-samples ({opts.calib_samples}), "
+                        f"got {opts.damage_windows}")
+    if opts.rescore_windows < 0 or (
+            opts.damage_windows + opts.rescore_windows > opts.calib_samples):
+        raise UserError(f"--rescore-windows {opts.rescore_windows} plus --damage-windows "
+                        f"{opts.damage_windows} exceed --calib-samples {opts.calib_samples}")
+    if opts.calib_samples % 8:
+        raise UserError(f"--calib-samples must be a multiple of 8 (the batch), got "
+                        f"{opts.calib_samples}")
+
+
+def _ranks(text: str, cfg: Any) -> list[int | None]:
+    from .prune import parse_rank
+
+    ranks = [parse_rank(t.strip(), cfg) for t in text.split(",") if t.strip()]
+    if not ranks:
+        raise UserError("--ranks is empty (give e.g. 192,full)")
+    return list(dict.fromkeys(ranks))
+
+
+@dataclass
+class Session:
+    """A loaded model with its planning statistics: what every budget is planned from."""
+
+    opts: PlanOptions
+    src: Path
+    cfg: Any
+    tok: Any
+    model: Any
+    stats: PlanStats
+    rec: Any
+    held_out: Any  # the re-scoring record: held-out windows, every position
+    choices: list[Choice]
+    cache: Path | None
+    eval_text: str | None
+    seconds: float
+
+
+def open_session(opts: PlanOptions, progress: bool = True) -> Session:
+    """Validate, load the dense model and calibration windows, get the statistics."""
+    from transformers import AutoConfig
+
+    from .prune import PruneOptions, load_calibration_text
+    from .search import calibration_windows
+
+    _check(opts)
+    src = models.resolve(opts.model)
+    cfg = AutoConfig.from_pretrained(src)
+    if getattr(cfg, "harp_pruning", None):
+        raise UserError(f"{opts.model} is already a pruned checkpoint; plan its source model")
+    if cfg.model_type not in PLAN_FAMILIES:
+        raise UserError(f"harp-vllm plan serves {', '.join(PLAN_FAMILIES)} models (linear maps "
+                        f"and KV-group cuts in one checkpoint), not {cfg.model_type!r}")
+    ranks = _ranks(opts.ranks, cfg)
+    layout = parse_layout(opts.layout, cfg) if opts.layout else None
+    t0 = time.perf_counter()
+    tok = models.load_tokenizer(src)
+    text, calib = load_calibration_text(PruneOptions(model=opts.model, out=opts.out,
+                                                    calib_file=opts.calib_file))
+    windows = calibration_windows(tok, text, opts.calib_samples, opts.calib_seq_len, opts.seed)
+    model = models.load(src)
+    choices = candidates(cfg, ranks, opts.drop, opts.remove)
+    if layout is not None:  # an explicit layout needs only its own choices' statistics
+        choices = [KEEP, *dict.fromkeys(layout.values())]
+        ranks = list(dict.fromkeys(c.rank for c in choices if c.kind == "linear")) or ranks
+    settings = statistics_settings(src, calib, (opts.calib_samples, opts.calib_seq_len),
+                                   opts.damage_windows, opts.positions, ranks, opts.ridge,
+                                   opts.seed)
+    cache = stats_path(cache_dir(), settings) if opts.use_cache else None
+    score = layout is None
+    stats, rec = ensure_statistics(model, windows, settings, choices if score else [KEEP],
+                                   ranks, opts.ridge, cache, progress)
+    held_out = rec
+    if opts.rescore_windows:
+        first = opts.damage_windows
+        held_out = record_dense(model, windows[first:first + opts.rescore_windows],
+                                list(range(cfg.num_hidden_layers)),
+                                positions=opts.calib_seq_len, seed=opts.seed)
+    eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
+    return Session(opts, src, cfg, tok, model, stats, rec, held_out, choices, cache, eval_text,
+                   time.perf_counter() - t0)
+
+
+def _ppl(s: Session, layout: dict[int, Choice], progress: bool) -> float | None:
+    if s.eval_text is None:
+        return None
+    key = f"dense_ppl_{s.opts.eval_windows}x{s.opts.eval_seq_len}"
+    if not layout and key in s.stats.extra:
+        return s.stats.extra[key]
+    with installed(s.model, layout, s.stats):
+        res = evaluate_perplexity(s.model, s.tok, s.eval_text, s.opts.eval_seq_len,
+                                  s.opts.eval_windows, progress=progress)
+    if not layout:
+        s.stats.extra[key] = res.perplexity
+        if s.cache is not None:
+            s.stats.save(s.cache)
+    return res.perplexity
+
+
+def plan_budget(s: Session, budget: Budget, progress: bool = True) -> dict:
+    """Plan one budget and measure it; the plan record (no checkpoint written)."""
+    t0 = time.perf_counter()
+    found = plan_layout(s.model, s.stats, s.held_out, s.choices, budget, s.opts.top_k,
+                        s.opts.rounds, progress)
+    solve_seconds = time.perf_counter() - t0
+    return _record(s, found.layout, progress, budget=budget,
+                   predicted_kl=round(found.predicted_kl, 5),
+                   measured_kl=round(found.measured_kl, 5), tried=found.tried,
+                   solve_seconds=round(solve_seconds, 2))
+
+
+def _record(s: Session, layout: dict[int, Choice], progress: bool, budget: Budget | None,
+            **extra: Any) -> dict:
+    cfg = s.cfg
+    per_layer = [layout.get(j, KEEP).name for j in range(cfg.num_hidden_layers)]
+    predicted = sum(s.stats.damage.get(j, {}).get(c.name, float("nan"))
+                    for j, c in layout.items())
+    rec = {"layout": layout_text(layout), "per_layer": per_layer,
+           "budget": None if budget is None else vars(budget),
+           "predicted_kl": round(predicted, 5), **extra,
+           "costs": layout_summary(cfg, layout, (4096, 7168, s.opts.context)),
+           "ppl": _ppl(s, layout, progress)}
+    if "measured_kl" not in rec:
+        rec["measured_kl"] = round(layout_kl(s.model, layout, s.stats, s.held_out), 5)
+    return rec
+
+
+def _settings_record(s: Session) -> dict:
+    o = s.opts
+    return {"calibration": s.stats.settings["calibration"], "fit_windows": o.calib_samples,
+            "fit_seq_len": o.calib_seq_len, "damage_windows": o.damage_windows,
+            "positions": o.positions, "rescore_windows": o.rescore_windows, "ridge": o.ridge,
+            "top_k": o.top_k, "rounds": o.rounds, "seed": o.seed,
+            "candidates": [c.name for c in s.choices],
+            "eval": {"dataset": "wikitext2", "split": "test", "windows": o.eval_windows,
+                     "seq_len": o.eval_seq_len},
+            "statistics_seconds": s.stats.seconds}
+
+
+def run_plan(opts: PlanOptions, progress: bool = True) -> dict:
+    """Plan one budget (or take ``--layout``), write the checkpoint and its ``plan.json``."""
+    out = Path(opts.out)
+    check_output_dir(out, opts.force)
+    start = time.perf_counter()
+    s = open_session(opts, progress)
+    if opts.layout:
+        layout = parse_layout(opts.layout, s.cfg)
+        record = _record(s, layout, progress, budget=None)
+    else:
+        assert opts.kv_saving is not None
+        record = plan_budget(s, Budget(opts.kv_saving, opts.speedup, opts.context), progress)
+        layout = parse_layout(record["layout"], s.cfg) if record["layout"] else {}
+    if not layout:
+        raise UserError("the plan keeps every layer as it is; nothing to write")
+    record.update(model=opts.model, source_dir=str(s.src),
+                  ppl_dense=_ppl(s, {}, progress), settings=_settings_record(s),
+                  seconds={"load_and_statistics": round(s.seconds, 2),
+                           "total": round(time.perf_counter() - start, 2)})
+    spec = apply_layout(s.model, layout, s.stats)
+    spec.source_model = opts.model
+    spec.calibration = {"plan": {k: record[k] for k in ("layout", "budget", "predicted_kl",
+                                                        "measured_kl", "ppl", "ppl_dense")},
+                        **record["settings"]}
+    plan_json = json.dumps(record, indent=2) + "\n"
+    save_pruned(s.model, spec, s.src, out, force=opts.force, extra_files={"plan.json": plan_json})
+    record["out"] = str(out)
+    return record
+
+
+def run_frontier(opts: PlanOptions, progress: bool = True) -> dict:
+    """Plan every budget in ``opts.budgets``; write frontier.json/.md and the plots."""
+    from tqdm.auto import tqdm
+
+    out = Path(opts.out)
+    compare = _load_compare(opts.compare) if opts.compare else {}
+    start = time.perf_counter()
+    s = open_session(opts, progress)
+    rows = []
+    for b in tqdm(opts.budgets, disable=not progress, desc="frontier", unit="budget"):
+        t0 = time.perf_counter()
+        rec = plan_budget(s, Budget(b, opts.speedup, opts.context), progress)
+        rec["seconds"] = round(time.perf_counter() - t0, 2)
+        rows.append(rec)
+    report = {"model": opts.model, "ppl_dense": _ppl(s, {}, progress),
+              "settings": _settings_record(s), "plans": rows, "compare": compare,
+              "seconds": {"load_and_statistics": round(s.seconds, 2),
+                          "total": round(time.perf_counter() - start, 2)}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "frontier.json").write_text(json.dumps(report, indent=2) + "\n")
+    from .plan_report import write_report
+
+    write_report(report, out)
+    report["out"] = str(out)
+    return report
+
+
+def _load_compare(path: Path) -> dict:
+    """Single-method curves: ``{"method": [{"kv_saving": x, "ppl": y, ...}, ...], ...}``."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"--compare {path}: {e}") from None
+    if isinstance(raw, dict):  # "_source" and similar keys document the file
+        raw = {k: v for k, v in raw.items() if not k.startswith("_")}
+    if not isinstance(raw, dict) or not all(
+            isinstance(v, list) and all(isinstance(p, dict) and {"kv_saving", "ppl"} <= set(p)
+                                        for p in v) for v in raw.values()):
+        raise UserError(f"--compare {path}: expected {{method: [{{kv_saving, ppl}}, ...]}}")
+    return raw
+
+
+__all__ = ["PlanOptions", "run_frontier", "run_plan", "rank_key"]

@@ -1,0 +1,205 @@
+"""Reference HARP implementation on Hugging Face transformers models.
+
+A pruned layer keeps its input norm, MLP and residuals; its attention becomes the token-local
+path ``alpha * o_proj(repeat_kv(v_proj(x)))`` (no q/k, no RoPE, no softmax, no KV cache).
+Llama/Mistral/Qwen2 apply alpha to that output; Gemma2/Gemma3 apply it after the
+post-attention norm. alpha = 0 removes the attention sublayer (no v/o either).
+
+This module is the ground truth the alpha search, evaluation and the vLLM plugin are checked
+against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..families import HARP_ARCHITECTURES, head_dim
+from ..families import post_norm as family_post_norm
+from ..spec import PruningSpec
+
+
+class TokenLocalAttention(nn.Module):
+    """Attention with the attention matrix fixed to the identity: ``scale * o(repeat_kv(v(x)))``.
+
+    ``v_proj``/``o_proj`` are None when the sublayer is removed (alpha = 0): the output is 0.
+    """
+
+    def __init__(self, v_proj: nn.Linear | None, o_proj: nn.Linear | None, n_rep: int,
+                 head_dim: int, scale: float | torch.Tensor):
+        super().__init__()
+        self.v_proj, self.o_proj = v_proj, o_proj
+        self.n_rep, self.head_dim, self.scale = n_rep, head_dim, scale
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if self.v_proj is None or (isinstance(self.scale, float) and self.scale == 0.0):
+            return torch.zeros_like(hidden_states), None
+        v = self.v_proj(hidden_states)
+        if self.n_rep > 1:  # repeat_kv: KV head g feeds query heads g*r .. g*r+r-1
+            *lead, width = v.shape
+            v = v.view(*lead, width // self.head_dim, self.head_dim)
+            v = v.repeat_interleave(self.n_rep, dim=-2).reshape(*lead, -1)
+        assert self.o_proj is not None  # v_proj and o_proj are removed together
+        out = self.o_proj(v)
+        unscaled = isinstance(self.scale, float) and self.scale == 1.0
+        return (out if unscaled else out * self.scale), None
+
+
+class LinearAttention(nn.Module):
+    """An attention sublayer replaced by a fitted affine map: ``out_proj(in_proj(x))`` + bias
+    (low rank), or ``out_proj(x)`` + bias (full rank, ``in_proj`` None). Token-local."""
+
+    def __init__(self, hidden_size: int, rank: int | None):
+        super().__init__()
+        self.in_proj = None if rank is None else nn.Linear(hidden_size, rank, bias=False)
+        self.out_proj = nn.Linear(hidden_size if rank is None else rank, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        x = hidden_states if self.in_proj is None else self.in_proj(hidden_states)
+        return self.out_proj(x), None
+
+
+def install_map(layer: nn.Module, module: LinearAttention, input_kind: str) -> None:
+    """Replace ``layer``'s attention by ``module``; ``raw`` input also drops the input norm
+    (the map then reads the residual stream itself)."""
+    layer.self_attn = module
+    if input_kind == "raw":
+        layer.input_layernorm = nn.Identity()
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    return model.model.layers
+
+
+def _check_layers(model, layers: Mapping) -> None:
+    n = len(decoder_layers(model))
+    bad = sorted(i for i in layers if not 0 <= i < n)
+    if bad:
+        raise UserError(f"layer index {bad[0]} out of range (the model has {n} layers: "
+                        f"0..{n - 1})")
+
+
+def _token_local(model, idx: int, alpha: float | torch.Tensor,
+                 keep_weights: bool) -> TokenLocalAttention:
+    cfg = model.config
+    attn: Any = decoder_layers(model)[idx].self_attn
+    v, o = attn.v_proj, attn.o_proj
+    n_rep = cfg.num_attention_heads // cfg.num_key_value_heads
+    post_norm = family_post_norm(cfg)
+    keep = keep_weights or not (isinstance(alpha, float) and alpha == 0.0)
+    return TokenLocalAttention(v if keep else None, o if keep else None, n_rep, head_dim(cfg),
+                               1.0 if post_norm else alpha)
+
+
+def _scale_hook(alpha: float | torch.Tensor):
+    def hook(module, args, output):
+        return output * alpha
+    return hook
+
+
+@contextlib.contextmanager
+def pruned(model, layers: Mapping[int, float | torch.Tensor]) -> Iterator[None]:
+    """Temporarily prune ``layers`` (index -> alpha); the dense modules come back on exit.
+
+    An alpha may be a tensor broadcasting over the batch (``[b, 1, 1]``): the search uses it
+    to evaluate several alpha candidates in one batch.
+    """
+    post_norm = family_post_norm(model.config)
+    _check_layers(model, layers)
+    saved, hooks = {}, []
+    try:
+        for idx, alpha in layers.items():
+            layer: Any = decoder_layers(model)[idx]
+            saved[idx] = layer.self_attn
+            layer.self_attn = _token_local(model, idx, alpha, keep_weights=True)
+            if post_norm:
+                hooks.append(layer.post_attention_layernorm.register_forward_hook(
+                    _scale_hook(alpha)))
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for idx, attn in saved.items():
+            decoder_layers(model)[idx].self_attn = attn
+
+
+def apply_pruning(model, spec: PruningSpec):
+    """Prune ``model`` in place for good: q/k (and v/o where alpha = 0) are gone."""
+    post_norm = family_post_norm(model.config)
+    _check_layers(model, spec.layers)
+    for idx, alpha in spec.layers.items():
+        layer: Any = decoder_layers(model)[idx]
+        layer.self_attn = _token_local(model, idx, alpha, keep_weights=False)
+        if post_norm:
+            layer.post_attention_layernorm.register_forward_hook(_scale_hook(alpha))
+    if spec.maps and post_norm:
+        raise UserError(f"linear maps replace attention in Llama-like families only, not "
+                        f"{model.config.model_type!r}")
+    _check_layers(model, spec.maps)
+    for idx, m in spec.maps.items():  # a fitted map already in place is kept
+        layer = decoder_layers(model)[idx]
+        if not isinstance(layer.self_attn, LinearAttention):
+            install_map(layer, LinearAttention(model.config.hidden_size, m["rank"]), m["input"])
+    model.config.harp_pruning = spec.to_dict()
+    return model
+
+
+def load_pruned(path: Path, config, spec: PruningSpec):
+    """Build the pruned model described by ``config`` and load its safetensors strictly."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    family_post_norm(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                             attn_implementation="sdpa")
+    if spec.shapes is not None:  # head/MLP-level pruning: every layer gets its own shapes
+        from .heads import check_family, resize_layer
+
+        check_family(config)
+        for idx, layer in enumerate(decoder_layers(model)):
+            shape = spec.layer_shape(idx)
+            assert shape is not None  # spec.shapes is set
+            resize_layer(layer, config, **shape)
+    apply_pruning(model, spec)
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise UserError(f"no .safetensors files in {path}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    expected = set(model.state_dict())
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = sorted(k for k in expected - set(state) if not (tied and k == "lm_head.weight"))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
+        raise UserError(f"checkpoint weights do not match its pruning section: "
+                        f"{'; '.join(parts)} ({path})")
+    model.load_state_dict(state, strict=False)
+    if tied:
+        model.tie_weights()
+    return model.eval()
+
+
+def harp_architecture(config) -> str:
+    """The HARP architecture name for a dense config (clear error if unsupported)."""
+    family_post_norm(config)
+    archs = getattr(config, "architectures", None) or []
+    for a in archs:
+        if a in HARP_ARCHITECTURES:
+            return HARP_ARCHITECTURES[a]
+        if a in HARP_ARCHITECTURES.values():
+            return a
+    raise UserError(f"unsupported architecture {archs}; supported: "
+                    f"{', '.join(HARP_ARCHITECTURES)}")
+

@@ -1,5 +1,0 @@
-"""``python -m loadtest``: the A/B load test (same as ``harp-vllm loadtest``)."""
-
-from .cli import main
-
-main()
