@@ -89,6 +89,8 @@ STRUCTURED_MODEL_TYPES = _model_types(lambda f: f.heads)
 NO_COMPENSATION_MODEL_TYPES = _model_types(lambda f: f.heads and not f.compensation)
 # model types whose linear-map checkpoints the plugin serves.
 LINEAR_MODEL_TYPES = _model_types(lambda f: f.linear_maps)
+# harp-vllm plan mixes maps with KV-group cuts carrying FLAP's bias: all three served.
+PLAN_MODEL_TYPES = _model_types(lambda f: f.linear_maps and f.heads and f.compensation)
 
 
 def family_of(config: Any) -> Family:

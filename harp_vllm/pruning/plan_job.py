@@ -13,6 +13,7 @@ from .. import models
 from ..errors import UserError
 from ..evaluation import data as data_mod
 from ..evaluation.perplexity import evaluate_perplexity
+from ..families import PLAN_MODEL_TYPES
 from ..paths import cache_dir
 from .checkpoint import check_output_dir, save_pruned
 from .damage import record_dense
@@ -36,7 +37,6 @@ from .plan import (
 )
 
 DEFAULT_BUDGETS = (0.1, 0.2, 0.27, 0.3, 0.4, 0.5)
-PLAN_FAMILIES = ("llama", "mistral")  # maps and KV-group cuts are both served for these
 
 
 @dataclass
@@ -140,8 +140,8 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     cfg = AutoConfig.from_pretrained(src)
     if getattr(cfg, "harp_pruning", None):
         raise UserError(f"{opts.model} is already a pruned checkpoint; plan its source model")
-    if cfg.model_type not in PLAN_FAMILIES:
-        raise UserError(f"harp-vllm plan serves {', '.join(PLAN_FAMILIES)} models (linear maps "
+    if cfg.model_type not in PLAN_MODEL_TYPES:
+        raise UserError(f"harp-vllm plan serves {', '.join(PLAN_MODEL_TYPES)} models (linear maps "
                         f"and KV-group cuts in one checkpoint), not {cfg.model_type!r}")
     ranks = _ranks(opts.ranks, cfg)
     layout = parse_layout(opts.layout, cfg) if opts.layout else None
