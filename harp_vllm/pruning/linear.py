@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -61,7 +62,7 @@ class LinearMap:
         """The reference module holding this map's weights."""
         mod = LinearAttention(self.out_weight.shape[0], self.rank)
         with torch.no_grad():
-            if mod.in_proj is not None:
+            if mod.in_proj is not None and self.in_weight is not None:
                 mod.in_proj.weight.copy_(self.in_weight)
             mod.out_proj.weight.copy_(self.out_weight)
             mod.out_proj.bias.copy_(self.bias)
@@ -273,7 +274,7 @@ def refine(model, fit: FitResult, steps: int, lr: float = 2e-4, positions: int =
     if fit.teacher is None:
         raise ValueError("refine needs fit_linear(..., teacher=True)")
     start = time.perf_counter()
-    all_layers = decoder_layers(model)
+    all_layers: Any = decoder_layers(model)
     chosen = sorted(fit.maps)
     first = chosen[0]
     params = [p for j in chosen for p in all_layers[j].self_attn.parameters()]

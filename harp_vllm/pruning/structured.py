@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,10 +88,17 @@ class LayerStats:
         self.mlp_abs = self._add(self.mlp_abs, a.abs().sum(0))
 
     def attn_mean(self) -> torch.Tensor:
-        return self.attn_sum / self.tokens
+        return _req(self.attn_sum) / self.tokens
 
     def mlp_mean(self) -> torch.Tensor:
-        return self.mlp_sum / self.tokens
+        return _req(self.mlp_sum) / self.tokens
+
+
+def _req(t: torch.Tensor | None) -> torch.Tensor:
+    """A statistic that must have been accumulated (add_attn / add_mlp ran)."""
+    if t is None:
+        raise ValueError("no calibration tokens were seen for this statistic")
+    return t
 
 
 def _standardise(s: torch.Tensor) -> torch.Tensor:
@@ -103,14 +111,14 @@ def group_scores(method: str, stats: LayerStats, w_o: torch.Tensor, d: int, r: i
     """One score per GQA group of a layer (higher = more important)."""
     n = stats.tokens
     if method == "amp":
-        heads = stats.head_l1 / n
+        heads = _req(stats.head_l1) / n
         return heads.view(-1, r).sum(1)
     w = w_o.double()
     if method == "wanda-sp":
-        chan = w.abs().mean(0) * stats.attn_sq.sqrt()
+        chan = w.abs().mean(0) * _req(stats.attn_sq).sqrt()
         return chan.view(-1, r * d).sum(1)
     if method == "flap":
-        var = stats.attn_sq / n - (stats.attn_sum / n).pow(2)
+        var = _req(stats.attn_sq) / n - (_req(stats.attn_sum) / n).pow(2)
         chan = _standardise((var * w.pow(2).sum(0)).pow(2))
         heads = chan.view(-1, d).mean(1)
         return heads.view(-1, r).mean(1)
@@ -121,11 +129,11 @@ def channel_scores(method: str, stats: LayerStats, w_down: torch.Tensor) -> torc
     """One score per MLP intermediate channel of a layer (higher = more important)."""
     n = stats.tokens
     if method == "amp":
-        return stats.mlp_abs / n
+        return _req(stats.mlp_abs) / n
     w = w_down.double()
     if method == "wanda-sp":
-        return w.abs().mean(0) * stats.mlp_sq.sqrt()
-    var = stats.mlp_sq / n - (stats.mlp_sum / n).pow(2)
+        return w.abs().mean(0) * _req(stats.mlp_sq).sqrt()
+    var = _req(stats.mlp_sq) / n - (_req(stats.mlp_sum) / n).pow(2)
     return _standardise(var * w.pow(2).sum(0))
 
 
@@ -189,7 +197,7 @@ def layer_inputs(model, windows: torch.Tensor, batch_size: int
     return captured
 
 
-def layer_stats(layer: nn.Module, d: int, inputs: list[tuple[torch.Tensor, dict]]
+def layer_stats(layer: Any, d: int, inputs: list[tuple[torch.Tensor, dict]]
                 ) -> LayerStats:
     """Run ``layer`` on every batch, accumulating its o_proj and down_proj input statistics."""
     stats = LayerStats()
@@ -223,7 +231,7 @@ class StructuredResult:
     seconds: float = 0.0
 
 
-def _prune_layer(layer: nn.Module, config, groups: list[int], channels: list[int],
+def _prune_layer(layer: Any, config, groups: list[int], channels: list[int],
                  stats: LayerStats | None) -> None:
     """Cut one layer to ``groups`` and ``channels``; with ``stats``, FLAP's bias compensation:
     the removed inputs of o_proj / down_proj are replaced by their calibration means."""
@@ -240,7 +248,7 @@ def _prune_layer(layer: nn.Module, config, groups: list[int], channels: list[int
     keep_channels(mlp, channels)
 
 
-def compensate_attention(attn: nn.Module, config, groups: list[int], attn_mean: torch.Tensor
+def compensate_attention(attn: Any, config, groups: list[int], attn_mean: torch.Tensor
                          ) -> None:
     """FLAP's bias compensation for keeping only ``groups``: o_proj gets a bias holding the
     removed heads' calibration-mean contribution (``attn_mean``: the mean o_proj input), and
