@@ -109,14 +109,12 @@ def main() -> None:
 
 def predicted(path: str, context: int, phase: str) -> float:
     """The cost model's speed-up of the checkpoint at ``path`` over its dense model."""
-    from transformers import AutoConfig
-
     from harp_vllm.pruning import costs
-    from harp_vllm.spec import PruningSpec
 
-    cfg = AutoConfig.from_pretrained(path)
-    shapes = costs.model_shapes(cfg, PruningSpec.from_config(cfg))
-    return costs.predicted_speedup(cfg, shapes, context, phase)
+    found = costs.checkpoint_shapes(path)
+    if found is None:
+        raise SystemExit(f"no checkpoint at {path}")
+    return costs.predicted_speedup(*found, context, phase)
 
 
 if __name__ == "__main__":

@@ -64,13 +64,12 @@ class PruningSpec:
         """The layers with no attention (and so no KV cache): pruned or replaced by a map."""
         return tuple(sorted({*self.layers, *self.maps}))
 
-    def kv_heads(self, config: Any) -> list[int]:
-        """KV heads per layer as served: 0 for attention-free layers, else the layer's own."""
-        n_kv = (getattr(config, "num_key_value_heads", None)
-                or config.num_attention_heads)
+    def kv_heads(self, num_layers: int, num_kv_heads: int) -> list[int]:
+        """KV heads per layer as served: 0 for attention-free layers, else the layer's own
+        (``shapes``) or the model's ``num_kv_heads``."""
         return [0 if i in self.layers or i in self.maps
-                else self.shapes["num_key_value_heads"][i] if self.shapes is not None else n_kv
-                for i in range(config.num_hidden_layers)]
+                else self.shapes["num_key_value_heads"][i] if self.shapes is not None
+                else num_kv_heads for i in range(num_layers)]
 
     def layer_shape(self, idx: int) -> dict[str, int] | None:
         """Layer ``idx``'s head counts and MLP width, None when the layer keeps the config's."""

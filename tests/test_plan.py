@@ -194,7 +194,7 @@ def test_explicit_layout_mixes_every_choice_in_one_checkpoint(tiny_llama, tmp_pa
     assert section["shapes"]["num_key_value_heads"] == [1, 2, 2, 2]
     assert cfg["attention_bias"] is True
     spec = PruningSpec.from_config(cfg)
-    assert spec.kv_heads(SimpleNamespace(**cfg)) == [1, 0, 0, 2]
+    assert spec.kv_heads(cfg["num_hidden_layers"], cfg["num_key_value_heads"]) == [1, 0, 0, 2]
     _logits_equal_reference(out, tiny_llama, "0:drop1,1:linear16,2:remove")
 
 

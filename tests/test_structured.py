@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -238,7 +237,7 @@ def test_spec_shapes_validation():
         PruningSpec.from_config(cfg)
     mixed["shapes"] = {**ok, "num_attention_heads": [2, 4], "num_key_value_heads": [1, 2]}
     spec = PruningSpec.from_config(cfg)
-    assert spec.kv_heads(SimpleNamespace(**cfg)) == [1, 0]
+    assert spec.kv_heads(cfg["num_hidden_layers"], cfg["num_key_value_heads"]) == [1, 0]
     cfg = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
            "intermediate_size": 100, "harp_pruning": {**base, "shapes": ok}}
     with pytest.raises(UserError, match="intermediate_size' has 128, more than the config's"):

@@ -35,6 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..families import head_dim
+from .costs import LayerShape, layer_params
 from .damage import run_layer
 from .reference import LinearAttention, decoder_layers, install_map
 
@@ -137,12 +139,12 @@ def solve(m: Moments, ridge: float, rank: int | None, input_kind: str
 def map_cost(config, rank: int | None) -> dict[str, int]:
     """Multiply-adds per token of one replaced layer's attention, beside HARP's folded path
     (``d -> n_kv*d_h -> d``) and the dense attention's projections (without the N-dependent
-    score/value products)."""
-    d = config.hidden_size
-    hd = getattr(config, "head_dim", None) or d // config.num_attention_heads
-    kv, q = config.num_key_value_heads * hd, config.num_attention_heads * hd
-    return {"linear": d * d if rank is None else 2 * d * rank, "harp_fold": 2 * d * kv,
-            "dense_projections": 2 * d * q + 2 * d * kv}
+    score/value products), from the cost model in ``costs.py``."""
+    kv = config.num_key_value_heads * head_dim(config)
+    attention = LayerShape("dense", config.num_attention_heads, config.num_key_value_heads)
+    return {"linear": layer_params(config, LayerShape("linear", rank=rank)),
+            "harp_fold": layer_params(config, LayerShape("linear", rank=kv)),
+            "dense_projections": layer_params(config, attention)}
 
 
 def check_options(d: int, rank: int | None, input_kind: str, order: str, ridge: float) -> None:

@@ -354,7 +354,6 @@ def layout_text(layout: dict[int, Choice]) -> str:
 @dataclass
 class Planned:
     layout: dict[int, Choice]
-    predicted_kl: float
     measured_kl: float
     tried: list[dict]
 
@@ -364,14 +363,13 @@ def plan_layout(model, stats: PlanStats, rec: DenseRecord, choices: list[Choice]
                 ) -> Planned:
     """Solve, then re-score the ``top_k`` best layouts as whole models on ``rec`` (held-out
     calibration windows, so the pick is not fitted to the damage windows' noise). Each further
-    round
-    corrects the estimates of the best layout's changed layers to their in-context marginal
+    round corrects the estimates of the best layout's changed layers to their in-context marginal
     damage (the layout's KL minus its KL with that layer restored) and solves again. The best
     measured layout of all rounds wins."""
     cfg = model.config
     damage = {j: dict(v) for j, v in stats.damage.items()}
     tried: list[dict] = []
-    seen: dict[str, tuple[dict[int, Choice], float, float]] = {}
+    seen: dict[str, tuple[dict[int, Choice], float]] = {}
     for r in range(rounds):
         found = solve_layouts(cfg, damage, choices, budget, top_k)
         for layout, predicted in tqdm(found, disable=not progress, unit="layout",
@@ -379,18 +377,16 @@ def plan_layout(model, stats: PlanStats, rec: DenseRecord, choices: list[Choice]
             key = layout_text(layout)
             if key not in seen:
                 kl = layout_kl(model, layout, stats, rec)
-                seen[key] = (layout, predicted, kl)
+                seen[key] = (layout, kl)
                 tried.append({"round": r + 1, "layout": key,
                               "predicted_kl": round(predicted, 5), "measured_kl": round(kl, 5)})
-        best_layout, _, best_kl = min(seen.values(), key=lambda t: t[2])
+        best_layout, best_kl = min(seen.values(), key=lambda t: t[1])
         if r + 1 < rounds:  # in-context marginals of the best layout's changes
             for j, c in tqdm(best_layout.items(), disable=not progress, unit="layer",
                              desc="in-context damage"):
                 rest = {k: v for k, v in best_layout.items() if k != j}
                 damage[j][c.name] = max(best_kl - layout_kl(model, rest, stats, rec), 0.0)
-    best_layout, predicted, best_kl = min(seen.values(), key=lambda t: t[2])
-    single = sum(stats.damage[j][c.name] for j, c in best_layout.items())
-    return Planned(best_layout, single, best_kl, tried)
+    return Planned(best_layout, best_kl, tried)
 
 
 def apply_layout(model, layout: dict[int, Choice], stats: PlanStats):

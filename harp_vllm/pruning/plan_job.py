@@ -196,7 +196,6 @@ def plan_budget(s: Session, budget: Budget, progress: bool = True) -> dict:
                         s.opts.rounds, progress)
     solve_seconds = time.perf_counter() - t0
     return _record(s, found.layout, progress, budget=budget,
-                   predicted_kl=round(found.predicted_kl, 5),
                    measured_kl=round(found.measured_kl, 5), tried=found.tried,
                    solve_seconds=round(solve_seconds, 2))
 

@@ -213,21 +213,10 @@ def run_prune(opts: PruneOptions, progress: bool = True) -> dict:
     layers, scores, alpha = choose_layers(opts, src, cfg["num_hidden_layers"])
     if opts.search not in ("fast", "naive"):
         raise UserError(f"--search must be fast or naive, got {opts.search!r}")
-    tok = models.load_tokenizer(src)
-    calib_src: dict = {}
-    if alpha is None:
-        calib_text, calib_src = load_calibration_text(opts)
-        samples, seq_len = calibration_shape(opts)
-        windows = calibration_windows(tok, calib_text, samples, seq_len, opts.seed)
-    eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
-
-    model = models.load(src)
-    report: dict = {"model": opts.model, "method": opts.method, "source_dir": str(src),
-                    "layers": layers}
-    if eval_text is not None:
-        before = evaluate_perplexity(model, tok, eval_text, opts.eval_seq_len,
-                                     opts.eval_windows, progress=progress)
-        report["ppl_before"] = before.perplexity
+    run = prepare_run(opts, src, progress, calibrate=alpha is None, layers=layers)
+    tok, model, windows, report = run.tok, run.model, run.windows, run.report
+    calib_src, samples, seq_len = run.calib_src, run.samples, run.seq_len
+    eval_text, before = run.eval_text, run.before
     calibration: dict = {}
     if alpha is not None:
         alphas = {i: float(alpha) for i in layers}
@@ -258,8 +247,9 @@ def run_prune(opts: PruneOptions, progress: bool = True) -> dict:
 
 @dataclass
 class PreparedRun:
-    """What a calibrated prune job starts from: tokenizer, dense model, calibration windows,
-    the evaluation text and the dense perplexity (when evaluating), and the report so far."""
+    """What a prune job starts from: tokenizer, dense model, calibration windows (None for a
+    fixed-alpha HARP run), the evaluation text and the dense perplexity (when evaluating), and
+    the report so far."""
 
     tok: Any
     model: Any
@@ -273,13 +263,17 @@ class PreparedRun:
     report: dict
 
 
-def prepare_run(opts: PruneOptions, src: Path, progress: bool, **report_extra: Any
-                ) -> PreparedRun:
-    """Load tokenizer, calibration windows and model; measure the dense perplexity."""
+def prepare_run(opts: PruneOptions, src: Path, progress: bool, calibrate: bool = True,
+                **report_extra: Any) -> PreparedRun:
+    """Load tokenizer, calibration windows (``calibrate``) and model; measure the dense
+    perplexity."""
     tok = models.load_tokenizer(src)
-    calib_text, calib_src = load_calibration_text(opts)
     samples, seq_len = calibration_shape(opts)
-    windows = calibration_windows(tok, calib_text, samples, seq_len, opts.seed)
+    windows = None
+    calib_src: dict = {}
+    if calibrate:
+        calib_text, calib_src = load_calibration_text(opts)
+        windows = calibration_windows(tok, calib_text, samples, seq_len, opts.seed)
     eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
     model = models.load(src)
     report: dict = {"model": opts.model, "method": opts.method, "source_dir": str(src),

@@ -147,19 +147,8 @@ def kv_layout(model_name: str, hf_config: Any, total_layers: int, num_kv_heads: 
         spec = PruningSpec.from_dict(section, num_layers=total_layers)
         method, pruned = spec.method, spec.attention_free_layers
         if spec.shapes is not None:
-            served = head_bytes * sum(spec.kv_heads(_Config(hf_config, total_layers)))
+            served = head_bytes * sum(spec.kv_heads(total_layers, num_kv_heads))
     return KVLayout(model_name=model_name, method=method, architecture=str(arch_list[0]),
                     total_layers=int(total_layers), pruned_layers=pruned,
                     bytes_per_token_layer=head_bytes * int(num_kv_heads),
                     served_bytes_per_token=served)
-
-
-class _Config:
-    """Attribute access to an HF config given as a dict or an object (for ``kv_heads``)."""
-
-    def __init__(self, cfg: Any, num_layers: int):
-        self._cfg, self.num_hidden_layers = cfg, int(num_layers)
-
-    def __getattr__(self, key: str) -> Any:
-        cfg = self._cfg
-        return cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
