@@ -30,6 +30,13 @@ with a bias on ``out_proj`` (weights ``self_attn.in_proj.weight`` [rank, d],
 only ``out_proj`` [d, d]). ``x`` is the attention's normed input (``"input": "normed"``) or the
 residual stream before the norm (``"raw"``: the layer then has no ``input_layernorm``).
 A layer is in at most one of ``layers`` and ``maps``.
+
+A map with ``"add": true`` does not replace the attention: it is added to it. The layer keeps
+the attention heads ``shapes`` gives it (some KV groups removed) and predicts the removed
+heads' outputs from the normed input, through their o_proj columns: ``attn(x) +
+out_proj(in_proj(x))``, with a bias on ``in_proj`` and none on ``out_proj`` (weights
+``self_attn.group_map.in_proj.weight`` [rank, d], ``.in_proj.bias`` [rank],
+``self_attn.group_map.out_proj.weight`` [d, rank]; see ``pruning/group_fit.py``).
 """
 
 from __future__ import annotations
@@ -62,12 +69,22 @@ class PruningSpec:
     @property
     def attention_free_layers(self) -> tuple[int, ...]:
         """The layers with no attention (and so no KV cache): pruned or replaced by a map."""
-        return tuple(sorted({*self.layers, *self.maps}))
+        return tuple(sorted({*self.layers, *self.replaced}))
+
+    @property
+    def replaced(self) -> dict[int, dict[str, Any]]:
+        """The maps that replace their layer's attention (not the ``add`` ones)."""
+        return {i: m for i, m in self.maps.items() if not m.get("add")}
+
+    @property
+    def added(self) -> dict[int, dict[str, Any]]:
+        """The maps added to their layer's (narrowed) attention."""
+        return {i: m for i, m in self.maps.items() if m.get("add")}
 
     def kv_heads(self, num_layers: int, num_kv_heads: int) -> list[int]:
         """KV heads per layer as served: 0 for attention-free layers, else the layer's own
         (``shapes``) or the model's ``num_kv_heads``."""
-        return [0 if i in self.layers or i in self.maps
+        return [0 if i in self.attention_free_layers
                 else self.shapes["num_key_value_heads"][i] if self.shapes is not None
                 else num_kv_heads for i in range(num_layers)]
 
@@ -87,7 +104,8 @@ class PruningSpec:
             "calibration": self.calibration,
             **({"shapes": {k: [int(x) for x in v] for k, v in self.shapes.items()}}
                if self.shapes is not None else {}),
-            **({"maps": {str(k): {"input": v["input"], "rank": v["rank"]}
+            **({"maps": {str(k): {"input": v["input"], "rank": v["rank"],
+                                  **({"add": True} if v.get("add") else {})}
                          for k, v in sorted(self.maps.items())}} if self.maps else {}),
         }
 
@@ -181,8 +199,17 @@ def _parse_maps(raw: Any, layers: dict[int, float], num_layers: int | None, vers
                             f"{num_layers} layers: 0..{num_layers - 1})")
         if idx in layers:
             raise UserError(f"layer {idx} is in both '{CONFIG_KEY}.layers' and {where}")
-        if not isinstance(v, dict) or set(v) != {"input", "rank"}:
-            raise UserError(f"{where}[{k}] must be an object with exactly 'input' and 'rank'")
+        if not isinstance(v, dict) or not {"input", "rank"} <= set(v) <= {"input", "rank",
+                                                                           "add"}:
+            raise UserError(f"{where}[{k}] must be an object with 'input' and 'rank' (and "
+                            f"optionally 'add')")
+        add = v.get("add", False)
+        if not isinstance(add, bool):
+            raise UserError(f"{where}[{k}].add must be true or false, got {add!r}")
+        if add and (v["input"] != "normed" or v["rank"] is None):
+            raise UserError(f"{where}[{k}]: a map added to the attention ('add': true) reads "
+                            f"the normed input and has a rank (the removed heads' width); got "
+                            f"input {v['input']!r}, rank {v['rank']!r}")
         if v["input"] not in MAP_INPUTS:
             raise UserError(f"{where}[{k}].input must be one of {', '.join(MAP_INPUTS)}, got "
                             f"{v['input']!r}")
@@ -191,7 +218,7 @@ def _parse_maps(raw: Any, layers: dict[int, float], num_layers: int | None, vers
                                  or rank < 1):
             raise UserError(f"{where}[{k}].rank must be a positive integer or null (full), "
                             f"got {rank!r}")
-        maps[idx] = {"input": v["input"], "rank": rank}
+        maps[idx] = {"input": v["input"], "rank": rank, **({"add": True} if add else {})}
     return maps
 
 

@@ -97,10 +97,19 @@ def test_solver_is_exact_and_k_best_are_distinct_and_ordered():
 
 def test_layout_parsing_and_errors():
     cfg = SimpleNamespace(**vars(SMOL))
-    lay = parse_layout("7:linear192,28-29:remove,3:drop1,4:keep,5:linearfull", cfg)
+    lay = parse_layout("7:linear192,28-29:remove,3:drop1,4:keep,5:linearfull,6:drop2lin", cfg)
     assert lay == {7: Choice("linear", rank=192), 28: Choice("remove"), 29: Choice("remove"),
-                   3: Choice("drop", groups=1), 5: Choice("linear", rank=None)}
-    for text, message in [("7:drop3", "drop 1..2"), ("7:linear999", "unknown layer choice"),
+                   3: Choice("drop", groups=1), 5: Choice("linear", rank=None),
+                   6: Choice("droplin", groups=2)}
+    assert {c.name: parse_layout(f"0:{c.name}", cfg)[0] for c in candidates(
+        cfg, [192, None]) if c != KEEP} == {c.name: c for c in candidates(cfg, [192, None])
+                                            if c != KEEP}
+    # The added map's width is the removed heads' (2 groups x 3 heads x 64); KV as drop2.
+    assert lay[6].shape(cfg) == costs.LayerShape("dense", 3, 1, None, 1536, added_rank=384)
+    assert costs.layer_params(SMOL, lay[6].shape(cfg)) == (
+        costs.layer_params(SMOL, Choice("drop", groups=2).shape(cfg)) + 2 * 576 * 384)
+    for text, message in [("7:drop3", "drop 1..2"), ("7:drop0lin", "drop 1..2"),
+                          ("7:linear999", "unknown layer choice"),
                           ("30:remove", "out of range"), ("7", "use LAYERS:CHOICE"),
                           ("7:remove,7:keep", "given twice")]:
         with pytest.raises(UserError, match=message):
@@ -183,19 +192,21 @@ def test_plan_cli_writes_a_mixed_checkpoint_that_reloads_identically(tiny_llama,
 
 def test_explicit_layout_mixes_every_choice_in_one_checkpoint(tiny_llama, tmp_path):
     out = tmp_path / "mixed"
-    layout = "0:drop1,1:linear16,2:remove,3:keep"
+    layout = "0:drop1,1:linear16,2:remove,3:drop1lin"
     res = runner.invoke(app, [*_tiny_args(tiny_llama, tmp_path), "--layout", layout,
                               "--no-cache", "--out", str(out)])
     assert res.exit_code == 0, res.output
     cfg = json.loads((out / "config.json").read_text())
     section = cfg["harp_pruning"]
     assert section["layers"] == {"2": 0.0}
-    assert section["maps"] == {"1": {"input": "normed", "rank": 16}}
-    assert section["shapes"]["num_key_value_heads"] == [1, 2, 2, 2]
+    width = cfg["hidden_size"] // cfg["num_key_value_heads"]  # one group's query channels
+    assert section["maps"] == {"1": {"input": "normed", "rank": 16},
+                               "3": {"input": "normed", "rank": width, "add": True}}
+    assert section["shapes"]["num_key_value_heads"] == [1, 2, 2, 1]
     assert cfg["attention_bias"] is True
     spec = PruningSpec.from_config(cfg)
-    assert spec.kv_heads(cfg["num_hidden_layers"], cfg["num_key_value_heads"]) == [1, 0, 0, 2]
-    _logits_equal_reference(out, tiny_llama, "0:drop1,1:linear16,2:remove")
+    assert spec.kv_heads(cfg["num_hidden_layers"], cfg["num_key_value_heads"]) == [1, 0, 0, 1]
+    _logits_equal_reference(out, tiny_llama, layout)
 
 
 def test_plan_cli_refuses_bad_input_and_leaves_nothing(tiny_llama, tmp_path):
@@ -207,6 +218,8 @@ def test_plan_cli_refuses_bad_input_and_leaves_nothing(tiny_llama, tmp_path):
              (["--kv-saving", "0.3", "--speedup", "40"], "no layout meets the budget"),
              (["--layout", "0:drop5"], "drop 1..1"),
              (["--kv-saving", "0.3", "--ranks", "65"], "--rank 65 is out of range"),
+             (["--kv-saving", "0.3", "--candidates", "drop,bogus"],
+              "unknown candidate kind 'bogus'"),
              (["--frontier", "--kv-saving", "0.3"], "--frontier sweeps --budgets"),
              (["--frontier", "--budgets", "0.2,1.2"], "--budgets must be KV savings"),
              (["--kv-saving", "0.3", "--rescore-windows", "9"], "exceed --calib-samples 16")]
@@ -235,3 +248,33 @@ def test_frontier_writes_table_and_plots(tiny_llama, tmp_path):
     for name in ("frontier.md", "frontier.png", "layouts.png"):
         assert (out / name).stat().st_size > 0
     assert "| 0.5 |" in (out / "frontier.md").read_text()
+
+
+def test_group_fit_recovers_linear_heads_and_removes_the_predictable_groups():
+    """Heads whose outputs are an exact affine function of the input are recovered by the
+    fit and are the ones chosen for removal; a context-dependent (noise) group is kept."""
+    from harp_vllm.pruning.group_fit import HeadMoments, fit_groups
+    from harp_vllm.pruning.linear import Moments
+
+    g = torch.Generator().manual_seed(0)
+    d, hd, r, groups = 16, 4, 2, 3  # 3 KV groups of 2 query heads of width 4
+    width = groups * r * hd
+    a_true = torch.randn(d, width, generator=g, dtype=torch.float64)
+    c_true = torch.randn(width, generator=g, dtype=torch.float64)
+    w_o = torch.randn(d, width, generator=g)
+    mx, mz = Moments(d), HeadMoments(d, width)
+    for _ in range(4):
+        x = torch.randn(256, d, generator=g, dtype=torch.float64)
+        z = x @ a_true + c_true
+        z[:, 8:16] = torch.randn(256, 8, generator=g, dtype=torch.float64)  # group 1: noise
+        z[:, 16:] += 0.05 * torch.randn(256, 8, generator=g, dtype=torch.float64)  # 2: nearly
+        mx.add(x, x)  # only the input moments are read
+        mz.add(x, z)
+    fit = fit_groups(mx, mz, w_o, hd, r, ridge=0.0)
+    assert fit.gone == {1: [0], 2: [0, 2]}
+    assert fit.residual[1] < 1e-8 < fit.residual[2] < 1e-3
+    in_w, in_b, out_w = fit.map_weights(w_o, 1, hd, r)
+    cols = list(range(8))
+    assert torch.allclose(in_w.T.double(), a_true[:, cols], atol=1e-4)
+    assert torch.allclose(in_b.double(), c_true[cols], atol=1e-4)
+    assert torch.equal(out_w, w_o[:, cols])

@@ -680,19 +680,20 @@ def test_tiny_planned_mixture_matches_reference_and_sizes_kv(tmp_path):
     """Every kind of layer choice in one tiny Llama: the engine gives the reference's greedy
     tokens and logprobs, and KV-cache tokens grow by dense over planned KV heads."""
     dense = make_tiny("llama", tmp_path / "dense")
-    layout = "0:drop1,1:linear32,2:remove,4:linearfull,5:drop1"
+    layout = "0:drop1,1:linear32,2:remove,3:drop1lin,4:linearfull,5:drop1"
     pruned = planned(dense, tmp_path / "plan", layout)
     section = json.loads((pruned / "config.json").read_text())["harp_pruning"]
-    assert section["shapes"]["num_key_value_heads"] == [1, 2, 2, 2, 2, 1]
-    assert set(section["maps"]) == {"1", "4"} and section["layers"] == {"2": 0.0}
+    assert section["shapes"]["num_key_value_heads"] == [1, 2, 2, 1, 2, 1]
+    assert set(section["maps"]) == {"1", "3", "4"} and section["layers"] == {"2": 0.0}
+    assert section["maps"]["3"]["add"] is True
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12], list(range(20, 120)), [40] * 30]
     result, log = run_probe(pruned, tmp_path / "run", prompts, max_model_len=512)
     assert result["ok"], result.get("error", "") + log[-3000:]
     assert_matches(result, reference(pruned, prompts))
     base, _ = run_probe(dense, tmp_path / "run-dense", None, max_model_len=512,
                         prompt_logprobs=False)
-    # KV heads per layer: 1, 0, 0, 2, 0, 1 = 4 of the dense 12.
-    assert result["kv_cache_tokens"] / base["kv_cache_tokens"] == pytest.approx(3.0, rel=0.01)
+    # KV heads per layer: 1, 0, 0, 1, 0, 1 = 3 of the dense 12.
+    assert result["kv_cache_tokens"] / base["kv_cache_tokens"] == pytest.approx(4.0, rel=0.01)
 
 
 # The layout `harp-vllm plan smollm2-135m --kv-saving 0.27` chose (docs/results.md section 10).

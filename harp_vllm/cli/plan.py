@@ -32,12 +32,13 @@ def register(app: typer.Typer) -> None:
         compare: Annotated[Path | None, typer.Option(
             help="--frontier: JSON of single-method curves {method: [{kv_saving, ppl}]} for "
                  "the plot")] = None,
-        ranks: Annotated[str, typer.Option(help="linear-map ranks offered (integers or "
-                                                "'full')")] = "192,full",
-        drop: Annotated[bool, typer.Option("--drop/--no-drop", help="offer FLAP KV-group "
-                                                                    "cuts")] = True,
-        remove: Annotated[bool, typer.Option("--remove/--no-remove", help="offer removing "
-                                                                          "the sublayer")] = True,
+        ranks: Annotated[str | None, typer.Option(
+            help="linear-map ranks offered (integers or 'full'); default full, 192,full with "
+                 "--speedup")] = None,
+        candidates: Annotated[str | None, typer.Option(
+            help="candidate kinds offered per layer: drop (FLAP KV-group cuts), droplin (KV "
+                 "groups cut, a fitted map in their place), linear (maps), remove; default "
+                 "droplin,linear,remove, all four with --speedup")] = None,
         calib_file: Annotated[Path | None, typer.Option(
             help="calibrate on a text file (default: WikiText-2 validation)")] = None,
         calib_samples: Annotated[int, typer.Option(help="calibration windows for the maps and "
@@ -65,7 +66,8 @@ def register(app: typer.Typer) -> None:
                          ] = False,
         threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
     ) -> None:
-        """Choose each layer's attention (keep, fewer KV groups, linear map, removed) under a
+        """Choose each layer's attention (keep, fewer KV groups with or without a fitted map
+        for the removed ones, linear map, removed) under a
         KV budget by an exact MILP over per-layer calibration damage; write the checkpoint
         and plan.json, or with --frontier a sweep of budgets."""
         import torch
@@ -85,7 +87,7 @@ def register(app: typer.Typer) -> None:
             opts = PlanOptions(
                 model=model, out=out, kv_saving=kv_saving, speedup=speedup, context=context,
                 layout=layout, frontier=frontier, budgets=sweep, compare=compare, ranks=ranks,
-                calib_file=calib_file, drop=drop, remove=remove, calib_samples=calib_samples,
+                calib_file=calib_file, candidates=candidates, calib_samples=calib_samples,
                 calib_seq_len=calib_seq_len, damage_windows=damage_windows,
                 rescore_windows=rescore_windows,
                 positions=positions, ridge=ridge, top_k=top_k, rounds=rounds, seed=seed,

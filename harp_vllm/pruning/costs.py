@@ -10,6 +10,8 @@ Per decoder layer and token (``d`` hidden size, ``H``/``G`` query/KV heads, ``h`
   ``H*h*(N+1)`` per token; decoding one token at context ``N`` costs ``2*H*h*N``;
 - MLP (gated): ``3*d*I``;
 - a fitted linear map: ``2*d*r`` (rank ``r``) or ``d*d`` (full); a removed sublayer: 0;
+  a map added to narrowed attention (removed KV groups predicted, ``group_fit.py``):
+  ``2*d*r`` on top of the kept heads' attention, ``r`` the removed heads' width;
 - the LM head, ``d*V``: once per sequence in prefill (vLLM computes logits only for the last
   prompt token), once per token in decode.
 
@@ -36,13 +38,14 @@ class LayerShape:
     kv_heads: int = 0
     rank: int | None = None  # linear: None = full d x d
     intermediate: int = 0
+    added_rank: int = 0  # dense: the rank of a map added to the attention (0: none)
 
 
 def layer_params(cfg: Any, s: LayerShape) -> int:
     """Weights of one layer's attention and MLP (norms and biases left out)."""
     d, h = cfg.hidden_size, head_dim(cfg)
     if s.attention == "dense":
-        attn = 2 * d * s.q_heads * h + 2 * d * s.kv_heads * h
+        attn = 2 * d * s.q_heads * h + 2 * d * s.kv_heads * h + 2 * d * s.added_rank
     elif s.attention == "linear":
         attn = d * d if s.rank is None else 2 * d * s.rank
     else:
@@ -79,7 +82,10 @@ def model_shapes(cfg: Any, spec: Any | None) -> list[LayerShape]:
         if shape is not None:
             base = LayerShape("dense", shape["num_attention_heads"],
                               shape["num_key_value_heads"], None, shape["intermediate_size"])
-        if spec is not None and i in spec.maps:
+        if spec is not None and i in spec.added:
+            base = LayerShape("dense", base.q_heads, base.kv_heads, None, base.intermediate,
+                              added_rank=spec.maps[i]["rank"])
+        elif spec is not None and i in spec.maps:
             base = LayerShape("linear", rank=spec.maps[i]["rank"],
                               intermediate=base.intermediate)
         elif spec is not None and spec.layers.get(i) == 0.0:

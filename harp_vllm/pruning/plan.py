@@ -1,8 +1,10 @@
 """``harp-vllm plan``: choose every layer's attention under a KV (and speed) budget.
 
 Per layer the candidates are: keep the attention; remove ``k`` of its KV groups by FLAP's
-score with bias compensation (``drop1``, ``drop2``, ...); replace it by the fitted linear map
-of ``linear.py`` (``linear192``, ``linearfull``: one per rank); remove it (``remove``). Each
+score with bias compensation (``drop1``, ``drop2``, ...); remove ``k`` groups and predict their
+heads' outputs by a fitted linear map added to the rest (``drop1lin``, ...: ``group_fit.py``);
+replace it by the fitted linear map of ``linear.py`` (``linear192``, ``linearfull``: one per
+rank); remove it (``remove``). Each
 has exact costs from ``costs.py`` and a quality estimate: the calibration KL(dense || model
 with only that layer changed) (``damage.py``). A multiple-choice knapsack picks one candidate
 per layer minimising the summed estimates under ``KV bytes <= (1 - saving) * dense`` (and,
@@ -36,17 +38,26 @@ from ..errors import UserError
 from ..families import head_dim
 from . import costs
 from .damage import DenseRecord, record_dense, suffix_kl
+from .group_fit import GroupFit, HeadMoments, fit_groups
 from .heads import ATTENTION_PROJECTIONS, add_biases, group_size, keep_groups
 from .linear import LinearMap, Moments, solve
-from .reference import TokenLocalAttention, decoder_layers, install_map
+from .reference import (
+    GroupMap,
+    TokenLocalAttention,
+    attach_group_map,
+    decoder_layers,
+    install_map,
+)
 from .structured import LayerStats, compensate_attention, group_scores
 
-STATS_VERSION = 1
+STATS_VERSION = 2
+KINDS = ("drop", "droplin", "linear", "remove")  # what --candidates may list
 
 
 @dataclass(frozen=True)
 class Choice:
-    """One layer's candidate: ``keep``, ``drop`` (``groups`` KV groups), ``linear`` (``rank``,
+    """One layer's candidate: ``keep``, ``drop`` (``groups`` KV groups, FLAP's bias),
+    ``droplin`` (``groups`` KV groups, a fitted map in their place), ``linear`` (``rank``,
     None = full) or ``remove``."""
 
     kind: str
@@ -57,6 +68,8 @@ class Choice:
     def name(self) -> str:
         if self.kind == "drop":
             return f"drop{self.groups}"
+        if self.kind == "droplin":
+            return f"drop{self.groups}lin"
         if self.kind == "linear":
             return f"linear{'full' if self.rank is None else self.rank}"
         return self.kind
@@ -69,23 +82,27 @@ class Choice:
         if self.kind == "remove":
             return costs.LayerShape("removed", intermediate=inter)
         kv = cfg.num_key_value_heads - self.groups
-        return costs.LayerShape("dense", kv * r, kv, None, inter)
+        added = self.groups * r * head_dim(cfg) if self.kind == "droplin" else 0
+        return costs.LayerShape("dense", kv * r, kv, None, inter, added_rank=added)
 
 
 KEEP = Choice("keep")
 
 
 def parse_choice(text: str, cfg: Any) -> Choice:
-    """``keep``, ``dropK``, ``linearR`` / ``linearfull``, ``remove`` -> ``Choice``."""
+    """``keep``, ``dropK``, ``dropKlin``, ``linearR`` / ``linearfull``, ``remove`` ->
+    ``Choice``."""
     t = text.strip().lower()
     if t in ("keep", "remove"):
         return Choice(t)
-    if t.startswith("drop") and t[4:].isdigit():
-        k = int(t[4:])
+    lin = t.endswith("lin")
+    count = t[4:-3] if lin else t[4:]
+    if t.startswith("drop") and count.isdigit():
+        k = int(count)
         if not 1 <= k < cfg.num_key_value_heads:
             raise UserError(f"{text!r}: a layer has {cfg.num_key_value_heads} KV groups; drop "
                             f"1..{cfg.num_key_value_heads - 1} (use remove for all)")
-        return Choice("drop", groups=k)
+        return Choice("droplin" if lin else "drop", groups=k)
     if t.startswith("linear"):
         rest = t[6:]
         if rest == "full":
@@ -93,7 +110,8 @@ def parse_choice(text: str, cfg: Any) -> Choice:
         if rest.isdigit() and 1 <= int(rest) <= cfg.hidden_size:
             return Choice("linear", rank=None if int(rest) == cfg.hidden_size else int(rest))
     raise UserError(f"unknown layer choice {text!r}: use keep, drop1..drop"
-                    f"{cfg.num_key_value_heads - 1}, linearR (R in 1..{cfg.hidden_size}), "
+                    f"{cfg.num_key_value_heads - 1}, drop1lin..drop"
+                    f"{cfg.num_key_value_heads - 1}lin, linearR (R in 1..{cfg.hidden_size}), "
                     f"linearfull or remove")
 
 
@@ -117,14 +135,20 @@ def parse_layout(text: str, cfg: Any) -> dict[int, Choice]:
     return {j: c for j, c in layout.items() if c != KEEP}
 
 
-def candidates(cfg: Any, ranks: list[int | None], drop: bool = True, remove: bool = True
+def candidates(cfg: Any, ranks: list[int | None], kinds: tuple[str, ...] = KINDS
                ) -> list[Choice]:
-    """Every layer's candidate list (the same for all layers): keep first."""
+    """Every layer's candidate list (the same for all layers) of the given ``kinds``: keep
+    first."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise UserError(f"unknown candidate kind {unknown[0]!r}: use {', '.join(KINDS)}")
     out = [KEEP]
-    if drop:
-        out += [Choice("drop", groups=k) for k in range(1, cfg.num_key_value_heads)]
-    out += [Choice("linear", rank=r) for r in ranks]
-    if remove:
+    for kind in ("drop", "droplin"):
+        if kind in kinds:
+            out += [Choice(kind, groups=k) for k in range(1, cfg.num_key_value_heads)]
+    if "linear" in kinds:
+        out += [Choice("linear", rank=r) for r in ranks]
+    if "remove" in kinds:
         out.append(Choice("remove"))
     return out
 
@@ -137,6 +161,7 @@ class PlanStats:
     maps: dict[str, dict[int, LinearMap]]  # rank key ("192", "full") -> layer -> map
     flap_order: dict[int, list[int]]  # layer -> KV groups, lowest FLAP score first
     attn_mean: dict[int, torch.Tensor]  # layer -> mean o_proj input (bias compensation)
+    group_fits: dict[int, GroupFit]  # layer -> head predictor and groups to remove
     damage: dict[int, dict[str, float]] = field(default_factory=dict)  # layer -> choice -> KL
     seconds: dict[str, float] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # e.g. cached dense perplexities
@@ -147,6 +172,7 @@ class PlanStats:
         torch.save({"version": STATS_VERSION, "settings": self.settings,
                     "maps": {k: {j: vars(m) for j, m in v.items()} for k, v in self.maps.items()},
                     "flap_order": self.flap_order, "attn_mean": self.attn_mean,
+                    "group_fits": {j: vars(f) for j, f in self.group_fits.items()},
                     "damage": self.damage, "seconds": self.seconds, "extra": self.extra}, tmp)
         tmp.replace(path)
 
@@ -158,7 +184,8 @@ class PlanStats:
         if raw.get("version") != STATS_VERSION or raw.get("settings") != settings:
             return None
         maps = {k: {j: LinearMap(**m) for j, m in v.items()} for k, v in raw["maps"].items()}
-        return cls(settings, maps, raw["flap_order"], raw["attn_mean"], raw["damage"],
+        fits = {j: GroupFit(**f) for j, f in raw["group_fits"].items()}
+        return cls(settings, maps, raw["flap_order"], raw["attn_mean"], fits, raw["damage"],
                    raw["seconds"], raw["extra"])
 
 
@@ -175,21 +202,25 @@ def stats_path(cache_root: Path, settings: dict) -> Path:
 def fit_statistics(model, windows: torch.Tensor, ranks: list[int | None], ridge: float,
                    batch: int = 8, progress: bool = True
                    ) -> tuple[dict[str, dict[int, LinearMap]], dict[int, list[int]],
-                              dict[int, torch.Tensor]]:
+                              dict[int, torch.Tensor], dict[int, GroupFit]]:
     """One dense pass over ``windows``: each layer's attention input/output moments (the
-    linear maps, one per rank) and its o_proj input statistics (FLAP's group scores and the
-    compensation means)."""
+    linear maps, one per rank), its o_proj input statistics (FLAP's group scores and the
+    compensation means) and their cross moments with the input (the group maps)."""
     cfg = model.config
     d, hd, r = cfg.hidden_size, head_dim(cfg), group_size(cfg)
     layers: Any = decoder_layers(model)
     moments = [Moments(d) for _ in layers]
+    heads = [HeadMoments(d, cfg.num_attention_heads * hd) for _ in layers]
     flap = [LayerStats() for _ in layers]
+    o_inputs: dict[int, torch.Tensor] = {}
     handles = []
     for j, layer in enumerate(layers):
-        def attn_hook(module, args, kw, out, j=j):
+        def attn_hook(module, args, kw, out, j=j):  # runs after o_hook (inside the attention)
             moments[j].add(kw["hidden_states"], out[0])
+            heads[j].add(kw["hidden_states"], o_inputs.pop(j))
 
         def o_hook(module, args, j=j):
+            o_inputs[j] = args[0]
             flap[j].add_attn(args[0], module.weight, hd, contributions=False)
 
         handles.append(layer.self_attn.register_forward_hook(attn_hook, with_kwargs=True))
@@ -206,7 +237,9 @@ def fit_statistics(model, windows: torch.Tensor, ranks: list[int | None], ridge:
     order = {j: torch.argsort(group_scores("flap", s, layers[j].self_attn.o_proj.weight.data,
                                            hd, r)).tolist() for j, s in enumerate(flap)}
     means = {j: s.attn_mean() for j, s in enumerate(flap)}
-    return maps, order, means
+    fits = {j: fit_groups(moments[j], heads[j], layers[j].self_attn.o_proj.weight.data, hd, r,
+                          ridge) for j in range(len(layers))}
+    return maps, order, means, fits
 
 
 def choice_module(model, j: int, choice: Choice, stats: PlanStats) -> nn.Module:
@@ -222,6 +255,20 @@ def choice_module(model, j: int, choice: Choice, stats: PlanStats) -> nn.Module:
         kept = sorted(stats.flap_order[j][choice.groups:])
         compensate_attention(attn, cfg, kept, stats.attn_mean[j])
         keep_groups(attn, cfg, kept)
+        return attn
+    if choice.kind == "droplin":
+        fit = stats.group_fits[j]
+        attn = copy.deepcopy(dense)
+        gone = fit.gone[choice.groups]
+        in_w, in_b, out_w = fit.map_weights(dense.o_proj.weight.data, choice.groups,
+                                            head_dim(cfg), group_size(cfg))
+        keep_groups(attn, cfg, [g for g in range(cfg.num_key_value_heads) if g not in gone])
+        gmap = GroupMap(cfg.hidden_size, in_w.shape[0])
+        with torch.no_grad():
+            gmap.in_proj.weight.copy_(in_w)
+            gmap.in_proj.bias.copy_(in_b)
+            gmap.out_proj.weight.copy_(out_w)
+        attach_group_map(attn, gmap)
         return attn
     return dense
 
@@ -400,20 +447,23 @@ def apply_layout(model, layout: dict[int, Choice], stats: PlanStats):
 
     cfg = model.config
     layers: Any = decoder_layers(model)
-    drops = {j: c for j, c in layout.items() if c.kind == "drop"}
-    maps = {}
+    drops = {j: c for j, c in layout.items() if c.kind in ("drop", "droplin")}
+    maps: dict[int, dict[str, Any]] = {}
     for j, c in layout.items():
         if c.kind == "linear":
             install_map(layers[j], stats.maps[rank_key(c.rank)][j].module(), "normed")
             maps[j] = {"input": "normed", "rank": c.rank}
-        elif c.kind == "drop":
+        elif c.kind in ("drop", "droplin"):
             layers[j].self_attn = choice_module(model, j, c, stats)
+        if c.kind == "droplin":
+            maps[j] = {"input": "normed", "rank": c.shape(cfg).added_rank, "add": True}
     shapes = None
-    if drops:
+    if any(c.kind == "drop" for c in drops.values()):  # FLAP's o_proj bias: a biased Llama
         for j, layer in enumerate(layers):
-            if j not in layout:
+            if j not in layout or layout[j].kind == "droplin":
                 add_biases(layer.self_attn, (*ATTENTION_PROJECTIONS, "o_proj"))
         cfg.attention_bias = True
+    if drops:
         r = group_size(cfg)
         kv = [cfg.num_key_value_heads - (drops[j].groups if j in drops else 0)
               for j in range(cfg.num_hidden_layers)]
@@ -444,8 +494,9 @@ def ensure_statistics(model, windows: torch.Tensor, settings: dict, choices: lis
     damage_windows = windows[:settings["damage_windows"]]
     if stats is None:
         t0 = time.perf_counter()
-        maps, order, means = fit_statistics(model, windows, ranks, ridge, progress=progress)
-        stats = PlanStats(settings, maps, order, means,
+        maps, order, means, fits = fit_statistics(model, windows, ranks, ridge,
+                                                  progress=progress)
+        stats = PlanStats(settings, maps, order, means, fits,
                           seconds={"fit": round(time.perf_counter() - t0, 2)})
     t0 = time.perf_counter()
     rec = record_dense(model, damage_windows, list(range(model.config.num_hidden_layers)),

@@ -19,6 +19,7 @@ from .checkpoint import check_output_dir, save_pruned
 from .damage import record_dense
 from .plan import (
     KEEP,
+    KINDS,
     Budget,
     Choice,
     PlanStats,
@@ -50,10 +51,9 @@ class PlanOptions:
     frontier: bool = False
     budgets: tuple[float, ...] = DEFAULT_BUDGETS
     compare: Path | None = None  # single-method curves for the frontier plot
-    ranks: str = "192,full"
+    ranks: str | None = None  # None: full (KV budget), 192,full (with a speed budget)
+    candidates: str | None = None  # kinds offered; None: see default_kinds
     calib_file: Path | None = None
-    drop: bool = True
-    remove: bool = True
     calib_samples: int = 64
     calib_seq_len: int = 256
     damage_windows: int = 8
@@ -101,9 +101,29 @@ def _check(opts: PlanOptions) -> None:
                         f"{opts.calib_samples}")
 
 
-def _ranks(text: str, cfg: Any) -> list[int | None]:
+def default_kinds(speedup: float | None) -> tuple[str, ...]:
+    """The candidate kinds offered by default. Under a KV budget alone FLAP's bias-only cut is
+    left out: the group map (``dropKlin``) has the same KV bytes and measured lower damage in
+    every SmolLM2 layer but one (docs/results.md), so it would only cost scoring time. A speed
+    budget adds it (it is cheaper in MACs) and the rank-192 maps."""
+    return (("drop", "droplin", "linear", "remove") if speedup is not None
+            else ("droplin", "linear", "remove"))
+
+
+def _kinds(opts: PlanOptions) -> tuple[str, ...]:
+    if opts.candidates is None:
+        return default_kinds(opts.speedup)
+    kinds = tuple(dict.fromkeys(k.strip() for k in opts.candidates.split(",") if k.strip()))
+    if not kinds:
+        raise UserError(f"--candidates is empty (give some of {', '.join(KINDS)})")
+    return kinds
+
+
+def _ranks(text: str | None, cfg: Any, speedup: float | None) -> list[int | None]:
     from .prune import parse_rank
 
+    if text is None:
+        text = "192,full" if speedup is not None else "full"
     ranks = [parse_rank(t.strip(), cfg) for t in text.split(",") if t.strip()]
     if not ranks:
         raise UserError("--ranks is empty (give e.g. 192,full)")
@@ -143,7 +163,8 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     if cfg.model_type not in PLAN_MODEL_TYPES:
         raise UserError(f"harp-vllm plan serves {', '.join(PLAN_MODEL_TYPES)} models (linear maps "
                         f"and KV-group cuts in one checkpoint), not {cfg.model_type!r}")
-    ranks = _ranks(opts.ranks, cfg)
+    ranks = _ranks(opts.ranks, cfg, opts.speedup)
+    kinds = _kinds(opts)
     layout = parse_layout(opts.layout, cfg) if opts.layout else None
     t0 = time.perf_counter()
     tok = models.load_tokenizer(src)
@@ -151,7 +172,7 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
                                                     calib_file=opts.calib_file))
     windows = calibration_windows(tok, text, opts.calib_samples, opts.calib_seq_len, opts.seed)
     model = models.load(src)
-    choices = candidates(cfg, ranks, opts.drop, opts.remove)
+    choices = candidates(cfg, ranks, kinds)
     if layout is not None:  # an explicit layout needs only its own choices' statistics
         choices = [KEEP, *dict.fromkeys(layout.values())]
         ranks = list(dict.fromkeys(c.rank for c in choices if c.kind == "linear")) or ranks

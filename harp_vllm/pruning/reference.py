@@ -65,6 +65,31 @@ class LinearAttention(nn.Module):
         return self.out_proj(x), None
 
 
+class GroupMap(nn.Module):
+    """The removed KV groups' stand-in, added to a narrowed attention's output:
+    ``out_proj(in_proj(x))`` with the bias on ``in_proj`` (``out_proj`` holds the removed
+    heads' o_proj columns). See ``group_fit.py``."""
+
+    def __init__(self, hidden_size: int, rank: int):
+        super().__init__()
+        self.in_proj = nn.Linear(hidden_size, rank, bias=True)
+        self.out_proj = nn.Linear(rank, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.in_proj(x))
+
+
+def _add_group_map(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+    x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    return (output[0] + module.group_map(x), *output[1:])
+
+
+def attach_group_map(attn: nn.Module, group_map: GroupMap) -> None:
+    """Give the (narrowed) attention ``attn`` a ``group_map`` added to its output."""
+    attn.group_map = group_map
+    attn.register_forward_hook(_add_group_map, with_kwargs=True)
+
+
 def install_map(layer: nn.Module, module: LinearAttention, input_kind: str) -> None:
     """Replace ``layer``'s attention by ``module``; ``raw`` input also drops the input norm
     (the map then reads the residual stream itself)."""
@@ -142,10 +167,14 @@ def apply_pruning(model, spec: PruningSpec):
         raise UserError(f"linear maps replace attention in Llama-like families only, not "
                         f"{model.config.model_type!r}")
     _check_layers(model, spec.maps)
-    for idx, m in spec.maps.items():  # a fitted map already in place is kept
+    for idx, m in spec.replaced.items():  # a fitted map already in place is kept
         layer = decoder_layers(model)[idx]
         if not isinstance(layer.self_attn, LinearAttention):
             install_map(layer, LinearAttention(model.config.hidden_size, m["rank"]), m["input"])
+    for idx, m in spec.added.items():
+        attn: Any = decoder_layers(model)[idx].self_attn
+        if not hasattr(attn, "group_map"):
+            attach_group_map(attn, GroupMap(model.config.hidden_size, m["rank"]))
     model.config.harp_pruning = spec.to_dict()
     return model
 

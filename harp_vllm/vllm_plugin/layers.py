@@ -79,13 +79,17 @@ def check_tensor_parallel(config: Any, spec: PruningSpec, tp_size: int) -> None:
         n_q, n_kv = shape["num_attention_heads"], shape["num_key_value_heads"]
         width = shape["intermediate_size"]
         problem = None
-        if idx in spec.maps:  # a linear map splits its rank (full rank: its input) over ranks
+        if idx in spec.added and spec.maps[idx]["rank"] % tp_size:
+            problem = (f"its added map's rank ({spec.maps[idx]['rank']}) must be divisible by "
+                       f"the tensor parallel size ({tp_size})")
+        elif idx in spec.replaced:  # a map splits its rank (full rank: its input) over ranks
             width_in = spec.maps[idx]["rank"] or config.hidden_size
             if width_in % tp_size:
                 problem = (f"its linear map's {'rank' if spec.maps[idx]['rank'] else 'input'} "
                            f"({width_in}) must be divisible by the tensor parallel size "
                            f"({tp_size})")
-        elif spec.layers.get(idx) != 0.0:  # alpha = 0: no attention weights to split
+        if problem is None and idx not in spec.replaced and spec.layers.get(idx) != 0.0:
+            # alpha = 0: no attention weights to split
             try:
                 check_heads(n_q, n_kv, tp_size)
             except ValueError as e:
@@ -345,6 +349,28 @@ def linear_map_factory(rank: int | None):
     return make
 
 
+def with_group_map(base: type, rank: int) -> type:
+    """An attention class for a layer with a map added (``"add": true``): the family's
+    attention ``base`` (narrowed to the layer's own heads by ``layer_config``) plus
+    ``group_map``, the removed KV groups' fitted stand-in (``pruning/group_fit.py``), added to
+    its output. The map owns no KV cache; vLLM sizes the attention's own."""
+
+    class AttentionWithGroupMap(base):  # type: ignore[misc, valid-type]
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            self.group_map = TokenLocalLinear(hidden_size=kw["hidden_size"], width=rank,
+                                              in_bias=True, out_bias=False,
+                                              prefix=f"{kw['prefix']}.group_map",
+                                              quant_config=kw.get("quant_config"))
+
+        def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor
+                    ) -> torch.Tensor:
+            out = super().forward(positions, hidden_states)
+            return out + self.group_map(hidden_states=hidden_states)
+
+    return AttentionWithGroupMap
+
+
 def layer_map(config: Any, prefix: str) -> dict[str, Any] | None:
     """The linear-map description of decoder layer ``prefix``, None if it has none."""
     spec = PruningSpec.from_config(config)
@@ -392,6 +418,12 @@ def check_attention_weights(model: nn.Module, layers: nn.ModuleList, start: int,
         elif isinstance(attn, RemovedAttention):
             continue
         else:
+            group_map = getattr(attn, "group_map", None)
+            if isinstance(group_map, TokenLocalLinear) and group_map.missing():
+                raise HarpCheckpointError(
+                    f"weights missing for layer {idx} (KV groups removed, a map in their "
+                    f"place: {spec.maps[idx]}): {', '.join(group_map.missing())} not in the "
+                    f"checkpoint")
             need = [f"{base}.{p}_proj.weight" for p in ("q", "k", "v", "o")]
             missing = [n for n in need if n not in seen]
             if missing:

@@ -20,6 +20,7 @@ from .layers import (
     linear_map_factory,
     pruning_spec,
     token_local_factory,
+    with_group_map,
 )
 
 LLAMA = BY_HARP_ARCHITECTURE["HarpLlamaForCausalLM"]  # Mistral's record has the same rules
@@ -28,7 +29,8 @@ LLAMA = BY_HARP_ARCHITECTURE["HarpLlamaForCausalLM"]  # Mistral's record has the
 class HarpLlamaDecoderLayer(HarpDecoderLayerMixin, LlamaDecoderLayer):
     """A Llama decoder layer; pruned layers get token-local attention (or none, alpha = 0),
     replaced layers a fitted linear map (on the normed input, or on the residual stream
-    itself: ``raw``, with no input norm)."""
+    itself: ``raw``, with no input norm), layers with KV groups removed a map added in their
+    place."""
 
     def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None,
                  attn_layer_type: type = LlamaAttention) -> None:
@@ -38,6 +40,8 @@ class HarpLlamaDecoderLayer(HarpDecoderLayerMixin, LlamaDecoderLayer):
         config = layer_config(config, prefix)
         if alpha is not None:
             attn_layer_type = token_local_factory(alpha, LLAMA)
+        elif linear_map is not None and linear_map.get("add"):
+            attn_layer_type = with_group_map(attn_layer_type, linear_map["rank"])
         elif linear_map is not None:
             attn_layer_type = linear_map_factory(linear_map["rank"])
         super().__init__(vllm_config=vllm_config, prefix=prefix, config=config,
