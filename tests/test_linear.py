@@ -120,7 +120,11 @@ def test_map_cost_default_rank_equals_harp_fold(tiny_llama):
 @pytest.mark.parametrize("maps,message", [
     ({"1": {"input": "normed", "rank": 0}}, "rank must be a positive integer"),
     ({"1": {"input": "sideways", "rank": 4}}, "input must be one of normed, raw"),
-    ({"1": {"input": "normed"}}, "exactly 'input' and 'rank'"),
+    ({"1": {"input": "normed"}}, "with 'input' and 'rank'"),
+    ({"1": {"input": "normed", "rank": 4, "scale": 2}}, "with 'input' and 'rank'"),
+    ({"1": {"input": "normed", "rank": 4, "add": "yes"}}, "add must be true or false"),
+    ({"1": {"input": "raw", "rank": 4, "add": True}}, "reads the normed input"),
+    ({"1": {"input": "normed", "rank": None, "add": True}}, "has a rank"),
     ({"2": {"input": "normed", "rank": 4}}, "in both"),
     ({"9": {"input": "normed", "rank": 4}}, "out of range"),
 ])
@@ -192,6 +196,17 @@ def test_kv_layout_counts_map_layers_as_attention_free():
     lay = kv_layout("m", cfg, 6, 2, 32, 2)
     assert lay.pruned_layers == (0, 2, 3) and lay.attention_layers == 3
     assert lay.bytes_per_token == 3 * 2 * 2 * 32 * 2
+    # A map added to a narrowed attention ("add") keeps the layer's own KV heads.
+    cfg["harp_pruning"]["maps"]["4"] = {"input": "normed", "rank": 64, "add": True}
+    cfg["harp_pruning"]["shapes"] = {"num_attention_heads": [4, 4, 4, 4, 2, 4],
+                                     "num_key_value_heads": [2, 2, 2, 2, 1, 2],
+                                     "intermediate_size": [128] * 6}
+    lay = kv_layout("m", cfg, 6, 2, 32, 2)
+    assert lay.pruned_layers == (0, 2, 3) and lay.attention_layers == 3
+    assert lay.bytes_per_token == (2 + 2 + 1) * 2 * 32 * 2
+    spec = PruningSpec.from_dict(cfg["harp_pruning"], 6)
+    assert spec.to_dict()["maps"]["4"] == {"input": "normed", "rank": 64, "add": True}
+    assert PruningSpec.from_dict(spec.to_dict(), 6) == spec
 
 
 def test_layer_damage_equals_direct_kl_and_selects_lowest(tiny_llama):

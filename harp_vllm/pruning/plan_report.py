@@ -8,7 +8,8 @@ from pathlib import Path
 
 # Colour per choice family in the layout picture.
 CHOICE_COLOURS = {"keep": "#d9d9d9", "drop1": "#9ecae1", "drop2": "#3182bd",
-                  "linear": "#fdae6b", "remove": "#e6550d"}
+                  "drop1lin": "#a1d99b", "drop2lin": "#31a354", "linear": "#fdae6b",
+                  "remove": "#e6550d"}
 
 
 def _speed_key(context: int = 7168) -> str:
