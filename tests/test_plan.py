@@ -222,7 +222,7 @@ def test_plan_cli_refuses_bad_input_and_leaves_nothing(tiny_llama, tmp_path):
               "unknown candidate kind 'bogus'"),
              (["--frontier", "--kv-saving", "0.3"], "--frontier sweeps --budgets"),
              (["--frontier", "--budgets", "0.2,1.2"], "--budgets must be KV savings"),
-             (["--kv-saving", "0.3", "--rescore-windows", "9"], "exceed --calib-samples 16")]
+             (["--kv-saving", "0.3", "--rescore-windows", "13"], "exceed --calib-samples 16")]
     for i, (args, message) in enumerate(cases):
         out = tmp_path / f"bad{i}"
         res = runner.invoke(app, [*base, "--no-cache", *args, "--out", str(out)])

@@ -42,15 +42,15 @@ def register(app: typer.Typer) -> None:
         calib_file: Annotated[Path | None, typer.Option(
             help="calibrate on a text file (default: WikiText-2 validation)")] = None,
         calib_samples: Annotated[int, typer.Option(help="calibration windows for the maps and "
-                                                        "FLAP's statistics")] = 64,
-        calib_seq_len: Annotated[int, typer.Option(help="tokens per calibration window")] = 256,
+                                                        "FLAP's statistics")] = 16,
+        calib_seq_len: Annotated[int, typer.Option(help="tokens per calibration window")] = 1024,
         damage_windows: Annotated[int, typer.Option(help="of those, windows each candidate's "
-                                                         "KL is measured on")] = 8,
+                                                         "KL is measured on")] = 4,
         rescore_windows: Annotated[int, typer.Option(
             help="held-out windows (after the damage windows) the best layouts are re-scored "
-                 "on, every position (0: the damage windows)")] = 8,
+                 "on, every position (0: the damage windows)")] = 4,
         positions: Annotated[int, typer.Option(help="sampled positions per window for the "
-                                                    "KL")] = 64,
+                                                    "KL")] = 128,
         ridge: Annotated[float, typer.Option(help="linear maps' ridge")] = 1e-3,
         top_k: Annotated[int, typer.Option(help="best layouts re-scored as whole models")] = 8,
         rounds: Annotated[int, typer.Option(

@@ -54,11 +54,11 @@ class PlanOptions:
     ranks: str | None = None  # None: full (KV budget), 192,full (with a speed budget)
     candidates: str | None = None  # kinds offered; None: see default_kinds
     calib_file: Path | None = None
-    calib_samples: int = 64
-    calib_seq_len: int = 256
-    damage_windows: int = 8
-    rescore_windows: int = 8  # held-out windows (after the damage ones) layouts are re-scored on
-    positions: int = 64
+    calib_samples: int = 16
+    calib_seq_len: int = 1024  # long windows: 256-token ones misjudge long-range heads
+    damage_windows: int = 4
+    rescore_windows: int = 4  # held-out windows (after the damage ones) layouts are re-scored on
+    positions: int = 128
     ridge: float = 1e-3
     top_k: int = 8
     rounds: int = 1
