@@ -355,7 +355,7 @@ def with_group_map(base: type, rank: int) -> type:
     ``group_map``, the removed KV groups' fitted stand-in (``pruning/group_fit.py``), added to
     its output. The map owns no KV cache; vLLM sizes the attention's own."""
 
-    class AttentionWithGroupMap(base):  # type: ignore[misc, valid-type]
+    class AttentionWithGroupMap(base):
         def __init__(self, **kw: Any) -> None:
             super().__init__(**kw)
             self.group_map = TokenLocalLinear(hidden_size=kw["hidden_size"], width=rank,
