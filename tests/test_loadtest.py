@@ -345,6 +345,7 @@ def test_ctrl_c_survives_code_that_swallows_the_interrupt():
     (asyncio cancellation racing the benchmark's end) still stops the load test."""
     from harp_vllm.loadtest.runner import _CtrlC
 
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when run in a background job
     ctrl_c = _CtrlC()
     ctrl_c.install()
     try:
@@ -358,4 +359,4 @@ def test_ctrl_c_survives_code_that_swallows_the_interrupt():
             ctrl_c.check()
     finally:
         ctrl_c.uninstall()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) == before
