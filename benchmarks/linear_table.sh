@@ -10,7 +10,6 @@ OUT=${1:-out/linear-table}
 WIN=${EVAL_WINDOWS:-8}
 # shellcheck source=benchmarks/table_lib.sh
 source benchmarks/table_lib.sh
-row() { local name=$1; shift; prune "$OUT/$name" "$@"; ppl "$OUT/$name" "$OUT/$name.json"; }
 ppl smollm2-135m "$OUT/dense.json"
 row lin8-timed --method linear --layers 8                 # the default (--select damage)
 row harp8 --layers 8                                      # HARP, searched alphas (timed)

@@ -11,7 +11,6 @@ OUT=${1:-out/single-ends}
 WIN=${EVAL_WINDOWS:-8}
 # shellcheck source=benchmarks/table_lib.sh
 source benchmarks/table_lib.sh
-row() { local name=$1; shift; prune "$OUT/$name" "$@"; ppl "$OUT/$name" "$OUT/$name.json"; }
 row lin3 --method linear --layers 3
 row flap3 --method flap --ratio 0.1 --allocation global      # 9 groups
 row harp3 --layers 3
