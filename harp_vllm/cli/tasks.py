@@ -7,7 +7,7 @@ import shlex
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -128,3 +128,62 @@ def register(eval_app: typer.Typer) -> None:
             out.write_text(json.dumps(payload, indent=2) + "\n")
             typer.echo(f"wrote {out}", err=True)
 
+
+    @eval_app.command("quality")
+    def eval_quality(
+        models: Annotated[list[str], typer.Argument(
+            help="known names or HF directories; the first is the reference (normally dense)")],
+        out: Annotated[Path, typer.Option(help="report folder (runs cached in OUT/runs)")] = (
+            Path("out/quality")),
+        label: Annotated[list[str] | None, typer.Option(
+            help="a label per model, in order (default: folder or model name)")] = None,
+        preset: Annotated[str, typer.Option(
+            help="full (whole LAMBADA, 50 passkey trials per length) or quick")] = "full",
+        lambada_limit: Annotated[int | None, typer.Option(
+            help="LAMBADA items (0 = all 5,153)")] = None,
+        arc_limit: Annotated[int | None, typer.Option(help="ARC-Easy items (0 = all)")] = None,
+        passkey_trials: Annotated[int | None, typer.Option(
+            help="passkey trials per length (0 = no passkey)")] = None,
+        passkey_lengths: Annotated[str | None, typer.Option(
+            help="passkey prompt lengths, e.g. 1024,2048,4096,7168")] = None,
+        short_windows: Annotated[int | None, typer.Option(
+            help="perplexity windows per domain")] = None,
+        short_len: Annotated[int | None, typer.Option(
+            help="tokens per perplexity window (default 2048)")] = None,
+        long_windows: Annotated[int | None, typer.Option(
+            help="long windows per long domain (0 = no position buckets)")] = None,
+        long_len: Annotated[int | None, typer.Option(
+            help="tokens per long window (default 8191)")] = None,
+        kv_cache_gb: Annotated[float | None, typer.Option(
+            help="VLLM_CPU_KVCACHE_SPACE in GiB, unless already set")] = None,
+        no_cache: Annotated[bool, typer.Option(
+            "--no-cache", help="measure every model again")] = False,
+    ) -> None:
+        """Long-context quality report: perplexity per domain and by position, LAMBADA,
+        ARC-Easy and passkey, through vLLM with the plugin; ratios to the first model."""
+        from ..evaluation.quality import QualityOptions
+        from ..evaluation.quality_report import PRESETS, run_report
+        from ..evaluation.tasks.passkey import parse_lengths
+
+        try:
+            if preset not in PRESETS:
+                raise UserError(f"unknown --preset {preset!r}; use {' or '.join(PRESETS)}")
+            kw: dict[str, Any] = dict(PRESETS[preset])
+            for name, value in (("lambada_limit", lambada_limit), ("arc_limit", arc_limit),
+                                ("passkey_trials", passkey_trials),
+                                ("short_windows", short_windows), ("short_len", short_len),
+                                ("long_windows", long_windows), ("long_len", long_len),
+                                ("kv_cache_gb", kv_cache_gb)):
+                if value is not None:
+                    if value < 0:
+                        raise UserError(f"--{name.replace('_', '-')} must not be negative")
+                    kw[name] = (value or None) if name.endswith("limit") else value
+            if passkey_lengths is not None:
+                kw["passkey_lengths"] = tuple(parse_lengths(passkey_lengths))
+            summary = run_report(models, label, QualityOptions(**kw), out,
+                                 use_cache=not no_cache, log=lambda m: typer.echo(m, err=True))
+        except UserError as e:
+            fail(str(e), e.exit_code)
+        typer.echo((out / "quality.md").read_text())
+        typer.echo(f"({summary['seconds']:.0f} s; wrote {out}/quality.json, quality.md, "
+                   "quality.png)")

@@ -67,6 +67,16 @@ def build_trials(tokenizer, lengths: list[int], trials: int, seed: int = 0) -> l
     return out
 
 
+def longest_filler(tokenizer, length: int) -> list[int]:
+    """The intro and filler every trial of at most ``length`` tokens starts with."""
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    intro, unit = ids(INTRO), ids(FILLER)
+    room = max(length - len(intro), len(unit))
+    return intro + (unit * (room // len(unit) + 1))[:room]
+
+
 def score(answer: str, key: str) -> bool:
     """Correct when the first 5-digit number in the answer is the key."""
     m = re.search(r"\d{5}", answer)
@@ -83,6 +93,30 @@ def parse_lengths(text: str) -> list[int]:
     return lengths
 
 
+def passkey_on(llm, tokenizer, lengths: list[int], trials: int, seed: int = 0,
+               progress: bool = True) -> list[dict]:
+    """Per-trial rows (length, depth, key, answer, correct) from a running ``vllm.LLM``."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    cases = build_trials(tokenizer, lengths, trials, seed)
+    # Every prompt starts with the intro and the same filler up to its key: one filler-only
+    # prompt of the longest length puts that prefix in the prefix cache (when the engine has
+    # it on), so each trial computes only the tokens from its key on (about half).
+    warm = longest_filler(tokenizer, max(lengths))
+    llm.generate([{"prompt_token_ids": warm}], SamplingParams(temperature=0.0, max_tokens=1),
+                 use_tqdm=False)
+    params = SamplingParams(temperature=0.0, max_tokens=ANSWER_TOKENS)
+    prompts: list[TokensPrompt] = [{"prompt_token_ids": c.prompt_ids} for c in cases]
+    outs = llm.generate(prompts, params, use_tqdm=progress)
+    rows = []
+    for c, o in zip(cases, outs, strict=True):
+        answer = o.outputs[0].text
+        rows.append({"length": c.length, "depth": round(c.depth, 3), "key": c.key,
+                     "answer": answer, "correct": score(answer, c.key)})
+    return rows
+
+
 def run_passkey(model: str, lengths: list[int], trials: int, seed: int = 0,
                 kv_cache_gb: float = 2.0, progress: bool = True) -> dict:
     """Accuracy by length through an in-process vLLM engine (fp32, eager, plugin loaded)."""
@@ -94,23 +128,15 @@ def run_passkey(model: str, lengths: list[int], trials: int, seed: int = 0,
         raise UserError(f"--trials must be at least 1, got {trials}")
     path = models.resolve(model)
     tok = models.load_tokenizer(path)
-    cases = build_trials(tok, lengths, trials, seed)
+    build_trials(tok, lengths, 1, seed)  # refuse bad lengths before the engine starts
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gb:g}")
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
 
     start = time.perf_counter()
     llm = LLM(model=str(path), dtype="float32", enforce_eager=True, seed=seed,
               max_model_len=max(lengths) + ANSWER_TOKENS + 1, enable_prefix_caching=True)
     started = time.perf_counter() - start
-    params = SamplingParams(temperature=0.0, max_tokens=ANSWER_TOKENS)
-    prompts: list[TokensPrompt] = [{"prompt_token_ids": c.prompt_ids} for c in cases]
-    outs = llm.generate(prompts, params, use_tqdm=progress)
-    rows = []
-    for c, o in zip(cases, outs, strict=True):
-        answer = o.outputs[0].text
-        rows.append({"length": c.length, "depth": round(c.depth, 3), "key": c.key,
-                     "answer": answer, "correct": score(answer, c.key)})
+    rows = passkey_on(llm, tok, lengths, trials, seed, progress)
     by_length = {}
     for length in lengths:
         hits = [bool(r["correct"]) for r in rows if r["length"] == length]
