@@ -16,8 +16,9 @@ import torch
 
 from harp_vllm import models
 from harp_vllm.evaluation import data
-from harp_vllm.pruning.prune import select_layers
-from harp_vllm.pruning.search import DEFAULT_GRID, calibration_windows, fast_search, naive_search
+from harp_vllm.pruning.calibration.windows import calibration_windows
+from harp_vllm.pruning.methods.alpha_search import DEFAULT_GRID, fast_search, naive_search
+from harp_vllm.pruning.selection import select_layers
 
 
 def main() -> None:

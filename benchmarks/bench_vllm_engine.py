@@ -85,7 +85,7 @@ def worker(args: argparse.Namespace) -> None:
 def ensure_models(pruned: Path | None) -> tuple[Path, Path]:
     from harp_vllm import models
     from harp_vllm.paths import cache_dir
-    from harp_vllm.pruning.checkpoint import save_pruned
+    from harp_vllm.pruning.jobs.checkpoint import save_pruned
     from harp_vllm.spec import PruningSpec
 
     dense = models.prepare("smollm2-135m", progress=False)

@@ -91,8 +91,8 @@ def save_linear(src: Path, out: Path, groups: list[tuple[list[int], int | None, 
     """A ``--method linear`` checkpoint of ``src``: each group (layers, rank, input) fitted in
     turn on ``windows`` (so one checkpoint can mix ranks and inputs), plus HARP ``alphas``."""
     from harp_vllm import models
-    from harp_vllm.pruning.checkpoint import save_pruned
-    from harp_vllm.pruning.linear import fit_linear
+    from harp_vllm.pruning.jobs.checkpoint import save_pruned
+    from harp_vllm.pruning.methods.linear import fit_linear
     from harp_vllm.spec import PruningSpec
 
     model = models.load(src)

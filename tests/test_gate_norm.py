@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from harp_vllm import models
 from harp_vllm.cli import app
 from harp_vllm.errors import UserError
-from harp_vllm.pruning.gate_norm import gate_norm_scores, lowest_scoring
+from harp_vllm.pruning.methods.gate_norm import gate_norm_scores, lowest_scoring
 
 runner = CliRunner()
 

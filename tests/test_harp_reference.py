@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from harp_vllm import models
 from harp_vllm.errors import UserError
-from harp_vllm.pruning.checkpoint import save_pruned
+from harp_vllm.pruning.jobs.checkpoint import save_pruned
 from harp_vllm.pruning.reference import decoder_layers, pruned
 from harp_vllm.spec import PruningSpec
 

@@ -11,7 +11,7 @@ from conftest import save_linear
 
 from harp_vllm import models
 from harp_vllm.errors import UserError
-from harp_vllm.pruning.linear import Moments, fit_linear, map_cost, solve
+from harp_vllm.pruning.methods.linear import Moments, fit_linear, map_cost, solve
 from harp_vllm.pruning.reference import LinearAttention
 from harp_vllm.spec import PruningSpec
 
@@ -76,7 +76,7 @@ def test_fit_installs_maps_that_reload_identically(tiny_llama, tmp_path, rank, i
         assert (attn.in_proj is None) == (rank is None)
         assert isinstance(model.model.layers[j].input_layernorm, torch.nn.Identity) == (
             input_kind == "raw")
-    from harp_vllm.pruning.checkpoint import save_pruned
+    from harp_vllm.pruning.jobs.checkpoint import save_pruned
 
     spec = PruningSpec(layers={}, maps={k: v.spec() for k, v in fit.maps.items()},
                        method="linear")
@@ -213,7 +213,7 @@ def test_layer_damage_equals_direct_kl_and_selects_lowest(tiny_llama):
     """Each layer's damage is the KL of the full model with only that layer replaced."""
     import copy
 
-    from harp_vllm.pruning.linear import layer_damage, lowest_damage
+    from harp_vllm.pruning.methods.linear import layer_damage, lowest_damage
     from harp_vllm.pruning.reference import install_map
 
     w = _windows(tiny_llama, n=4, t=32)

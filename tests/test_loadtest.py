@@ -161,7 +161,7 @@ def ab_servers(tmp_path_factory, smollm2_dir):
     pruned_model, harp = smollm2_dir, False
     if _plugin_serves_pruned():
         from harp_vllm import models, spec
-        from harp_vllm.pruning import checkpoint
+        from harp_vllm.pruning.jobs import checkpoint
 
         out = base / "smollm2-harp-p8"
         checkpoint.save_pruned(models.load(smollm2_dir),

@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 from harp_vllm import models
 from harp_vllm.cli import app
 from harp_vllm.errors import UserError
-from harp_vllm.pruning.prune import parse_layer_list, select_layers
-from harp_vllm.pruning.search import calibration_windows, fast_search, naive_search
+from harp_vllm.pruning.calibration.windows import calibration_windows
+from harp_vllm.pruning.methods.alpha_search import fast_search, naive_search
+from harp_vllm.pruning.selection import parse_layer_list, select_layers
 
 runner = CliRunner()
 

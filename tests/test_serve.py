@@ -76,7 +76,7 @@ def plugin_present() -> bool:
 
 def make_pruned_checkpoint(src: Path, out: Path) -> Path:
     from harp_vllm import models, spec
-    from harp_vllm.pruning import checkpoint
+    from harp_vllm.pruning.jobs import checkpoint
 
     if (out / "config.json").is_file():
         return out

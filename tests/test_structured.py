@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 from harp_vllm import models
 from harp_vllm.cli import app
 from harp_vllm.errors import UserError
-from harp_vllm.pruning.checkpoint import save_pruned
+from harp_vllm.pruning.calibration.windows import calibration_windows
 from harp_vllm.pruning.heads import count_parameters
-from harp_vllm.pruning.search import calibration_windows
-from harp_vllm.pruning.structured import (
+from harp_vllm.pruning.jobs.checkpoint import save_pruned
+from harp_vllm.pruning.methods.structured import (
     allocate,
     channel_scores,
     group_scores,

@@ -163,7 +163,7 @@ def test_report_table_and_payload_check():
 @pytest.fixture(scope="module")
 def pruned_smollm2(smollm2_dir, tmp_path_factory) -> Path:
     from harp_vllm import models
-    from harp_vllm.pruning.checkpoint import save_pruned
+    from harp_vllm.pruning.jobs.checkpoint import save_pruned
     from harp_vllm.spec import PruningSpec
 
     out = tmp_path_factory.mktemp("tasks") / "harp-top8"

@@ -134,7 +134,7 @@ def make_tiny(family: str, out: Path, layers: int = 6) -> Path:
 
 def save(src: Path, out: Path, layers: dict[int, float]) -> Path:
     from harp_vllm import models
-    from harp_vllm.pruning.checkpoint import save_pruned
+    from harp_vllm.pruning.jobs.checkpoint import save_pruned
     from harp_vllm.spec import PruningSpec
 
     return save_pruned(models.load(src), PruningSpec(layers=layers, source_model=str(src)),
@@ -480,9 +480,9 @@ def head_pruned(src: Path, out: Path, method: str, ratio: float, mlp_ratio: floa
     """``src`` cut by AMP / FLAP / Wanda-sp on WikiText-2 validation text, saved to ``out``."""
     from harp_vllm import models
     from harp_vllm.evaluation import data
-    from harp_vllm.pruning.checkpoint import save_pruned
-    from harp_vllm.pruning.search import calibration_windows
-    from harp_vllm.pruning.structured import prune_structured, shapes_of
+    from harp_vllm.pruning.calibration.windows import calibration_windows
+    from harp_vllm.pruning.jobs.checkpoint import save_pruned
+    from harp_vllm.pruning.methods.structured import prune_structured, shapes_of
     from harp_vllm.spec import PruningSpec
 
     model = models.load(src)
@@ -628,7 +628,7 @@ def smol_linear(smollm2_dir, smol_prompts, tmp_path_factory) -> Path:
 
     from harp_vllm import models
     from harp_vllm.evaluation import data as data_mod
-    from harp_vllm.pruning.search import calibration_windows
+    from harp_vllm.pruning.calibration.windows import calibration_windows
 
     tok = models.load_tokenizer(smollm2_dir)
     windows = calibration_windows(tok, data_mod.load_text("wikitext2", "validation"), 16, 128)

@@ -46,7 +46,7 @@ def pruning_spec(config: Any, arch: str) -> PruningSpec:
         raise HarpCheckpointError(
             f"config.json declares architecture {arch} but has no '{CONFIG_KEY}' section; a "
             f"HARP checkpoint must list its pruned layers (write it with "
-            f"harp_vllm.pruning.checkpoint.save_pruned)")
+            f"harp_vllm.pruning.jobs.checkpoint.save_pruned)")
     try:
         spec = PruningSpec.from_config(config)
     except UserError as e:
@@ -352,8 +352,8 @@ def linear_map_factory(rank: int | None):
 def with_group_map(base: type, rank: int) -> type:
     """An attention class for a layer with a map added (``"add": true``): the family's
     attention ``base`` (narrowed to the layer's own heads by ``layer_config``) plus
-    ``group_map``, the removed KV groups' fitted stand-in (``pruning/group_fit.py``), added to
-    its output. The map owns no KV cache; vLLM sizes the attention's own."""
+    ``group_map``, the removed KV groups' fitted stand-in (``pruning/methods/group_fit.py``),
+    added to its output. The map owns no KV cache; vLLM sizes the attention's own."""
 
     class AttentionWithGroupMap(base):
         def __init__(self, **kw: Any) -> None:

@@ -7,9 +7,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import UserError
-from ..spec import CONFIG_KEY, PruningSpec
-from .reference import apply_pruning, harp_architecture
+from ...errors import UserError
+from ...spec import CONFIG_KEY, PruningSpec
+from ..reference import apply_pruning, harp_architecture
 
 # Files copied from the source model directory when present (tokenizer, chat template, ...).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

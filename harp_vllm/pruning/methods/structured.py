@@ -33,9 +33,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import UserError
-from ..families import NO_COMPENSATION_MODEL_TYPES, head_dim
-from .heads import (
+from ...errors import UserError
+from ...families import NO_COMPENSATION_MODEL_TYPES, head_dim
+from ..heads import (
     ATTENTION_PROJECTIONS,
     MLP_PROJECTIONS,
     add_bias,
