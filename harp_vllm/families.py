@@ -109,6 +109,19 @@ def post_norm(config: Any) -> bool:
     return family_of(config).post_norm
 
 
+def harp_architecture(config) -> str:
+    """The HARP architecture name for a dense config (clear error if unsupported)."""
+    family_of(config)  # UserError for an unsupported family
+    archs = getattr(config, "architectures", None) or []
+    for a in archs:
+        if a in HARP_ARCHITECTURES:
+            return HARP_ARCHITECTURES[a]
+        if a in HARP_ARCHITECTURES.values():
+            return a
+    raise UserError(f"unsupported architecture {archs}; supported: "
+                    f"{', '.join(HARP_ARCHITECTURES)}")
+
+
 def head_dim(config: Any, hidden_size: int | None = None, num_heads: int | None = None) -> int:
     """The attention head size: ``config.head_dim`` if set, else hidden size / head count
     (``hidden_size`` / ``num_heads`` override the config's, as vLLM's attention passes them)."""

@@ -17,6 +17,7 @@ from harp_vllm.errors import UserError
 from harp_vllm.pruning import costs
 from harp_vllm.pruning.planner.choices import KEEP, Choice, candidates, parse_layout
 from harp_vllm.pruning.planner.solve import Budget, solve_layouts
+from harp_vllm.pruning.reference import load_model
 from harp_vllm.spec import PruningSpec
 
 SMOL = SimpleNamespace(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
@@ -131,10 +132,9 @@ def _tiny_args(tiny_llama: Path, tmp_path: Path) -> list[str]:
 
 def _logits_equal_reference(ckpt: Path, tiny_llama: Path, layout_text: str) -> None:
     """The written checkpoint, reloaded, computes what the planner's in-memory layout did."""
-    from harp_vllm import models
     from harp_vllm.pruning.planner.layouts import installed
 
-    reloaded = models.load(ckpt)
+    reloaded = load_model(ckpt)
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = reloaded(input_ids=ids).logits

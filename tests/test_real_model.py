@@ -9,6 +9,7 @@ import torch
 from harp_vllm import models
 from harp_vllm.evaluation import data
 from harp_vllm.evaluation.perplexity import make_windows, perplexity, tokenize
+from harp_vllm.pruning.reference import load_model
 
 pytestmark = pytest.mark.real_model
 
@@ -25,7 +26,7 @@ def test_prepared_directory_is_plain_fp32(smollm2_dir):
 
 def test_wikitext_perplexity_beats_unigram_and_needs_word_order(smollm2_dir):
     tok = models.load_tokenizer(smollm2_dir)
-    model = models.load(smollm2_dir)
+    model = load_model(smollm2_dir)
     windows = make_windows(tokenize(tok, data.load_text("wikitext2", "test")), 2048, 4)
     ppl, _ = perplexity(model, windows, progress=False)
 

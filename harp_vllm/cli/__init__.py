@@ -80,6 +80,7 @@ def eval_ppl(
 
     from .. import models
     from ..evaluation.perplexity import evaluate_perplexity
+    from ..pruning.reference import load_model
 
     if threads:
         torch.set_num_threads(threads)
@@ -88,7 +89,7 @@ def eval_ppl(
         text, source = _load_eval_text(data, data_file, split)
         path = models.resolve(model)
         tok = models.load_tokenizer(path)
-        lm = models.load(path)
+        lm = load_model(path)
         res = evaluate_perplexity(lm, tok, text, seq_len, max_windows)
         return {"model": model, "model_path": str(path), "data": source, **res.to_dict()}
 

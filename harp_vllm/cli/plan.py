@@ -97,7 +97,7 @@ def register(app: typer.Typer) -> None:
 
         result = run_guarded(_run)
         if frontier:
-            from ..pruning.planner.report import table
+            from ..pruning.planner.frontier_report import table
 
             typer.echo(table(result))
             typer.echo(f"wrote {result['out']}/frontier.md, frontier.png, layouts.png, "

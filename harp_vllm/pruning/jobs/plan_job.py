@@ -22,6 +22,7 @@ from ..planner.layouts import apply_layout, installed, layout_summary, layout_te
 from ..planner.scoring import ensure_statistics, layout_kl
 from ..planner.solve import Budget, plan_layout
 from ..planner.statistics import PlanStats, statistics_settings, stats_path
+from ..reference import load_model
 from .checkpoint import check_output_dir, save_pruned
 from .options import parse_rank
 
@@ -154,7 +155,7 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     tok = models.load_tokenizer(src)
     text, calib = load_calibration_text(calib_file=opts.calib_file)
     windows = calibration_windows(tok, text, opts.calib_samples, opts.calib_seq_len, opts.seed)
-    model = models.load(src)
+    model = load_model(src)
     choices = candidates(cfg, ranks, kinds)
     if layout is not None:  # an explicit layout needs only its own choices' statistics
         choices = [KEEP, *dict.fromkeys(layout.values())]
@@ -282,7 +283,7 @@ def run_frontier(opts: PlanOptions, progress: bool = True) -> dict:
                           "total": round(time.perf_counter() - start, 2)}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "frontier.json").write_text(json.dumps(report, indent=2) + "\n")
-    from ..planner.report import write_report
+    from ..planner.frontier_report import write_report
 
     write_report(report, out)
     report["out"] = str(out)

@@ -21,20 +21,20 @@ from ... import models
 from ...errors import UserError
 from ...evaluation import data as data_mod
 from ...evaluation.perplexity import evaluate_perplexity
-from ...families import LINEAR_MODEL_TYPES
+from ...families import LINEAR_MODEL_TYPES, harp_architecture
 from ...spec import PruningSpec
 from ..calibration.windows import calibration_windows, load_calibration_text
+from ..costs import kv_bytes_per_token, model_shapes
 from ..heads import check_family, count_parameters
 from ..methods.alpha_search import fast_search, naive_search
 from ..methods.gate_norm import gate_norm_scores, lowest_scoring
 from ..methods.structured import (
     DEFAULT_ALLOCATION,
     METHODS,
-    kv_bytes_per_token,
     prune_structured,
     shapes_of,
 )
-from ..reference import family_post_norm, harp_architecture, pruned
+from ..reference import load_model, pruned
 from ..selection import select_layers
 from .checkpoint import check_output_dir, save_pruned
 from .options import PruneOptions, calibration_shape, parse_rank
@@ -87,8 +87,7 @@ def run_prune(opts: PruneOptions, progress: bool = True) -> dict:
     hf_cfg = AutoConfig.from_pretrained(src)
     if getattr(hf_cfg, "harp_pruning", None):
         raise UserError(f"{opts.model} is already a pruned checkpoint; prune its source model")
-    family_post_norm(hf_cfg)
-    harp_architecture(hf_cfg)
+    harp_architecture(hf_cfg)  # UserError for an unsupported family or architecture
     if opts.method in METHODS:
         return run_structured(opts, src, hf_cfg, out, progress)
     if opts.method == "linear":
@@ -159,7 +158,7 @@ def prepare_run(opts: PruneOptions, src: Path, progress: bool, calibrate: bool =
                                                       opts.calib_file)
         windows = calibration_windows(tok, calib_text, samples, seq_len, opts.seed)
     eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
-    model = models.load(src)
+    model = load_model(src)
     report: dict = {"model": opts.model, "method": opts.method, "source_dir": str(src),
                     **report_extra}
     before = None
@@ -196,18 +195,18 @@ def run_structured(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: b
                    "gqa": "whole KV groups", "score_seconds": round(res.seconds, 2),
                    "heads_removed": heads_total - sum(shapes["num_attention_heads"]),
                    "group_scores": res.group_scores}
+    spec = PruningSpec(layers={}, method=opts.method, source_model=opts.model,
+                       calibration=calibration, shapes=shapes)
     report.update(params_before=params_before, params_after=count_parameters(model),
                   kv_bytes_per_token_before=kv_bytes_per_token(hf_cfg),
-                  kv_bytes_per_token_after=kv_bytes_per_token(
-                      hf_cfg, shapes["num_key_value_heads"]),
+                  kv_bytes_per_token_after=kv_bytes_per_token(hf_cfg,
+                                                               model_shapes(hf_cfg, spec)),
                   heads_removed=calibration["heads_removed"], heads_total=heads_total,
                   shapes=shapes, alphas={})
     if eval_text is not None:
         after = evaluate_perplexity(model, tok, eval_text, opts.eval_seq_len,
                                     opts.eval_windows, progress=progress)
         record_eval(report, calibration, before, after, opts.eval_seq_len)
-    spec = PruningSpec(layers={}, method=opts.method, source_model=opts.model,
-                       calibration=calibration, shapes=shapes)
     save_pruned(model, spec, src, out, force=opts.force)
     report["out"] = str(out)
     report["calibration"] = calibration
@@ -274,19 +273,18 @@ def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool)
         calibration["refine"] = {k: (round(v, 4) if isinstance(v, float) else v)
                                  for k, v in info.items()}
     cost = map_cost(hf_cfg, rank)
+    spec = PruningSpec(layers={}, maps={k: v.spec() for k, v in fit.maps.items()},
+                       method="linear", source_model=opts.model, calibration=calibration)
     report.update(params_before=params_before, params_after=count_parameters(model),
                   kv_bytes_per_token_before=kv_bytes_per_token(hf_cfg),
-                  kv_bytes_per_token_after=kv_bytes_per_token(hf_cfg, [
-                      0 if i in fit.maps else hf_cfg.num_key_value_heads
-                      for i in range(hf_cfg.num_hidden_layers)]),
+                  kv_bytes_per_token_after=kv_bytes_per_token(hf_cfg,
+                                                              model_shapes(hf_cfg, spec)),
                   map_cost=cost, alphas={},
                   maps={str(k): v.spec() for k, v in sorted(fit.maps.items())})
     if eval_text is not None:
         after = evaluate_perplexity(model, tok, eval_text, opts.eval_seq_len,
                                     opts.eval_windows, progress=progress)
         record_eval(report, calibration, before, after, opts.eval_seq_len)
-    spec = PruningSpec(layers={}, maps={k: v.spec() for k, v in fit.maps.items()},
-                       method="linear", source_model=opts.model, calibration=calibration)
     save_pruned(model, spec, src, out, force=opts.force)
     report["out"] = str(out)
     report["calibration"] = calibration

@@ -19,5 +19,5 @@ per model and settings and cached (``$HARP_VLLM_CACHE/plan-stats``).
 Modules, in the order they build on each other: ``choices.py`` (the candidates and the
 ``--layout`` text), ``statistics.py`` (the fitted, cached statistics), ``layouts.py`` (a layout
 as modules), ``scoring.py`` (damage), ``solve.py`` (the knapsack and the re-scoring),
-``report.py`` (the frontier table and plots). The job is ``jobs/plan_job.py``.
+``frontier_report.py`` (the frontier table and plots). The job is ``jobs/plan_job.py``.
 """
