@@ -14,7 +14,7 @@ from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.models.utils import extract_layer_index
 
 from ..errors import UserError
-from ..families import BY_HARP_ARCHITECTURE, STRUCTURED_MODEL_TYPES, head_dim
+from ..families import BY_HARP_ARCHITECTURE, FAMILIES, STRUCTURED_MODEL_TYPES, head_dim
 from ..spec import CONFIG_KEY, PruningSpec
 from .fold import check_heads
 
@@ -30,8 +30,8 @@ def pruning_spec(config: Any, arch: str) -> PruningSpec:
     if model_type not in families:
         raise HarpCheckpointError(
             f"{arch} does not support model_type {model_type!r} (supported: "
-            f"{', '.join(families)}); the HARP plugin serves Llama, Mistral, Qwen2, Gemma2 "
-            f"and Gemma3 checkpoints")
+            f"{', '.join(families)}); the HARP plugin serves "
+            f"{', '.join(f.hf_architecture for f in FAMILIES)} checkpoints")
     if getattr(config, CONFIG_KEY, None) is None:
         raise HarpCheckpointError(
             f"config.json declares architecture {arch} but has no '{CONFIG_KEY}' section; a "
