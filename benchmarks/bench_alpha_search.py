@@ -16,8 +16,10 @@ import torch
 
 from harp_vllm import models
 from harp_vllm.evaluation import data
-from harp_vllm.pruning.prune import select_layers
-from harp_vllm.pruning.search import DEFAULT_GRID, calibration_windows, fast_search, naive_search
+from harp_vllm.pruning.calibration.windows import calibration_windows
+from harp_vllm.pruning.methods.alpha_search import DEFAULT_GRID, fast_search, naive_search
+from harp_vllm.pruning.reference import load_model
+from harp_vllm.pruning.selection import select_layers
 
 
 def main() -> None:
@@ -34,7 +36,7 @@ def main() -> None:
 
     path = models.resolve(args.model)
     tok = models.load_tokenizer(path)
-    model = models.load(path)
+    model = load_model(path)
     windows = calibration_windows(tok, data.load_text("wikitext2", "validation"), args.samples,
                                   args.seq_len)
     layers = select_layers(model.config.num_hidden_layers, count=args.layers)

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from harp_vllm.pruning.reference import load_model
+
 ALPHAS = {29: 0.8, 28: 0.3, 27: 0.2, 26: 0.1, 25: 0.0, 24: 0.1, 23: 0.0, 22: 0.2}
 FULL = dict(rounds=2, prefill=[1024, 4096, 7168], decode_requests=16, decode_prompt=256,
             decode_tokens=128)
@@ -85,14 +87,14 @@ def worker(args: argparse.Namespace) -> None:
 def ensure_models(pruned: Path | None) -> tuple[Path, Path]:
     from harp_vllm import models
     from harp_vllm.paths import cache_dir
-    from harp_vllm.pruning.checkpoint import save_pruned
+    from harp_vllm.pruning.jobs.checkpoint import save_pruned
     from harp_vllm.spec import PruningSpec
 
     dense = models.prepare("smollm2-135m", progress=False)
     if pruned is None:
         pruned = cache_dir() / "bench" / "smollm2-135m-harp-p8-fixed"
         if not (pruned / "config.json").is_file():
-            save_pruned(models.load(dense), PruningSpec(
+            save_pruned(load_model(dense), PruningSpec(
                 layers=dict(ALPHAS), source_model="smollm2-135m",
                 calibration={"note": "fixed alphas for benchmarking"}), dense, pruned,
                 force=True)

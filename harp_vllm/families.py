@@ -38,7 +38,6 @@ class Family:
     model_types: tuple[str, ...]  # config.json "model_type" values the plugin class accepts
     harp_architecture: str  # the architecture a pruned checkpoint declares (vLLM registry)
     plugin_class: str  # "module:Class" of the plugin's implementation
-    vllm_base: str  # the vLLM class it subclasses ("module:Class")
     post_norm: bool  # alpha scales after a post-attention norm (Gemma), else the o_proj output
     heads: bool  # head/MLP-level pruning (amp, flap, wanda-sp) is served
     linear_maps: bool  # --method linear checkpoints are served
@@ -47,27 +46,26 @@ class Family:
 
 
 _PLUGIN = "harp_vllm.vllm_plugin"
-_VLLM = "vllm.model_executor.models"
 FAMILIES: tuple[Family, ...] = (
     Family("LlamaForCausalLM", ("llama", "mistral"), "HarpLlamaForCausalLM",
-           f"{_PLUGIN}.llama:HarpLlamaForCausalLM", f"{_VLLM}.llama:LlamaForCausalLM",
+           f"{_PLUGIN}.llama:HarpLlamaForCausalLM",
            post_norm=False, heads=True, linear_maps=True, compensation=True,
            biases=_llama_biases),
     # HF-format Mistral checkpoints run on vLLM's Llama code.
     Family("MistralForCausalLM", ("llama", "mistral"), "HarpMistralForCausalLM",
-           f"{_PLUGIN}.llama:HarpMistralForCausalLM", f"{_VLLM}.llama:LlamaForCausalLM",
+           f"{_PLUGIN}.llama:HarpMistralForCausalLM",
            post_norm=False, heads=True, linear_maps=True, compensation=True,
            biases=_llama_biases),
     Family("Qwen2ForCausalLM", ("qwen2",), "HarpQwen2ForCausalLM",
-           f"{_PLUGIN}.qwen2:HarpQwen2ForCausalLM", f"{_VLLM}.qwen2:Qwen2ForCausalLM",
+           f"{_PLUGIN}.qwen2:HarpQwen2ForCausalLM",
            post_norm=False, heads=True, linear_maps=False, compensation=False,
            biases=_qwen2_biases),
     Family("Gemma2ForCausalLM", ("gemma2",), "HarpGemma2ForCausalLM",
-           f"{_PLUGIN}.gemma:HarpGemma2ForCausalLM", f"{_VLLM}.gemma2:Gemma2ForCausalLM",
+           f"{_PLUGIN}.gemma:HarpGemma2ForCausalLM",
            post_norm=True, heads=False, linear_maps=False, compensation=False,
            biases=_gemma_biases),
     Family("Gemma3ForCausalLM", ("gemma3_text",), "HarpGemma3ForCausalLM",
-           f"{_PLUGIN}.gemma:HarpGemma3ForCausalLM", f"{_VLLM}.gemma3:Gemma3ForCausalLM",
+           f"{_PLUGIN}.gemma:HarpGemma3ForCausalLM",
            post_norm=True, heads=False, linear_maps=False, compensation=False,
            biases=_gemma_biases),
 )
@@ -107,6 +105,19 @@ def family_of(config: Any) -> Family:
 def post_norm(config: Any) -> bool:
     """Whether the family scales after the post-attention norm; UserError if unsupported."""
     return family_of(config).post_norm
+
+
+def harp_architecture(config) -> str:
+    """The HARP architecture name for a dense config (clear error if unsupported)."""
+    family_of(config)  # UserError for an unsupported family
+    archs = getattr(config, "architectures", None) or []
+    for a in archs:
+        if a in HARP_ARCHITECTURES:
+            return HARP_ARCHITECTURES[a]
+        if a in HARP_ARCHITECTURES.values():
+            return a
+    raise UserError(f"unsupported architecture {archs}; supported: "
+                    f"{', '.join(HARP_ARCHITECTURES)}")
 
 
 def head_dim(config: Any, hidden_size: int | None = None, num_heads: int | None = None) -> int:

@@ -164,21 +164,3 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
-
-
-def load(path: Path):
-    """The fp32 causal LM at ``path``; a pruned checkpoint is built with its pruning applied."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from . import spec as spec_mod
-
-    config = AutoConfig.from_pretrained(path)
-    pruning = spec_mod.PruningSpec.from_config(config)
-    if pruning is not None:
-        from .pruning.reference import load_pruned
-
-        return load_pruned(path, config, pruning)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                 attn_implementation="sdpa")
-    return model.eval()

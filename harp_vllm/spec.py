@@ -36,7 +36,7 @@ the attention heads ``shapes`` gives it (some KV groups removed) and predicts th
 heads' outputs from the normed input, through their o_proj columns: ``attn(x) +
 out_proj(in_proj(x))``, with a bias on ``in_proj`` and none on ``out_proj`` (weights
 ``self_attn.group_map.in_proj.weight`` [rank, d], ``.in_proj.bias`` [rank],
-``self_attn.group_map.out_proj.weight`` [d, rank]; see ``pruning/group_fit.py``).
+``self_attn.group_map.out_proj.weight`` [d, rank]; see ``pruning/methods/group_fit.py``).
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from harp_vllm.pruning.reference import load_model
+
 CORPUS = (
     "The quick brown fox jumps over the lazy dog. " * 3
     + "Robert Boulter is an English film, television and theatre actor. "
@@ -90,12 +92,11 @@ def save_linear(src: Path, out: Path, groups: list[tuple[list[int], int | None, 
                 windows: torch.Tensor, alphas: dict[int, float] | None = None) -> Path:
     """A ``--method linear`` checkpoint of ``src``: each group (layers, rank, input) fitted in
     turn on ``windows`` (so one checkpoint can mix ranks and inputs), plus HARP ``alphas``."""
-    from harp_vllm import models
-    from harp_vllm.pruning.checkpoint import save_pruned
-    from harp_vllm.pruning.linear import fit_linear
+    from harp_vllm.pruning.jobs.checkpoint import save_pruned
+    from harp_vllm.pruning.methods.linear import fit_linear
     from harp_vllm.spec import PruningSpec
 
-    model = models.load(src)
+    model = load_model(src)
     maps = {}
     for layers, rank, input_kind in groups:
         fit = fit_linear(model, windows, layers, rank=rank, input_kind=input_kind,

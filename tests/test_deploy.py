@@ -30,8 +30,8 @@ import yaml
 
 from harp_vllm.errors import UserError
 from harp_vllm.ops import compose
-from harp_vllm.ops import plan as native_plan
 from harp_vllm.ops import stack as native
+from harp_vllm.ops import translate as native_plan
 from harp_vllm.process import free_port, http_ok
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -57,7 +57,7 @@ def test_bias_rules():
 def test_swapped_global_checks_the_vllm_version_and_the_name(monkeypatch):
     vllm = pytest.importorskip("vllm")
     from harp_vllm.vllm_plugin import SKIP_VERSION_CHECK_ENV, UnsupportedVllmVersion
-    from harp_vllm.vllm_plugin.layers import swapped_global
+    from harp_vllm.vllm_plugin.version import swapped_global
 
     monkeypatch.delenv(SKIP_VERSION_CHECK_ENV, raising=False)
     mod = types.ModuleType("fake_vllm_models")

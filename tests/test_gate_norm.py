@@ -7,10 +7,10 @@ import torch
 from conftest import CORPUS, make_tiny_model
 from typer.testing import CliRunner
 
-from harp_vllm import models
 from harp_vllm.cli import app
 from harp_vllm.errors import UserError
-from harp_vllm.pruning.gate_norm import gate_norm_scores, lowest_scoring
+from harp_vllm.pruning.methods.gate_norm import gate_norm_scores, lowest_scoring
+from harp_vllm.pruning.reference import load_model
 
 runner = CliRunner()
 
@@ -34,7 +34,7 @@ def direct_score(model, i: int) -> float:
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
 def test_score_equals_direct_computation(family, tmp_path):
     path = make_tiny_model(family, tmp_path / family, layers=5)
-    model = models.load(path)
+    model = load_model(path)
     scores = gate_norm_scores(path)
     assert sorted(scores) == list(range(5))
     for i, s in scores.items():
@@ -65,7 +65,7 @@ def test_gate_norm_prune_removes_the_lowest_scoring_sublayers(tmp_path):
     scores = {int(k): v for k, v in sec["calibration"]["gate_norm"].items()}
     assert lowest_scoring(scores, 2) == [1, 4]
     # the pruned model is the dense one without those attention sublayers
-    pruned_model, dense = models.load(out), models.load(src)
+    pruned_model, dense = load_model(out), load_model(src)
     x = torch.randint(0, 300, (1, 16))
     for i in (1, 4):
         dense.model.layers[i].self_attn.register_forward_hook(

@@ -9,10 +9,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from harp_vllm import models
 from harp_vllm.errors import UserError
-from harp_vllm.pruning.checkpoint import save_pruned
-from harp_vllm.pruning.reference import decoder_layers, pruned
+from harp_vllm.pruning.jobs.checkpoint import save_pruned
+from harp_vllm.pruning.reference import decoder_layers, load_model, pruned
 from harp_vllm.spec import PruningSpec
 
 FAMILIES = ["llama", "mistral", "qwen2", "gemma2"]
@@ -44,7 +43,7 @@ def ids(n=2, t=24, vocab=300, seed=1):
 
 @torch.no_grad()
 def test_pruned_layer_is_attention_with_identity_matrix(tiny):
-    model = models.load(tiny)
+    model = load_model(tiny)
     x = ids()
     model.config._attn_implementation = "identity_test"
     IDENTITY_LAYERS.update({1, 3})
@@ -62,7 +61,7 @@ def test_pruned_layer_is_attention_with_identity_matrix(tiny):
 
 @torch.no_grad()
 def test_alpha_scales_the_attention_branch(tiny):
-    model = models.load(tiny)
+    model = load_model(tiny)
     layer = decoder_layers(model)[2]
     captured = []
     norm = layer.post_attention_layernorm if "gemma" in model.config.model_type else None
@@ -82,7 +81,7 @@ def test_alpha_scales_the_attention_branch(tiny):
 
 @torch.no_grad()
 def test_alpha_zero_equals_skipping_the_sublayer(tiny):
-    model = models.load(tiny)
+    model = load_model(tiny)
     x = ids()
     layer = decoder_layers(model)[2]
 
@@ -100,7 +99,7 @@ def test_alpha_zero_equals_skipping_the_sublayer(tiny):
 
 @torch.no_grad()
 def test_save_load_round_trip_is_bitwise(tiny, tmp_path):
-    model = models.load(tiny)
+    model = load_model(tiny)
     x = ids()
     spec = PruningSpec(layers={1: 0.4, 3: 0.0}, source_model=str(tiny))
     with pruned(model, spec.layers):
@@ -115,12 +114,12 @@ def test_save_load_round_trip_is_bitwise(tiny, tmp_path):
     assert "model.layers.1.self_attn.v_proj.weight" in keys
     assert not any(k.startswith("model.layers.3.self_attn.") for k in keys)
     assert "model.layers.0.self_attn.q_proj.weight" in keys
-    reloaded = models.load(out)
+    reloaded = load_model(out)
     assert torch.equal(reloaded(input_ids=x).logits, want)
 
 
 def test_out_of_range_layer_is_rejected(tiny_llama):
-    model = models.load(tiny_llama)
+    model = load_model(tiny_llama)
     with pytest.raises(UserError, match="layer index 7 out of range"), pruned(model, {7: 1.0}):
         pass
 
@@ -128,17 +127,17 @@ def test_out_of_range_layer_is_rejected(tiny_llama):
 def test_loading_checkpoint_with_missing_weights_fails_clearly(tiny_llama, tmp_path):
     import json
 
-    model = models.load(tiny_llama)
+    model = load_model(tiny_llama)
     out = save_pruned(model, PruningSpec(layers={3: 0.5}), tiny_llama, tmp_path / "p")
     cfg = json.loads((out / "config.json").read_text())
     cfg["harp_pruning"]["layers"] = {"3": 0.5, "2": 0.5}  # layer 2 still has q/k on disk
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match=r"unexpected \['model.layers.2.self_attn.k_proj"):
-        models.load(out)
+        load_model(out)
     cfg["harp_pruning"]["layers"] = {"3": 0.0}  # v/o on disk but not expected
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="unexpected"):
-        models.load(out)
+        load_model(out)
 
 
 def test_unsupported_family_is_rejected(tmp_path):
@@ -146,7 +145,7 @@ def test_unsupported_family_is_rejected(tmp_path):
 
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(
         tmp_path)
-    model = models.load(tmp_path)
+    model = load_model(tmp_path)
     with pytest.raises(UserError, match="unsupported model family 'gpt2'"), pruned(model, {0: 1}):
         pass
 

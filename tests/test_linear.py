@@ -9,10 +9,9 @@ import pytest
 import torch
 from conftest import save_linear
 
-from harp_vllm import models
 from harp_vllm.errors import UserError
-from harp_vllm.pruning.linear import Moments, fit_linear, map_cost, solve
-from harp_vllm.pruning.reference import LinearAttention
+from harp_vllm.pruning.methods.linear import Moments, fit_linear, map_cost, solve
+from harp_vllm.pruning.reference import LinearAttention, load_model
 from harp_vllm.spec import PruningSpec
 
 
@@ -64,9 +63,9 @@ def test_reduced_rank_map_is_the_best_rank_r_fit():
                                                    (16, "normed", "residual")])
 def test_fit_installs_maps_that_reload_identically(tiny_llama, tmp_path, rank, input_kind,
                                                    order):
-    """The saved checkpoint (through models.load) computes what the fitted model computes."""
+    """The saved checkpoint (through load_model) computes what the fitted model computes."""
     w = _windows(tiny_llama)
-    model = models.load(tiny_llama)
+    model = load_model(tiny_llama)
     fit = fit_linear(model, w, [1, 3], rank=rank, input_kind=input_kind, order=order,
                      progress=False)
     assert set(fit.maps) == {1, 3}
@@ -76,7 +75,7 @@ def test_fit_installs_maps_that_reload_identically(tiny_llama, tmp_path, rank, i
         assert (attn.in_proj is None) == (rank is None)
         assert isinstance(model.model.layers[j].input_layernorm, torch.nn.Identity) == (
             input_kind == "raw")
-    from harp_vllm.pruning.checkpoint import save_pruned
+    from harp_vllm.pruning.jobs.checkpoint import save_pruned
 
     spec = PruningSpec(layers={}, maps={k: v.spec() for k, v in fit.maps.items()},
                        method="linear")
@@ -94,15 +93,15 @@ def test_fit_installs_maps_that_reload_identically(tiny_llama, tmp_path, rank, i
     assert "model.layers.1.self_attn.out_proj.bias" in names
     assert ("model.layers.1.input_layernorm.weight" in names) == (input_kind == "normed")
     with torch.no_grad():
-        got = models.load(out)(w[:2]).logits
+        got = load_model(out)(w[:2]).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_sequential_fit_sees_the_replaced_layers_below(tiny_llama):
     """Fitting order matters: the upper map differs when fitted on replaced-layer inputs."""
     w = _windows(tiny_llama)
-    a = fit_linear(models.load(tiny_llama), w, [1, 2], order="dense", progress=False)
-    b = fit_linear(models.load(tiny_llama), w, [1, 2], order="sequential", progress=False)
+    a = fit_linear(load_model(tiny_llama), w, [1, 2], order="dense", progress=False)
+    b = fit_linear(load_model(tiny_llama), w, [1, 2], order="sequential", progress=False)
     torch.testing.assert_close(a.maps[1].out_weight, b.maps[1].out_weight)  # same inputs
     assert not torch.allclose(a.maps[2].out_weight, b.maps[2].out_weight, atol=1e-4)
 
@@ -152,7 +151,7 @@ def test_mixed_checkpoint_reference_loads(tiny_llama, tmp_path):
     spec = PruningSpec.from_config(json.loads((out / "config.json").read_text()))
     assert spec.layers == {1: 0.5, 3: 0.0}
     assert spec.maps == {0: {"input": "raw", "rank": None}, 2: {"input": "normed", "rank": 8}}
-    model = models.load(out)
+    model = load_model(out)
     assert isinstance(model.model.layers[0].self_attn, LinearAttention)
     assert torch.isfinite(model(_windows(tiny_llama)[:1]).logits).all()
 
@@ -213,11 +212,11 @@ def test_layer_damage_equals_direct_kl_and_selects_lowest(tiny_llama):
     """Each layer's damage is the KL of the full model with only that layer replaced."""
     import copy
 
-    from harp_vllm.pruning.linear import layer_damage, lowest_damage
+    from harp_vllm.pruning.methods.linear import layer_damage, lowest_damage
     from harp_vllm.pruning.reference import install_map
 
     w = _windows(tiny_llama, n=4, t=32)
-    model = models.load(tiny_llama)
+    model = load_model(tiny_llama)
     damage = layer_damage(model, w, rank=None, batch=4, positions=32, progress=False)
     assert set(damage) == {0, 1, 2, 3} and all(v > 0 for v in damage.values())
     for j in (0, 2):

@@ -21,6 +21,7 @@ import pytest
 from harp_vllm.loadtest import metrics as prom
 from harp_vllm.loadtest import report
 from harp_vllm.loadtest.prompts import PromptFactory
+from harp_vllm.pruning.reference import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 KV_BYTES = 64 * 2**20  # dense: 22 blocks of 128 tokens; pruned (8 of 30 layers): ~30
@@ -160,11 +161,11 @@ def ab_servers(tmp_path_factory, smollm2_dir):
     base = tmp_path_factory.mktemp("loadtest-servers")
     pruned_model, harp = smollm2_dir, False
     if _plugin_serves_pruned():
-        from harp_vllm import models, spec
-        from harp_vllm.pruning import checkpoint
+        from harp_vllm import spec
+        from harp_vllm.pruning.jobs import checkpoint
 
         out = base / "smollm2-harp-p8"
-        checkpoint.save_pruned(models.load(smollm2_dir),
+        checkpoint.save_pruned(load_model(smollm2_dir),
                                spec.PruningSpec(layers=PRUNED_SPEC, source_model="smollm2-135m"),
                                smollm2_dir, out)
         pruned_model, harp = out, True

@@ -120,7 +120,7 @@ def spec_heads(rank: dict) -> dict[int, int]:
 def test_tp_split_check_names_the_layer_and_its_counts():
     """The plugin's up-front check (vLLM itself checks only the config's head count)."""
     from harp_vllm.spec import PruningSpec
-    from harp_vllm.vllm_plugin.layers import HarpCheckpointError, check_tensor_parallel
+    from harp_vllm.vllm_plugin.checkpoint_spec import HarpCheckpointError, check_tensor_parallel
 
     cfg = SimpleNamespace(num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                           intermediate_size=256)
@@ -204,8 +204,9 @@ def test_tp2_harp_ranks_hold_half_the_kv_heads(tiny, engines):
     single, par = engines(tiny["harp"], TINY_PROMPTS)[0], engines(tiny["harp"], TINY_PROMPTS,
                                                                   tp=2)[0]
     assert par["ok"] and single["ok"]
-    kinds = {"0": "TokenLocalAttention", "1": "LlamaAttention", "2": "RemovedAttention",
-             "3": "LlamaAttention", "4": "TokenLocalAttention", "5": "TokenLocalAttention"}
+    kinds = {"0": "FoldedTokenLocalAttention", "1": "LlamaAttention", "2": "RemovedAttention",
+             "3": "LlamaAttention", "4": "FoldedTokenLocalAttention",
+             "5": "FoldedTokenLocalAttention"}
     (one,) = single["ranks"]
     assert one["attention_modules"] == kinds and spec_heads(one) == {1: 2, 3: 2}
     for rank in par["ranks"]:
@@ -297,7 +298,7 @@ def test_pp2_smollm2_kv_capacity_follows_each_stages_attention_layers(smol, engi
     assert sorted(spec_heads(second)) == list(range(15, 22))
     assert set(spec_heads(first).values()) == set(spec_heads(second).values()) == {3}
     assert {second["attention_modules"][str(i)] for i in SMOL_ALPHAS} <= {
-        "TokenLocalAttention", "RemovedAttention"}
+        "FoldedTokenLocalAttention", "RemovedAttention"}
     assert rank_blocks(second) > rank_blocks(first)
     for rank in (first, second):
         assert rank["num_blocks"] == par["num_gpu_blocks"] == rank_blocks(first)

@@ -12,6 +12,7 @@ from harp_vllm.evaluation.perplexity import (
     perplexity,
     window_nll,
 )
+from harp_vllm.pruning.reference import load_model
 
 
 def test_windows_are_non_overlapping_and_drop_the_tail():
@@ -36,7 +37,7 @@ def test_uniform_model_has_perplexity_equal_to_vocab_size():
 
 
 def test_window_nll_matches_hf_loss(tiny_llama):
-    model = models.load(tiny_llama)
+    model = load_model(tiny_llama)
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     with torch.no_grad():
         out = model(input_ids=ids, labels=ids)
@@ -46,7 +47,7 @@ def test_window_nll_matches_hf_loss(tiny_llama):
 
 def test_evaluate_perplexity_on_tiny_model(tiny_llama):
     tok = models.load_tokenizer(tiny_llama)
-    res = evaluate_perplexity(models.load(tiny_llama), tok, "hello world " * 200, 32,
+    res = evaluate_perplexity(load_model(tiny_llama), tok, "hello world " * 200, 32,
                               max_windows=3, progress=False)
     assert res.windows == 3 and res.tokens_scored == 3 * 31
     assert math.isfinite(res.perplexity) and res.perplexity > 1

@@ -15,7 +15,9 @@ from typer.testing import CliRunner
 from harp_vllm.cli import app
 from harp_vllm.errors import UserError
 from harp_vllm.pruning import costs
-from harp_vllm.pruning.plan import KEEP, Budget, Choice, candidates, parse_layout, solve_layouts
+from harp_vllm.pruning.planner.choices import KEEP, Choice, candidates, parse_layout
+from harp_vllm.pruning.planner.solve import Budget, solve_layouts
+from harp_vllm.pruning.reference import load_model
 from harp_vllm.spec import PruningSpec
 
 SMOL = SimpleNamespace(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
@@ -130,15 +132,14 @@ def _tiny_args(tiny_llama: Path, tmp_path: Path) -> list[str]:
 
 def _logits_equal_reference(ckpt: Path, tiny_llama: Path, layout_text: str) -> None:
     """The written checkpoint, reloaded, computes what the planner's in-memory layout did."""
-    from harp_vllm import models
-    from harp_vllm.pruning.plan import installed
+    from harp_vllm.pruning.planner.layouts import installed
 
-    reloaded = models.load(ckpt)
+    reloaded = load_model(ckpt)
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = reloaded(input_ids=ids).logits
     # Rebuild the same layout on the dense model from a fresh session's statistics.
-    from harp_vllm.pruning.plan_job import PlanOptions, open_session
+    from harp_vllm.pruning.jobs.plan_job import PlanOptions, open_session
 
     s = open_session(PlanOptions(model=str(tiny_llama), out=ckpt, layout=layout_text,
                                  calib_file=ckpt.parent / "calib.txt", calib_samples=16,
@@ -253,8 +254,8 @@ def test_frontier_writes_table_and_plots(tiny_llama, tmp_path):
 def test_group_fit_recovers_linear_heads_and_removes_the_predictable_groups():
     """Heads whose outputs are an exact affine function of the input are recovered by the
     fit and are the ones chosen for removal; a context-dependent (noise) group is kept."""
-    from harp_vllm.pruning.group_fit import HeadMoments, fit_groups
-    from harp_vllm.pruning.linear import Moments
+    from harp_vllm.pruning.methods.group_fit import HeadMoments, fit_groups
+    from harp_vllm.pruning.methods.linear import Moments
 
     g = torch.Generator().manual_seed(0)
     d, hd, r, groups = 16, 4, 2, 3  # 3 KV groups of 2 query heads of width 4

@@ -11,8 +11,10 @@ from typer.testing import CliRunner
 from harp_vllm import models
 from harp_vllm.cli import app
 from harp_vllm.errors import UserError
-from harp_vllm.pruning.prune import parse_layer_list, select_layers
-from harp_vllm.pruning.search import calibration_windows, fast_search, naive_search
+from harp_vllm.pruning.calibration.windows import calibration_windows
+from harp_vllm.pruning.methods.alpha_search import fast_search, naive_search
+from harp_vllm.pruning.reference import load_model
+from harp_vllm.pruning.selection import parse_layer_list, select_layers
 
 runner = CliRunner()
 
@@ -20,7 +22,7 @@ runner = CliRunner()
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_fast_search_picks_the_same_alphas_as_naive(family, tmp_path):
     path = make_tiny_model(family, tmp_path / family, layers=5)
-    model = models.load(path)
+    model = load_model(path)
     windows = calibration_windows(models.load_tokenizer(path), CORPUS, 3, 32)
     grid = (0.0, 0.25, 0.5, 0.75, 1.0)
     fast = fast_search(model, windows, [2, 3, 4], grid, memory_budget_bytes=200_000,

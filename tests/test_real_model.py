@@ -9,6 +9,7 @@ import torch
 from harp_vllm import models
 from harp_vllm.evaluation import data
 from harp_vllm.evaluation.perplexity import make_windows, perplexity, tokenize
+from harp_vllm.pruning.reference import load_model
 
 pytestmark = pytest.mark.real_model
 
@@ -25,7 +26,7 @@ def test_prepared_directory_is_plain_fp32(smollm2_dir):
 
 def test_wikitext_perplexity_beats_unigram_and_needs_word_order(smollm2_dir):
     tok = models.load_tokenizer(smollm2_dir)
-    model = models.load(smollm2_dir)
+    model = load_model(smollm2_dir)
     windows = make_windows(tokenize(tok, data.load_text("wikitext2", "test")), 2048, 4)
     ppl, _ = perplexity(model, windows, progress=False)
 
@@ -46,7 +47,8 @@ def test_wikitext_perplexity_beats_unigram_and_needs_word_order(smollm2_dir):
 
 def test_harp_prune_real_model_end_to_end(smollm2_dir, tmp_path):
     """Prune SmolLM2's top 2 layers with a tiny calibration; the checkpoint reloads exactly."""
-    from harp_vllm.pruning.prune import PruneOptions, run_prune
+    from harp_vllm.pruning.jobs.options import PruneOptions
+    from harp_vllm.pruning.jobs.prune_job import run_prune
 
     out = tmp_path / "harp2"
     report = run_prune(PruneOptions(model=str(smollm2_dir), out=out, layers=2, calib_samples=2,

@@ -20,6 +20,7 @@ import pytest
 
 from harp_vllm.errors import UserError
 from harp_vllm.process import free_port
+from harp_vllm.pruning.reference import load_model
 from harp_vllm.serving import serve as serve_mod
 from harp_vllm.serving.metrics import KVLayout, context_bucket, kv_layout
 
@@ -75,12 +76,12 @@ def plugin_present() -> bool:
 
 
 def make_pruned_checkpoint(src: Path, out: Path) -> Path:
-    from harp_vllm import models, spec
-    from harp_vllm.pruning import checkpoint
+    from harp_vllm import spec
+    from harp_vllm.pruning.jobs import checkpoint
 
     if (out / "config.json").is_file():
         return out
-    model = models.load(src)
+    model = load_model(src)
     return checkpoint.save_pruned(model, spec.PruningSpec(layers=dict(PRUNED_LAYERS),
                                                           source_model="smollm2-135m"),
                                   src, out, force=True)

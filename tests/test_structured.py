@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 from harp_vllm import models
 from harp_vllm.cli import app
 from harp_vllm.errors import UserError
-from harp_vllm.pruning.checkpoint import save_pruned
+from harp_vllm.pruning.calibration.windows import calibration_windows
 from harp_vllm.pruning.heads import count_parameters
-from harp_vllm.pruning.search import calibration_windows
-from harp_vllm.pruning.structured import (
+from harp_vllm.pruning.jobs.checkpoint import save_pruned
+from harp_vllm.pruning.methods.structured import (
     allocate,
     channel_scores,
     group_scores,
@@ -26,6 +26,7 @@ from harp_vllm.pruning.structured import (
     prune_structured,
     shapes_of,
 )
+from harp_vllm.pruning.reference import load_model
 from harp_vllm.spec import PruningSpec
 
 runner = CliRunner()
@@ -83,7 +84,7 @@ def direct_scores(method: str, x: torch.Tensor, a: torch.Tensor, w_o: torch.Tens
 
 @pytest.mark.parametrize("method", ["amp", "wanda-sp", "flap"])
 def test_scores_equal_a_direct_computation(tiny_llama, windows, method):
-    model = models.load(tiny_llama)
+    model = load_model(tiny_llama)
     direct_inputs = captured_inputs(model, windows)
     inputs = layer_inputs(model, windows, batch_size=4)  # two batches, propagated layer-wise
     for i, layer in enumerate(model.model.layers):
@@ -119,7 +120,7 @@ def test_allocation_uniform_and_global():
 
 def masked_dense(src: Path, kept_groups, kept_channels, biases: dict | None = None):
     """The dense model with removed heads' o_proj columns and MLP down columns zeroed."""
-    model = models.load(src)
+    model = load_model(src)
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
             o = layer.self_attn.o_proj.weight
@@ -137,7 +138,7 @@ def masked_dense(src: Path, kept_groups, kept_channels, biases: dict | None = No
 def test_pruned_model_equals_masked_dense_and_survives_a_round_trip(tiny_llama, windows,
                                                                    tmp_path, method,
                                                                    allocation):
-    model = models.load(tiny_llama)
+    model = load_model(tiny_llama)
     x = torch.tensor([windows[0].tolist()])
     res = prune_structured(model, windows, method, 0.5, 0.25, allocation, progress=False)
     assert sum(len(g) for g in res.kept_groups) == 4  # 8 groups, half removed
@@ -172,13 +173,13 @@ def test_pruned_model_equals_masked_dense_and_survives_a_round_trip(tiny_llama, 
             assert state[p + "self_attn.o_proj.bias"].abs().max() > 0
     assert sum(t.numel() for t in state.values()) == expect == count_parameters(model)
     assert cfg.get("attention_bias", False) is flap and cfg.get("mlp_bias", False) is flap
-    reloaded = models.load(out)
+    reloaded = load_model(out)
     torch.testing.assert_close(reloaded(x).logits, got, rtol=1e-6, atol=1e-6)
 
 
 def test_flap_bias_replaces_removed_channels_by_their_mean(tiny_llama, windows):
     """At the calibration mean input, FLAP's pruned o_proj gives the dense o_proj's output."""
-    model = models.load(tiny_llama)
+    model = load_model(tiny_llama)
     dense_o = model.model.layers[0].self_attn.o_proj
     mean = captured_inputs(model, windows)["o0"].mean(0).float()
     want = dense_o(mean)
@@ -191,9 +192,9 @@ def test_flap_bias_replaces_removed_channels_by_their_mean(tiny_llama, windows):
 
 def test_wanda_sp_uniform_prunes_layer_by_layer(tiny_llama, windows):
     """Sequential: layer 1 is scored on the output of the already pruned layer 0."""
-    seq = models.load(tiny_llama)
+    seq = load_model(tiny_llama)
     res = prune_structured(seq, windows, "wanda-sp", 0.5, 0.0, "uniform", progress=False)
-    one_pass = models.load(tiny_llama)
+    one_pass = load_model(tiny_llama)
     inputs = layer_inputs(one_pass, windows, 16)
     s0 = group_scores("wanda-sp", layer_stats(one_pass.model.layers[0], D, inputs),
                       one_pass.model.layers[0].self_attn.o_proj.weight.data, D, 2)
@@ -263,7 +264,7 @@ def test_prune_cli_head_methods(tiny_llama, tmp_path):
     assert (cal["allocation"], cal["bias_compensation"], cal["heads_removed"]) == (
         "global", True, 4)
     assert sum(sec["shapes"]["intermediate_size"]) == 4 * 128 // 2
-    assert models.load(out) is not None
+    assert load_model(out) is not None
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -294,7 +295,7 @@ def test_head_methods_reject_families_the_plugin_cannot_serve(tmp_path):
 
 def test_qwen2_keeps_its_qkv_biases_through_the_round_trip(tmp_path, windows):
     src = make_tiny_model("qwen2", tmp_path / "qwen2", layers=2)
-    model = models.load(src)
+    model = load_model(src)
     res = prune_structured(model, windows, "wanda-sp", 0.5, 0.25, "global", progress=False)
     spec = PruningSpec(layers={}, method="wanda-sp", shapes=shapes_of(model.config, res))
     out = save_pruned(model, spec, src, tmp_path / "pruned")
@@ -303,17 +304,17 @@ def test_qwen2_keeps_its_qkv_biases_through_the_round_trip(tmp_path, windows):
         2 * len(res.kept_groups[0]) * D,)
     assert "model.layers.0.self_attn.o_proj.bias" not in state
     x = windows[:1]
-    torch.testing.assert_close(models.load(out)(x).logits, model(x).logits, rtol=1e-6,
+    torch.testing.assert_close(load_model(out)(x).logits, model(x).logits, rtol=1e-6,
                                atol=1e-6)
 
 
 def test_flap_on_mistral_round_trips_with_biases_its_hf_code_lacks(tmp_path, windows):
     src = make_tiny_model("mistral", tmp_path / "mistral", layers=2)
-    model = models.load(src)
+    model = load_model(src)
     res = prune_structured(model, windows, "flap", 0.5, 0.25, progress=False)
     x = windows[:1]
     spec = PruningSpec(layers={}, method="flap", shapes=shapes_of(model.config, res))
     out = save_pruned(model, spec, src, tmp_path / "flap")
     assert "model.layers.0.self_attn.o_proj.bias" in load_file(out / "model.safetensors")
-    torch.testing.assert_close(models.load(out)(x).logits, model(x).logits, rtol=1e-6,
+    torch.testing.assert_close(load_model(out)(x).logits, model(x).logits, rtol=1e-6,
                                atol=1e-6)

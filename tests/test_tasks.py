@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from harp_vllm.evaluation.tasks import registry
 from harp_vllm.evaluation.tasks.registry import DISCRIMINATIVE, GENERATION, TASKS, TaskDataError
 from harp_vllm.paths import data_dir
+from harp_vllm.pruning.reference import load_model
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -162,15 +163,14 @@ def test_report_table_and_payload_check():
 
 @pytest.fixture(scope="module")
 def pruned_smollm2(smollm2_dir, tmp_path_factory) -> Path:
-    from harp_vllm import models
-    from harp_vllm.pruning.checkpoint import save_pruned
+    from harp_vllm.pruning.jobs.checkpoint import save_pruned
     from harp_vllm.spec import PruningSpec
 
     out = tmp_path_factory.mktemp("tasks") / "harp-top8"
     spec = PruningSpec(layers={i: a for i, a in zip(range(22, 30), [0.9, 0.8, 0.8, 0.7, 0.7,
                                                                      0.6, 0.6, 0.5], strict=True)},
                        source_model="smollm2-135m")
-    return save_pruned(models.load(smollm2_dir), spec, smollm2_dir, out)
+    return save_pruned(load_model(smollm2_dir), spec, smollm2_dir, out)
 
 
 @have_data

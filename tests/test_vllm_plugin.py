@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harp_vllm.pruning.reference import load_model
 from harp_vllm.vllm_plugin.fold import fold_o, fold_v, rank_heads
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,9 +75,8 @@ def run_probe(model: Path, workdir: Path, prompts: list | None = None, *,
 
 def reference(model_dir: Path, prompts: list[list[int]], max_tokens: int = 32) -> list[dict]:
     """Greedy tokens and prompt logprobs from the HF reference (no KV cache, eager attention)."""
-    from harp_vllm import models
 
-    model = models.load(model_dir)
+    model = load_model(model_dir)
     model.set_attn_implementation("eager")  # sdpa drops Gemma2's attention softcapping
     out = []
     with torch.no_grad():
@@ -133,11 +133,10 @@ def make_tiny(family: str, out: Path, layers: int = 6) -> Path:
 
 
 def save(src: Path, out: Path, layers: dict[int, float]) -> Path:
-    from harp_vllm import models
-    from harp_vllm.pruning.checkpoint import save_pruned
+    from harp_vllm.pruning.jobs.checkpoint import save_pruned
     from harp_vllm.spec import PruningSpec
 
-    return save_pruned(models.load(src), PruningSpec(layers=layers, source_model=str(src)),
+    return save_pruned(load_model(src), PruningSpec(layers=layers, source_model=str(src)),
                        src, out)
 
 
@@ -480,12 +479,12 @@ def head_pruned(src: Path, out: Path, method: str, ratio: float, mlp_ratio: floa
     """``src`` cut by AMP / FLAP / Wanda-sp on WikiText-2 validation text, saved to ``out``."""
     from harp_vllm import models
     from harp_vllm.evaluation import data
-    from harp_vllm.pruning.checkpoint import save_pruned
-    from harp_vllm.pruning.search import calibration_windows
-    from harp_vllm.pruning.structured import prune_structured, shapes_of
+    from harp_vllm.pruning.calibration.windows import calibration_windows
+    from harp_vllm.pruning.jobs.checkpoint import save_pruned
+    from harp_vllm.pruning.methods.structured import prune_structured, shapes_of
     from harp_vllm.spec import PruningSpec
 
-    model = models.load(src)
+    model = load_model(src)
     text = data.load_text("wikitext2", "validation")[:200_000]
     windows = calibration_windows(models.load_tokenizer(src), text, samples, seq_len)
     res = prune_structured(model, windows, method, ratio, mlp_ratio, allocation,
@@ -628,7 +627,7 @@ def smol_linear(smollm2_dir, smol_prompts, tmp_path_factory) -> Path:
 
     from harp_vllm import models
     from harp_vllm.evaluation import data as data_mod
-    from harp_vllm.pruning.search import calibration_windows
+    from harp_vllm.pruning.calibration.windows import calibration_windows
 
     tok = models.load_tokenizer(smollm2_dir)
     windows = calibration_windows(tok, data_mod.load_text("wikitext2", "validation"), 16, 128)

@@ -80,6 +80,7 @@ def eval_ppl(
 
     from .. import models
     from ..evaluation.perplexity import evaluate_perplexity
+    from ..pruning.reference import load_model
 
     if threads:
         torch.set_num_threads(threads)
@@ -88,7 +89,7 @@ def eval_ppl(
         text, source = _load_eval_text(data, data_file, split)
         path = models.resolve(model)
         tok = models.load_tokenizer(path)
-        lm = models.load(path)
+        lm = load_model(path)
         res = evaluate_perplexity(lm, tok, text, seq_len, max_windows)
         return {"model": model, "model_path": str(path), "data": source, **res.to_dict()}
 
@@ -161,13 +162,9 @@ def prune_cmd(
     import torch
     from rich.table import Table
 
-    from ..pruning.prune import (
-        PruneOptions,
-        alpha_table_rows,
-        parse_grid,
-        run_prune,
-        shape_table_rows,
-    )
+    from ..pruning.jobs.options import PruneOptions, parse_grid
+    from ..pruning.jobs.prune_job import run_prune
+    from ..pruning.jobs.tables import alpha_table_rows, shape_table_rows
 
     if threads:
         torch.set_num_threads(threads)

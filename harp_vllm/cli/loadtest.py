@@ -6,6 +6,6 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    from ..loadtest.cli import loadtest
+    from ..loadtest.command import loadtest
 
     app.command("loadtest")(loadtest)

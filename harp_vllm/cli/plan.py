@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from ..errors import UserError
-        from ..pruning.plan_job import PlanOptions, run_frontier, run_plan
+        from ..pruning.jobs.plan_job import PlanOptions, run_frontier, run_plan
         from .errors import run_guarded
 
         if threads:
@@ -97,7 +97,7 @@ def register(app: typer.Typer) -> None:
 
         result = run_guarded(_run)
         if frontier:
-            from ..pruning.plan_report import table
+            from ..pruning.planner.frontier_report import table
 
             typer.echo(table(result))
             typer.echo(f"wrote {result['out']}/frontier.md, frontier.png, layouts.png, "

@@ -50,8 +50,8 @@ def register(app: typer.Typer) -> None:
                                                     "healthy")] = 900.0,
     ) -> None:
         """Start the stack in dependency order and wait until every service is healthy."""
-        from ..ops.plan import build_plan
         from ..ops.stack import Stack
+        from ..ops.translate import build_plan
 
         try:
             plan = build_plan(file, profiles=profile, only=services or None)
@@ -68,8 +68,8 @@ def register(app: typer.Typer) -> None:
         timeout: Annotated[float, typer.Option(help="seconds before SIGKILL")] = 30.0,
     ) -> None:
         """Stop every process the stack started (with their children)."""
-        from ..ops.plan import build_plan
         from ..ops.stack import Stack
+        from ..ops.translate import build_plan
 
         try:
             stack = Stack(build_plan(file), echo=typer.echo)
@@ -84,8 +84,8 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     ) -> None:
         """Each service's process, health and URL; exit 1 when one is dead or unhealthy."""
-        from ..ops.plan import build_plan
         from ..ops.stack import Stack
+        from ..ops.translate import build_plan
 
         try:
             status = Stack(build_plan(file)).status()
@@ -106,7 +106,7 @@ def register(app: typer.Typer) -> None:
         profile: Annotated[list[str] | None, typer.Option(help="include this profile")] = None,
     ) -> None:
         """Print the translated plan (commands, environment, ports) as JSON; start nothing."""
-        from ..ops.plan import build_plan, plan_summary
+        from ..ops.translate import build_plan, plan_summary
 
         try:
             plan = build_plan(file, profiles=profile)

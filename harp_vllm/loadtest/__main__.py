@@ -1,5 +1,5 @@
 """``python -m harp_vllm.loadtest``: the A/B load test (same as ``harp-vllm loadtest``)."""
 
-from .cli import main
+from .command import main
 
 main()

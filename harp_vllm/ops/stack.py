@@ -40,7 +40,7 @@ from typing import Any
 from ..errors import RunFailure
 from ..process import http_ok, log_tail, port_free
 from .compose import STATE_FILE
-from .plan import Plan, Service
+from .translate import Plan, Service
 
 # -- processes --------------------------------------------------------------------------------
 

@@ -63,9 +63,23 @@ def layer_macs(cfg: Any, s: LayerShape, context: int, phase: str = "prefill") ->
     return macs
 
 
+def kv_head_bytes(head_size: int, dtype_bytes: int = 2) -> int:
+    """KV-cache bytes of one KV head for one token: its K and V (the quantity vLLM's
+    full-attention KV-cache spec sizes a page with)."""
+    return 2 * int(head_size) * int(dtype_bytes)
+
+
 def kv_bytes(cfg: Any, s: LayerShape, dtype_bytes: int = 2) -> int:
     """KV-cache bytes one token takes in this layer."""
-    return 2 * s.kv_heads * head_dim(cfg) * dtype_bytes if s.attention == "dense" else 0
+    return s.kv_heads * kv_head_bytes(head_dim(cfg), dtype_bytes) if s.attention == "dense" else 0
+
+
+def kv_bytes_per_token(cfg: Any, shapes: list[LayerShape] | None = None,
+                       dtype_bytes: int = 2) -> int:
+    """KV-cache bytes one token takes over all layers (``shapes`` None: the dense model)."""
+    if shapes is None:
+        shapes = [dense_shape(cfg)] * cfg.num_hidden_layers
+    return sum(kv_bytes(cfg, s, dtype_bytes) for s in shapes)
 
 
 def dense_shape(cfg: Any) -> LayerShape:
@@ -116,8 +130,8 @@ def summary(cfg: Any, shapes: list[LayerShape], contexts: tuple[int, ...] = (409
             dtype_bytes: int = 2) -> dict:
     """KV bytes per token, parameters and predicted prefill/decode speed-ups at ``contexts``."""
     dense = [dense_shape(cfg)] * cfg.num_hidden_layers
-    kv = sum(kv_bytes(cfg, s, dtype_bytes) for s in shapes)
-    kv_dense = sum(kv_bytes(cfg, s, dtype_bytes) for s in dense)
+    kv = kv_bytes_per_token(cfg, shapes, dtype_bytes)
+    kv_dense = kv_bytes_per_token(cfg, dense, dtype_bytes)
     return {
         "kv_bytes_per_token": kv, "kv_bytes_per_token_dense": kv_dense,
         "kv_saving": round(1 - kv / kv_dense, 6),

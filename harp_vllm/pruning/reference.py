@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..families import HARP_ARCHITECTURES, head_dim
+from ..families import head_dim
 from ..families import post_norm as family_post_norm
 from ..spec import PruningSpec
 
@@ -179,6 +179,19 @@ def apply_pruning(model, spec: PruningSpec):
     return model
 
 
+def load_model(path: Path):
+    """The fp32 causal LM at ``path``; a pruned checkpoint is built with its pruning applied."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    pruning = PruningSpec.from_config(config)
+    if pruning is not None:
+        return load_pruned(path, config, pruning)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    return model.eval()
+
+
 def load_pruned(path: Path, config, spec: PruningSpec):
     """Build the pruned model described by ``config`` and load its safetensors strictly."""
     from safetensors.torch import load_file
@@ -218,17 +231,3 @@ def load_pruned(path: Path, config, spec: PruningSpec):
     if tied:
         model.tie_weights()
     return model.eval()
-
-
-def harp_architecture(config) -> str:
-    """The HARP architecture name for a dense config (clear error if unsupported)."""
-    family_post_norm(config)
-    archs = getattr(config, "architectures", None) or []
-    for a in archs:
-        if a in HARP_ARCHITECTURES:
-            return HARP_ARCHITECTURES[a]
-        if a in HARP_ARCHITECTURES.values():
-            return a
-    raise UserError(f"unsupported architecture {archs}; supported: "
-                    f"{', '.join(HARP_ARCHITECTURES)}")
-

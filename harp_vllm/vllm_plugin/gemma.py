@@ -7,6 +7,9 @@ output.
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.models import gemma2 as vllm_gemma2
 from vllm.model_executor.models import gemma3 as vllm_gemma3
@@ -14,14 +17,40 @@ from vllm.model_executor.models.gemma2 import Gemma2DecoderLayer, Gemma2ForCausa
 from vllm.model_executor.models.gemma3 import Gemma3DecoderLayer, Gemma3ForCausalLM
 
 from ..families import BY_HARP_ARCHITECTURE
-from .layers import (
-    HarpDecoderLayerMixin,
-    HarpModelMixin,
-    layer_alpha,
-    pruning_spec,
-    swapped_global,
-    token_local_factory,
-)
+from .checkpoint_spec import layer_alpha, pruning_spec
+from .factories import token_local_factory
+from .mixins import HarpModelMixin, add_norm
+from .version import swapped_global
+
+
+class HarpPostNormDecoderLayerMixin:
+    """The pruned-layer forward of a Gemma decoder layer (listed before vLLM's class). Dense
+    layers (``harp_alpha`` None) run the parent's forward; a pruned layer scales the normed
+    attention output by alpha here (its token-local path was folded with alpha = 1); alpha = 0
+    skips the attention branch and runs only the MLP half."""
+
+    harp_alpha: float | None = None
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None, **kwargs: Any
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        alpha = self.harp_alpha
+        if alpha is None:
+            return super().forward(positions, hidden_states, residual, **kwargs)  # type: ignore[misc]
+        layer: Any = self
+        if alpha == 0.0:
+            hidden_states, residual = add_norm(layer.pre_feedforward_layernorm, hidden_states,
+                                               residual)
+        else:
+            hidden_states, residual = add_norm(layer.input_layernorm, hidden_states, residual)
+            hidden_states = layer.self_attn(positions=positions, hidden_states=hidden_states)
+            hidden_states = layer.post_attention_layernorm(hidden_states)
+            if alpha != 1.0:
+                hidden_states = hidden_states * alpha
+            hidden_states, residual = layer.pre_feedforward_layernorm(hidden_states, residual)
+        hidden_states = layer.mlp(hidden_states)
+        hidden_states = layer.post_feedforward_layernorm(hidden_states)
+        return hidden_states, residual
 
 
 def _init_layer(layer, parent, module, attn_name, config, cache_config, quant_config, prefix):
@@ -35,18 +64,16 @@ def _init_layer(layer, parent, module, attn_name, config, cache_config, quant_co
     layer.harp_alpha = alpha
 
 
-class HarpGemma2DecoderLayer(HarpDecoderLayerMixin, Gemma2DecoderLayer):
+class HarpGemma2DecoderLayer(HarpPostNormDecoderLayerMixin, Gemma2DecoderLayer):
     harp_arch = "HarpGemma2ForCausalLM"
-    harp_post_norm = True
 
     def __init__(self, config, cache_config=None, quant_config=None, prefix: str = "") -> None:
         _init_layer(self, Gemma2DecoderLayer, vllm_gemma2, "Gemma2Attention", config,
                     cache_config, quant_config, prefix)
 
 
-class HarpGemma3DecoderLayer(HarpDecoderLayerMixin, Gemma3DecoderLayer):
+class HarpGemma3DecoderLayer(HarpPostNormDecoderLayerMixin, Gemma3DecoderLayer):
     harp_arch = "HarpGemma3ForCausalLM"
-    harp_post_norm = True
 
     def __init__(self, config, cache_config=None, quant_config=None, prefix: str = "") -> None:
         _init_layer(self, Gemma3DecoderLayer, vllm_gemma3, "Gemma3Attention", config,

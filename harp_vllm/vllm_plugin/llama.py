@@ -11,17 +11,9 @@ from vllm.model_executor.models.llama import (
 )
 
 from ..families import BY_HARP_ARCHITECTURE
-from .layers import (
-    HarpDecoderLayerMixin,
-    HarpModelMixin,
-    layer_alpha,
-    layer_config,
-    layer_map,
-    linear_map_factory,
-    pruning_spec,
-    token_local_factory,
-    with_group_map,
-)
+from .checkpoint_spec import layer_alpha, layer_config, layer_map, pruning_spec
+from .factories import linear_map_factory, token_local_factory, with_group_map
+from .mixins import HarpDecoderLayerMixin, HarpModelMixin
 
 LLAMA = BY_HARP_ARCHITECTURE["HarpLlamaForCausalLM"]  # Mistral's record has the same rules
 

@@ -12,10 +12,12 @@ model (dense Llama too)::
         assert self.intermediate_tensors is not None
     AssertionError
 
-``install`` (called when a HARP model is built with more than one pipeline stage) makes that
-method allocate the buffer on first use, exactly as the dummy run would
-(``make_empty_intermediate_tensors(batch_size=max_num_tokens)``); with the buffer present
-(compiled mode, or a fixed vLLM) it changes nothing.
+``install`` (called once per process by the plugin's ``register``) makes that method
+allocate the buffer on first use, exactly as the dummy run would
+(``make_empty_intermediate_tensors(batch_size=max_num_tokens)``). vLLM calls the method only
+on a pipeline stage after the first; with the buffer present (compiled mode, or a fixed vLLM)
+it changes nothing. Being patched at registration, the workaround serves any model in a
+process with the plugin loaded, dense ones too.
 """
 
 from __future__ import annotations
@@ -24,11 +26,7 @@ _MARK = "_harp_lazy_intermediate_buffer"
 
 
 def install() -> bool:
-    """Patch vLLM's model runner if this process runs a pipeline stage; True if patched."""
-    from vllm.distributed import get_pp_group
-
-    if get_pp_group().world_size <= 1:
-        return False
+    """Patch vLLM's model runner (once: a second call changes nothing); True if patched."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     original = GPUModelRunner.sync_and_gather_intermediate_tensors

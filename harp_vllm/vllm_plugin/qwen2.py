@@ -10,16 +10,10 @@ from vllm.model_executor.models.llama import LlamaAttention
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
 
 from ..families import BY_HARP_ARCHITECTURE
-from .layers import (
-    HarpCheckpointError,
-    HarpDecoderLayerMixin,
-    HarpModelMixin,
-    layer_alpha,
-    layer_config,
-    pruning_spec,
-    swapped_global,
-    token_local_factory,
-)
+from .checkpoint_spec import HarpCheckpointError, layer_alpha, layer_config, pruning_spec
+from .factories import token_local_factory
+from .mixins import HarpDecoderLayerMixin, HarpModelMixin
+from .version import swapped_global
 
 QWEN2 = BY_HARP_ARCHITECTURE["HarpQwen2ForCausalLM"]
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .reference import decoder_layers
+from ..reference import decoder_layers
+from .logits import head_logits, normed_head_logits
 
 
 @dataclass
@@ -40,8 +41,6 @@ def record_dense(model, windows: torch.Tensor, layers: list[int], batch: int = 8
                  positions: int = 64, seed: int = 0) -> DenseRecord:
     """One dense pass over ``windows``: inputs of ``layers`` and the teacher log-probs at
     ``positions`` random positions per window (all positions if the windows are not longer)."""
-    from .search import normed_head_logits
-
     all_layers = decoder_layers(model)
     rec = DenseRecord(inputs={j: [] for j in layers}, kwargs={})
 
@@ -76,8 +75,6 @@ def record_dense(model, windows: torch.Tensor, layers: list[int], batch: int = 8
 def suffix_kl(model, rec: DenseRecord, start: int) -> float:
     """KL(dense || model) in nats per token at the recorded positions, running the model's
     current layers ``start..L-1`` from the dense input of layer ``start``."""
-    from .search import head_logits
-
     all_layers = decoder_layers(model)
     kl, count = 0.0, 0
     for b, h in enumerate(rec.inputs[start]):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .heads import channels_of
+from ..heads import channels_of
 from .linear import Moments
 
 

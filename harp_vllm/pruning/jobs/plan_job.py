@@ -1,5 +1,5 @@
 """The ``harp-vllm plan`` jobs: one budget -> a checkpoint and ``plan.json``; ``--frontier``
--> a sweep of budgets with a table and plots (see ``plan.py`` for the method)."""
+-> a sweep of budgets with a table and plots (the method: ``pruning/planner/``)."""
 
 from __future__ import annotations
 
@@ -9,33 +9,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import models
-from ..errors import UserError
-from ..evaluation import data as data_mod
-from ..evaluation.perplexity import evaluate_perplexity
-from ..families import PLAN_MODEL_TYPES
-from ..paths import cache_dir
+from ... import models
+from ...errors import UserError
+from ...evaluation import data as data_mod
+from ...evaluation.perplexity import evaluate_perplexity
+from ...families import PLAN_MODEL_TYPES
+from ...paths import cache_dir
+from ..calibration.damage import record_dense
+from ..calibration.windows import calibration_windows, load_calibration_text
+from ..planner.choices import KEEP, KINDS, Choice, candidates, parse_layout
+from ..planner.layouts import apply_layout, installed, layout_summary, layout_text
+from ..planner.scoring import ensure_statistics, layout_kl
+from ..planner.solve import Budget, plan_layout
+from ..planner.statistics import PlanStats, statistics_settings, stats_path
+from ..reference import load_model
 from .checkpoint import check_output_dir, save_pruned
-from .damage import record_dense
-from .plan import (
-    KEEP,
-    KINDS,
-    Budget,
-    Choice,
-    PlanStats,
-    apply_layout,
-    candidates,
-    ensure_statistics,
-    installed,
-    layout_kl,
-    layout_summary,
-    layout_text,
-    parse_layout,
-    plan_layout,
-    rank_key,
-    statistics_settings,
-    stats_path,
-)
+from .options import parse_rank
 
 DEFAULT_BUDGETS = (0.1, 0.2, 0.27, 0.3, 0.4, 0.5)
 
@@ -120,8 +109,6 @@ def _kinds(opts: PlanOptions) -> tuple[str, ...]:
 
 
 def _ranks(text: str | None, cfg: Any, speedup: float | None) -> list[int | None]:
-    from .prune import parse_rank
-
     if text is None:
         text = "192,full" if speedup is not None else "full"
     ranks = [parse_rank(t.strip(), cfg) for t in text.split(",") if t.strip()]
@@ -152,8 +139,6 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     """Validate, load the dense model and calibration windows, get the statistics."""
     from transformers import AutoConfig
 
-    from .prune import PruneOptions, load_calibration_text
-    from .search import calibration_windows
 
     _check(opts)
     src = models.resolve(opts.model)
@@ -168,10 +153,9 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     layout = parse_layout(opts.layout, cfg) if opts.layout else None
     t0 = time.perf_counter()
     tok = models.load_tokenizer(src)
-    text, calib = load_calibration_text(PruneOptions(model=opts.model, out=opts.out,
-                                                    calib_file=opts.calib_file))
+    text, calib = load_calibration_text(calib_file=opts.calib_file)
     windows = calibration_windows(tok, text, opts.calib_samples, opts.calib_seq_len, opts.seed)
-    model = models.load(src)
+    model = load_model(src)
     choices = candidates(cfg, ranks, kinds)
     if layout is not None:  # an explicit layout needs only its own choices' statistics
         choices = [KEEP, *dict.fromkeys(layout.values())]
@@ -299,7 +283,7 @@ def run_frontier(opts: PlanOptions, progress: bool = True) -> dict:
                           "total": round(time.perf_counter() - start, 2)}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "frontier.json").write_text(json.dumps(report, indent=2) + "\n")
-    from .plan_report import write_report
+    from ..planner.frontier_report import write_report
 
     write_report(report, out)
     report["out"] = str(out)
@@ -321,4 +305,4 @@ def _load_compare(path: Path) -> dict:
     return raw
 
 
-__all__ = ["PlanOptions", "run_frontier", "run_plan", "rank_key"]
+__all__ = ["PlanOptions", "run_frontier", "run_plan"]

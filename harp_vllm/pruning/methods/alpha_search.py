@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import UserError
-from ..evaluation.perplexity import make_windows, tokenize, window_nll
-from .reference import decoder_layers, pruned
+from ...errors import UserError
+from ...evaluation.perplexity import window_nll
+from ..calibration.logits import head_logits
+from ..reference import decoder_layers, pruned
 
 DEFAULT_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 DEFAULT_CALIB_SAMPLES = 8
@@ -36,40 +37,6 @@ class SearchResult:
     grid: tuple[float, ...]
     calib_ppl: dict[int, list[float]] = field(default_factory=dict)  # layer -> ppl per grid
     seconds: float = 0.0
-
-
-def calibration_windows(tokenizer, text: str, samples: int, seq_len: int, seed: int = 0
-                        ) -> torch.Tensor:
-    """``samples`` random windows of ``seq_len`` tokens (seeded) from ``text``."""
-    if samples < 1:
-        raise UserError(f"--calib-samples must be at least 1, got {samples}")
-    if not text.strip():
-        raise UserError("calibration text is empty")
-    ids = tokenize(tokenizer, text)
-    if ids.numel() < seq_len + 1:
-        raise UserError(f"calibration text is too short: {ids.numel()} tokens, need more than "
-                        f"--calib-seq-len {seq_len}")
-    if ids.numel() // seq_len >= samples:  # enough text: non-overlapping windows, shuffled
-        all_windows = make_windows(ids, seq_len)
-        g = torch.Generator().manual_seed(seed)
-        return all_windows[torch.randperm(len(all_windows), generator=g)[:samples]]
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len, (samples,), generator=g)
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
-
-
-def head_logits(model, h: torch.Tensor) -> torch.Tensor:
-    """Final norm, LM head and (Gemma) logit soft-capping, as the causal-LM forward does."""
-    return normed_head_logits(model, model.model.norm(h))
-
-
-def normed_head_logits(model, h: torch.Tensor) -> torch.Tensor:
-    """LM head and soft-capping of hidden states that already went through the final norm."""
-    logits = model.lm_head(h)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
 
 
 def _check_grid_and_layers(model, layers: list[int], grid) -> list[int]:

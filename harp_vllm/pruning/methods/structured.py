@@ -33,9 +33,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import UserError
-from ..families import NO_COMPENSATION_MODEL_TYPES, head_dim
-from .heads import (
+from ...errors import UserError
+from ...families import NO_COMPENSATION_MODEL_TYPES, head_dim
+from ..heads import (
     ATTENTION_PROJECTIONS,
     MLP_PROJECTIONS,
     add_bias,
@@ -330,11 +330,3 @@ def shapes_of(config, result: StructuredResult) -> dict[str, list[int]]:
     return {"num_attention_heads": [len(g) * r for g in result.kept_groups],
             "num_key_value_heads": [len(g) for g in result.kept_groups],
             "intermediate_size": [len(c) for c in result.kept_channels]}
-
-
-def kv_bytes_per_token(config, kv_heads: list[int] | None = None, dtype_bytes: int = 2
-                       ) -> int:
-    """KV-cache bytes one token takes over all layers (K and V, ``dtype_bytes`` each)."""
-    heads = kv_heads if kv_heads is not None else (
-        [config.num_key_value_heads] * config.num_hidden_layers)
-    return 2 * head_dim(config) * dtype_bytes * sum(heads)

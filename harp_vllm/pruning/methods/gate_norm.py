@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..errors import UserError
+from ...errors import UserError
 
 Q_KEY = "model.layers.{i}.self_attn.q_proj.weight"
 K_KEY = "model.layers.{i}.self_attn.k_proj.weight"

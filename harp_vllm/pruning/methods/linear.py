@@ -34,11 +34,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import UserError
-from ..families import head_dim
-from .costs import LayerShape, layer_params
-from .damage import run_layer
-from .reference import LinearAttention, decoder_layers, install_map
+from ...errors import UserError
+from ...families import head_dim
+from ..calibration.damage import record_dense, run_layer, suffix_kl
+from ..calibration.logits import head_logits
+from ..costs import LayerShape, layer_params
+from ..reference import LinearAttention, decoder_layers, install_map
 
 INPUTS = ("normed", "raw")
 ORDERS = ("residual", "sequential", "dense")
@@ -271,8 +272,6 @@ def refine(model, fit: FitResult, steps: int, lr: float = 2e-4, positions: int =
     the inputs and dense outputs ``fit`` recorded (``fit_linear(..., teacher=True)``). Adam
     with cosine decay.
     """
-    from .search import head_logits
-
     if fit.teacher is None:
         raise ValueError("refine needs fit_linear(..., teacher=True)")
     start = time.perf_counter()
@@ -328,8 +327,6 @@ def layer_damage(model, windows: torch.Tensor, rank: int | None = None,
     fitted on its own dense inputs and the model is run from that layer up with the map in
     place.
     """
-    from .damage import record_dense, suffix_kl
-
     all_layers = decoder_layers(model)
     todo = sorted(range(len(all_layers)) if layers is None else set(layers))
     d = model.config.hidden_size

@@ -7,9 +7,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import UserError
-from ..spec import CONFIG_KEY, PruningSpec
-from .reference import apply_pruning, harp_architecture
+from ...errors import UserError
+from ...families import harp_architecture
+from ...spec import CONFIG_KEY, PruningSpec
+from ..reference import apply_pruning
 
 # Files copied from the source model directory when present (tokenizer, chat template, ...).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

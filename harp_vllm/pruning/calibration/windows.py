@@ -1,0 +1,45 @@
+"""Calibration text and windows: which text a job calibrates on (held out from evaluation)
+and the seeded token windows cut from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ...errors import UserError
+from ...evaluation import data as data_mod
+from ...evaluation.perplexity import make_windows, tokenize
+
+
+def load_calibration_text(calib_data: str = "wikitext2", calib_split: str | None = None,
+                          calib_file: Path | None = None) -> tuple[str, dict]:
+    """(text, its source for the report): ``calib_file`` if given, else a dataset split."""
+    if calib_file is not None:
+        return data_mod.read_text_file(calib_file), {"file": str(calib_file)}
+    # Held-out rule: locally calibrate on validation (test is for evaluation); on the hub, train.
+    split = calib_split or ("train" if calib_data.startswith("hub:") else "validation")
+    if calib_data == "wikitext2" and split == "test":
+        raise UserError("calibrating on the test split would leak the evaluation text; use "
+                        "validation (local) or train (hub)")
+    return data_mod.load_text(calib_data, split), {"dataset": calib_data, "split": split}
+
+
+def calibration_windows(tokenizer, text: str, samples: int, seq_len: int, seed: int = 0
+                        ) -> torch.Tensor:
+    """``samples`` random windows of ``seq_len`` tokens (seeded) from ``text``."""
+    if samples < 1:
+        raise UserError(f"--calib-samples must be at least 1, got {samples}")
+    if not text.strip():
+        raise UserError("calibration text is empty")
+    ids = tokenize(tokenizer, text)
+    if ids.numel() < seq_len + 1:
+        raise UserError(f"calibration text is too short: {ids.numel()} tokens, need more than "
+                        f"--calib-seq-len {seq_len}")
+    if ids.numel() // seq_len >= samples:  # enough text: non-overlapping windows, shuffled
+        all_windows = make_windows(ids, seq_len)
+        g = torch.Generator().manual_seed(seed)
+        return all_windows[torch.randperm(len(all_windows), generator=g)[:samples]]
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (samples,), generator=g)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

@@ -1,0 +1,112 @@
+"""A planned layer's candidates: ``Choice`` (keep, dropK, dropKlin, linearR, remove), its
+shape under the cost model, and the ``--layout`` text that names a whole layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ...errors import UserError
+from ...families import head_dim
+from .. import costs
+from ..heads import group_size
+from ..selection import parse_layer_list
+
+KINDS = ("drop", "droplin", "linear", "remove")  # what --candidates may list
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One layer's candidate: ``keep``, ``drop`` (``groups`` KV groups, FLAP's bias),
+    ``droplin`` (``groups`` KV groups, a fitted map in their place), ``linear`` (``rank``,
+    None = full) or ``remove``."""
+
+    kind: str
+    groups: int = 0
+    rank: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "drop":
+            return f"drop{self.groups}"
+        if self.kind == "droplin":
+            return f"drop{self.groups}lin"
+        if self.kind == "linear":
+            return f"linear{'full' if self.rank is None else self.rank}"
+        return self.kind
+
+    def shape(self, cfg: Any) -> costs.LayerShape:
+        """The layer's ``LayerShape`` under this choice (MLP untouched)."""
+        inter, r = cfg.intermediate_size, group_size(cfg)
+        if self.kind == "linear":
+            return costs.LayerShape("linear", rank=self.rank, intermediate=inter)
+        if self.kind == "remove":
+            return costs.LayerShape("removed", intermediate=inter)
+        kv = cfg.num_key_value_heads - self.groups
+        added = self.groups * r * head_dim(cfg) if self.kind == "droplin" else 0
+        return costs.LayerShape("dense", kv * r, kv, None, inter, added_rank=added)
+
+
+KEEP = Choice("keep")
+
+
+def parse_choice(text: str, cfg: Any) -> Choice:
+    """``keep``, ``dropK``, ``dropKlin``, ``linearR`` / ``linearfull``, ``remove`` ->
+    ``Choice``."""
+    t = text.strip().lower()
+    if t in ("keep", "remove"):
+        return Choice(t)
+    lin = t.endswith("lin")
+    count = t[4:-3] if lin else t[4:]
+    if t.startswith("drop") and count.isdigit():
+        k = int(count)
+        if not 1 <= k < cfg.num_key_value_heads:
+            raise UserError(f"{text!r}: a layer has {cfg.num_key_value_heads} KV groups; drop "
+                            f"1..{cfg.num_key_value_heads - 1} (use remove for all)")
+        return Choice("droplin" if lin else "drop", groups=k)
+    if t.startswith("linear"):
+        rest = t[6:]
+        if rest == "full":
+            return Choice("linear", rank=None)
+        if rest.isdigit() and 1 <= int(rest) <= cfg.hidden_size:
+            return Choice("linear", rank=None if int(rest) == cfg.hidden_size else int(rest))
+    raise UserError(f"unknown layer choice {text!r}: use keep, drop1..drop"
+                    f"{cfg.num_key_value_heads - 1}, drop1lin..drop"
+                    f"{cfg.num_key_value_heads - 1}lin, linearR (R in 1..{cfg.hidden_size}), "
+                    f"linearfull or remove")
+
+
+def parse_layout(text: str, cfg: Any) -> dict[int, Choice]:
+    """``"7:linear192,28-29:remove,3:drop1"`` -> ``{7: ..., 28: ..., 29: ..., 3: ...}``."""
+    layout: dict[int, Choice] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        if ":" not in item:
+            raise UserError(f"bad --layout item {item!r} (use LAYERS:CHOICE, e.g. 28:remove)")
+        where, what = item.split(":", 1)
+        choice = parse_choice(what, cfg)
+        for j in parse_layer_list(where):
+            if not 0 <= j < cfg.num_hidden_layers:
+                raise UserError(f"--layout: layer {j} out of range (the model has "
+                                f"{cfg.num_hidden_layers} layers: 0..{cfg.num_hidden_layers - 1})")
+            if j in layout:
+                raise UserError(f"--layout: layer {j} is given twice")
+            layout[j] = choice
+    return {j: c for j, c in layout.items() if c != KEEP}
+
+
+def candidates(cfg: Any, ranks: list[int | None], kinds: tuple[str, ...] = KINDS
+               ) -> list[Choice]:
+    """Every layer's candidate list (the same for all layers) of the given ``kinds``: keep
+    first."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise UserError(f"unknown candidate kind {unknown[0]!r}: use {', '.join(KINDS)}")
+    out = [KEEP]
+    for kind in ("drop", "droplin"):
+        if kind in kinds:
+            out += [Choice(kind, groups=k) for k in range(1, cfg.num_key_value_heads)]
+    if "linear" in kinds:
+        out += [Choice("linear", rank=r) for r in ranks]
+    if "remove" in kinds:
+        out.append(Choice("remove"))
+    return out

@@ -1,0 +1,117 @@
+"""A layout (layer -> ``Choice``) as modules: assembled temporarily for scoring, applied for
+good before the checkpoint is written, summarised by the cost model and written as text."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...families import head_dim
+from ...spec import PruningSpec
+from .. import costs
+from ..heads import ATTENTION_PROJECTIONS, add_biases, group_size, keep_groups
+from ..methods.structured import compensate_attention
+from ..reference import (
+    GroupMap,
+    TokenLocalAttention,
+    attach_group_map,
+    decoder_layers,
+    install_map,
+)
+from .choices import KEEP, Choice
+from .statistics import PlanStats, rank_key
+
+
+def choice_module(model, j: int, choice: Choice, stats: PlanStats) -> nn.Module:
+    """Layer ``j``'s attention under ``choice`` (a new module; the model is not changed)."""
+    cfg = model.config
+    dense: Any = decoder_layers(model)[j].self_attn
+    if choice.kind == "linear":
+        return stats.maps[rank_key(choice.rank)][j].module()
+    if choice.kind == "remove":
+        return TokenLocalAttention(None, None, 1, head_dim(cfg), 0.0)
+    if choice.kind == "drop":
+        attn = copy.deepcopy(dense)
+        kept = sorted(stats.flap_order[j][choice.groups:])
+        compensate_attention(attn, cfg, kept, stats.attn_mean[j])
+        keep_groups(attn, cfg, kept)
+        return attn
+    if choice.kind == "droplin":
+        fit = stats.group_fits[j]
+        attn = copy.deepcopy(dense)
+        gone = fit.gone[choice.groups]
+        in_w, in_b, out_w = fit.map_weights(dense.o_proj.weight.data, choice.groups,
+                                            head_dim(cfg), group_size(cfg))
+        keep_groups(attn, cfg, [g for g in range(cfg.num_key_value_heads) if g not in gone])
+        gmap = GroupMap(cfg.hidden_size, in_w.shape[0])
+        with torch.no_grad():
+            gmap.in_proj.weight.copy_(in_w)
+            gmap.in_proj.bias.copy_(in_b)
+            gmap.out_proj.weight.copy_(out_w)
+        attach_group_map(attn, gmap)
+        return attn
+    return dense
+
+
+@contextlib.contextmanager
+def installed(model, layout: dict[int, Choice], stats: PlanStats) -> Iterator[None]:
+    """Temporarily give the model ``layout``'s attention modules."""
+    layers: Any = decoder_layers(model)
+    saved = {j: layers[j].self_attn for j in layout}
+    try:
+        for j, c in layout.items():
+            layers[j].self_attn = choice_module(model, j, c, stats)
+        yield
+    finally:
+        for j, attn in saved.items():
+            layers[j].self_attn = attn
+
+
+def apply_layout(model, layout: dict[int, Choice], stats: PlanStats):
+    """Give ``model`` the layout for good and return its ``PruningSpec`` (method ``plan``).
+
+    Removed layers are left to ``apply_pruning`` (alpha = 0); maps are installed; KV-group
+    cuts carry FLAP's o_proj bias, so the checkpoint is then a biased Llama: every layer that
+    keeps its attention gets zero q/k/v/o biases and ``attention_bias`` is set.
+    """
+    cfg = model.config
+    layers: Any = decoder_layers(model)
+    drops = {j: c for j, c in layout.items() if c.kind in ("drop", "droplin")}
+    maps: dict[int, dict[str, Any]] = {}
+    for j, c in layout.items():
+        if c.kind == "linear":
+            install_map(layers[j], stats.maps[rank_key(c.rank)][j].module(), "normed")
+            maps[j] = {"input": "normed", "rank": c.rank}
+        elif c.kind in ("drop", "droplin"):
+            layers[j].self_attn = choice_module(model, j, c, stats)
+        if c.kind == "droplin":
+            maps[j] = {"input": "normed", "rank": c.shape(cfg).added_rank, "add": True}
+    shapes = None
+    if any(c.kind == "drop" for c in drops.values()):  # FLAP's o_proj bias: a biased Llama
+        for j, layer in enumerate(layers):
+            if j not in layout or layout[j].kind == "droplin":
+                add_biases(layer.self_attn, (*ATTENTION_PROJECTIONS, "o_proj"))
+        cfg.attention_bias = True
+    if drops:
+        r = group_size(cfg)
+        kv = [cfg.num_key_value_heads - (drops[j].groups if j in drops else 0)
+              for j in range(cfg.num_hidden_layers)]
+        shapes = {"num_attention_heads": [k * r for k in kv], "num_key_value_heads": kv,
+                  "intermediate_size": [cfg.intermediate_size] * cfg.num_hidden_layers}
+    removed = {j: 0.0 for j, c in layout.items() if c.kind == "remove"}
+    return PruningSpec(layers=removed, maps=maps, shapes=shapes, method="plan")
+
+
+def layout_summary(cfg: Any, layout: dict[int, Choice], contexts=(4096, 7168)) -> dict:
+    shapes = [layout.get(j, KEEP).shape(cfg) for j in range(cfg.num_hidden_layers)]
+    return costs.summary(cfg, shapes, contexts)
+
+
+def layout_text(layout: dict[int, Choice]) -> str:
+    """The ``--layout`` string of a layout (round-trips through ``parse_layout``)."""
+    return ",".join(f"{j}:{c.name}" for j, c in sorted(layout.items()))

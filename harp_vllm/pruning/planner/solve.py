@@ -1,0 +1,140 @@
+"""The layout search: a multiple-choice knapsack over the per-layer damage (exact MILP by
+HiGHS) under a KV (and speed) budget, then the best layouts re-scored as whole models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ...errors import UserError
+from .. import costs
+from ..calibration.damage import DenseRecord
+from .choices import KEEP, Choice
+from .layouts import layout_text
+from .scoring import layout_kl
+from .statistics import PlanStats
+
+
+@dataclass
+class Budget:
+    kv_saving: float
+    speedup: float | None = None
+    context: int = 7168
+
+
+def solve_layouts(cfg: Any, damage: dict[int, dict[str, float]], choices: list[Choice],
+                  budget: Budget, count: int = 1) -> list[tuple[dict[int, Choice], float]]:
+    """The ``count`` best layouts by summed damage under ``budget`` (multiple-choice knapsack,
+    exact MILP by HiGHS; each next layout is excluded from the following solves by a no-good
+    cut). A candidate another one of its layer beats on every budgeted cost and on damage is
+    left out (a full-rank map that costs less damage than the rank-192 one, under a KV budget
+    alone), so the next-best layouts differ in substance. Returns (layout without the kept
+    layers, predicted damage)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    n_layers, n_c = cfg.num_hidden_layers, len(choices)
+    dense = costs.dense_shape(cfg)
+    shapes = [c.shape(cfg) for c in choices]
+    kv = np.array([costs.kv_bytes(cfg, s) for s in shapes] * n_layers, dtype=float)
+    cost = np.array([0.0 if c == KEEP else damage[j][c.name]
+                     for j in range(n_layers) for c in choices])
+    rows: list[Any] = [np.kron(np.eye(n_layers), np.ones(n_c))]
+    lo: list[Any] = [np.ones(n_layers)]
+    hi: list[Any] = [np.ones(n_layers)]
+    kv_limit = (1 - budget.kv_saving) * costs.kv_bytes(cfg, dense) * n_layers
+    rows.append(kv[None])
+    lo.append([-np.inf])
+    hi.append([kv_limit + 1e-6])
+    if budget.speedup is not None:
+        macs = np.array([costs.layer_macs(cfg, s, budget.context) for s in shapes] * n_layers)
+        head = cfg.hidden_size * cfg.vocab_size / budget.context
+        limit = costs.model_macs(cfg, [dense] * n_layers, budget.context) / budget.speedup
+        rows.append(macs[None])
+        lo.append([-np.inf])
+        hi.append([limit - head])
+    budgeted = [kv] + ([macs] if budget.speedup is not None else [])
+    upper = _undominated(cost, budgeted, n_c).astype(float)
+    out: list[tuple[dict[int, Choice], float]] = []
+    for _ in range(count):
+        res = milp(cost, integrality=np.ones_like(cost), bounds=Bounds(0, upper),
+                   constraints=LinearConstraint(np.vstack(rows), np.concatenate(lo),
+                                                np.concatenate(hi)))
+        if res.x is None:
+            if not out:
+                raise UserError(f"no layout meets the budget ({_budget_text(budget)}) with "
+                                f"the candidates {', '.join(c.name for c in choices)}")
+            break
+        x = np.round(res.x).astype(int)
+        picked = np.flatnonzero(x)
+        layout = {int(i) // n_c: choices[int(i) % n_c] for i in picked}
+        out.append(({j: c for j, c in sorted(layout.items()) if c != KEEP}, float(res.fun)))
+        cut = np.zeros_like(cost)
+        cut[picked] = 1
+        rows.append(cut[None])
+        lo.append([-np.inf])
+        hi.append([n_layers - 1])
+    return out
+
+
+def _undominated(cost: np.ndarray, budgeted: list[np.ndarray], n_c: int) -> np.ndarray:
+    """Per variable: False if another choice of the same layer is no worse on damage and
+    every budgeted cost and better on one (ties: the first listed stays)."""
+    keep = np.ones_like(cost, dtype=bool)
+    for base in range(0, len(cost), n_c):
+        for a in range(base, base + n_c):
+            for b in range(base, base + n_c):
+                if a == b:
+                    continue
+                vals_a = [cost[a], *(c[a] for c in budgeted)]
+                vals_b = [cost[b], *(c[b] for c in budgeted)]
+                if all(vb <= va for va, vb in zip(vals_a, vals_b, strict=True)) and (
+                        vals_a != vals_b or b < a):
+                    keep[a] = False
+                    break
+    return keep
+
+
+def _budget_text(b: Budget) -> str:
+    speed = f", prefill speed-up >= {b.speedup} at {b.context} tokens" if b.speedup else ""
+    return f"KV saving >= {b.kv_saving:.3f}{speed}"
+
+
+@dataclass
+class Planned:
+    layout: dict[int, Choice]
+    measured_kl: float
+    tried: list[dict]
+
+
+def plan_layout(model, stats: PlanStats, rec: DenseRecord, choices: list[Choice],
+                budget: Budget, top_k: int = 8, rounds: int = 1, progress: bool = True
+                ) -> Planned:
+    """Solve, then re-score the ``top_k`` best layouts as whole models on ``rec`` (held-out
+    calibration windows, so the pick is not fitted to the damage windows' noise). Each further
+    round corrects the estimates of the best layout's changed layers to their in-context marginal
+    damage (the layout's KL minus its KL with that layer restored) and solves again. The best
+    measured layout of all rounds wins."""
+    cfg = model.config
+    damage = {j: dict(v) for j, v in stats.damage.items()}
+    tried: list[dict] = []
+    seen: dict[str, tuple[dict[int, Choice], float]] = {}
+    for r in range(rounds):
+        found = solve_layouts(cfg, damage, choices, budget, top_k)
+        for layout, predicted in tqdm(found, disable=not progress, unit="layout",
+                                      desc=f"re-score layouts (round {r + 1}/{rounds})"):
+            key = layout_text(layout)
+            if key not in seen:
+                kl = layout_kl(model, layout, stats, rec)
+                seen[key] = (layout, kl)
+                tried.append({"round": r + 1, "layout": key,
+                              "predicted_kl": round(predicted, 5), "measured_kl": round(kl, 5)})
+        best_layout, best_kl = min(seen.values(), key=lambda t: t[1])
+        if r + 1 < rounds:  # in-context marginals of the best layout's changes
+            for j, c in tqdm(best_layout.items(), disable=not progress, unit="layer",
+                             desc="in-context damage"):
+                rest = {k: v for k, v in best_layout.items() if k != j}
+                damage[j][c.name] = max(best_kl - layout_kl(model, rest, stats, rec), 0.0)
+    return Planned(best_layout, best_kl, tried)

@@ -1,0 +1,125 @@
+"""What every layout is assembled and scored from, fitted once on the dense model and cached:
+the linear maps (one per rank), FLAP's group order and compensation means, the group maps,
+and the per-layer damage filled in by ``scoring.py``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ...families import head_dim
+from ..heads import group_size
+from ..methods.group_fit import GroupFit, HeadMoments, fit_groups
+from ..methods.linear import LinearMap, Moments, solve
+from ..methods.structured import LayerStats, group_scores
+from ..reference import decoder_layers
+
+STATS_VERSION = 2
+
+
+@dataclass
+class PlanStats:
+    """Everything a layout is assembled and scored from (cached between runs)."""
+
+    settings: dict
+    maps: dict[str, dict[int, LinearMap]]  # rank key ("192", "full") -> layer -> map
+    flap_order: dict[int, list[int]]  # layer -> KV groups, lowest FLAP score first
+    attn_mean: dict[int, torch.Tensor]  # layer -> mean o_proj input (bias compensation)
+    group_fits: dict[int, GroupFit]  # layer -> head predictor and groups to remove
+    damage: dict[int, dict[str, float]] = field(default_factory=dict)  # layer -> choice -> KL
+    seconds: dict[str, float] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # e.g. cached dense perplexities
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({"version": STATS_VERSION, "settings": self.settings,
+                    "maps": {k: {j: vars(m) for j, m in v.items()} for k, v in self.maps.items()},
+                    "flap_order": self.flap_order, "attn_mean": self.attn_mean,
+                    "group_fits": {j: vars(f) for j, f in self.group_fits.items()},
+                    "damage": self.damage, "seconds": self.seconds, "extra": self.extra}, tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path, settings: dict) -> PlanStats | None:
+        if not path.is_file():
+            return None
+        raw = torch.load(path, weights_only=False)
+        if raw.get("version") != STATS_VERSION or raw.get("settings") != settings:
+            return None
+        maps = {k: {j: LinearMap(**m) for j, m in v.items()} for k, v in raw["maps"].items()}
+        fits = {j: GroupFit(**f) for j, f in raw["group_fits"].items()}
+        return cls(settings, maps, raw["flap_order"], raw["attn_mean"], fits, raw["damage"],
+                   raw["seconds"], raw["extra"])
+
+
+def rank_key(rank: int | None) -> str:
+    return "full" if rank is None else str(rank)
+
+
+def stats_path(cache_root: Path, settings: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root / "plan-stats" / f"{digest}.pt"
+
+
+@torch.no_grad()
+def fit_statistics(model, windows: torch.Tensor, ranks: list[int | None], ridge: float,
+                   batch: int = 8, progress: bool = True
+                   ) -> tuple[dict[str, dict[int, LinearMap]], dict[int, list[int]],
+                              dict[int, torch.Tensor], dict[int, GroupFit]]:
+    """One dense pass over ``windows``: each layer's attention input/output moments (the
+    linear maps, one per rank), its o_proj input statistics (FLAP's group scores and the
+    compensation means) and their cross moments with the input (the group maps)."""
+    cfg = model.config
+    d, hd, r = cfg.hidden_size, head_dim(cfg), group_size(cfg)
+    layers: Any = decoder_layers(model)
+    moments = [Moments(d) for _ in layers]
+    heads = [HeadMoments(d, cfg.num_attention_heads * hd) for _ in layers]
+    flap = [LayerStats() for _ in layers]
+    o_inputs: dict[int, torch.Tensor] = {}
+    handles = []
+    for j, layer in enumerate(layers):
+        def attn_hook(module, args, kw, out, j=j):  # runs after o_hook (inside the attention)
+            moments[j].add(kw["hidden_states"], out[0])
+            heads[j].add(kw["hidden_states"], o_inputs.pop(j))
+
+        def o_hook(module, args, j=j):
+            o_inputs[j] = args[0]
+            flap[j].add_attn(args[0], module.weight, hd, contributions=False)
+
+        handles.append(layer.self_attn.register_forward_hook(attn_hook, with_kwargs=True))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(o_hook))
+    try:
+        for i in tqdm(range(0, len(windows), batch), disable=not progress,
+                      desc="plan statistics", unit="batch"):
+            model.model(input_ids=windows[i:i + batch], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    maps = {rank_key(rk): {j: solve(m, ridge, rk, "normed")[0] for j, m in enumerate(moments)}
+            for rk in ranks}
+    order = {j: torch.argsort(group_scores("flap", s, layers[j].self_attn.o_proj.weight.data,
+                                           hd, r)).tolist() for j, s in enumerate(flap)}
+    means = {j: s.attn_mean() for j, s in enumerate(flap)}
+    fits = {j: fit_groups(moments[j], heads[j], layers[j].self_attn.o_proj.weight.data, hd, r,
+                          ridge) for j in range(len(layers))}
+    return maps, order, means, fits
+
+
+def statistics_settings(model_dir: Path, calib: dict, fit_shape: tuple[int, int],
+                        damage_windows: int, positions: int, ranks: list[int | None],
+                        ridge: float, seed: int) -> dict:
+    """What the cached statistics depend on (the cache key)."""
+    cfg_hash = hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()[:16]
+    weights = sorted(Path(model_dir).glob("*.safetensors"))
+    sizes = [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in weights]
+    return {"model_dir": str(Path(model_dir).resolve()), "config": cfg_hash, "weights": sizes,
+            "calibration": calib, "fit_samples": fit_shape[0], "fit_seq_len": fit_shape[1],
+            "damage_windows": damage_windows, "positions": positions,
+            "ranks": [rank_key(r) for r in ranks], "ridge": ridge, "seed": seed}

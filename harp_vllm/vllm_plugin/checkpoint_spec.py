@@ -1,0 +1,121 @@
+"""The checkpoint's pruning section as the plugin reads it: validated once per model
+(``pruning_spec``: family, section, per-layer shapes, the tensor-parallel split) and read per
+decoder layer (its alpha, its map, its own head counts and MLP width).
+
+Imported only by the model modules, i.e. inside vLLM processes (it imports vLLM).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.models.utils import extract_layer_index
+
+from ..errors import UserError
+from ..families import BY_HARP_ARCHITECTURE, FAMILIES, STRUCTURED_MODEL_TYPES, head_dim
+from ..spec import CONFIG_KEY, PruningSpec
+from .fold import check_heads
+
+
+class HarpCheckpointError(UserError):
+    """A HARP checkpoint that vLLM cannot serve as described (the message says why)."""
+
+
+def pruning_spec(config: Any, arch: str) -> PruningSpec:
+    """The validated pruning section of ``config`` for HARP architecture ``arch``."""
+    families = BY_HARP_ARCHITECTURE[arch].model_types
+    model_type = getattr(config, "model_type", None)
+    if model_type not in families:
+        raise HarpCheckpointError(
+            f"{arch} does not support model_type {model_type!r} (supported: "
+            f"{', '.join(families)}); the HARP plugin serves "
+            f"{', '.join(f.hf_architecture for f in FAMILIES)} checkpoints")
+    if getattr(config, CONFIG_KEY, None) is None:
+        raise HarpCheckpointError(
+            f"config.json declares architecture {arch} but has no '{CONFIG_KEY}' section; a "
+            f"HARP checkpoint must list its pruned layers (write it with "
+            f"harp_vllm.pruning.jobs.checkpoint.save_pruned)")
+    try:
+        spec = PruningSpec.from_config(config)
+    except UserError as e:
+        raise HarpCheckpointError(f"invalid '{CONFIG_KEY}' section in config.json: {e}"
+                                  ) from None
+    assert spec is not None
+    if spec.shapes is not None and model_type not in STRUCTURED_MODEL_TYPES:
+        raise HarpCheckpointError(
+            f"invalid '{CONFIG_KEY}' section in config.json: per-layer head counts "
+            f"('shapes', method {spec.method}) are served for "
+            f"{', '.join(STRUCTURED_MODEL_TYPES)} "
+            f"models only, not {model_type!r}")
+    check_tensor_parallel(config, spec, get_tensor_model_parallel_world_size())
+    return spec
+
+
+def check_tensor_parallel(config: Any, spec: PruningSpec, tp_size: int) -> None:
+    """Every layer's own head counts and MLP width split over ``tp_size`` ranks the way vLLM
+    shards them; HarpCheckpointError naming the first layer that does not (vLLM itself checks
+    only the config's head count, and would fail on a pruned layer with a bare assertion)."""
+    if tp_size <= 1:
+        return
+    for idx in range(int(config.num_hidden_layers)):
+        shape = spec.layer_shape(idx) or {
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": getattr(config, "num_key_value_heads", None)
+            or config.num_attention_heads,
+            "intermediate_size": config.intermediate_size}
+        n_q, n_kv = shape["num_attention_heads"], shape["num_key_value_heads"]
+        width = shape["intermediate_size"]
+        problem = None
+        if idx in spec.added and spec.maps[idx]["rank"] % tp_size:
+            problem = (f"its added map's rank ({spec.maps[idx]['rank']}) must be divisible by "
+                       f"the tensor parallel size ({tp_size})")
+        elif idx in spec.replaced:  # a map splits its rank (full rank: its input) over ranks
+            width_in = spec.maps[idx]["rank"] or config.hidden_size
+            if width_in % tp_size:
+                problem = (f"its linear map's {'rank' if spec.maps[idx]['rank'] else 'input'} "
+                           f"({width_in}) must be divisible by the tensor parallel size "
+                           f"({tp_size})")
+        if problem is None and idx not in spec.replaced and spec.layers.get(idx) != 0.0:
+            # alpha = 0: no attention weights to split
+            try:
+                check_heads(n_q, n_kv, tp_size)
+            except ValueError as e:
+                problem = str(e)
+        if problem is None and width % tp_size:
+            problem = (f"the MLP width (intermediate_size {width}) must be divisible by the "
+                       f"tensor parallel size ({tp_size})")
+        if problem is not None:
+            raise HarpCheckpointError(
+                f"tensor parallel size {tp_size} cannot split layer {idx} of this checkpoint "
+                f"({n_q} query heads, {n_kv} KV heads, MLP width {width}): {problem}. Serve "
+                f"it with --pipeline-parallel-size instead (layers are not split), or prune to "
+                f"head counts and MLP widths that divide by {tp_size}")
+
+
+def layer_config(config: Any, prefix: str) -> Any:
+    """The config decoder layer ``prefix`` is built from: the model's own, or for a head/MLP
+    pruned checkpoint a copy with the layer's head counts and MLP width (vLLM's attention
+    then registers a KV cache of the layer's own size)."""
+    spec = PruningSpec.from_config(config)
+    shape = None if spec is None else spec.layer_shape(extract_layer_index(prefix))
+    if shape is None:
+        return config
+    layer_cfg = copy.copy(config)
+    layer_cfg.head_dim = head_dim(config)  # before the head count changes
+    for key, value in shape.items():
+        setattr(layer_cfg, key, value)
+    return layer_cfg
+
+
+def layer_alpha(config: Any, prefix: str) -> float | None:
+    """alpha of the decoder layer named ``prefix`` ("model.layers.7"), None if it is dense."""
+    spec = PruningSpec.from_config(config)
+    return None if spec is None else spec.layers.get(extract_layer_index(prefix))
+
+
+def layer_map(config: Any, prefix: str) -> dict[str, Any] | None:
+    """The linear-map description of decoder layer ``prefix``, None if it has none."""
+    spec = PruningSpec.from_config(config)
+    return None if spec is None else spec.maps.get(extract_layer_index(prefix))
