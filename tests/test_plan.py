@@ -223,7 +223,10 @@ def test_plan_cli_refuses_bad_input_and_leaves_nothing(tiny_llama, tmp_path):
               "unknown candidate kind 'bogus'"),
              (["--frontier", "--kv-saving", "0.3"], "--frontier sweeps --budgets"),
              (["--frontier", "--budgets", "0.2,1.2"], "--budgets must be KV savings"),
-             (["--kv-saving", "0.3", "--rescore-windows", "13"], "exceed --calib-samples 16")]
+             (["--kv-saving", "0.3", "--rescore-windows", "-1"],
+              "--rescore-windows must be >= 0"),
+             (["--kv-saving", "0.3", "--calib-mix", "wikitext"],
+              "give --calib-mix or --calib-file, not both")]
     for i, (args, message) in enumerate(cases):
         out = tmp_path / f"bad{i}"
         res = runner.invoke(app, [*base, "--no-cache", *args, "--out", str(out)])
@@ -279,3 +282,30 @@ def test_group_fit_recovers_linear_heads_and_removes_the_predictable_groups():
     assert torch.allclose(in_w.T.double(), a_true[:, cols], atol=1e-4)
     assert torch.allclose(in_b.double(), c_true[cols], atol=1e-4)
     assert torch.equal(out_w, w_o[:, cols])
+
+
+def test_rescore_windows_are_disjoint_from_the_fit_windows(tiny_llama):
+    """The planner cuts calib_samples + rescore_windows windows and fits on the first ones:
+    the fit windows are those it would cut alone, and no re-scoring window is one of them."""
+    from harp_vllm import models
+    from harp_vllm.evaluation.domains import domain_text
+    from harp_vllm.pruning.calibration.windows import (
+        calibration_windows,
+        mixed_calibration_windows,
+    )
+
+    tiny_tokenizer = models.load_tokenizer(tiny_llama)
+    text = domain_text("wikitext", "dev")[:200_000]
+    both = calibration_windows(tiny_tokenizer, text, 20, 64, seed=0)
+    fits = calibration_windows(tiny_tokenizer, text, 16, 64, seed=0)
+    assert torch.equal(both[:16], fits)
+    fit_rows = {tuple(r.tolist()) for r in fits}
+    assert not any(tuple(r.tolist()) in fit_rows for r in both[16:])
+
+    mixed, calib = mixed_calibration_windows(tiny_tokenizer, ["wikitext", "python"], 6, 64)
+    assert calib == {"mix": ["wikitext", "python"], "part": "dev"}
+    wiki = calibration_windows(tiny_tokenizer, domain_text("wikitext", "dev"), 3, 64, seed=0)
+    assert torch.equal(mixed[0::2], wiki)  # interleaved: every other window is WikiText's
+    assert not torch.equal(mixed[1], wiki[0])
+    with pytest.raises(UserError, match="--calib-mix is empty"):
+        mixed_calibration_windows(tiny_tokenizer, [], 4, 64)

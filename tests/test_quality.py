@@ -165,8 +165,9 @@ def test_quality_report_through_vllm(smollm2_dir, tmp_path):
     from harp_vllm import models
     from harp_vllm.evaluation.perplexity import perplexity
     from harp_vllm.evaluation.quality import token_windows
+    from harp_vllm.pruning.reference import load_model
 
     tok = models.load_tokenizer(smollm2_dir)
     wins = token_windows(tok, domain_text("wikitext", "report"), 512, 2)
-    hf_ppl, _ = perplexity(models.load(smollm2_dir), torch.tensor(wins), progress=False)
+    hf_ppl, _ = perplexity(load_model(smollm2_dir), torch.tensor(wins), progress=False)
     assert dense["perplexity"]["wikitext"]["value"] == pytest.approx(hf_ppl, rel=1e-3)

@@ -41,14 +41,17 @@ def register(app: typer.Typer) -> None:
                  "droplin,linear,remove, all four with --speedup")] = None,
         calib_file: Annotated[Path | None, typer.Option(
             help="calibrate on a text file (default: WikiText-2 validation)")] = None,
+        calib_mix: Annotated[str | None, typer.Option(
+            help="calibrate on the dev parts of several domains, e.g. "
+                 "wikitext,python,boolq,gsm8k (windows interleaved)")] = None,
         calib_samples: Annotated[int, typer.Option(help="calibration windows for the maps and "
                                                         "FLAP's statistics")] = 16,
         calib_seq_len: Annotated[int, typer.Option(help="tokens per calibration window")] = 1024,
         damage_windows: Annotated[int, typer.Option(help="of those, windows each candidate's "
                                                          "KL is measured on")] = 4,
         rescore_windows: Annotated[int, typer.Option(
-            help="held-out windows (after the damage windows) the best layouts are re-scored "
-                 "on, every position (0: the damage windows)")] = 4,
+            help="windows disjoint from every fit the best layouts are re-scored on, every "
+                 "position (0: the damage windows)")] = 4,
         positions: Annotated[int, typer.Option(help="sampled positions per window for the "
                                                     "KL")] = 128,
         ridge: Annotated[float, typer.Option(help="linear maps' ridge")] = 1e-3,
@@ -87,7 +90,8 @@ def register(app: typer.Typer) -> None:
             opts = PlanOptions(
                 model=model, out=out, kv_saving=kv_saving, speedup=speedup, context=context,
                 layout=layout, frontier=frontier, budgets=sweep, compare=compare, ranks=ranks,
-                calib_file=calib_file, candidates=candidates, calib_samples=calib_samples,
+                calib_file=calib_file, calib_mix=calib_mix, candidates=candidates,
+                calib_samples=calib_samples,
                 calib_seq_len=calib_seq_len, damage_windows=damage_windows,
                 rescore_windows=rescore_windows,
                 positions=positions, ridge=ridge, top_k=top_k, rounds=rounds, seed=seed,

@@ -43,3 +43,23 @@ def calibration_windows(tokenizer, text: str, samples: int, seq_len: int, seed: 
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (samples,), generator=g)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def mixed_calibration_windows(tokenizer, domains: list[str], samples: int, seq_len: int,
+                              seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """``samples`` windows from the **dev** parts of several domains
+    (:mod:`harp_vllm.evaluation.domains`), interleaved one domain after another so any
+    leading slice (the damage windows, say) covers every domain evenly."""
+    from ...evaluation.domains import DOMAINS, domain_text
+
+    if not domains:
+        raise UserError("--calib-mix is empty (give some of "
+                        f"{', '.join(DOMAINS)})")
+    per = -(-samples // len(domains))
+    parts = []
+    for i, d in enumerate(domains):
+        chars = None if d == "wikitext" else (per + 2) * seq_len * 8
+        parts.append(calibration_windows(tokenizer, domain_text(d, "dev", max_chars=chars),
+                                         per, seq_len, seed + i))
+    order = [parts[i % len(domains)][i // len(domains)] for i in range(samples)]
+    return torch.stack(order), {"mix": list(domains), "part": "dev"}

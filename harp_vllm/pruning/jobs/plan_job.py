@@ -16,7 +16,11 @@ from ...evaluation.perplexity import evaluate_perplexity
 from ...families import PLAN_MODEL_TYPES
 from ...paths import cache_dir
 from ..calibration.damage import record_dense
-from ..calibration.windows import calibration_windows, load_calibration_text
+from ..calibration.windows import (
+    calibration_windows,
+    load_calibration_text,
+    mixed_calibration_windows,
+)
 from ..planner.choices import KEEP, KINDS, Choice, candidates, parse_layout
 from ..planner.layouts import apply_layout, installed, layout_summary, layout_text
 from ..planner.scoring import ensure_statistics, layout_kl
@@ -43,10 +47,11 @@ class PlanOptions:
     ranks: str | None = None  # None: full (KV budget), 192,full (with a speed budget)
     candidates: str | None = None  # kinds offered; None: see default_kinds
     calib_file: Path | None = None
+    calib_mix: str | None = None  # comma list of domains: windows from each one's dev part
     calib_samples: int = 16
     calib_seq_len: int = 1024  # long windows: 256-token ones misjudge long-range heads
     damage_windows: int = 4
-    rescore_windows: int = 4  # held-out windows (after the damage ones) layouts are re-scored on
+    rescore_windows: int = 4  # windows disjoint from every fit that layouts are re-scored on
     positions: int = 128
     ridge: float = 1e-3
     top_k: int = 8
@@ -81,10 +86,10 @@ def _check(opts: PlanOptions) -> None:
     if not 1 <= opts.damage_windows <= opts.calib_samples:
         raise UserError(f"--damage-windows must be in 1..--calib-samples ({opts.calib_samples}), "
                         f"got {opts.damage_windows}")
-    if opts.rescore_windows < 0 or (
-            opts.damage_windows + opts.rescore_windows > opts.calib_samples):
-        raise UserError(f"--rescore-windows {opts.rescore_windows} plus --damage-windows "
-                        f"{opts.damage_windows} exceed --calib-samples {opts.calib_samples}")
+    if opts.rescore_windows < 0:
+        raise UserError(f"--rescore-windows must be >= 0, got {opts.rescore_windows}")
+    if opts.calib_mix is not None and opts.calib_file is not None:
+        raise UserError("give --calib-mix or --calib-file, not both")
     if opts.calib_samples % 8:
         raise UserError(f"--calib-samples must be a multiple of 8 (the batch), got "
                         f"{opts.calib_samples}")
@@ -153,8 +158,18 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     layout = parse_layout(opts.layout, cfg) if opts.layout else None
     t0 = time.perf_counter()
     tok = models.load_tokenizer(src)
-    text, calib = load_calibration_text(calib_file=opts.calib_file)
-    windows = calibration_windows(tok, text, opts.calib_samples, opts.calib_seq_len, opts.seed)
+    # the fits (maps, statistics, damage) read the first calib_samples windows; the layouts
+    # are re-scored on rescore_windows more, disjoint from every fit
+    n_windows = opts.calib_samples + opts.rescore_windows
+    if opts.calib_mix is not None:
+        windows, calib = mixed_calibration_windows(
+            tok, [d.strip() for d in opts.calib_mix.split(",") if d.strip()], n_windows,
+            opts.calib_seq_len, opts.seed)
+    else:
+        text, calib = load_calibration_text(calib_file=opts.calib_file)
+        windows = calibration_windows(tok, text, n_windows, opts.calib_seq_len, opts.seed)
+    rescore = windows[opts.calib_samples:]
+    windows = windows[:opts.calib_samples]
     model = load_model(src)
     choices = candidates(cfg, ranks, kinds)
     if layout is not None:  # an explicit layout needs only its own choices' statistics
@@ -169,8 +184,7 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
                                    ranks, opts.ridge, cache, progress)
     held_out = rec
     if opts.rescore_windows:
-        first = opts.damage_windows
-        held_out = record_dense(model, windows[first:first + opts.rescore_windows],
+        held_out = record_dense(model, rescore,
                                 list(range(cfg.num_hidden_layers)),
                                 positions=opts.calib_seq_len, seed=opts.seed)
     eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
