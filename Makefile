@@ -10,10 +10,10 @@ setup:            ## virtualenv + package (CPU vLLM) + SmolLM2 prepared in the m
 quickstart: setup ## set up, then the main job: SmolLM2's WikiText-2 test perplexity
 	$(BIN)/harp-vllm eval ppl --model smollm2-135m --seq-len 2048 --max-windows 16
 
-test:             ## ruff, mypy, then the whole test suite (unit tests and real-model/vLLM tests)
+test:             ## ruff, mypy, then the whole test suite (unit tests and real-model/vLLM tests); prints the 15 slowest
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 lint:
 	$(BIN)/ruff check .

@@ -88,6 +88,31 @@ def smollm2_dir() -> Path:
     return models.prepare("smollm2-135m", progress=False)
 
 
+# SmolLM2 HARP P=8: the top 8 of 30 layers with fixed alphas, two of them alpha = 0 (removed
+# sublayers). One checkpoint per session, shared by every engine and server test.
+SMOL_ALPHAS = {29: 0.8, 28: 0.3, 27: 0.2, 26: 0.1, 25: 0.0, 24: 0.1, 23: 0.0, 22: 0.2}
+_SHARED: dict[str, Path] = {}
+
+
+def smollm2_harp8_checkpoint(smollm2_dir: Path, root: Path) -> Path:
+    """The session's SmolLM2 HARP P=8 checkpoint: saved under ``root`` by the first caller,
+    the same directory for every later one (also for helpers that are not fixtures)."""
+    if "harp8" not in _SHARED:
+        from harp_vllm.pruning.jobs.checkpoint import save_pruned
+        from harp_vllm.spec import PruningSpec
+
+        spec = PruningSpec(layers=dict(SMOL_ALPHAS), source_model="smollm2-135m")
+        _SHARED["harp8"] = save_pruned(load_model(smollm2_dir), spec, smollm2_dir,
+                                       root / "smollm2-harp8")
+    return _SHARED["harp8"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_harp8(smollm2_dir, tmp_path_factory) -> Path:
+    """SmolLM2 HARP P=8 (``SMOL_ALPHAS``), saved once per session."""
+    return smollm2_harp8_checkpoint(smollm2_dir, tmp_path_factory.mktemp("shared"))
+
+
 def save_linear(src: Path, out: Path, groups: list[tuple[list[int], int | None, str]],
                 windows: torch.Tensor, alphas: dict[int, float] | None = None) -> Path:
     """A ``--method linear`` checkpoint of ``src``: each group (layers, rank, input) fitted in

@@ -11,6 +11,11 @@ engine's KV-cache capacity (blocks x block size), and per prompt the greedy toke
 (optionally) the log-probability of each prompt token given the ones before it. A failure
 to start is written as ``{"ok": false, "error": ...}`` with exit status 1.
 
+``--try-models FILE`` (a JSON list of model directories) instead starts an engine on each in
+turn in this one process, with the in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``),
+and writes per model whether vLLM accepted it and the error if not: one vLLM import and
+plugin registration for many checkpoints that must be refused at load time.
+
 ``--tensor-parallel-size`` / ``--pipeline-parallel-size`` run vLLM's multi-process executor
 (``mp``; on CPU set ``VLLM_CPU_OMP_THREADS_BIND``, e.g. "0|1", one core list per rank), and
 ``--rank-info`` adds what every worker holds: its TP/PP rank, the decoder layers it builds
@@ -131,9 +136,29 @@ def run(args: argparse.Namespace) -> dict:
     return out
 
 
+def try_models(args: argparse.Namespace) -> dict:
+    """Start an engine on each model of ``args.try_models`` in turn; record accepted/refused."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    runs = []
+    for model in json.loads(Path(args.try_models).read_text()):
+        llm = None
+        try:
+            llm = make_llm(model, args.max_model_len)
+            runs.append({"model": model, "ok": True})
+        except Exception as e:
+            traceback.print_exc()
+            runs.append({"model": model, "ok": False, "error": f"{type(e).__name__}: {e}"})
+        del llm
+        cleanup_dist_env_and_memory()  # the next engine starts from a clean distributed state
+    return {"ok": True, "runs": runs}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model")
+    ap.add_argument("--try-models", help="JSON file: list of model directories to start in "
+                                         "turn, each recorded as accepted or refused")
     ap.add_argument("--prompts", help="JSON file: list of strings or token-id lists")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-model-len", type=int, default=2048)
@@ -154,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
                          "multiprocessing)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    if not args.model and not args.try_models:
+        ap.error("--model or --try-models is required")
     try:
-        result = run(args)
+        result = try_models(args) if args.try_models else run(args)
         code = 0
     except Exception as e:  # reported to the caller, which checks the message
         traceback.print_exc()

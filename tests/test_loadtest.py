@@ -1,7 +1,7 @@
 """The A/B load test harness: prompts, metrics parsing, report, and quick runs on real servers.
 
-The servers (a dense SmolLM2 and, when the HARP plugin can serve it, a pruned checkpoint;
-otherwise a second dense server) start once per session with a small, equal KV-cache budget.
+The servers (a dense SmolLM2 and the session's HARP-pruned SmolLM2, served by the plugin)
+start once per session with a small, equal KV-cache budget.
 """
 
 from __future__ import annotations
@@ -21,12 +21,10 @@ import pytest
 from harp_vllm.loadtest import metrics as prom
 from harp_vllm.loadtest import report
 from harp_vllm.loadtest.prompts import PromptFactory
-from harp_vllm.pruning.reference import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 KV_BYTES = 64 * 2**20  # dense: 22 blocks of 128 tokens; pruned (8 of 30 layers): ~30
 MAX_LEN = 2560
-PRUNED_SPEC = {22: 0.2, 23: 0.0, 24: 0.1, 25: 0.0, 26: 0.1, 27: 0.2, 28: 0.3, 29: 0.8}
 
 
 def _loadtest(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -143,39 +141,21 @@ def test_bad_options_clear_message(tmp_path):
 
 # ---------------------------------------------------------------------------- real servers
 
-def _plugin_serves_pruned() -> bool:
-    try:
-        from harp_vllm.vllm_plugin import MODELS  # noqa: F401
-    except Exception:
-        return False
-    from importlib.metadata import entry_points
-
-    return any(ep.name == "harp_vllm" for ep in entry_points(group="vllm.general_plugins"))
-
-
 @pytest.fixture(scope="session")
-def ab_servers(tmp_path_factory, smollm2_dir):
-    """(dense_url, pruned_url, pruned_is_harp); both servers with the same small KV budget."""
+def ab_servers(tmp_path_factory, smollm2_dir, smollm2_harp8):
+    """(dense_url, pruned_url): the dense SmolLM2 and the session's HARP P=8 checkpoint, both
+    with the same small KV budget. Without the plugin the pruned server does not start: the
+    comparison fails rather than comparing dense with dense."""
     from harp_vllm.loadtest import servers
 
     base = tmp_path_factory.mktemp("loadtest-servers")
-    pruned_model, harp = smollm2_dir, False
-    if _plugin_serves_pruned():
-        from harp_vllm import spec
-        from harp_vllm.pruning.jobs import checkpoint
-
-        out = base / "smollm2-harp-p8"
-        checkpoint.save_pruned(load_model(smollm2_dir),
-                               spec.PruningSpec(layers=PRUNED_SPEC, source_model="smollm2-135m"),
-                               smollm2_dir, out)
-        pruned_model, harp = out, True
     kw = dict(max_model_len=MAX_LEN, kv_cache_bytes=KV_BYTES)
     dense = servers.start(smollm2_dir, base / "dense.log", served_name="smollm2-135m", **kw)
-    pruned = servers.start(pruned_model, base / "pruned.log", served_name="smollm2-harp", **kw)
+    pruned = servers.start(smollm2_harp8, base / "pruned.log", served_name="smollm2-harp", **kw)
     try:
         dense.wait_ready(400)
         pruned.wait_ready(400)
-        yield dense.url, pruned.url, harp
+        yield dense.url, pruned.url
     finally:
         dense.stop()
         pruned.stop()
@@ -184,8 +164,8 @@ def ab_servers(tmp_path_factory, smollm2_dir):
 @pytest.mark.vllm
 @pytest.mark.real_model
 @pytest.mark.timeout(900)
-def test_quick_run_real_servers(ab_servers, tmp_path):
-    dense, pruned, harp = ab_servers
+def test_quick_run_real_servers(ab_servers, smollm2_harp8, tmp_path):
+    dense, pruned = ab_servers
     t0 = time.time()
     r = _loadtest(["--dense-url", dense, "--pruned-url", pruned + "/v1", "--quick",
                    "--out", str(tmp_path), "--no-progress"], timeout=400)
@@ -232,10 +212,13 @@ def test_quick_run_real_servers(ab_servers, tmp_path):
         assert head in md
     for png in ("throughput_ratio.png", "ttft.png", "capacity.png"):
         assert (tmp_path / png).stat().st_size > 1000
-    if harp:  # same KV budget, fewer attention layers: more tokens fit
-        eps = res["endpoints"]
-        assert int(eps["pruned"]["cache_info"]["kv_cache_size_tokens"]) > int(
-            eps["dense"]["cache_info"]["kv_cache_size_tokens"])
+    # the pruned side really is the HARP checkpoint: same KV budget, 22 of 30 layers with
+    # attention, so 30/22 times the tokens fit (within a block of 128 tokens either way)
+    eps = res["endpoints"]
+    assert eps["pruned"]["root"] == str(smollm2_harp8)
+    dense_tokens = int(eps["dense"]["cache_info"]["kv_cache_size_tokens"])
+    pruned_tokens = int(eps["pruned"]["cache_info"]["kv_cache_size_tokens"])
+    assert abs(pruned_tokens - dense_tokens * 30 / 22) <= 2 * 128, (dense_tokens, pruned_tokens)
     print(f"quick run {time.time() - t0:.0f} s")
 
 
@@ -243,7 +226,7 @@ def test_quick_run_real_servers(ab_servers, tmp_path):
 @pytest.mark.real_model
 @pytest.mark.timeout(200)
 def test_wrong_model_name(ab_servers, tmp_path):
-    dense, pruned, _ = ab_servers
+    dense, pruned = ab_servers
     r = _loadtest(["--dense-url", dense, "--pruned-url", pruned, "--model-pruned", "nosuch",
                    "--quick", "--out", str(tmp_path), "--no-progress"], timeout=150)
     assert r.returncode == 1
@@ -289,7 +272,7 @@ class _FailingOpenAI(BaseHTTPRequestHandler):
 @pytest.mark.real_model
 @pytest.mark.timeout(300)
 def test_failing_endpoint_partial_report(ab_servers, smollm2_dir, tmp_path):
-    dense, _, _ = ab_servers
+    dense, _ = ab_servers
     _FailingOpenAI.root = str(smollm2_dir)
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _FailingOpenAI)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -315,7 +298,7 @@ def test_failing_endpoint_partial_report(ab_servers, smollm2_dir, tmp_path):
 @pytest.mark.real_model
 @pytest.mark.timeout(300)
 def test_ctrl_c_writes_partial_report(ab_servers, tmp_path):
-    dense, pruned, _ = ab_servers
+    dense, pruned = ab_servers
     proc = subprocess.Popen(
         [sys.executable, "-m", "harp_vllm.loadtest", "--dense-url", dense, "--pruned-url", pruned,
          "--quick", "--prompt-lens", "512", "--concurrency", "1", "--repeats", "20",

@@ -25,10 +25,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import save_linear
+from conftest import SMOL_ALPHAS, save_linear
 from test_vllm_plugin import (
     PROMPTS,
-    SMOL_ALPHAS,
     TINY_ALPHAS,
     TINY_MAP_GROUPS,
     head_pruned,
@@ -251,13 +250,12 @@ def test_tp2_refuses_an_mlp_width_it_cannot_split(tiny, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_dir, tmp_path_factory) -> tuple[Path, list[list[int]]]:
+def smol(smollm2_harp8) -> tuple[Path, list[list[int]]]:
     """SmolLM2 HARP P=8 (the top 8 of 30 layers, fixed alphas incl. two alpha = 0 layers)."""
     from harp_vllm import models
 
-    tok = models.load_tokenizer(smollm2_dir)
-    pruned = save(smollm2_dir, tmp_path_factory.mktemp("par-smol") / "p8", SMOL_ALPHAS)
-    return pruned, [tok(p)["input_ids"] for p in PROMPTS]
+    tok = models.load_tokenizer(smollm2_harp8)
+    return smollm2_harp8, [tok(p)["input_ids"] for p in PROMPTS]
 
 
 @parallel

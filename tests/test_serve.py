@@ -17,14 +17,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import SMOL_ALPHAS, smollm2_harp8_checkpoint
 
 from harp_vllm.errors import UserError
 from harp_vllm.process import free_port
-from harp_vllm.pruning.reference import load_model
 from harp_vllm.serving import serve as serve_mod
 from harp_vllm.serving.metrics import KVLayout, context_bucket, kv_layout
 
-PRUNED_LAYERS = {22: 0.2, 23: 0.3, 24: 0.4, 25: 0.5, 26: 0.5, 27: 0.6, 28: 0.7, 29: 0.8}
+PRUNED_LAYERS = SMOL_ALPHAS  # the session's shared SmolLM2 HARP P=8 checkpoint
 DENSE_NAME, HARP_NAME = "smollm2-dense", "smollm2-harp"
 SERVER_FLAGS = ["--enforce-eager", "--max-model-len", "2048", "--dtype", "float32",
                 "--disable-uvicorn-access-log"]
@@ -75,18 +75,6 @@ def plugin_present() -> bool:
             and importlib.util.find_spec("harp_vllm.vllm_plugin") is not None)
 
 
-def make_pruned_checkpoint(src: Path, out: Path) -> Path:
-    from harp_vllm import spec
-    from harp_vllm.pruning.jobs import checkpoint
-
-    if (out / "config.json").is_file():
-        return out
-    model = load_model(src)
-    return checkpoint.save_pruned(model, spec.PruningSpec(layers=dict(PRUNED_LAYERS),
-                                                          source_model="smollm2-135m"),
-                                  src, out, force=True)
-
-
 def stop_vllm_pair() -> None:
     """Stop the shared servers (idempotent; each test file's session fixture calls it)."""
     with _POOL_LOCK:
@@ -100,8 +88,8 @@ def get_vllm_pair(tmp_root: Path, smollm2_dir: Path) -> dict:
     the dense one through ``python -m harp_vllm.serving.serve``; both in parallel, then awaited.
     """
     with _POOL_LOCK:
-        if "error" in _POOL:
-            pytest.skip(f"vLLM servers unavailable: {_POOL['error']}")
+        if "error" in _POOL:  # a missing part is a failure, in every test that needs it
+            pytest.fail(f"vLLM servers unavailable: {_POOL['error']}", pytrace=False)
         if "servers" in _POOL:
             servers = _POOL["servers"]
             for key in ("dense", "harp"):  # a test may have killed one: bring it back
@@ -110,8 +98,8 @@ def get_vllm_pair(tmp_root: Path, smollm2_dir: Path) -> dict:
             return servers
         if not plugin_present():
             _POOL["error"] = "the harp_vllm vLLM plugin is not installed"
-            pytest.skip(_POOL["error"])
-        pruned = make_pruned_checkpoint(smollm2_dir, tmp_root / "smollm2-harp")
+            pytest.fail(_POOL["error"], pytrace=False)
+        pruned = smollm2_harp8_checkpoint(smollm2_dir, tmp_root)
         servers = {
             "dense": serve_mod.ServerProcess(
                 [str(smollm2_dir), "--served-model-name", DENSE_NAME, *SERVER_FLAGS],
@@ -127,7 +115,7 @@ def get_vllm_pair(tmp_root: Path, smollm2_dir: Path) -> dict:
                 srv.wait_ready(STARTUP_TIMEOUT)
         except Exception as e:
             _stop_pool()
-            _POOL["error"] = str(e)[:2000]  # later users skip with this reason
+            _POOL["error"] = str(e)[:2000]  # later users fail with this reason
             raise
         return _POOL["servers"]
 

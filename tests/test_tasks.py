@@ -10,15 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import lm_eval  # a test dependency (pyproject's "test" extra): missing means failing
 import pytest
 from typer.testing import CliRunner
 
 from harp_vllm.evaluation.tasks import registry
 from harp_vllm.evaluation.tasks.registry import DISCRIMINATIVE, GENERATION, TASKS, TaskDataError
 from harp_vllm.paths import data_dir
-from harp_vllm.pruning.reference import load_model
-
-lm_eval = pytest.importorskip("lm_eval")
 
 LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
 BUILTIN_YAML = {
@@ -36,8 +34,14 @@ SCORING_FIELDS = ("output_type", "doc_to_text", "doc_to_target", "doc_to_choice"
                   "target_delimiter", "fewshot_delimiter", "metric_list", "generation_kwargs",
                   "filter_list", "num_fewshot", "repeats")
 
-have_data = pytest.mark.skipif(len(registry.available_local_tasks()) < len(TASKS),
-                               reason=f"local task data not found under {data_dir()}")
+
+
+def test_every_task_has_local_data():
+    """The README's set-up provides every task's data (the data directory): missing data fails
+    here, and in every test that reads it, rather than skipping them."""
+    have = registry.available_local_tasks()
+    assert set(have) >= set(TASKS), f"task data missing under {data_dir()}: " \
+        f"{sorted(set(TASKS) - set(have))}"
 
 
 def _same(a, b) -> bool:
@@ -73,7 +77,6 @@ def test_local_task_uses_lm_evals_prompt_and_metrics(name):
     assert (ours.get(f"{scored}_split") == theirs.get(f"{scored}_split"))
 
 
-@have_data
 def test_local_files_load_in_the_hub_schema():
     from lm_eval.tasks import TaskManager
 
@@ -162,18 +165,11 @@ def test_report_table_and_payload_check():
 # --- end to end: lm-eval's vLLM backend in-process, our plugin, a HARP-pruned SmolLM2 -------
 
 @pytest.fixture(scope="module")
-def pruned_smollm2(smollm2_dir, tmp_path_factory) -> Path:
-    from harp_vllm.pruning.jobs.checkpoint import save_pruned
-    from harp_vllm.spec import PruningSpec
-
-    out = tmp_path_factory.mktemp("tasks") / "harp-top8"
-    spec = PruningSpec(layers={i: a for i, a in zip(range(22, 30), [0.9, 0.8, 0.8, 0.7, 0.7,
-                                                                     0.6, 0.6, 0.5], strict=True)},
-                       source_model="smollm2-135m")
-    return save_pruned(load_model(smollm2_dir), spec, smollm2_dir, out)
+def pruned_smollm2(smollm2_harp8) -> Path:
+    """The session's HARP P=8 SmolLM2 (tests/conftest.py)."""
+    return smollm2_harp8
 
 
-@have_data
 @pytest.mark.real_model
 @pytest.mark.vllm
 @pytest.mark.timeout(900)
@@ -208,7 +204,6 @@ def test_eval_tasks_end_to_end_on_pruned_checkpoint(pruned_smollm2, tmp_path):
     assert "| discriminative | ARC-Easy | acc | 32 | 0 |" in proc.stdout
 
 
-@have_data
 @pytest.mark.real_model
 @pytest.mark.vllm
 @pytest.mark.timeout(600)

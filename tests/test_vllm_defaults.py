@@ -14,18 +14,18 @@ from pathlib import Path
 
 import pytest
 from test_parallel import assert_same_as_single_rank, probe
-from test_vllm_plugin import PROMPTS, SMOL_ALPHAS, save
+from test_vllm_plugin import PROMPTS
 
 BUDGET = 512  # --max-num-batched-tokens
 
 
 @pytest.fixture(scope="module")
-def smol_defaults(smollm2_dir, tmp_path_factory):
+def smol_defaults(smollm2_harp8, tmp_path_factory):
     from harp_vllm import models
     from harp_vllm.evaluation import data
 
-    tok = models.load_tokenizer(smollm2_dir)
-    pruned = save(smollm2_dir, tmp_path_factory.mktemp("defaults") / "p8", SMOL_ALPHAS)
+    pruned = smollm2_harp8
+    tok = models.load_tokenizer(pruned)
     text = data.load_text("wikitext2", "validation")[:20_000]
     long_prompt = tok(text)["input_ids"][:1500]
     prompts = [tok(p)["input_ids"] for p in PROMPTS[:4]] + [long_prompt]
