@@ -73,7 +73,7 @@ def test_harp_prune_real_model_end_to_end(smollm2_dir, tmp_path):
     # the greedy search's alphas are grid values and rescale (measured here: HARP2_ALPHAS; not
     # pinned, since a near-tie can flip on another CPU build); alpha = 1 everywhere fails below
     alphas = cfg["harp_pruning"]["layers"].values()
-    assert all(round(a * 10) == a * 10 and 0 <= a <= 1 for a in alphas), alphas
+    assert all(abs(a * 10 - round(a * 10)) < 1e-6 and 0 <= a <= 1 for a in alphas), alphas
     assert any(a < 1 for a in alphas), alphas
     ratio = report["ppl_after"] / report["ppl_before"]
     assert 1.0 < ratio < 1.2, ratio  # alpha = 1 everywhere (no rescaling) costs x1.31
