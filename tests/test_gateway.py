@@ -67,9 +67,11 @@ def fake_backend(tmp: Path, name: str, delay: float = 0.0) -> Proc:
 
 
 def gateway(tmp: Path, name: str, *flags: str) -> Proc:
+    """A gateway process with ``flags`` (``--allow-no-auth`` added when no ``--api-key``)."""
     port = free_port()
+    open_ = () if "--api-key" in flags else ("--allow-no-auth",)
     return Proc([sys.executable, "-m", "harp_vllm.cli", "gateway", "--port", str(port),
-                 "--log-level", "warning", *flags], port, tmp / f"gw-{name}.log")
+                 "--log-level", "warning", *open_, *flags], port, tmp / f"gw-{name}.log")
 
 
 def gw_metrics(gw: Proc, name: str) -> list[tuple[dict, float]]:

@@ -106,6 +106,10 @@ def load_json(raw: bytes, max_depth: int, max_items: int = 100_000) -> dict:
         raise GatewayError(400, "We could not parse the JSON body of your request: it is not "
                                 f"UTF-8 (byte {e.start}); JSON must be UTF-8 (RFC 8259)",
                            "invalid_json") from None
+    if "\x00" in text:  # never in JSON text (a string holds it escaped): UTF-16 or -32
+        raise GatewayError(400, "We could not parse the JSON body of your request: it holds "
+                                "NUL bytes (UTF-16 or UTF-32?); JSON must be UTF-8 (RFC 8259)",
+                           "invalid_json")
     items = count_items(text, max_items)
     if items > max_items:
         raise GatewayError(413, f"the request body holds more than {max_items} JSON values",
