@@ -394,7 +394,7 @@ class Gateway:
                     content = await read_capped(ex.resp, self.cfg.max_response_bytes)
                     usage = None
                     with contextlib.suppress(ValueError, AttributeError):
-                        usage = loads_reply(content).get("usage")  # type: ignore[union-attr]
+                        usage = loads_reply(content).get("usage")  # type: ignore[attr-defined]
                     ex.rec.finish(ex.resp.status, usage)
                     return
                 relay = SSERelay(ex.rec, False, self.cfg.max_sse_event_bytes)
