@@ -38,7 +38,7 @@ def gateway_from(tmp: Path, name: str, cfg: dict, probe: str = "/live") -> Proc:
     """A gateway process reading ``cfg`` from a JSON file (ready when ``probe`` answers);
     without ``api_keys`` it runs open (``allow_no_auth``)."""
     path = tmp / f"gw-{name}.json"
-    path.write_text(json.dumps({"allow_no_auth": not cfg.get("api_keys"), **cfg}))
+    path.write_text(json.dumps(cfg if cfg.get("api_keys") else {"allow_no_auth": True, **cfg}))
     port = free_port()
     return Proc([__import__("sys").executable, "-m", "harp_vllm.cli", "gateway", "--port",
                  str(port), "--log-level", "warning", "--config", str(path)],
