@@ -16,7 +16,8 @@ tokens, the process lives on), ``fake_garbage`` (a 200 reply that is not JSON),
 stream ends with an error event carrying that code), ``fake_trickle`` (a non-streamed reply
 sent one byte every that many seconds), ``fake_deep_reply`` (a 200 reply of that many nested
 ``[``, valid JSON too deep for a parser), ``fake_text_status`` (that error status with a
-text/plain body naming an internal host and path, like a proxy's error page).
+text/plain body naming an internal host and path, like a proxy's error page),
+``fake_token_pad`` (every streamed token event padded with that many bytes).
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def create_fake_app(model: str = "fake", token_delay: float = 0.0) -> FastAPI:
                     await asyncio.sleep(delay)
                     chunk = {"id": rid, "object": obj + ".chunk", "created": created,
                              "model": model, "choices": [choice(" tok", i == n_out - 1, True)]}
+                    if body.get("fake_token_pad"):
+                        chunk["pad"] = "x" * int(body["fake_token_pad"])
                     yield f"data: {json.dumps(chunk)}\n\n"
                 if body.get("fake_sse_error_code") is not None:
                     err = {"error": {"message": "fake", "type": "fake", "param": None,

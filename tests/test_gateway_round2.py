@@ -143,8 +143,10 @@ def test_stalled_reader_is_cut_at_the_deadline(gw, fast):
     the gauges are back at 0 and a normal request is served (the old gateway held them until
     the callers closed, and answered 503 busy)."""
     before = httpx.get(fast.url + "/stats", timeout=5).json()["cancelled"]
+    # 2 KB events, a few hundred a second: the socket buffers (up to 4 MiB on loopback) fill
+    # within the first second, long before the stream could end.
     body = json.dumps({"model": "fast", "prompt": "x", "max_tokens": 20_000, "stream": True,
-                       "fake_token_delay": 0.001}).encode()
+                       "fake_token_delay": 0.001, "fake_token_pad": 2000}).encode()
     socks = []
     for _ in range(2):
         s = socket.socket()
