@@ -157,7 +157,8 @@ def test_bad_input_gets_openai_errors(fake_gw):
             for _ in range(20):
                 yield b"x" * 8192
 
-        assert_openai_error(c.post(url, content=chunks(), headers=AUTH), 413)
+        assert_openai_error(c.post(url, content=chunks(), headers={
+            **AUTH, "Content-Type": "application/json"}), 413)
         assert_openai_error(c.get(fake_gw.url + "/v2/nothing"), 404)
         # The gateway still works afterwards, and counted the refusals.
         assert c.post(url, json=good, headers=AUTH).status_code == 200

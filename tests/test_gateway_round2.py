@@ -208,7 +208,7 @@ def test_a_million_json_values_are_refused_without_stalling(gw):
         stop.set()
         th.join()
     err = assert_openai_error(r, 413, "request_too_large")
-    assert "100000 JSON values" in err["message"]
+    assert "100000 JSON items" in err["message"]
     assert slowest[0] < 0.4, slowest[0]
 
 

@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
         max_header_count: Annotated[int | None, typer.Option(
             help="request header lines (431 over it)")] = None,
         max_json_items: Annotated[int | None, typer.Option(
-            help="JSON values in a request body (413 over it)")] = None,
+            help="JSON items (, [ { outside strings) in a request body (413 over it)")] = None,
         max_client_connections: Annotated[int | None, typer.Option(
             help="open client connections")] = None,
         max_connections_per_client: Annotated[int | None, typer.Option(

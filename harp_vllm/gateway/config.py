@@ -230,7 +230,8 @@ class GatewayConfig(BaseModel):
     max_connections_per_client: int = Field(default=128, gt=0)  # per client IP address
     shutdown_timeout: Seconds = 20.0    # SIGTERM: requests in flight get this long to finish
     max_json_depth: int = Field(default=32, ge=4, le=200)
-    max_json_items: int = Field(default=100_000, ge=100)  # JSON values in a request body (413)
+    # JSON items in a request body: its , [ { outside strings (413)
+    max_json_items: int = Field(default=100_000, ge=100)
     max_tokens_limit: int = Field(default=32768, gt=0)   # max_tokens, max_completion_tokens
     max_n: int = Field(default=16, gt=0)                 # n
     max_best_of: int = Field(default=16, gt=0)           # best_of

@@ -11,11 +11,12 @@ nesting at most ``max_depth`` deep. Every problem is a :class:`GatewayError` (40
 The parse runs on the event loop, so its cost is bounded instead of moved to a thread: the
 standard C JSON parser never releases the GIL, so a worker thread would stall the loop just
 the same (and a process would have to ship the parsed body back, costing as much as the
-parse). Before parsing, :func:`count_items` counts the body's JSON values from below with
-C-speed byte counts (commas and brackets outside strings); a body with more than
-``max_items`` is refused with 413 without being parsed. The parse, the checks and a
-re-serialisation are then linear in at most ``max_items`` values (about 30 ms for the
-default 100,000 on one core; a 4 MiB body of short text costs a few ms).
+parse). Before parsing, :func:`count_items` counts the body's JSON items with C-speed byte
+counts: the ``,`` ``[`` ``{`` outside strings, about one per value (an empty list counts
+twice, an object member once); a body with more than ``max_items`` is refused with 413
+without being parsed. The parse, the checks and a re-serialisation are then linear in at
+most ``2 * max_items + 1`` values (``benchmarks/bench_gateway_attacks.py`` measures
+``/live`` meanwhile; a 4 MiB body of plain text is a handful of items).
 """
 
 from __future__ import annotations
@@ -52,15 +53,15 @@ def _finite_float(text: str) -> float:
 
 
 def count_items(text: str, limit: int) -> int:
-    """The number of JSON values in ``text`` as the parser will see them, up to ``limit``.
+    """The JSON items in ``text`` (its ``,`` ``[`` ``{`` outside strings), or a number over
+    ``limit`` when there are more. Every value but the first of its array or object follows
+    one of them, so twice the count plus one bounds the values.
 
-    ``,`` ``[`` ``{`` outside strings: every value but the first of its array or object
-    follows one of them (an object member is two values: the returned count times two plus one
-    bounds the values). The first count includes the ones inside strings; only when it is over
-    ``limit`` are the strings taken out (escapes dropped, then split at the quotes), and with
-    more than ``2 * limit`` quotes there are over ``limit`` strings anyway. Every step is a
-    C-speed scan of the text; on text that is not JSON the result is still an upper bound of
-    what the parser reads before it stops.
+    The first count includes those inside strings; only when it is over ``limit`` are the
+    strings taken out (escapes dropped, then split at the quotes), and with over
+    ``2 * limit + 2`` quotes there are over ``limit`` strings anyway. Every step is a C-speed
+    scan; on text that is not JSON the result still bounds what the parser reads before it
+    stops.
     """
     n = text.count(",") + text.count("[") + text.count("{")
     if n <= limit:
@@ -112,8 +113,8 @@ def load_json(raw: bytes, max_depth: int, max_items: int = 100_000) -> dict:
                            "invalid_json")
     items = count_items(text, max_items)
     if items > max_items:
-        raise GatewayError(413, f"the request body holds more than {max_items} JSON values",
-                           "request_too_large")
+        raise GatewayError(413, f"the request body holds more than {max_items} JSON items "
+                                "(values in arrays and objects)", "request_too_large")
     try:
         obj = json.loads(text, parse_constant=_no_constants, parse_float=_finite_float)
         # A lone surrogate can only come from a \\uD800-\\uDFFF escape; the depth can only
