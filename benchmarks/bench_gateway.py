@@ -33,6 +33,9 @@ from harp_vllm.process import free_port
 FAKE_BACKEND = Path(__file__).resolve().parents[1] / "tests" / "fake_backend.py"
 
 REPO = Path(__file__).resolve().parents[1]
+# Every gateway runs with a key (a gateway without one needs --allow-no-auth, which older
+# trees do not know); the fake backend ignores the header.
+KEY = "sk-bench"
 
 
 def start(cmd: list[str], port: int, probe: str, tree: Path) -> subprocess.Popen:
@@ -87,7 +90,8 @@ async def load(port: int, n: int, concurrency: int, body: bytes, path: str
                ) -> tuple[float, list[float], int]:
     """Send ``n`` POSTs over ``concurrency`` keep-alive connections: (wall s, latencies, errors)."""
     request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+               f"Content-Type: application/json\r\nAuthorization: Bearer {KEY}\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n"
                ).encode() + body
     latencies: list[float] = []
     errors = 0
@@ -181,8 +185,9 @@ def main() -> None:
         for name, tree in trees:
             gport = free_port()
             gw = start([sys.executable, "-m", "harp_vllm.cli", "gateway", "--port", str(gport),
-                        "--backend", f"f=http://127.0.0.1:{bport}", "--log-level", "warning"],
-                       gport, "/v1/models", tree)
+                        "--backend", f"f=http://127.0.0.1:{bport}", "--api-key", KEY,
+                        "--log-level", "warning"],
+                       gport, "/live", tree)
             procs.append(gw)
             gateways.append((name, gport, gw.pid))
         for _ in range(args.rounds):  # interleaved, so drift in machine load hits all alike

@@ -14,7 +14,10 @@ tokens, the process lives on), ``fake_garbage`` (a 200 reply that is not JSON),
 ``fake_reply_bytes`` (a non-streamed reply padded to about that many bytes),
 ``fake_event_bytes`` (one SSE event of about that many bytes), ``fake_sse_error_code`` (the
 stream ends with an error event carrying that code), ``fake_trickle`` (a non-streamed reply
-sent one byte every that many seconds).
+sent one byte every that many seconds), ``fake_deep_reply`` (a 200 reply of that many nested
+``[``, valid JSON too deep for a parser), ``fake_text_status`` (that error status with a
+text/plain body naming an internal host and path, like a proxy's error page),
+``fake_token_pad`` (every streamed token event padded with that many bytes).
 """
 
 from __future__ import annotations
@@ -110,6 +113,8 @@ def create_fake_app(model: str = "fake", token_delay: float = 0.0) -> FastAPI:
                     await asyncio.sleep(delay)
                     chunk = {"id": rid, "object": obj + ".chunk", "created": created,
                              "model": model, "choices": [choice(" tok", i == n_out - 1, True)]}
+                    if body.get("fake_token_pad"):
+                        chunk["pad"] = "x" * int(body["fake_token_pad"])
                     yield f"data: {json.dumps(chunk)}\n\n"
                 if body.get("fake_sse_error_code") is not None:
                     err = {"error": {"message": "fake", "type": "fake", "param": None,
@@ -144,6 +149,12 @@ def create_fake_app(model: str = "fake", token_delay: float = 0.0) -> FastAPI:
 
 async def _fault(body: dict):
     """A reply for the fault hooks that replace the whole answer, else None."""
+    if body.get("fake_deep_reply"):
+        n = int(body["fake_deep_reply"])
+        return PlainTextResponse("[" * n + "]" * n, media_type="application/json")
+    if body.get("fake_text_status"):
+        return PlainTextResponse("upstream 10.1.2.3:8000 failed: /srv/internal/secret.py line 3",
+                                 status_code=int(body["fake_text_status"]))
     if body.get("fake_garbage"):
         return PlainTextResponse("<html>not json</html>", status_code=200)
     if body.get("fake_reply_bytes"):

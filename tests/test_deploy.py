@@ -202,6 +202,8 @@ def test_compose_topology():
         "vllm-dense": "service_healthy", "vllm-harp": "service_healthy"}
     assert "dense=http://vllm-dense:8000" in gw["command"]
     assert "harp=http://vllm-harp:8000" in gw["command"]
+    assert "--allow-no-auth" in gw["command"]  # keys optional: the gateway refuses else
+    assert "8080/live" in " ".join(gw["healthcheck"]["test"])
     assert svcs["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
     assert svcs["loadtest"]["profiles"] == ["loadtest"]
     for name in ("gateway", "prometheus", "grafana"):

@@ -67,9 +67,11 @@ def fake_backend(tmp: Path, name: str, delay: float = 0.0) -> Proc:
 
 
 def gateway(tmp: Path, name: str, *flags: str) -> Proc:
+    """A gateway process with ``flags`` (``--allow-no-auth`` added when no ``--api-key``)."""
     port = free_port()
+    open_ = () if "--api-key" in flags else ("--allow-no-auth",)
     return Proc([sys.executable, "-m", "harp_vllm.cli", "gateway", "--port", str(port),
-                 "--log-level", "warning", *flags], port, tmp / f"gw-{name}.log")
+                 "--log-level", "warning", *open_, *flags], port, tmp / f"gw-{name}.log")
 
 
 def gw_metrics(gw: Proc, name: str) -> list[tuple[dict, float]]:
@@ -155,7 +157,8 @@ def test_bad_input_gets_openai_errors(fake_gw):
             for _ in range(20):
                 yield b"x" * 8192
 
-        assert_openai_error(c.post(url, content=chunks(), headers=AUTH), 413)
+        assert_openai_error(c.post(url, content=chunks(), headers={
+            **AUTH, "Content-Type": "application/json"}), 413)
         assert_openai_error(c.get(fake_gw.url + "/v2/nothing"), 404)
         # The gateway still works afterwards, and counted the refusals.
         assert c.post(url, json=good, headers=AUTH).status_code == 200

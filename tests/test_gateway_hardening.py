@@ -35,9 +35,10 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def gateway_from(tmp: Path, name: str, cfg: dict, probe: str = "/live") -> Proc:
-    """A gateway process reading ``cfg`` from a JSON file (ready when ``probe`` answers)."""
+    """A gateway process reading ``cfg`` from a JSON file (ready when ``probe`` answers);
+    without ``api_keys`` it runs open (``allow_no_auth``)."""
     path = tmp / f"gw-{name}.json"
-    path.write_text(json.dumps(cfg))
+    path.write_text(json.dumps(cfg if cfg.get("api_keys") else {"allow_no_auth": True, **cfg}))
     port = free_port()
     return Proc([__import__("sys").executable, "-m", "harp_vllm.cli", "gateway", "--port",
                  str(port), "--log-level", "warning", "--config", str(path)],
@@ -269,7 +270,8 @@ def test_unexpected_exception_is_a_500_and_restores_gauges(fast, monkeypatch):
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(build_config(backends=[
-        f"fast={fast.url}"])), host="127.0.0.1", port=port, log_level="critical"))
+        f"fast={fast.url}"], allow_no_auth=True)), host="127.0.0.1", port=port,
+        log_level="critical"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -508,7 +510,7 @@ def test_slow_clients_are_cut_off(tmp, fast):
         # A body that stops arriving: 408 and the connection is closed.
         c = RawConn(g.port)
         c.sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
-                       b"\r\n{\"model\"")
+                       b"Content-Type: application/json\r\n\r\n{\"model\"")
         status, hdrs, body = c.response()
         assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
         assert hdrs.get("connection") == "close"
@@ -569,6 +571,7 @@ def test_client_dropping_during_upload_is_quiet(gw):
     for _ in range(3):
         c = RawConn(gw.port)
         c.sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+                       b"Content-Type: application/json\r\n"
                        + f"Authorization: Bearer {KEY}\r\n\r\n".encode() + b'{"model": ')
         time.sleep(0.1)
         c.close()

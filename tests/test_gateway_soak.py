@@ -4,7 +4,9 @@
   is ``HARP_GATEWAY_SOAK_N=20000``) at concurrency 16 through an A/B alias with mirroring,
   with faults drawn at random: backend error statuses, streams that break off, non-JSON
   replies, replies and SSE events over the caps, callers that hang up mid-stream, bad JSON,
-  unknown models, non-strict JSON. Afterwards no request is lost or hung (each got its
+  unknown models, non-strict JSON, and issue 26's shapes (UTF-16 bodies, ``1e999``, a body
+  over the JSON-value limit, a text/plain body, a 70 KB header, a too-deeply nested backend
+  reply, a backend's text/plain error page). Afterwards no request is lost or hung (each got its
   expected answer), every gauge is back to 0, the counters add up, and the gateway's RSS and
   open file descriptors are back near their level after the warm-up.
 * Fuzz: hypothesis-generated bodies sent over HTTP: never a 5xx, always an OpenAI error shape.
@@ -49,15 +51,28 @@ SCENARIOS = {
     "nan": (3, b'{"model": "ab", "prompt": NaN}', False, 400, False),
     "unknown_model": (3, {**OK, "model": "nope"}, False, 404, False),
     "bad_type": (3, {**OK, "max_tokens": "4"}, False, 422, False),
+    # Issue 26's shapes.
+    "utf16": (2, json.dumps(OK).encode("utf-16"), False, 400, False),
+    "inf_number": (2, b'{"model": "ab", "prompt": "x", "temperature": 1e999}', False, 400,
+                   False),
+    "too_many_values": (1, b'{"model": "ab", "prompt": [' + b",".join([b"[]"] * 100_001)
+                        + b"]}", False, 413, False),
+    "text_plain": (2, OK, False, 415, False),
+    "huge_header": (2, OK, False, 431, False),
+    "deep_reply": (2, {**OK, "fake_deep_reply": 50_000}, False, 502, True),
+    "text_error_page": (2, {**OK, "fake_text_status": 503}, False, 503, True),
 }
+# Request headers per scenario (every other one sends Content-Type: application/json).
+HEADERS = {"text_plain": {"Content-Type": "text/plain"},
+           "huge_header": {"Content-Type": "application/json", "X-Pad": "p" * 70_000}}
 
 
 async def one(session: aiohttp.ClientSession, url: str, name: str) -> str:
     """Send one request of scenario ``name``; return what went wrong ('' if nothing)."""
     _, body, stream, want, _ = SCENARIOS[name]
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    async with session.post(url, data=data, headers={"Content-Type": "application/json"}
-                            ) as r:
+    headers = HEADERS.get(name, {"Content-Type": "application/json"})
+    async with session.post(url, data=data, headers=headers) as r:
         if r.status != want:
             return f"{name}: status {r.status}, wanted {want}: {(await r.read())[:200]!r}"
         if name == "caller_hangs_up":
@@ -71,6 +86,8 @@ async def one(session: aiohttp.ClientSession, url: str, name: str) -> str:
             return f"{name}: no error event: {text[-200:]}"
         if want >= 400 and "error" not in json.loads(text):
             return f"{name}: not an OpenAI error: {text[:200]}"
+        if name == "text_error_page" and "10.1.2.3" in text:
+            return f"{name}: the backend's page was passed on: {text[:200]}"
         return ""
 
 

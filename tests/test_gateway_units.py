@@ -14,7 +14,7 @@ from harp_vllm.gateway.config import API_KEYS_ENV, build_config, redact_url
 from harp_vllm.gateway.errors import GatewayError, status_label
 from harp_vllm.gateway.metrics import GatewayMetrics
 from harp_vllm.gateway.relay import Recorder, SSERelay, TooLarge
-from harp_vllm.gateway.schemas import RequestLimits, parse_request
+from harp_vllm.gateway.schemas import RequestLimits, count_items, parse_request
 
 B = ["a=http://127.0.0.1:8001"]
 
@@ -73,7 +73,8 @@ def test_bad_backend_urls_are_refused_at_start(url, why):
 
 
 def test_url_credentials_are_used_but_never_shown(tmp_path):
-    cfg = build_config(backends=["a=http://admin:s3cret-pass@127.0.0.1:8001/v1/"])
+    cfg = build_config(backends=["a=http://admin:s3cret-pass@127.0.0.1:8001/v1/"],
+                       allow_no_auth=True)
     b = cfg.backends[0]
     assert b.base_url == "http://127.0.0.1:8001"
     assert b.auth_header() == "Basic YWRtaW46czNjcmV0LXBhc3M="  # admin:s3cret-pass
@@ -86,11 +87,19 @@ def test_url_credentials_are_used_but_never_shown(tmp_path):
     refused("either credentials in the url or api_key", config_file=path)
 
 
-@pytest.mark.parametrize("flag", ["s=a:inf,b:1", "s=a:nan", "s=a:0", "s=a:-1",
-                                  "s=a:1e308,b:1e308"])
-def test_weights_must_be_finite_and_positive(flag):
-    refused("weight|not finite|greater than 0", backends=["a=http://h:1", "b=http://h:2"],
-            aliases=[flag])
+@pytest.mark.parametrize("flag, why", [
+    ("s=a:inf,b:1", "targets.0.weight: Input should be a finite number$"),
+    ("s=a:nan", "targets.0.weight: Input should be a finite number$"),
+    ("s=a:0", "targets.0.weight: Input should be greater than 0$"),
+    ("s=a:-1", "targets.0.weight: Input should be greater than 0$"),
+    ("s=b:1,a:1e308,c:1e308", "aliases.0: alias 's': the weights' sum is not finite$")])
+def test_weights_must_be_finite_and_positive(flag, why):
+    """Each input is refused for its own reason (the message names the setting and says
+    why), and the same weights are accepted when finite and positive."""
+    hosts = ["a=http://h:1", "b=http://h:2", "c=http://h:3"]
+    refused(why, backends=hosts, aliases=[flag], allow_no_auth=True)
+    ok = build_config(backends=hosts, aliases=["s=a:1e300,b:0.5"], allow_no_auth=True)
+    assert [t.weight for t in ok.aliases[0].targets] == [1e300, 0.5]
 
 
 def test_types_are_strict(tmp_path):
@@ -204,7 +213,9 @@ def test_sse_parsing_is_linear_in_the_event_size():
     for i in range(0, len(event), 4096):
         out += r.feed(event[i:i + 4096])
     assert out == [event]
-    assert CountingBuffer.scanned < 2 * len(event)
+    # Every byte is looked at (so the count measures the parser's scanning, not a parser
+    # that stopped calling find), and at most about once.
+    assert len(event) - 2 <= CountingBuffer.scanned < 2 * len(event), CountingBuffer.scanned
 
 
 def test_sse_events_split_anywhere_and_crlf():
@@ -233,3 +244,55 @@ def test_sse_event_over_the_cap_is_refused():
 def test_status_labels_are_bounded():
     assert [status_label(s) for s in (200, 503, 999999, -1, "500", True, None, 99)] == [
         "200", "503", "other", "other", "other", "other", "other", "other"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 26: the parser's new refusals, the value count, URLs and keys
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("raw, status", [
+    ('{"model": "m", "prompt": "é"}'.encode("utf-16"), 400),
+    ('{"model": "m", "prompt": "x"}'.encode("utf-16-le"), 400),
+    ('{"model": "m", "prompt": "x"}'.encode("utf-32"), 400),
+    (b'\xef\xbb\xbf{"model": "m", "prompt": "x"}', 400),            # UTF-8 BOM
+    (b'{"model": "m", "prompt": "\xed\xa0\x80"}', 400),              # a raw UTF-8 surrogate
+    (b'{"model": "m", "prompt": "x", "temperature": 1e999}', 400),
+    (b'{"model": "m", "prompt": "x", "top_p": -1e400}', 400),
+    (b'{"model": "m", "prompt": "x", "temperature": 1e308}', 200),
+    ('{"model": "m", "prompt": "é"}'.encode(), 200)])
+def test_only_utf8_and_finite_numbers(raw, status):
+    assert status_of(raw) == status
+
+
+def test_json_values_are_counted_before_parsing():
+    limits = RequestLimits(max_items=1000)
+    lists = b'{"model": "m", "prompt": [' + b",".join([b"[]"] * 1001) + b"]}"
+    with pytest.raises(GatewayError) as e:
+        parse_request(lists, "completions", limits)
+    assert e.value.status == 413 and e.value.code == "request_too_large"
+    # Commas and brackets inside strings (escaped quotes included) are not values.
+    text = json.dumps({"model": "m", "prompt": 'a, [b] {c} \\" ,' * 2000}).encode()
+    assert parse_request(text, "completions", limits)["prompt"].startswith("a, [b]")
+    assert count_items(text.decode(), 1000) == 2  # the outer { and the comma after "m"
+    many_strings = b'{"model": "m", "prompt": [' + b",".join([b'""'] * 1001) + b"]}"
+    assert status_of(many_strings) == 200  # LIMITS allow 100,000
+    with pytest.raises(GatewayError):
+        parse_request(many_strings, "completions", limits)
+    ok = b'{"model": "m", "prompt": [' + b",".join([b"1"] * 990) + b"]}"
+    assert len(parse_request(ok, "completions", limits)["prompt"]) == 990
+
+
+def test_passwords_with_slashes_are_never_shown(monkeypatch):
+    monkeypatch.delenv(API_KEYS_ENV, raising=False)
+    for url in ("http://admin:pa/ss-secret@127.0.0.1:1", "http://admin:pa?ss-secret@h:1",
+                "http://admin:pa#ss-secret@h:80/v1"):
+        msg = refused("not a valid URL|percent-encode", backends=[f"a={url}"],
+                      allow_no_auth=True)
+        assert "ss-secret" not in msg and "pa" not in msg.replace("password", ""), msg
+    assert redact_url("http://u:p/w@h:1/x") == "http://***@h:1/x"
+
+
+def test_no_key_needs_allow_no_auth(monkeypatch):
+    monkeypatch.delenv(API_KEYS_ENV, raising=False)
+    refused("no API key: give --api-key.*--allow-no-auth", backends=B)
+    assert build_config(backends=B, allow_no_auth=True).api_keys == []
+    assert build_config(backends=B, api_keys=["sk-k"]).allow_no_auth is False

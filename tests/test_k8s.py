@@ -162,6 +162,10 @@ def test_references_resolve(rendered):
             for ref in c.get("envFrom", []):
                 assert ref["configMapRef"]["name"] in configmaps
     gw = deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("readinessProbe", "livenessProbe"):  # /live: open even with protect_metrics
+        assert gw[probe]["httpGet"] == {"path": "/live", "port": "http"}, probe
+    # Keys are optional here, so the gateway must be told it may run open (it refuses else).
+    assert "--allow-no-auth" in gw["args"]
     backends = [gw["args"][i + 1] for i, a in enumerate(gw["args"]) if a == "--backend"]
     for b in backends:
         host, port = re.fullmatch(r"\w+=http://([\w-]+):(\d+)", b).groups()

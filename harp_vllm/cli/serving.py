@@ -52,17 +52,46 @@ def register(app: typer.Typer) -> None:
                                    ] = None,
         read_timeout: Annotated[float | None, typer.Option(
             help="longest wait for the next byte from a backend, s")] = None,
+        request_timeout: Annotated[float | None, typer.Option(
+            help="whole request, first byte in to last byte taken by the caller, s")] = None,
+        max_header_bytes: Annotated[int | None, typer.Option(
+            help="request line + headers, bytes (431 over it)")] = None,
+        max_header_count: Annotated[int | None, typer.Option(
+            help="request header lines (431 over it)")] = None,
+        max_json_items: Annotated[int | None, typer.Option(
+            help="JSON items (, [ { outside strings) in a request body (413 over it)")] = None,
+        max_client_connections: Annotated[int | None, typer.Option(
+            help="open client connections")] = None,
+        max_connections_per_client: Annotated[int | None, typer.Option(
+            help="open connections from one client address")] = None,
+        shutdown_timeout: Annotated[float | None, typer.Option(
+            help="SIGTERM: time requests in flight get to finish, s")] = None,
+        allow_no_auth: Annotated[bool | None, typer.Option(
+            "--allow-no-auth", help="start without any API key (anyone can use the gateway)")
+                                 ] = None,
         seed: Annotated[int | None, typer.Option(help="seed for the A/B and shadow draws")
                         ] = None,
         log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
     ) -> None:
-        """OpenAI-compatible A/B gateway in front of several vLLM servers."""
+        """OpenAI-compatible A/B gateway in front of several vLLM servers.
+
+        Needs an API key (--api-key, api_keys in --config, or $HARP_GATEWAY_API_KEYS) unless
+        --allow-no-auth. SIGHUP reloads keys and backends; SIGTERM drains.
+        """
         from ..gateway import build_config, serve
 
+        def load():
+            return build_config(
+                config, backend, alias, shadow, api_key, max_body_bytes=max_body_bytes,
+                connect_timeout=connect_timeout, read_timeout=read_timeout,
+                request_timeout=request_timeout, max_header_bytes=max_header_bytes,
+                max_header_count=max_header_count, max_json_items=max_json_items,
+                max_client_connections=max_client_connections,
+                max_connections_per_client=max_connections_per_client,
+                shutdown_timeout=shutdown_timeout, allow_no_auth=allow_no_auth, seed=seed)
+
         try:
-            cfg = build_config(config, backend, alias, shadow, api_key,
-                               max_body_bytes=max_body_bytes, connect_timeout=connect_timeout,
-                               read_timeout=read_timeout, seed=seed)
+            cfg = load()
         except UserError as e:
             fail(str(e), e.exit_code)
-        serve(cfg, host=host, port=port, log_level=log_level)
+        serve(cfg, host=host, port=port, log_level=log_level, reload=load)

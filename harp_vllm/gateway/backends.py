@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from .config import Backend, GatewayConfig
-from .errors import describe
+from .errors import describe, loads_reply
 from .metrics import GatewayMetrics
 
 logger = logging.getLogger("harp_vllm.gateway")
@@ -55,6 +54,7 @@ class BackendState:
         if self.cfg.models:
             self.models, self.discovered = list(self.cfg.models), True
         self.slots = asyncio.Semaphore(self.max_connections)
+        self.in_use = 0  # slots taken (a replaced backend's connections close at 0)
 
     @property
     def client(self) -> aiohttp.ClientSession:
@@ -70,34 +70,42 @@ class BackendState:
         """Take a connection slot, waiting at most ``wait`` s (then :class:`BackendBusy`)."""
         if not self.slots.locked():
             await self.slots.acquire()
+            self.in_use += 1
             return
         try:
             async with asyncio.timeout(wait):
                 await self.slots.acquire()
         except TimeoutError:
             raise BackendBusy from None
+        self.in_use += 1
 
     async def try_acquire(self) -> bool:
         """Take a slot only if one is free now (shadow copies never queue)."""
         if self.slots.locked():
             return False
         await self.slots.acquire()  # free: returns without waiting
+        self.in_use += 1
         return True
 
     def release(self) -> None:
+        self.in_use -= 1
         self.slots.release()
 
 
 class Backends:
     """Every backend's state, its HTTP session, and the health/discovery loop."""
 
-    def __init__(self, config: GatewayConfig, metrics: GatewayMetrics):
+    def __init__(self, config: GatewayConfig, metrics: GatewayMetrics,
+                 known: set[str] | None = None):
+        """``known``: backends already reported by the Backends this one replaces (a
+        reload), whose ``backend_up`` stays as it is until this one's first probe."""
         self.cfg, self.metrics = config, metrics
         self.all = {b.name: BackendState(b, config.max_connections) for b in config.backends}
         targets = {s.target for s in config.shadows}
         for name in self.all:
             metrics.init_backend(name, shadow_target=name in targets)
-            metrics.backend_up.labels(name).set(0)
+            if name not in (known or ()):
+                metrics.backend_up.labels(name).set(0)
         self._tasks: list[asyncio.Task] = []
         self._kick: asyncio.Task | None = None
         self._last_discovery = 0.0
@@ -120,11 +128,17 @@ class Backends:
         self._tasks = [asyncio.create_task(self._loop(b)) for b in self.all.values()]
 
     async def stop(self) -> None:
+        await self.stop_probes()
+        await self.close_sessions()
+
+    async def stop_probes(self) -> None:
         for t in (*self._tasks, self._kick):
             if t is not None:
                 t.cancel()
                 with contextlib.suppress(BaseException):
                     await t
+
+    async def close_sessions(self) -> None:
         for b in self.all.values():
             if b.session is not None:
                 await b.session.close()
@@ -175,7 +189,8 @@ class Backends:
         status, body = await self._get(b, "/v1/models")
         if status != 200:
             raise RuntimeError(f"/v1/models answered {status}")
-        data = json.loads(body).get("data") or []
+        reply = loads_reply(body)
+        data = (reply.get("data") if isinstance(reply, dict) else None) or []
         cards = {d["id"]: d for d in data if isinstance(d, dict) and isinstance(d.get("id"), str)}
         if b.cfg.models is None:
             b.models = list(cards)

@@ -70,8 +70,15 @@ def split_url(url: str) -> tuple[str, tuple[str, str] | None]:
     try:
         parts = urlsplit(url.strip())
         port = parts.port
-    except ValueError as e:
-        raise ValueError(f"backend url {shown!r} is not a valid URL: {e}") from None
+    except ValueError:
+        # urllib's message may quote part of the netloc, i.e. of a password: never shown.
+        raise ValueError(f"backend url {shown!r} is not a valid URL (its port, or a password "
+                         "holding '/', '?', '#' or '@' that is not percent-encoded)") from None
+    if "@" in url and "@" not in parts.netloc:
+        # "http://user:pa/ss@host": the password's '/' ended the netloc, so urllib would take
+        # the host from the password. Refused, whatever the parse found.
+        raise ValueError(f"backend url {shown!r}: percent-encode '/', '?', '#' and '@' in "
+                         "user:password@")
     if parts.scheme not in ("http", "https"):
         raise ValueError(f"backend url {shown!r} must start with http:// or https://")
     if not parts.hostname:
@@ -96,10 +103,11 @@ def redact_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    netloc, slash, tail = rest.partition("/")
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
-    return f"{scheme}://{netloc}{slash}{tail}"
+    if "@" in rest:
+        # Everything up to the last '@' may be credentials, even past a '/' (a password
+        # holding an unencoded '/' would otherwise be shown).
+        rest = "***@" + rest.rpartition("@")[2]
+    return f"{scheme}://{rest}"
 
 
 class Backend(BaseModel):
@@ -207,15 +215,23 @@ class GatewayConfig(BaseModel):
     aliases: list[Alias] = Field(default_factory=list)
     shadows: list[Shadow] = Field(default_factory=list)
     api_keys: list[str] = Field(default_factory=list)
+    # With no API key the gateway refuses to start unless this says it may run open.
+    allow_no_auth: bool = False
     # /metrics and the detailed /health need an API key too (/live stays open).
     protect_metrics: bool = False
     # -- callers
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)  # request line + headers (431)
+    max_header_count: int = Field(default=100, ge=8, le=10_000)  # header lines (431)
     header_timeout: Seconds = 10.0      # connection open (or next request begun) to headers
     body_timeout: Seconds = 30.0        # headers to the whole body received
     keep_alive_timeout: Seconds = 5.0   # idle keep-alive connection closed after this
     max_client_connections: int = Field(default=1024, gt=0)
+    max_connections_per_client: int = Field(default=128, gt=0)  # per client IP address
+    shutdown_timeout: Seconds = 20.0    # SIGTERM: requests in flight get this long to finish
     max_json_depth: int = Field(default=32, ge=4, le=200)
+    # JSON items in a request body: its , [ { outside strings (413)
+    max_json_items: int = Field(default=100_000, ge=100)
     max_tokens_limit: int = Field(default=32768, gt=0)   # max_tokens, max_completion_tokens
     max_n: int = Field(default=16, gt=0)                 # n
     max_best_of: int = Field(default=16, gt=0)           # best_of
@@ -261,6 +277,10 @@ class GatewayConfig(BaseModel):
             raise ValueError("duplicate alias names")
         if self.protect_metrics and not self.api_keys:
             raise ValueError("protect_metrics needs at least one API key")
+        if not self.api_keys and not self.allow_no_auth:
+            raise ValueError(f"no API key: give --api-key, api_keys or ${API_KEYS_ENV}, or "
+                             "--allow-no-auth (allow_no_auth: true) to run without "
+                             "authentication")
         return self
 
     def backend(self, name: str) -> Backend:

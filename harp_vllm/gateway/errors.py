@@ -11,7 +11,8 @@ CLIENT_CLOSED = 499  # nginx's "client closed request"; only ever a metric label
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                404: "invalid_request_error", 405: "invalid_request_error",
                408: "invalid_request_error", 413: "invalid_request_error",
-               422: "invalid_request_error", 429: "rate_limit_error",
+               415: "invalid_request_error", 422: "invalid_request_error",
+               429: "rate_limit_error", 431: "invalid_request_error",
                500: "api_error", 502: "api_error", 503: "api_error", 504: "api_error"}
 
 
@@ -44,6 +45,15 @@ def describe(e: BaseException) -> str:
     """``TypeName: first line of the message`` (at most 200 characters of it)."""
     text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def loads_reply(content: bytes | str) -> object:
+    """A backend's JSON, parsed: :class:`ValueError` for anything that is not JSON, including
+    nesting too deep for the parser (``RecursionError``)."""
+    try:
+        return json.loads(content)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def sse_error(status: int, message: str, code: str) -> bytes:

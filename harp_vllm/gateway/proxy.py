@@ -14,21 +14,35 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import anyio
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from .backends import BackendBusy, Backends, BackendState
 from .config import GatewayConfig
-from .errors import CLIENT_CLOSED, ClientGone, GatewayError, describe, error_payload, sse_error
+from .errors import (
+    CLIENT_CLOSED,
+    ClientGone,
+    GatewayError,
+    describe,
+    error_payload,
+    loads_reply,
+    sse_error,
+)
 from .metrics import GatewayMetrics
 from .relay import Recorder, SSERelay, TooLarge, read_capped
 from .routing import Router
 
 logger = logging.getLogger("harp_vllm.gateway")
+
+# How long past its deadline a response may still be writing before the connection is cut.
+WRITE_GRACE_S = 1.0
+# Settings a SIGHUP reload changes; the others need a restart.
+RELOADABLE = ("backends", "aliases", "shadows", "api_keys", "allow_no_auth")
 
 
 class UpstreamError(GatewayError):
@@ -99,15 +113,26 @@ async def cancel_on_disconnect(request: Request):
 
 
 class RelayResponse(StreamingResponse):
-    """A streamed answer that always closes its exchange, even if never iterated."""
+    """A streamed answer that always closes its exchange, even if never iterated, and ends by
+    ``deadline``: a stream still being written ``WRITE_GRACE_S`` after it (the caller stopped
+    reading, so the writes wait on a full socket) is cut: the caller's connection is aborted,
+    the backend's request closed (so the backend stops generating) and the request counted as
+    a 504 ``deadline`` failure. The grace lets the error event that ends a stream stopped at
+    the deadline by a slow backend reach a caller that does read."""
 
-    def __init__(self, content: AsyncIterator[bytes], ex: Exchange, **kw):
+    def __init__(self, content: AsyncIterator[bytes], ex: Exchange, deadline: float, **kw):
         super().__init__(content, **kw)
-        self.ex = ex
+        self.ex, self.deadline = ex, deadline
 
     async def __call__(self, scope, receive, send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            async with asyncio.timeout_at(self.deadline + WRITE_GRACE_S):
+                await super().__call__(scope, receive, send)
+        except TimeoutError:
+            self.ex.rec.fail(504, "deadline")
+            cut = scope.get("harp.cut")
+            if cut is not None:
+                cut()
         finally:
             with anyio.CancelScope(shield=True):
                 aclose = getattr(self.body_iterator, "aclose", None)
@@ -128,17 +153,61 @@ class Gateway:
         self.rng = self.router.rng
         self.started = int(time.time())
         self._shadow_tasks: set[asyncio.Task] = set()
+        self._retiring: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         await self.backends.start()
 
     async def stop(self) -> None:
-        for t in list(self._shadow_tasks):
+        for t in (*self._shadow_tasks, *self._retiring):
             t.cancel()
-        for t in list(self._shadow_tasks):
+        for t in (*self._shadow_tasks, *self._retiring):
             with contextlib.suppress(BaseException):
                 await t
         await self.backends.stop()
+
+    async def reload(self, new: GatewayConfig,
+                     on_swap: Callable[[GatewayConfig], None] | None = None) -> list[str]:
+        """Switch to ``new``'s backends, aliases, shadows and keys at once (``on_swap`` runs in
+        the same step); return the names of other settings that differ (they need a
+        restart and keep their running values). The new backends are probed before the
+        switch; requests in flight finish on the old ones, whose connections close when the
+        last is done (or after ``request_timeout``). Raises :class:`ValueError` (nothing
+        changed) if the merged settings are inconsistent."""
+        fixed = [k for k in GatewayConfig.model_fields
+                 if k not in RELOADABLE and getattr(new, k) != getattr(self.cfg, k)]
+        data = self.cfg.model_dump()
+        data.update({k: v for k, v in new.model_dump().items() if k in RELOADABLE})
+        try:
+            merged = GatewayConfig.model_validate(data)
+        except ValidationError as e:
+            raise ValueError("; ".join(err["msg"] for err in e.errors())) from None
+        backends = Backends(merged, self.metrics, known=set(self.backends.all))
+        await backends.start()
+        old = self.backends
+        self.cfg, self.backends = merged, backends
+        self.router = Router(backends, merged.aliases, self.rng)
+        if on_swap is not None:
+            on_swap(merged)
+        await old.stop_probes()
+        for name in set(old.all) - set(backends.all):
+            with contextlib.suppress(KeyError):
+                self.metrics.backend_up.remove(name)
+        task = asyncio.create_task(self._retire(old))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return fixed
+
+    async def _retire(self, old: Backends) -> None:
+        """Close the replaced backends' connections once no request uses them."""
+        try:
+            async with asyncio.timeout(self.cfg.request_timeout + 5):
+                while any(b.in_use for b in old.all.values()):
+                    await asyncio.sleep(0.2)
+        except TimeoutError:
+            pass
+        finally:
+            await old.close_sessions()
 
     # -- forwarding --------------------------------------------------------------------------
     async def forward(self, request: Request, path: str, payload: dict, raw: bytes, t0: float,
@@ -181,7 +250,7 @@ class Gateway:
             # The stream's response owns the exchange from here (it closes it when done).
             handed, ex = exchange, None
             relay = SSERelay(handed.rec, wants_usage, self.cfg.max_sse_event_bytes)
-            return RelayResponse(self._relay(handed, relay, deadline), handed,
+            return RelayResponse(self._relay(handed, relay, deadline), handed, deadline,
                                  media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache",
                                           "X-Accel-Buffering": "no"})
@@ -193,16 +262,19 @@ class Gateway:
         status, b = ex.response.status, ex.backend
         usage = None
         try:
-            data = json.loads(content)
+            data = loads_reply(content)
             usage = data.get("usage") if isinstance(data, dict) else None
         except ValueError:
             if status < 400:
                 ex.rec.fail(502, "broken")
                 raise UpstreamError(502, f"backend '{b.name}' sent a response that is not JSON",
                                     "bad_gateway", headers=headers) from None
+            # The backend's own text is not passed on (it may name hosts, paths or versions).
+            logger.info("backend %s answered %d with a body that is not JSON: %r", b.name,
+                        status, content[:200])
             content = json.dumps(error_payload(
-                status, f"backend '{b.name}' answered {status}: "
-                f"{content[:200].decode(errors='replace')}", "upstream_error")).encode()
+                status, f"backend '{b.name}' answered {status} (its body was not JSON)",
+                "upstream_error")).encode()
         ex.rec.finish(status, usage)
         return Response(content, status_code=status, media_type="application/json",
                         headers=headers)
@@ -218,15 +290,18 @@ class Gateway:
                                       f"{self.cfg.max_connections} connections stayed in use for "
                                       f"{self.cfg.queue_timeout} s", "backend_busy",
                                  headers={**headers, "Retry-After": "1"})
+        # Callers see the backend's name and the kind of failure, never its address or the
+        # library's message (that goes to the log and the protected /health).
         if isinstance(e, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
             self.backends.mark(b, False, describe(e))
             rec.fail(503, "connect")
-            return UpstreamError(503, f"backend '{b.name}' is unavailable: {describe(e)}",
+            return UpstreamError(503, f"backend '{b.name}' is unavailable (connection failed)",
                                  "backend_unavailable", headers={**headers, "Retry-After": "5"})
         if isinstance(e, aiohttp.ServerTimeoutError):
             rec.fail(504, "timeout")
-            return UpstreamError(504, f"backend '{b.name}' timed out: {describe(e)}",
-                                 "backend_timeout", headers=headers)
+            return UpstreamError(504, f"backend '{b.name}' timed out (no data for "
+                                      f"{self.cfg.read_timeout} s)", "backend_timeout",
+                                 headers=headers)
         if isinstance(e, TimeoutError):
             rec.fail(504, "deadline")
             return UpstreamError(504, f"the request took longer than the gateway's "
@@ -236,10 +311,11 @@ class Gateway:
             rec.fail(502, "too_large")
             return UpstreamError(502, f"backend '{b.name}' sent {e}", "response_too_large",
                                  headers=headers)
-        if isinstance(e, aiohttp.ClientError | ValueError):
+        if isinstance(e, aiohttp.ClientError | ValueError | RecursionError):
+            logger.info("backend %s broke off its response: %s", b.name, describe(e))
             rec.fail(502, "broken")
-            return UpstreamError(502, f"backend '{b.name}' broke off its response: "
-                                      f"{describe(e)}", "bad_gateway", headers=headers)
+            return UpstreamError(502, f"backend '{b.name}' broke off its response "
+                                      f"({type(e).__name__})", "bad_gateway", headers=headers)
         raise e
 
     async def _relay(self, ex: Exchange, relay: SSERelay, deadline: float
@@ -318,7 +394,7 @@ class Gateway:
                     content = await read_capped(ex.resp, self.cfg.max_response_bytes)
                     usage = None
                     with contextlib.suppress(ValueError, AttributeError):
-                        usage = json.loads(content).get("usage")
+                        usage = loads_reply(content).get("usage")  # type: ignore[attr-defined]
                     ex.rec.finish(ex.resp.status, usage)
                     return
                 relay = SSERelay(ex.rec, False, self.cfg.max_sse_event_bytes)

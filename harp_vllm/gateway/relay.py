@@ -9,13 +9,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import aiohttp
 
 from ..serving.metrics import UNKNOWN_BUCKET, context_bucket
-from .errors import status_label
+from .errors import loads_reply, status_label
 from .metrics import GatewayMetrics
 
 
@@ -168,7 +167,7 @@ class SSERelay:
             self.saw_done = True
             return raw
         try:
-            obj = json.loads(data)
+            obj = loads_reply(data)
         except ValueError:
             return raw
         if not isinstance(obj, dict):

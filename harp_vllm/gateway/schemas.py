@@ -4,21 +4,32 @@ The gateway reads ``model``, ``stream`` and ``stream_options`` and enforces the 
 caps on ``max_tokens``/``max_completion_tokens``/``n``/``best_of``; it also checks the types of
 the common OpenAI fields so a caller learns about a typo from the gateway, with the same
 message whichever backend would have answered. Other fields pass through untouched (the
-backend validates them). JSON must be strict: no ``NaN``/``Infinity``, no lone surrogates,
-nesting at most ``max_depth`` deep. Every problem is a :class:`GatewayError` (400/422).
+backend validates them). JSON must be strict: UTF-8 (RFC 8259; no BOM, no UTF-16/32), no
+``NaN``/``Infinity`` and no number too large for a float (``1e999``), no lone surrogates,
+nesting at most ``max_depth`` deep. Every problem is a :class:`GatewayError` (400/413/422).
+
+The parse runs on the event loop, so its cost is bounded instead of moved to a thread: the
+standard C JSON parser never releases the GIL, so a worker thread would stall the loop just
+the same (and a process would have to ship the parsed body back, costing as much as the
+parse). Before parsing, :func:`count_items` counts the body's JSON items with C-speed byte
+counts: the ``,`` ``[`` ``{`` outside strings, about one per value (an empty list counts
+twice, an object member once); a body with more than ``max_items`` is refused with 413
+without being parsed. The parse, the checks and a re-serialisation are then linear in at
+most ``2 * max_items + 1`` values (``benchmarks/bench_gateway_attacks.py`` measures
+``/live`` meanwhile; a 4 MiB body of plain text is a handful of items).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import GatewayError
 
-ENDPOINTS = ("completions", "chat/completions")
-_SURROGATE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+_SURROGATE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 
 
 @dataclass(frozen=True)
@@ -27,10 +38,39 @@ class RequestLimits:
     n: int = 16
     best_of: int = 16
     max_depth: int = 32
+    max_items: int = 100_000
 
 
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is too large for a float")
+    return value
+
+
+def count_items(text: str, limit: int) -> int:
+    """The JSON items in ``text`` (its ``,`` ``[`` ``{`` outside strings), or a number over
+    ``limit`` when there are more. Every value but the first of its array or object follows
+    one of them, so twice the count plus one bounds the values.
+
+    The first count includes those inside strings; only when it is over ``limit`` are the
+    strings taken out (escapes dropped, then split at the quotes), and with over
+    ``2 * limit + 2`` quotes there are over ``limit`` strings anyway. Every step is a C-speed
+    scan; on text that is not JSON the result still bounds what the parser reads before it
+    stops.
+    """
+    n = text.count(",") + text.count("[") + text.count("{")
+    if n <= limit:
+        return n
+    plain = text.replace("\\\\", "").replace('\\"', "")
+    if plain.count('"') > 2 * limit + 2:
+        return plain.count('"') // 2
+    outside = "".join(plain.split('"')[::2])
+    return outside.count(",") + outside.count("[") + outside.count("{")
 
 
 def _scan(obj: Any, max_depth: int, check_strings: bool) -> None:
@@ -59,12 +99,29 @@ def _scan(obj: Any, max_depth: int, check_strings: bool) -> None:
                 v.encode()
 
 
-def load_json(raw: bytes, max_depth: int) -> dict:
-    """The body as a JSON object, strictly."""
+def load_json(raw: bytes, max_depth: int, max_items: int = 100_000) -> dict:
+    """The body as a JSON object, strictly (see the module docstring)."""
     try:
-        obj = json.loads(raw, parse_constant=_no_constants)
-        # A lone surrogate can only come from a \\uD800-\\uDFFF escape.
-        _scan(obj, max_depth, _SURROGATE.search(raw) is not None)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GatewayError(400, "We could not parse the JSON body of your request: it is not "
+                                f"UTF-8 (byte {e.start}); JSON must be UTF-8 (RFC 8259)",
+                           "invalid_json") from None
+    if "\x00" in text:  # never in JSON text (a string holds it escaped): UTF-16 or -32
+        raise GatewayError(400, "We could not parse the JSON body of your request: it holds "
+                                "NUL bytes (UTF-16 or UTF-32?); JSON must be UTF-8 (RFC 8259)",
+                           "invalid_json")
+    items = count_items(text, max_items)
+    if items > max_items:
+        raise GatewayError(413, f"the request body holds more than {max_items} JSON items "
+                                "(values in arrays and objects)", "request_too_large")
+    try:
+        obj = json.loads(text, parse_constant=_no_constants, parse_float=_finite_float)
+        # A lone surrogate can only come from a \\uD800-\\uDFFF escape; the depth can only
+        # pass max_depth with that many brackets.
+        surrogates = _SURROGATE.search(text) is not None
+        if surrogates or text.count("[") + text.count("{") > max_depth:
+            _scan(obj, max_depth, surrogates)
     except UnicodeEncodeError:
         raise GatewayError(400, "We could not parse the JSON body of your request: it holds a "
                                 "lone UTF-16 surrogate escape (not valid Unicode)",
@@ -196,7 +253,7 @@ def _check_messages(body: dict) -> None:
 
 def parse_request(raw: bytes, endpoint: str, limits: RequestLimits) -> dict:
     """The checked request body of ``POST /v1/<endpoint>`` (see the module docstring)."""
-    body = load_json(raw, limits.max_depth)
+    body = load_json(raw, limits.max_depth, limits.max_items)
     _check_common(body, limits)
     if endpoint == "completions":
         _check_prompt(body)
