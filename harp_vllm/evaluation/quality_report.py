@@ -248,12 +248,13 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax.set_title("perplexity by domain")
     ax.legend(fontsize=8)
     ax = axes[1]
-    for r in rows[1:]:
-        for d, buckets in r["positions"].items():
+    styles = ["-", "--", ":", "-."]
+    for k, r in enumerate(rows[1:]):  # colour: model (as in the bars); line style: domain
+        for n, (d, buckets) in enumerate(r["positions"].items()):
             xs = [math.sqrt(max(1, b["start"]) * b["end"]) for b in buckets]
             ax.errorbar(xs, [b["ratio"] for b in buckets],
-                        yerr=[b["se"] or 0 for b in buckets], marker="o",
-                        label=f"{r['label']} ({d})")
+                        yerr=[b["se"] or 0 for b in buckets], marker="o", color=f"C{k}",
+                        linestyle=styles[n % len(styles)], label=f"{r['label']} ({d})")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xscale("log")
     ax.set_xlabel("token position (bucket centre)")
@@ -261,11 +262,11 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     ax.set_title("perplexity by position in long windows")
     ax.legend(fontsize=7)
     ax = axes[2]
-    for r in rows:
+    for k, r in enumerate(rows):
         lengths = list(r["passkey"])
         if lengths:
             ax.plot([int(n) for n in lengths], [r["passkey"][n]["value"] for n in lengths],
-                    marker="o", label=r["label"])
+                    marker="o", label=r["label"], color="k" if k == 0 else f"C{k - 1}")
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("passkey accuracy")
     ax.set_ylim(-0.05, 1.05)
