@@ -17,14 +17,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import SMOL_ALPHAS, smollm2_harp8_checkpoint
 
 from harp_vllm.errors import UserError
 from harp_vllm.process import free_port
 from harp_vllm.serving import serve as serve_mod
 from harp_vllm.serving.metrics import KVLayout, context_bucket, kv_layout
 
-PRUNED_LAYERS = SMOL_ALPHAS  # the session's shared SmolLM2 HARP P=8 checkpoint
+# The served pool's own HARP P=8 checkpoint (no alpha = 0 layer): the gateway's streaming and
+# metrics tests need a model that keeps generating for a few tokens on their prompts.
+PRUNED_LAYERS = {22: 0.2, 23: 0.3, 24: 0.4, 25: 0.5, 26: 0.5, 27: 0.6, 28: 0.7, 29: 0.8}
 DENSE_NAME, HARP_NAME = "smollm2-dense", "smollm2-harp"
 SERVER_FLAGS = ["--enforce-eager", "--max-model-len", "2048", "--dtype", "float32",
                 "--disable-uvicorn-access-log"]
@@ -99,7 +100,13 @@ def get_vllm_pair(tmp_root: Path, smollm2_dir: Path) -> dict:
         if not plugin_present():
             _POOL["error"] = "the harp_vllm vLLM plugin is not installed"
             pytest.fail(_POOL["error"], pytrace=False)
-        pruned = smollm2_harp8_checkpoint(smollm2_dir, tmp_root)
+        from harp_vllm.pruning.jobs.checkpoint import save_pruned
+        from harp_vllm.pruning.reference import load_model
+        from harp_vllm.spec import PruningSpec
+
+        pruned = save_pruned(load_model(smollm2_dir),
+                             PruningSpec(layers=dict(PRUNED_LAYERS), source_model="smollm2-135m"),
+                             smollm2_dir, tmp_root / "smollm2-harp")
         servers = {
             "dense": serve_mod.ServerProcess(
                 [str(smollm2_dir), "--served-model-name", DENSE_NAME, *SERVER_FLAGS],
