@@ -114,16 +114,20 @@ def prompt_nlls(llm: Any, windows: list[list[int]], progress: bool = True) -> li
     return result
 
 
-def token_windows(tokenizer: Any, text: str, length: int, count: int, skip: int = 0
-                  ) -> list[list[int]]:
+def cut_windows(ids: list[int], length: int, count: int, skip: int = 0) -> list[list[int]]:
     """``count`` non-overlapping windows of ``length`` tokens after the first ``skip`` tokens."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = ids[skip:]
-    n = min(count, len(ids) // length)
-    if n < count:
+    if len(ids) // length < count:
         raise UserError(f"text has {len(ids)} tokens after {skip}: fewer than {count} windows "
                         f"of {length}")
-    return [ids[i * length:(i + 1) * length] for i in range(n)]
+    return [ids[i * length:(i + 1) * length] for i in range(count)]
+
+
+def token_windows(tokenizer: Any, text: str, length: int, count: int, skip: int = 0
+                  ) -> list[list[int]]:
+    """:func:`cut_windows` of ``text`` tokenized (no special tokens)."""
+    return cut_windows(tokenizer(text, add_special_tokens=False)["input_ids"], length, count,
+                       skip)
 
 
 def bucket_nll(nll: list[float], buckets: tuple[int, ...] = BUCKETS) -> list[dict[str, Any]]:
@@ -153,9 +157,10 @@ def perplexity_columns(llm: Any, tokenizer: Any, opts: QualityOptions, log: Any
         n_long = opts.long_windows * opts.long_len if d in opts.long_domains else 0
         text = domain_text(d, "report", max_chars=None if d == "wikitext"
                            else _chars_for(n_short + n_long))
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # once for both cuts
         if d in opts.domains:
             t0 = time.perf_counter()
-            wins = token_windows(tokenizer, text, opts.short_len, opts.short_windows)
+            wins = cut_windows(ids, opts.short_len, opts.short_windows)
             nll = prompt_nlls(llm, wins)
             means = [sum(x) / len(x) for x in nll]
             mean = sum(map(sum, nll)) / sum(map(len, nll))
@@ -165,7 +170,7 @@ def perplexity_columns(llm: Any, tokenizer: Any, opts: QualityOptions, log: Any
             log(f"  {d}: perplexity {math.exp(mean):.3f} ({len(wins)} x {opts.short_len})")
         if n_long:
             t0 = time.perf_counter()
-            wins = token_windows(tokenizer, text, opts.long_len, opts.long_windows, skip=n_short)
+            wins = cut_windows(ids, opts.long_len, opts.long_windows, skip=n_short)
             nll = prompt_nlls(llm, wins)
             long[d] = {"windows": len(wins), "seq_len": opts.long_len,
                        "buckets": [bucket_nll(x) for x in nll],
@@ -220,17 +225,13 @@ def _item_value(v: Any) -> float:
 
 
 def passkey_column(llm: Any, tokenizer: Any, opts: QualityOptions) -> dict[str, Any]:
-    from .tasks.passkey import passkey_on
+    from .tasks.passkey import accuracy_by_length, passkey_on
 
     t0 = time.perf_counter()
-    rows = passkey_on(llm, tokenizer, list(opts.passkey_lengths), opts.passkey_trials,
-                      opts.seed)
-    by_length = {}
-    for length in opts.passkey_lengths:
-        hits = [float(r["correct"]) for r in rows if r["length"] == length]
-        by_length[str(length)] = {"trials": len(hits), "accuracy": sum(hits) / len(hits),
-                                  "items": hits}
-    return {"lengths": by_length, "rows": rows, "seconds": time.perf_counter() - t0}
+    lengths = list(opts.passkey_lengths)
+    rows = passkey_on(llm, tokenizer, lengths, opts.passkey_trials, opts.seed)
+    return {"lengths": accuracy_by_length(rows, lengths, items=True), "rows": rows,
+            "seconds": time.perf_counter() - t0}
 
 
 def evaluate_model(model: str, opts: QualityOptions, log: Any = print) -> dict[str, Any]:

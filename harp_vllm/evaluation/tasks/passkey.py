@@ -117,6 +117,17 @@ def passkey_on(llm, tokenizer, lengths: list[int], trials: int, seed: int = 0,
     return rows
 
 
+def accuracy_by_length(rows: list[dict], lengths: list[int], items: bool = False
+                       ) -> dict[str, dict]:
+    """Per length: trials and accuracy (and with ``items`` each trial's 0/1)."""
+    out: dict[str, dict] = {}
+    for length in lengths:
+        hits = [float(r["correct"]) for r in rows if r["length"] == length]
+        out[str(length)] = {"trials": len(hits), "accuracy": sum(hits) / len(hits),
+                            **({"items": hits} if items else {})}
+    return out
+
+
 def run_passkey(model: str, lengths: list[int], trials: int, seed: int = 0,
                 kv_cache_gb: float = 2.0, progress: bool = True) -> dict:
     """Accuracy by length through an in-process vLLM engine (fp32, eager, plugin loaded)."""
@@ -137,10 +148,6 @@ def run_passkey(model: str, lengths: list[int], trials: int, seed: int = 0,
               max_model_len=max(lengths) + ANSWER_TOKENS + 1, enable_prefix_caching=True)
     started = time.perf_counter() - start
     rows = passkey_on(llm, tok, lengths, trials, seed, progress)
-    by_length = {}
-    for length in lengths:
-        hits = [bool(r["correct"]) for r in rows if r["length"] == length]
-        by_length[str(length)] = {"trials": len(hits), "accuracy": sum(hits) / len(hits)}
     return {"model": model, "path": str(path), "trials_per_length": trials, "seed": seed,
-            "accuracy": by_length, "seconds": time.perf_counter() - start,
+            "accuracy": accuracy_by_length(rows, lengths), "seconds": time.perf_counter() - start,
             "seconds_engine_start": started, "rows": rows}
