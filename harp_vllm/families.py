@@ -43,6 +43,9 @@ class Family:
     linear_maps: bool  # --method linear checkpoints are served
     compensation: bool  # vLLM's code has o_proj / down_proj biases for FLAP's compensation
     biases: BiasRule  # (v_bias, o_bias) of a pruned layer from the attention's keyword args
+    # per-layer sliding windows are served: vLLM's attention of the family reads the layer's
+    # ``layer_types`` and ``sliding_window`` (Qwen2's takes one model-wide window only)
+    windows: bool = False
 
 
 _PLUGIN = "harp_vllm.vllm_plugin"
@@ -50,12 +53,12 @@ FAMILIES: tuple[Family, ...] = (
     Family("LlamaForCausalLM", ("llama", "mistral"), "HarpLlamaForCausalLM",
            f"{_PLUGIN}.llama:HarpLlamaForCausalLM",
            post_norm=False, heads=True, linear_maps=True, compensation=True,
-           biases=_llama_biases),
+           biases=_llama_biases, windows=True),
     # HF-format Mistral checkpoints run on vLLM's Llama code.
     Family("MistralForCausalLM", ("llama", "mistral"), "HarpMistralForCausalLM",
            f"{_PLUGIN}.llama:HarpMistralForCausalLM",
            post_norm=False, heads=True, linear_maps=True, compensation=True,
-           biases=_llama_biases),
+           biases=_llama_biases, windows=True),
     Family("Qwen2ForCausalLM", ("qwen2",), "HarpQwen2ForCausalLM",
            f"{_PLUGIN}.qwen2:HarpQwen2ForCausalLM",
            post_norm=False, heads=True, linear_maps=False, compensation=False,
@@ -63,11 +66,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("Gemma2ForCausalLM", ("gemma2",), "HarpGemma2ForCausalLM",
            f"{_PLUGIN}.gemma:HarpGemma2ForCausalLM",
            post_norm=True, heads=False, linear_maps=False, compensation=False,
-           biases=_gemma_biases),
+           biases=_gemma_biases, windows=True),
     Family("Gemma3ForCausalLM", ("gemma3_text",), "HarpGemma3ForCausalLM",
            f"{_PLUGIN}.gemma:HarpGemma3ForCausalLM",
            post_norm=True, heads=False, linear_maps=False, compensation=False,
-           biases=_gemma_biases),
+           biases=_gemma_biases, windows=True),
 )
 
 # HF architecture -> HARP architecture name registered with vLLM.
@@ -89,6 +92,8 @@ NO_COMPENSATION_MODEL_TYPES = _model_types(lambda f: f.heads and not f.compensat
 LINEAR_MODEL_TYPES = _model_types(lambda f: f.linear_maps)
 # harp-vllm plan mixes maps with KV-group cuts carrying FLAP's bias: all three served.
 PLAN_MODEL_TYPES = _model_types(lambda f: f.linear_maps and f.heads and f.compensation)
+# model types whose checkpoints may have per-layer sliding windows.
+WINDOWED_MODEL_TYPES = _model_types(lambda f: f.windows)
 
 
 def family_of(config: Any) -> Family:

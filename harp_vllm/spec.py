@@ -1,9 +1,9 @@
 """The pruning section a pruned checkpoint carries in its config.json.
 
-Format (version 2; version 1 checkpoints, which have no ``maps``, still load)::
+Format (version 3 when a layer is windowed, else 2; versions 1 and 2 still load)::
 
     "harp_pruning": {
-      "version": 2,
+      "version": 3,
       "method": "harp",                    # harp | gate-norm | hybrid | linear | ...
       "layers": {"22": 0.3, "29": 0.8},    # pruned layer index -> alpha (0 = sublayer removed)
       "maps": {                            # optional: attention replaced by a fitted linear map
@@ -15,7 +15,8 @@ Format (version 2; version 1 checkpoints, which have no ``maps``, still load)::
         "num_attention_heads": [9, 6, ...],  # per layer, >= 1
         "num_key_value_heads": [3, 2, ...],
         "intermediate_size": [1536, ...]
-      }
+      },
+      "windows": {"12": 1024}              # optional (version 3): sliding-window attention
     }
 
 A pruned layer has no q/k projections and computes ``h + alpha * o_proj(repeat_kv(v_proj(
@@ -37,6 +38,12 @@ heads' outputs from the normed input, through their o_proj columns: ``attn(x) +
 out_proj(in_proj(x))``, with a bias on ``in_proj`` and none on ``out_proj`` (weights
 ``self_attn.group_map.in_proj.weight`` [rank, d], ``.in_proj.bias`` [rank],
 ``self_attn.group_map.out_proj.weight`` [d, rank]; see ``pruning/methods/group_fit.py``).
+
+A layer in ``windows`` keeps its attention and weights, but each token attends only to the
+last ``W`` tokens (itself included: key ``j`` is seen by query ``i`` when ``0 <= i - j < W``),
+so its KV cache holds at most ``W`` tokens of a sequence (vLLM frees the blocks outside the
+window). ``W`` is smaller than the model's context (``max_position_embeddings``); a windowed
+layer is not in ``layers`` or a replacing map (it has attention).
 """
 
 from __future__ import annotations
@@ -47,8 +54,9 @@ from typing import Any
 from .errors import UserError
 
 CONFIG_KEY = "harp_pruning"
-SPEC_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SPEC_VERSION = 2  # written when no layer is windowed (older harp-vllm reads it)
+WINDOWS_VERSION = 3  # written when ``windows`` is set
+READABLE_VERSIONS = (1, 2, 3)
 MAP_INPUTS = ("normed", "raw")
 SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
@@ -64,6 +72,7 @@ class PruningSpec:
     calibration: dict[str, Any] = field(default_factory=dict)
     shapes: dict[str, list[int]] | None = None  # SHAPE_KEYS -> one value per layer
     maps: dict[int, dict[str, Any]] = field(default_factory=dict)  # layer -> input, rank
+    windows: dict[int, int] = field(default_factory=dict)  # layer -> sliding window (tokens)
     version: int = SPEC_VERSION
 
     @property
@@ -96,7 +105,7 @@ class PruningSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "version": self.version,
+            "version": max(self.version, WINDOWS_VERSION) if self.windows else self.version,
             "method": self.method,
             "layers": {str(k): float(v) for k, v in sorted(self.layers.items())},
             "source_model": self.source_model,
@@ -107,6 +116,8 @@ class PruningSpec:
             **({"maps": {str(k): {"input": v["input"], "rank": v["rank"],
                                   **({"add": True} if v.get("add") else {})}
                          for k, v in sorted(self.maps.items())}} if self.maps else {}),
+            **({"windows": {str(k): int(v) for k, v in sorted(self.windows.items())}}
+               if self.windows else {}),
         }
 
     @classmethod
@@ -137,11 +148,12 @@ class PruningSpec:
             layers[idx] = float(v)
         shapes = _parse_shapes(d.get("shapes"), num_layers)
         maps = _parse_maps(d.get("maps"), layers, num_layers, version)
+        windows = _parse_windows(d.get("windows"), layers, maps, num_layers, version)
         return cls(layers=layers, method=str(d.get("method", "harp")),
                    source_model=d.get("source_model"),
                    source_architecture=d.get("source_architecture"),
                    calibration=dict(d.get("calibration") or {}), shapes=shapes, maps=maps,
-                   version=version)
+                   windows=windows, version=version)
 
     @classmethod
     def from_config(cls, config: Any) -> PruningSpec | None:
@@ -170,6 +182,12 @@ class PruningSpec:
                             f"'.maps') but '{CONFIG_KEY}.shapes.{key}[{idx}]' is "
                             f"{spec.shapes[key][idx]}; such a layer keeps the config's "
                             f"{key} = {limit}")
+        context = get("max_position_embeddings")
+        for idx, w in spec.windows.items():
+            if isinstance(context, int) and w >= context:
+                raise UserError(f"'{CONFIG_KEY}.windows[{idx}]' is {w} tokens, not smaller than "
+                                f"the model's context (max_position_embeddings = {context}): "
+                                f"such a window never drops a token; leave the layer out")
         d = get("hidden_size")
         for idx, m in spec.maps.items():
             if isinstance(d, int) and m["rank"] is not None and m["rank"] > d:
@@ -220,6 +238,35 @@ def _parse_maps(raw: Any, layers: dict[int, float], num_layers: int | None, vers
                             f"got {rank!r}")
         maps[idx] = {"input": v["input"], "rank": rank, **({"add": True} if add else {})}
     return maps
+
+
+def _parse_windows(raw: Any, layers: dict[int, float], maps: dict[int, dict[str, Any]],
+                   num_layers: int | None, version: int) -> dict[int, int]:
+    """Validate the optional sliding windows: layer index -> window in tokens (>= 1)."""
+    if raw is None:
+        return {}
+    where = f"'{CONFIG_KEY}.windows'"
+    if version < WINDOWS_VERSION:
+        raise UserError(f"{where} needs '{CONFIG_KEY}.version' {WINDOWS_VERSION}, the file says "
+                        f"{version}")
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} must be an object mapping layer index to a window in tokens")
+    windows: dict[int, int] = {}
+    for k, v in raw.items():
+        try:
+            idx = int(k)
+        except (TypeError, ValueError):
+            raise UserError(f"{where} has a non-integer layer index {k!r}") from None
+        if num_layers is not None and not 0 <= idx < num_layers:
+            raise UserError(f"{where} has layer index {idx} out of range (the model has "
+                            f"{num_layers} layers: 0..{num_layers - 1})")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(f"{where}[{k}] must be a positive number of tokens, got {v!r}")
+        if idx in layers or (idx in maps and not maps[idx].get("add")):
+            raise UserError(f"layer {idx} is in {where} but has no attention (it is in "
+                            f"'{CONFIG_KEY}.{'layers' if idx in layers else 'maps'}')")
+        windows[idx] = v
+    return windows
 
 
 def _parse_shapes(raw: Any, num_layers: int | None) -> dict[str, list[int]] | None:

@@ -302,7 +302,7 @@ def test_rescore_windows_are_disjoint_from_the_fit_windows(tiny_llama):
     fit_rows = {tuple(r.tolist()) for r in fits}
     assert not any(tuple(r.tolist()) in fit_rows for r in both[16:])
 
-    mixed, calib = mixed_calibration_windows(tiny_tokenizer, ["wikitext", "python"], 6, 64)
+    mixed, calib, _ = mixed_calibration_windows(tiny_tokenizer, ["wikitext", "python"], 6, 64)
     assert calib == {"mix": ["wikitext", "python"], "part": "dev"}
     wiki = calibration_windows(tiny_tokenizer, domain_text("wikitext", "dev"), 3, 64, seed=0)
     assert torch.equal(mixed[0::2], wiki)  # interleaved: every other window is WikiText's

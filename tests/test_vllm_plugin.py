@@ -462,6 +462,22 @@ def broken_linear_map_rank_larger_than_hidden_size(src: dict, out: Path) -> Path
     return m
 
 
+def broken_window_not_smaller_than_the_context(src: dict, out: Path) -> Path:
+    m = _harp_copy(src, out)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["harp_pruning"].update(version=3, windows={"1": 512})  # max_position_embeddings 512
+    edit_config(m, harp_pruning=cfg["harp_pruning"])
+    return m
+
+
+def broken_window_on_a_family_without_per_layer_windows(src: dict, out: Path) -> Path:
+    base = make_tiny("qwen2", out / "qwen2", layers=2)
+    pruned = save(base, out / "p", {})
+    edit_config(pruned, harp_pruning={"version": 3, "method": "window", "layers": {},
+                                      "windows": {"1": 64}})
+    return pruned
+
+
 BROKEN = {name[len("broken_"):]: fn for name, fn in list(globals().items())
           if name.startswith("broken_") and callable(fn)}
 
@@ -486,6 +502,20 @@ def expect_refused(refused: dict, name: str, *messages: str) -> None:
     assert not run["ok"], f"{name}: the engine started but should have refused the checkpoint"
     for m in messages:
         assert m in run["error"], f"{m!r} not in the error:\n{run['error'][-3000:]}"
+
+
+@vllm
+@pytest.mark.timeout(1500)
+def test_error_window_not_smaller_than_the_context(refused):
+    expect_refused(refused, "window_not_smaller_than_the_context",
+                   "'harp_pruning.windows[1]' is 512 tokens", "max_position_embeddings = 512")
+
+
+@vllm
+@pytest.mark.timeout(1500)
+def test_error_window_on_a_family_without_per_layer_windows(refused):
+    expect_refused(refused, "window_on_a_family_without_per_layer_windows",
+                   "sliding windows ('windows') are served for", "not 'qwen2'")
 
 
 @vllm

@@ -21,7 +21,9 @@ def register(app: typer.Typer) -> None:
         speedup: Annotated[float | None, typer.Option(
             help="also a predicted prefill speed-up of at least this at --context tokens "
                  "(cost model)")] = None,
-        context: Annotated[int, typer.Option(help="context length of the speed budget")] = 7168,
+        context: Annotated[int, typer.Option(
+            help="context length the budgets are stated at (KV bytes of windowed layers, "
+                 "the speed budget)")] = 7168,
         layout: Annotated[str | None, typer.Option(
             help="no search: an explicit layout, e.g. 7:linear192,28-29:remove,3:drop1 (the "
                  "'layout' of a plan.json)")] = None,
@@ -37,8 +39,21 @@ def register(app: typer.Typer) -> None:
                  "--speedup")] = None,
         candidates: Annotated[str | None, typer.Option(
             help="candidate kinds offered per layer: drop (FLAP KV-group cuts), droplin (KV "
-                 "groups cut, a fitted map in their place), linear (maps), remove; default "
-                 "droplin,linear,remove, all four with --speedup")] = None,
+                 "groups cut, a fitted map in their place), linear (maps), remove, window "
+                 "(sliding-window attention, sizes from --windows); default "
+                 "droplin,linear,remove (+ window with --windows), all with --speedup")] = None,
+        windows: Annotated[str | None, typer.Option(
+            help="offer sliding windows of these sizes (tokens), e.g. 512,1024,2048: each "
+                 "candidate is then priced on --long-seq-len windows")] = None,
+        long_seq_len: Annotated[int, typer.Option(
+            help="with windows: tokens per long window (damage and re-scoring), from the "
+                 "calibration text's tail, disjoint from the fits")] = 4096,
+        long_damage_windows: Annotated[int, typer.Option(
+            help="with windows: long windows every candidate's damage is measured on")] = 2,
+        long_rescore_windows: Annotated[int, typer.Option(
+            help="with windows: long windows the best layouts are re-scored on")] = 2,
+        long_positions: Annotated[int, typer.Option(
+            help="with windows: sampled positions per long damage window")] = 512,
         calib_file: Annotated[Path | None, typer.Option(
             help="calibrate on a text file (default: WikiText-2 validation)")] = None,
         calib_mix: Annotated[str | None, typer.Option(
@@ -70,7 +85,7 @@ def register(app: typer.Typer) -> None:
         threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
     ) -> None:
         """Choose each layer's attention (keep, fewer KV groups with or without a fitted map
-        for the removed ones, linear map, removed) under a
+        for the removed ones, linear map, removed, a sliding window) under a
         KV budget by an exact MILP over per-layer calibration damage; write the checkpoint
         and plan.json, or with --frontier a sweep of budgets."""
         import torch
@@ -91,6 +106,9 @@ def register(app: typer.Typer) -> None:
                 model=model, out=out, kv_saving=kv_saving, speedup=speedup, context=context,
                 layout=layout, frontier=frontier, budgets=sweep, compare=compare, ranks=ranks,
                 calib_file=calib_file, calib_mix=calib_mix, candidates=candidates,
+                windows=windows, long_seq_len=long_seq_len,
+                long_damage_windows=long_damage_windows,
+                long_rescore_windows=long_rescore_windows, long_positions=long_positions,
                 calib_samples=calib_samples,
                 calib_seq_len=calib_seq_len, damage_windows=damage_windows,
                 rescore_windows=rescore_windows,

@@ -7,7 +7,9 @@ Per decoder layer and token (``d`` hidden size, ``H``/``G`` query/KV heads, ``h`
 - attention projections: ``q`` ``d*H*h``, ``k`` and ``v`` ``d*G*h`` each, ``o`` ``H*h*d``;
 - attention core (``QK^T`` and ``AV``): ``2*H*h*n`` for a token attending to ``n`` tokens.
   Prefilling ``N`` tokens causally costs ``H*h*N*(N+1)`` over the prompt, i.e.
-  ``H*h*(N+1)`` per token; decoding one token at context ``N`` costs ``2*H*h*N``;
+  ``H*h*(N+1)`` per token; decoding one token at context ``N`` costs ``2*H*h*N``. A layer
+  with a sliding window ``W`` attends to ``min(n, W)`` tokens: prefill
+  ``2*H*h*(W*(W+1)/2 + (N-W)*W)/N`` per token when ``N > W``, decode ``2*H*h*min(N, W)``;
 - MLP (gated): ``3*d*I``;
 - a fitted linear map: ``2*d*r`` (rank ``r``) or ``d*d`` (full); a removed sublayer: 0;
   a map added to narrowed attention (removed KV groups predicted, ``group_fit.py``):
@@ -16,14 +18,16 @@ Per decoder layer and token (``d`` hidden size, ``H``/``G`` query/KV heads, ``h`
   prompt token), once per token in decode.
 
 Norms, rotary embeddings, sampling and the embedding lookup are left out (O(d) per token).
-KV cache: ``2*G*h*dtype_bytes`` per token and layer (K and V). The predicted speed-up of a
+KV cache: ``2*G*h*dtype_bytes`` per token and layer (K and V); a windowed layer keeps at most
+``W`` tokens of a sequence, so at context ``N`` it holds ``min(N, W)/N`` of that per token
+(a KV budget with windows is stated at a context length). The predicted speed-up of a
 pruned model is the ratio of summed MACs, dense over pruned: it assumes a MAC costs the same in
 attention as in a GEMM, which the engine benchmarks check (see ``docs/results.md``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..families import head_dim
@@ -39,6 +43,7 @@ class LayerShape:
     rank: int | None = None  # linear: None = full d x d
     intermediate: int = 0
     added_rank: int = 0  # dense: the rank of a map added to the attention (0: none)
+    window: int | None = None  # dense: sliding-window attention over the last W tokens
 
 
 def layer_params(cfg: Any, s: LayerShape) -> int:
@@ -58,7 +63,13 @@ def layer_macs(cfg: Any, s: LayerShape, context: int, phase: str = "prefill") ->
     h = head_dim(cfg)
     macs = float(layer_params(cfg, s))  # every weight is one MAC per token
     if s.attention == "dense":
-        n = context + 1 if phase == "prefill" else 2 * context
+        w = s.window
+        if phase == "decode":
+            n = 2 * (context if w is None else min(context, w))
+        elif w is None or context <= w:
+            n = context + 1
+        else:  # tokens 1..W attend to themselves and all before, the rest to W tokens
+            n = 2 * (w * (w + 1) / 2 + (context - w) * w) / context
         macs += s.q_heads * h * n
     return macs
 
@@ -69,17 +80,32 @@ def kv_head_bytes(head_size: int, dtype_bytes: int = 2) -> int:
     return 2 * int(head_size) * int(dtype_bytes)
 
 
-def kv_bytes(cfg: Any, s: LayerShape, dtype_bytes: int = 2) -> int:
-    """KV-cache bytes one token takes in this layer."""
-    return s.kv_heads * kv_head_bytes(head_dim(cfg), dtype_bytes) if s.attention == "dense" else 0
+def kv_bytes(cfg: Any, s: LayerShape, dtype_bytes: int = 2, context: int | None = None
+             ) -> float:
+    """KV-cache bytes one token takes in this layer; with ``context``, the mean per token of
+    a ``context``-token sequence (a windowed layer keeps ``min(context, W)`` tokens)."""
+    if s.attention != "dense":
+        return 0
+    per_token = s.kv_heads * kv_head_bytes(head_dim(cfg), dtype_bytes)
+    if s.window is None or context is None or context <= s.window:
+        return per_token
+    return per_token * s.window / context
 
 
 def kv_bytes_per_token(cfg: Any, shapes: list[LayerShape] | None = None,
-                       dtype_bytes: int = 2) -> int:
-    """KV-cache bytes one token takes over all layers (``shapes`` None: the dense model)."""
+                       dtype_bytes: int = 2, context: int | None = None) -> float:
+    """KV-cache bytes one token takes over all layers (``shapes`` None: the dense model);
+    with ``context``, the mean per token of a ``context``-token sequence (windows counted)."""
     if shapes is None:
         shapes = [dense_shape(cfg)] * cfg.num_hidden_layers
-    return sum(kv_bytes(cfg, s, dtype_bytes) for s in shapes)
+    total = sum(kv_bytes(cfg, s, dtype_bytes, context) for s in shapes)
+    return int(total) if float(total).is_integer() else total
+
+
+def kv_bytes_per_sequence(cfg: Any, shapes: list[LayerShape], context: int,
+                          dtype_bytes: int = 2) -> int:
+    """KV-cache bytes one ``context``-token sequence holds over all layers."""
+    return round(kv_bytes_per_token(cfg, shapes, dtype_bytes, context) * context)
 
 
 def dense_shape(cfg: Any) -> LayerShape:
@@ -107,6 +133,8 @@ def model_shapes(cfg: Any, spec: Any | None) -> list[LayerShape]:
         elif spec is not None and i in spec.layers:  # HARP token-local: v and o folded
             base = LayerShape("linear", rank=base.kv_heads * head_dim(cfg),
                               intermediate=base.intermediate)
+        if spec is not None and i in spec.windows:
+            base = replace(base, window=spec.windows[i])
         out.append(base)
     return out
 
@@ -127,14 +155,22 @@ def predicted_speedup(cfg: Any, shapes: list[LayerShape], context: int,
 
 
 def summary(cfg: Any, shapes: list[LayerShape], contexts: tuple[int, ...] = (4096, 7168),
-            dtype_bytes: int = 2) -> dict:
-    """KV bytes per token, parameters and predicted prefill/decode speed-ups at ``contexts``."""
+            dtype_bytes: int = 2, context: int | None = None) -> dict:
+    """KV bytes per token (at ``context``, default the last of ``contexts``, when a layer is
+    windowed), parameters and predicted prefill/decode speed-ups at ``contexts``."""
     dense = [dense_shape(cfg)] * cfg.num_hidden_layers
-    kv = kv_bytes_per_token(cfg, shapes, dtype_bytes)
+    at = context or contexts[-1]
+    kv_full = kv_bytes_per_token(cfg, shapes, dtype_bytes)  # no window binding
+    kv = kv_bytes_per_token(cfg, shapes, dtype_bytes, at)
     kv_dense = kv_bytes_per_token(cfg, dense, dtype_bytes)
+    windowed = any(s.window is not None for s in shapes)
     return {
         "kv_bytes_per_token": kv, "kv_bytes_per_token_dense": kv_dense,
         "kv_saving": round(1 - kv / kv_dense, 6),
+        **({"kv_context": at, "kv_bytes_per_token_unwindowed": kv_full,
+            "kv_bytes_per_sequence": kv_bytes_per_sequence(cfg, shapes, at, dtype_bytes),
+            "kv_bytes_per_sequence_dense": kv_bytes_per_sequence(cfg, dense, at, dtype_bytes)}
+           if windowed else {}),
         "layer_params": sum(layer_params(cfg, s) for s in shapes),
         "layer_params_dense": sum(layer_params(cfg, s) for s in dense),
         "predicted_speedup": {

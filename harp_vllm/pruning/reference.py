@@ -90,6 +90,76 @@ def attach_group_map(attn: nn.Module, group_map: GroupMap) -> None:
     attn.register_forward_hook(_add_group_map, with_kwargs=True)
 
 
+def window_mask(window: int, q_len: int, k_len: int, dtype: torch.dtype,
+                device: torch.device | None = None) -> torch.Tensor:
+    """The additive mask ``[1, 1, q_len, k_len]`` of sliding-window causal attention: the
+    ``q_len`` queries are the last positions of the ``k_len`` keys, and query ``i`` sees key
+    ``j`` when ``0 <= i - j < window`` (vLLM's ``sliding_window`` convention)."""
+    i = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    j = torch.arange(k_len, device=device)[None, :]
+    seen = (j <= i) & (i - j < window)
+    mask = torch.zeros(q_len, k_len, dtype=dtype, device=device)
+    return mask.masked_fill_(~seen, torch.finfo(dtype).min)[None, None]
+
+
+def _window_hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    if x.dim() != 3:
+        raise UserError("windowed attention expects [batch, tokens, hidden] inputs")
+    cache = kwargs.get("past_key_values")
+    past = 0 if cache is None else int(cache.get_seq_length(module.layer_idx))
+    q_len = x.shape[1]
+    mask = window_mask(module.harp_window, q_len, past + q_len, x.dtype, x.device)
+    given = kwargs.get("attention_mask")
+    if given is not None:  # padding: the window narrows what the model's own mask allows
+        given = given[..., -mask.shape[-1]:]
+        mask = (mask + given if given.dtype != torch.bool
+                else mask.masked_fill(~given, torch.finfo(x.dtype).min))
+    kwargs["attention_mask"] = mask.clamp(min=torch.finfo(x.dtype).min)
+    return args, kwargs
+
+
+def attach_window(attn: nn.Module, window: int) -> None:
+    """Make ``attn`` (an HF attention module) attend to the last ``window`` tokens only."""
+    if getattr(attn, "harp_window", None) is not None:
+        attn.harp_window = window
+        return
+    attn.harp_window = window
+    attn.register_forward_pre_hook(_window_hook, with_kwargs=True)
+
+
+class WindowedAttention(nn.Module):
+    """``attn`` (an HF attention module, shared, not copied) over the last ``window`` tokens
+    only: the planner's stand-in for a windowed layer while it scores layouts."""
+
+    def __init__(self, attn: nn.Module, window: int):
+        super().__init__()
+        self.attn, self.harp_window = attn, window
+        self.layer_idx = getattr(attn, "layer_idx", None)
+
+    def forward(self, *args, **kwargs):
+        args, kwargs = _window_hook(self, args, kwargs)
+        return self.attn(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def windowed(model, windows: Mapping[int, int]) -> Iterator[None]:
+    """Temporarily give ``windows`` (layer index -> tokens) sliding-window attention."""
+    _check_layers(model, windows)
+    handles = []
+    try:
+        for idx, w in windows.items():
+            attn: Any = decoder_layers(model)[idx].self_attn
+            attn.harp_window = w
+            handles.append((attn, attn.register_forward_pre_hook(_window_hook,
+                                                                 with_kwargs=True)))
+        yield
+    finally:
+        for attn, h in handles:
+            h.remove()
+            attn.harp_window = None
+
+
 def install_map(layer: nn.Module, module: LinearAttention, input_kind: str) -> None:
     """Replace ``layer``'s attention by ``module``; ``raw`` input also drops the input norm
     (the map then reads the residual stream itself)."""
@@ -175,6 +245,9 @@ def apply_pruning(model, spec: PruningSpec):
         attn: Any = decoder_layers(model)[idx].self_attn
         if not hasattr(attn, "group_map"):
             attach_group_map(attn, GroupMap(model.config.hidden_size, m["rank"]))
+    _check_layers(model, spec.windows)
+    for idx, w in spec.windows.items():
+        attach_window(decoder_layers(model)[idx].self_attn, w)
     model.config.harp_pruning = spec.to_dict()
     return model
 

@@ -14,7 +14,13 @@ from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.models.utils import extract_layer_index
 
 from ..errors import UserError
-from ..families import BY_HARP_ARCHITECTURE, FAMILIES, STRUCTURED_MODEL_TYPES, head_dim
+from ..families import (
+    BY_HARP_ARCHITECTURE,
+    FAMILIES,
+    STRUCTURED_MODEL_TYPES,
+    WINDOWED_MODEL_TYPES,
+    head_dim,
+)
 from ..spec import CONFIG_KEY, PruningSpec
 from .fold import check_heads
 
@@ -49,6 +55,10 @@ def pruning_spec(config: Any, arch: str) -> PruningSpec:
             f"('shapes', method {spec.method}) are served for "
             f"{', '.join(STRUCTURED_MODEL_TYPES)} "
             f"models only, not {model_type!r}")
+    if spec.windows and model_type not in WINDOWED_MODEL_TYPES:
+        raise HarpCheckpointError(
+            f"invalid '{CONFIG_KEY}' section in config.json: sliding windows ('windows') are "
+            f"served for {', '.join(WINDOWED_MODEL_TYPES)} models only, not {model_type!r}")
     check_tensor_parallel(config, spec, get_tensor_model_parallel_world_size())
     return spec
 
@@ -95,17 +105,27 @@ def check_tensor_parallel(config: Any, spec: PruningSpec, tp_size: int) -> None:
 
 
 def layer_config(config: Any, prefix: str) -> Any:
-    """The config decoder layer ``prefix`` is built from: the model's own, or for a head/MLP
-    pruned checkpoint a copy with the layer's head counts and MLP width (vLLM's attention
-    then registers a KV cache of the layer's own size)."""
+    """The config decoder layer ``prefix`` is built from: the model's own, or a copy with the
+    layer's own head counts and MLP width (head/MLP pruning: vLLM's attention then registers a
+    KV cache of the layer's own size) and its sliding window (``windows``: the family's
+    attention reads ``layer_types`` and ``sliding_window`` and registers a sliding-window KV
+    cache, whose blocks outside the window vLLM frees)."""
     spec = PruningSpec.from_config(config)
-    shape = None if spec is None else spec.layer_shape(extract_layer_index(prefix))
-    if shape is None:
+    idx = extract_layer_index(prefix)
+    shape = None if spec is None else spec.layer_shape(idx)
+    window = None if spec is None else spec.windows.get(idx)
+    if shape is None and window is None:
         return config
     layer_cfg = copy.copy(config)
     layer_cfg.head_dim = head_dim(config)  # before the head count changes
-    for key, value in shape.items():
+    for key, value in (shape or {}).items():
         setattr(layer_cfg, key, value)
+    if window is not None:
+        types = list(getattr(config, "layer_types", None)
+                     or ["full_attention"] * int(config.num_hidden_layers))
+        types[idx] = "sliding_attention"
+        layer_cfg.layer_types = types
+        layer_cfg.sliding_window = window
     return layer_cfg
 
 

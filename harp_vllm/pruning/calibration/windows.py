@@ -25,14 +25,21 @@ def load_calibration_text(calib_data: str = "wikitext2", calib_split: str | None
     return data_mod.load_text(calib_data, split), {"dataset": calib_data, "split": split}
 
 
-def calibration_windows(tokenizer, text: str, samples: int, seq_len: int, seed: int = 0
-                        ) -> torch.Tensor:
-    """``samples`` random windows of ``seq_len`` tokens (seeded) from ``text``."""
+def calibration_windows(tokenizer, text: str, samples: int, seq_len: int, seed: int = 0,
+                        reserve_tail: int = 0) -> torch.Tensor:
+    """``samples`` random windows of ``seq_len`` tokens (seeded) from ``text``, leaving out
+    its last ``reserve_tail`` tokens (kept for ``tail_windows``: disjoint by construction)."""
     if samples < 1:
         raise UserError(f"--calib-samples must be at least 1, got {samples}")
     if not text.strip():
         raise UserError("calibration text is empty")
     ids = tokenize(tokenizer, text)
+    if reserve_tail:
+        if ids.numel() <= reserve_tail + seq_len:
+            raise UserError(f"calibration text is too short: {ids.numel()} tokens, need more "
+                            f"than {reserve_tail + seq_len} (the long windows keep its last "
+                            f"{reserve_tail})")
+        ids = ids[:-reserve_tail]
     if ids.numel() < seq_len + 1:
         raise UserError(f"calibration text is too short: {ids.numel()} tokens, need more than "
                         f"--calib-seq-len {seq_len}")
@@ -45,21 +52,42 @@ def calibration_windows(tokenizer, text: str, samples: int, seq_len: int, seed: 
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
+def tail_windows(tokenizer, text: str, count: int, seq_len: int) -> torch.Tensor:
+    """The last ``count * seq_len`` tokens of ``text`` as ``count`` consecutive windows (the
+    long windows: the fits' ``calibration_windows(..., reserve_tail=count * seq_len)`` never
+    read them)."""
+    ids = tokenize(tokenizer, text)
+    if ids.numel() < count * seq_len:
+        raise UserError(f"calibration text is too short for {count} long windows of {seq_len} "
+                        f"tokens: {ids.numel()} tokens")
+    return ids[ids.numel() - count * seq_len:].view(count, seq_len)
+
+
 def mixed_calibration_windows(tokenizer, domains: list[str], samples: int, seq_len: int,
-                              seed: int = 0) -> tuple[torch.Tensor, dict]:
+                              seed: int = 0, long: tuple[int, int] = (0, 0)
+                              ) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
     """``samples`` windows from the **dev** parts of several domains
     (:mod:`harp_vllm.evaluation.domains`), interleaved one domain after another so any
-    leading slice (the damage windows, say) covers every domain evenly."""
+    leading slice (the damage windows, say) covers every domain evenly; and with ``long`` =
+    (count, length), that many long windows from the domains' tails in turn (disjoint from
+    the others)."""
     from ...evaluation.domains import DOMAINS, domain_text
 
     if not domains:
         raise UserError("--calib-mix is empty (give some of "
                         f"{', '.join(DOMAINS)})")
     per = -(-samples // len(domains))
-    parts = []
+    n_long, long_len = long
+    long_per = -(-n_long // len(domains)) if n_long else 0
+    parts, tails = [], []
     for i, d in enumerate(domains):
-        chars = None if d == "wikitext" else (per + 2) * seq_len * 8
-        parts.append(calibration_windows(tokenizer, domain_text(d, "dev", max_chars=chars),
-                                         per, seq_len, seed + i))
+        chars = None if d == "wikitext" else ((per + 2) * seq_len + long_per * long_len) * 8
+        text = domain_text(d, "dev", max_chars=chars)
+        parts.append(calibration_windows(tokenizer, text, per, seq_len, seed + i,
+                                         reserve_tail=long_per * long_len))
+        if long_per:
+            tails.append(tail_windows(tokenizer, text, long_per, long_len))
     order = [parts[i % len(domains)][i // len(domains)] for i in range(samples)]
-    return torch.stack(order), {"mix": list(domains), "part": "dev"}
+    long_windows = (torch.stack([tails[i % len(domains)][i // len(domains)]
+                                 for i in range(n_long)]) if n_long else None)
+    return torch.stack(order), {"mix": list(domains), "part": "dev"}, long_windows

@@ -20,8 +20,17 @@ from ..calibration.windows import (
     calibration_windows,
     load_calibration_text,
     mixed_calibration_windows,
+    tail_windows,
 )
-from ..planner.choices import KEEP, KINDS, Choice, candidates, parse_layout
+from ..planner.choices import (
+    DEFAULT_WINDOWS,
+    KEEP,
+    KINDS,
+    Choice,
+    candidates,
+    check_window,
+    parse_layout,
+)
 from ..planner.layouts import apply_layout, installed, layout_summary, layout_text
 from ..planner.scoring import ensure_statistics, layout_kl
 from ..planner.solve import Budget, plan_layout
@@ -46,6 +55,11 @@ class PlanOptions:
     compare: Path | None = None  # single-method curves for the frontier plot
     ranks: str | None = None  # None: full (KV budget), 192,full (with a speed budget)
     candidates: str | None = None  # kinds offered; None: see default_kinds
+    windows: str | None = None  # sliding windows offered (tokens, comma list): adds "window"
+    long_seq_len: int = 4096  # with windows: damage and re-scoring on windows this long
+    long_damage_windows: int = 2
+    long_rescore_windows: int = 2
+    long_positions: int = 512
     calib_file: Path | None = None
     calib_mix: str | None = None  # comma list of domains: windows from each one's dev part
     calib_samples: int = 16
@@ -90,6 +104,9 @@ def _check(opts: PlanOptions) -> None:
         raise UserError(f"--rescore-windows must be >= 0, got {opts.rescore_windows}")
     if opts.calib_mix is not None and opts.calib_file is not None:
         raise UserError("give --calib-mix or --calib-file, not both")
+    if opts.long_seq_len < 2 or opts.long_damage_windows < 1 or opts.long_rescore_windows < 0:
+        raise UserError("--long-seq-len must be >= 2, --long-damage-windows >= 1 and "
+                        "--long-rescore-windows >= 0")
     if opts.calib_samples % 8:
         raise UserError(f"--calib-samples must be a multiple of 8 (the batch), got "
                         f"{opts.calib_samples}")
@@ -106,11 +123,25 @@ def default_kinds(speedup: float | None) -> tuple[str, ...]:
 
 def _kinds(opts: PlanOptions) -> tuple[str, ...]:
     if opts.candidates is None:
-        return default_kinds(opts.speedup)
+        kinds = default_kinds(opts.speedup)
+        return (*kinds, "window") if opts.windows else kinds
     kinds = tuple(dict.fromkeys(k.strip() for k in opts.candidates.split(",") if k.strip()))
     if not kinds:
         raise UserError(f"--candidates is empty (give some of {', '.join(KINDS)})")
     return kinds
+
+
+def _windows(opts: PlanOptions, cfg: Any) -> tuple[int, ...]:
+    if opts.windows is None:
+        return DEFAULT_WINDOWS
+    try:
+        sizes = tuple(dict.fromkeys(int(t) for t in opts.windows.split(",") if t.strip()))
+    except ValueError:
+        raise UserError(f"--windows must be a comma list of token counts, got "
+                        f"{opts.windows!r}") from None
+    if not sizes:
+        raise UserError("--windows is empty (give e.g. 512,1024,2048)")
+    return tuple(check_window(w, cfg) for w in sizes)
 
 
 def _ranks(text: str | None, cfg: Any, speedup: float | None) -> list[int | None]:
@@ -156,34 +187,51 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     ranks = _ranks(opts.ranks, cfg, opts.speedup)
     kinds = _kinds(opts)
     layout = parse_layout(opts.layout, cfg) if opts.layout else None
+    # long windows (damage + re-scoring) when a sliding window is offered or in the layout
+    use_long = "window" in kinds if layout is None else any(
+        c.kind == "window" for c in layout.values())
+    n_long = opts.long_damage_windows + opts.long_rescore_windows if use_long else 0
     t0 = time.perf_counter()
     tok = models.load_tokenizer(src)
     # the fits (maps, statistics, damage) read the first calib_samples windows; the layouts
     # are re-scored on rescore_windows more, disjoint from every fit
     n_windows = opts.calib_samples + opts.rescore_windows
+    long_windows = None
     if opts.calib_mix is not None:
-        windows, calib = mixed_calibration_windows(
+        windows, calib, long_windows = mixed_calibration_windows(
             tok, [d.strip() for d in opts.calib_mix.split(",") if d.strip()], n_windows,
-            opts.calib_seq_len, opts.seed)
+            opts.calib_seq_len, opts.seed, long=(n_long, opts.long_seq_len))
     else:
         text, calib = load_calibration_text(calib_file=opts.calib_file)
-        windows = calibration_windows(tok, text, n_windows, opts.calib_seq_len, opts.seed)
+        windows = calibration_windows(tok, text, n_windows, opts.calib_seq_len, opts.seed,
+                                      reserve_tail=n_long * opts.long_seq_len)
+        if n_long:
+            long_windows = tail_windows(tok, text, n_long, opts.long_seq_len)
     rescore = windows[opts.calib_samples:]
     windows = windows[:opts.calib_samples]
     model = load_model(src)
-    choices = candidates(cfg, ranks, kinds)
+    choices = candidates(cfg, ranks, kinds, _windows(opts, cfg))
     if layout is not None:  # an explicit layout needs only its own choices' statistics
         choices = [KEEP, *dict.fromkeys(layout.values())]
         ranks = list(dict.fromkeys(c.rank for c in choices if c.kind == "linear")) or ranks
     settings = statistics_settings(src, calib, (opts.calib_samples, opts.calib_seq_len),
                                    opts.damage_windows, opts.positions, ranks, opts.ridge,
                                    opts.seed)
+    if n_long:  # the fits leave the text's tail to the long windows: another cache entry
+        settings["long"] = {"seq_len": opts.long_seq_len, "damage": opts.long_damage_windows,
+                            "rescore": opts.long_rescore_windows,
+                            "positions": opts.long_positions}
     cache = stats_path(cache_dir(), settings) if opts.use_cache else None
     score = layout is None
+    long_damage = None if long_windows is None else long_windows[:opts.long_damage_windows]
     stats, rec = ensure_statistics(model, windows, settings, choices if score else [KEEP],
-                                   ranks, opts.ridge, cache, progress)
+                                   ranks, opts.ridge, cache, progress, long_damage)
     held_out = rec
-    if opts.rescore_windows:
+    if long_windows is not None and opts.long_rescore_windows:
+        held_out = record_dense(model, long_windows[opts.long_damage_windows:],
+                                list(range(cfg.num_hidden_layers)), batch=1,
+                                positions=opts.long_seq_len, seed=opts.seed)
+    elif opts.rescore_windows:
         held_out = record_dense(model, rescore,
                                 list(range(cfg.num_hidden_layers)),
                                 positions=opts.calib_seq_len, seed=opts.seed)
@@ -228,7 +276,8 @@ def _record(s: Session, layout: dict[int, Choice], progress: bool, budget: Budge
     rec = {"layout": layout_text(layout), "per_layer": per_layer,
            "budget": None if budget is None else vars(budget),
            "predicted_kl": round(predicted, 5), **extra,
-           "costs": layout_summary(cfg, layout, (4096, 7168, s.opts.context)),
+           "costs": layout_summary(cfg, layout, (4096, 7168, s.opts.context),
+                                   context=s.opts.context),
            "ppl": _ppl(s, layout, progress)}
     if "measured_kl" not in rec:
         rec["measured_kl"] = round(layout_kl(s.model, layout, s.stats, s.held_out), 5)
@@ -240,6 +289,7 @@ def _settings_record(s: Session) -> dict:
     return {"calibration": s.stats.settings["calibration"], "fit_windows": o.calib_samples,
             "fit_seq_len": o.calib_seq_len, "damage_windows": o.damage_windows,
             "positions": o.positions, "rescore_windows": o.rescore_windows, "ridge": o.ridge,
+            **({"long": s.stats.settings["long"]} if "long" in s.stats.settings else {}),
             "top_k": o.top_k, "rounds": o.rounds, "seed": o.seed,
             "candidates": [c.name for c in s.choices],
             "eval": {"dataset": "wikitext2", "split": "test", "windows": o.eval_windows,

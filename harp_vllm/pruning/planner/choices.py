@@ -1,5 +1,5 @@
-"""A planned layer's candidates: ``Choice`` (keep, dropK, dropKlin, linearR, remove), its
-shape under the cost model, and the ``--layout`` text that names a whole layout."""
+"""A planned layer's candidates: ``Choice`` (keep, dropK, dropKlin, linearR, remove, winW),
+its shape under the cost model, and the ``--layout`` text that names a whole layout."""
 
 from __future__ import annotations
 
@@ -12,18 +12,21 @@ from .. import costs
 from ..heads import group_size
 from ..selection import parse_layer_list
 
-KINDS = ("drop", "droplin", "linear", "remove")  # what --candidates may list
+KINDS = ("drop", "droplin", "linear", "remove", "window")  # what --candidates may list
+DEFAULT_WINDOWS = (512, 1024, 2048)  # the sliding windows ``window`` offers (tokens)
 
 
 @dataclass(frozen=True)
 class Choice:
     """One layer's candidate: ``keep``, ``drop`` (``groups`` KV groups, FLAP's bias),
     ``droplin`` (``groups`` KV groups, a fitted map in their place), ``linear`` (``rank``,
-    None = full) or ``remove``."""
+    None = full), ``remove`` or ``window`` (sliding-window attention over ``window``
+    tokens: the layer keeps its weights and context up to W tokens back)."""
 
     kind: str
     groups: int = 0
     rank: int | None = None
+    window: int | None = None
 
     @property
     def name(self) -> str:
@@ -33,6 +36,8 @@ class Choice:
             return f"drop{self.groups}lin"
         if self.kind == "linear":
             return f"linear{'full' if self.rank is None else self.rank}"
+        if self.kind == "window":
+            return f"win{self.window}"
         return self.kind
 
     def shape(self, cfg: Any) -> costs.LayerShape:
@@ -42,6 +47,9 @@ class Choice:
             return costs.LayerShape("linear", rank=self.rank, intermediate=inter)
         if self.kind == "remove":
             return costs.LayerShape("removed", intermediate=inter)
+        if self.kind == "window":
+            return costs.LayerShape("dense", cfg.num_attention_heads, cfg.num_key_value_heads,
+                                    None, inter, window=self.window)
         kv = cfg.num_key_value_heads - self.groups
         added = self.groups * r * head_dim(cfg) if self.kind == "droplin" else 0
         return costs.LayerShape("dense", kv * r, kv, None, inter, added_rank=added)
@@ -51,11 +59,13 @@ KEEP = Choice("keep")
 
 
 def parse_choice(text: str, cfg: Any) -> Choice:
-    """``keep``, ``dropK``, ``dropKlin``, ``linearR`` / ``linearfull``, ``remove`` ->
-    ``Choice``."""
+    """``keep``, ``dropK``, ``dropKlin``, ``linearR`` / ``linearfull``, ``remove``, ``winW``
+    -> ``Choice``."""
     t = text.strip().lower()
     if t in ("keep", "remove"):
         return Choice(t)
+    if t.startswith("win") and t[3:].isdigit():
+        return Choice("window", window=check_window(int(t[3:]), cfg))
     lin = t.endswith("lin")
     count = t[4:-3] if lin else t[4:]
     if t.startswith("drop") and count.isdigit():
@@ -73,7 +83,7 @@ def parse_choice(text: str, cfg: Any) -> Choice:
     raise UserError(f"unknown layer choice {text!r}: use keep, drop1..drop"
                     f"{cfg.num_key_value_heads - 1}, drop1lin..drop"
                     f"{cfg.num_key_value_heads - 1}lin, linearR (R in 1..{cfg.hidden_size}), "
-                    f"linearfull or remove")
+                    f"linearfull, remove or winW (a sliding window of W tokens)")
 
 
 def parse_layout(text: str, cfg: Any) -> dict[int, Choice]:
@@ -94,8 +104,17 @@ def parse_layout(text: str, cfg: Any) -> dict[int, Choice]:
     return {j: c for j, c in layout.items() if c != KEEP}
 
 
-def candidates(cfg: Any, ranks: list[int | None], kinds: tuple[str, ...] = KINDS
-               ) -> list[Choice]:
+def check_window(window: int, cfg: Any) -> int:
+    """``window`` if it is a usable sliding window for ``cfg`` (1 <= W < its context)."""
+    context = int(cfg.max_position_embeddings)
+    if not 1 <= window < context:
+        raise UserError(f"a sliding window must be 1..{context - 1} tokens (the model's context "
+                        f"is {context}), got {window}")
+    return window
+
+
+def candidates(cfg: Any, ranks: list[int | None], kinds: tuple[str, ...] = KINDS[:4],
+               windows: tuple[int, ...] = DEFAULT_WINDOWS) -> list[Choice]:
     """Every layer's candidate list (the same for all layers) of the given ``kinds``: keep
     first."""
     unknown = [k for k in kinds if k not in KINDS]
@@ -109,4 +128,6 @@ def candidates(cfg: Any, ranks: list[int | None], kinds: tuple[str, ...] = KINDS
         out += [Choice("linear", rank=r) for r in ranks]
     if "remove" in kinds:
         out.append(Choice("remove"))
+    if "window" in kinds:
+        out += [Choice("window", window=check_window(w, cfg)) for w in windows]
     return out

@@ -19,6 +19,7 @@ from ..methods.structured import compensate_attention
 from ..reference import (
     GroupMap,
     TokenLocalAttention,
+    WindowedAttention,
     attach_group_map,
     decoder_layers,
     install_map,
@@ -35,6 +36,9 @@ def choice_module(model, j: int, choice: Choice, stats: PlanStats) -> nn.Module:
         return stats.maps[rank_key(choice.rank)][j].module()
     if choice.kind == "remove":
         return TokenLocalAttention(None, None, 1, head_dim(cfg), 0.0)
+    if choice.kind == "window":
+        assert choice.window is not None
+        return WindowedAttention(dense, choice.window)
     if choice.kind == "drop":
         attn = copy.deepcopy(dense)
         kept = sorted(stats.flap_order[j][choice.groups:])
@@ -75,9 +79,10 @@ def installed(model, layout: dict[int, Choice], stats: PlanStats) -> Iterator[No
 def apply_layout(model, layout: dict[int, Choice], stats: PlanStats):
     """Give ``model`` the layout for good and return its ``PruningSpec`` (method ``plan``).
 
-    Removed layers are left to ``apply_pruning`` (alpha = 0); maps are installed; KV-group
-    cuts carry FLAP's o_proj bias, so the checkpoint is then a biased Llama: every layer that
-    keeps its attention gets zero q/k/v/o biases and ``attention_bias`` is set.
+    Removed layers are left to ``apply_pruning`` (alpha = 0), and windows (``windows`` in the
+    spec, hooked there); maps are installed; KV-group cuts carry FLAP's o_proj bias, so the
+    checkpoint is then a biased Llama: every layer that keeps its attention gets zero q/k/v/o
+    biases and ``attention_bias`` is set.
     """
     cfg = model.config
     layers: Any = decoder_layers(model)
@@ -94,7 +99,7 @@ def apply_layout(model, layout: dict[int, Choice], stats: PlanStats):
     shapes = None
     if any(c.kind == "drop" for c in drops.values()):  # FLAP's o_proj bias: a biased Llama
         for j, layer in enumerate(layers):
-            if j not in layout or layout[j].kind == "droplin":
+            if j not in layout or layout[j].kind in ("droplin", "window"):
                 add_biases(layer.self_attn, (*ATTENTION_PROJECTIONS, "o_proj"))
         cfg.attention_bias = True
     if drops:
@@ -104,12 +109,16 @@ def apply_layout(model, layout: dict[int, Choice], stats: PlanStats):
         shapes = {"num_attention_heads": [k * r for k in kv], "num_key_value_heads": kv,
                   "intermediate_size": [cfg.intermediate_size] * cfg.num_hidden_layers}
     removed = {j: 0.0 for j, c in layout.items() if c.kind == "remove"}
-    return PruningSpec(layers=removed, maps=maps, shapes=shapes, method="plan")
+    windows = {j: int(c.window) for j, c in layout.items()
+               if c.kind == "window" and c.window is not None}
+    return PruningSpec(layers=removed, maps=maps, shapes=shapes, windows=windows, method="plan")
 
 
-def layout_summary(cfg: Any, layout: dict[int, Choice], contexts=(4096, 7168)) -> dict:
+def layout_summary(cfg: Any, layout: dict[int, Choice], contexts=(4096, 7168),
+                   context: int | None = None) -> dict:
+    """The cost model's summary of ``layout`` (KV bytes at ``context`` when windowed)."""
     shapes = [layout.get(j, KEEP).shape(cfg) for j in range(cfg.num_hidden_layers)]
-    return costs.summary(cfg, shapes, contexts)
+    return costs.summary(cfg, shapes, contexts, context=context)
 
 
 def layout_text(layout: dict[int, Choice]) -> str:

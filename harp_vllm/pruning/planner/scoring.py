@@ -35,8 +35,13 @@ def score_candidates(model, stats: PlanStats, rec: DenseRecord, choices: list[Ch
 
 def ensure_statistics(model, windows: torch.Tensor, settings: dict, choices: list[Choice],
                       ranks: list[int | None], ridge: float, cache: Path | None,
-                      progress: bool = True) -> tuple[PlanStats, DenseRecord]:
-    """Load the cached statistics or compute them (maps, FLAP scores, per-layer damage)."""
+                      progress: bool = True, long_windows: torch.Tensor | None = None
+                      ) -> tuple[PlanStats, DenseRecord]:
+    """Load the cached statistics or compute them (maps, FLAP scores, per-layer damage).
+    With ``long_windows`` every candidate's damage is measured there, not on the first
+    damage windows: a sliding window shows its damage only on windows longer than itself,
+    and the other candidates are priced on the same context, their long-range losses
+    included. Returns the statistics and the damage record."""
     stats = PlanStats.load(cache, settings) if cache is not None else None
     damage_windows = windows[:settings["damage_windows"]]
     if stats is None:
@@ -46,8 +51,13 @@ def ensure_statistics(model, windows: torch.Tensor, settings: dict, choices: lis
         stats = PlanStats(settings, maps, order, means, fits,
                           seconds={"fit": round(time.perf_counter() - t0, 2)})
     t0 = time.perf_counter()
-    rec = record_dense(model, damage_windows, list(range(model.config.num_hidden_layers)),
-                       positions=settings["positions"], seed=settings["seed"])
+    every = list(range(model.config.num_hidden_layers))
+    if long_windows is not None:
+        rec = record_dense(model, long_windows, every, batch=1,
+                           positions=settings["long"]["positions"], seed=settings["seed"])
+    else:
+        rec = record_dense(model, damage_windows, every, positions=settings["positions"],
+                           seed=settings["seed"])
     before = sum(len(v) for v in stats.damage.values())
     score_candidates(model, stats, rec, choices, progress)
     if sum(len(v) for v in stats.damage.values()) > before:

@@ -38,7 +38,9 @@ def solve_layouts(cfg: Any, damage: dict[int, dict[str, float]], choices: list[C
     n_layers, n_c = cfg.num_hidden_layers, len(choices)
     dense = costs.dense_shape(cfg)
     shapes = [c.shape(cfg) for c in choices]
-    kv = np.array([costs.kv_bytes(cfg, s) for s in shapes] * n_layers, dtype=float)
+    # KV bytes per token at the budget's context (a windowed layer keeps min(context, W))
+    kv = np.array([costs.kv_bytes(cfg, s, context=budget.context) for s in shapes] * n_layers,
+                  dtype=float)
     cost = np.array([0.0 if c == KEEP else damage[j][c.name]
                      for j in range(n_layers) for c in choices])
     rows: list[Any] = [np.kron(np.eye(n_layers), np.ones(n_c))]

@@ -1,0 +1,198 @@
+"""Sliding-window attention as a per-layer choice (issue 24): the pruning section's
+``windows``, the HF reference, the cost model at a context length, the planner's ``winW``
+candidates, and vLLM serving windowed checkpoints through the plugin (tiny Llama and the real
+SmolLM2, prompts longer than the windows)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_plan import _calib
+from typer.testing import CliRunner
+
+from harp_vllm.cli import app
+from harp_vllm.errors import UserError
+from harp_vllm.pruning import costs
+from harp_vllm.pruning.planner.choices import Choice, candidates, parse_layout
+from harp_vllm.pruning.reference import load_model, pruned, window_mask, windowed
+from harp_vllm.spec import PruningSpec
+
+runner = CliRunner()
+SMOL = SimpleNamespace(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                       head_dim=64, intermediate_size=1536, num_hidden_layers=30,
+                       vocab_size=49152, max_position_embeddings=8192)
+
+
+# ---------------------------------------------------------------------------- the spec
+
+
+def test_windows_round_trip_and_version():
+    spec = PruningSpec(layers={2: 0.0}, windows={5: 1024, 1: 64}, method="plan")
+    d = spec.to_dict()
+    assert d["version"] == 3 and d["windows"] == {"1": 64, "5": 1024}
+    back = PruningSpec.from_dict(d, num_layers=8)
+    assert back.windows == {1: 64, 5: 1024} and back.layers == {2: 0.0}
+    # no window: still written as version 2, which older harp-vllm reads
+    assert PruningSpec(layers={2: 0.5}).to_dict()["version"] == 2
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"version": 2, "layers": {}, "windows": {"1": 64}}, "needs 'harp_pruning.version' 3"),
+    ({"version": 3, "layers": {}, "windows": {"1": 0}}, "must be a positive number of tokens"),
+    ({"version": 3, "layers": {}, "windows": {"1": 64.5}}, "must be a positive number"),
+    ({"version": 3, "layers": {}, "windows": {"9": 64}}, "layer index 9 out of range"),
+    ({"version": 3, "layers": {"1": 0.0}, "windows": {"1": 64}}, "has no attention"),
+    ({"version": 3, "layers": {}, "maps": {"1": {"input": "normed", "rank": None}},
+      "windows": {"1": 64}}, "has no attention"),
+    ({"version": 3, "layers": {}, "windows": [64]}, "must be an object"),
+])
+def test_bad_windows_are_refused(section, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        PruningSpec.from_dict(section, num_layers=8)
+
+
+def test_a_window_not_smaller_than_the_context_is_refused():
+    cfg = {"num_hidden_layers": 4, "max_position_embeddings": 512,
+           "harp_pruning": {"version": 3, "layers": {}, "windows": {"1": 512}}}
+    with pytest.raises(UserError, match="not smaller than the model's context"):
+        PruningSpec.from_config(cfg)
+    cfg["harp_pruning"]["windows"] = {"1": 511}
+    assert PruningSpec.from_config(cfg).windows == {1: 511}
+
+
+# ---------------------------------------------------------------------------- the reference
+
+
+def test_window_mask_matches_the_definition():
+    m = window_mask(3, 4, 6, torch.float32)[0, 0]  # queries = positions 2..5 of 6 keys
+    seen = (m == 0).int().tolist()
+    assert seen == [[1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0],
+                    [0, 0, 0, 1, 1, 1]]
+
+
+def test_windowed_reference_limits_context_and_a_window_of_one_is_the_token_local_path(
+        tiny_llama):
+    model = load_model(tiny_llama)
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        with windowed(model, {1: 40, 2: 64}):  # windows as long as the input: no change
+            same = model(input_ids=ids).logits
+        with windowed(model, {1: 8}):
+            win = model(input_ids=ids).logits
+        # a window of 1: each token attends to itself only, i.e. o_proj(v_proj(x)) (alpha 1)
+        with windowed(model, {2: 1}):
+            one = model(input_ids=ids).logits
+        with pruned(model, {2: 1.0}):
+            local = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    assert torch.allclose(same, dense, atol=1e-5)
+    assert torch.allclose(win[:, :8], dense[:, :8], atol=1e-5)  # the first W tokens: as dense
+    assert (win[:, 8:] - dense[:, 8:]).abs().max() > 1e-3  # later ones lose context
+    assert torch.allclose(one, local, atol=1e-5)
+    assert torch.allclose(after, dense, atol=1e-6)  # the hooks are gone
+
+
+def test_windowed_reference_generates_with_a_kv_cache_like_without(tiny_llama, tmp_path):
+    from harp_vllm.pruning.jobs.checkpoint import save_pruned
+
+    out = save_pruned(load_model(tiny_llama), PruningSpec(layers={}, windows={0: 5, 3: 9}),
+                      tiny_llama, tmp_path / "win")
+    model = load_model(out)
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        cached = model.generate(ids, max_new_tokens=10, do_sample=False)
+        seq = ids
+        for _ in range(10):
+            nxt = model(seq, use_cache=False).logits[0, -1].argmax()
+            seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+    assert cached.tolist() == seq.tolist()
+
+
+# ---------------------------------------------------------------------------- the cost model
+
+
+def test_cost_model_counts_min_context_window_tokens():
+    dense = costs.dense_shape(SMOL)
+    win = costs.LayerShape("dense", 9, 3, None, 1536, window=1024)
+    per_token = 2 * 3 * 64 * 2
+    assert costs.kv_bytes(SMOL, win) == per_token  # no context: the per-token rate
+    assert costs.kv_bytes(SMOL, win, context=1000) == per_token  # shorter than the window
+    assert costs.kv_bytes(SMOL, win, context=7168) == pytest.approx(per_token * 1024 / 7168)
+    seq = costs.kv_bytes_per_sequence(SMOL, [win] * 10 + [dense] * 20, 7168)
+    assert seq == per_token * (10 * 1024 + 20 * 7168)
+    # attention MACs: decode attends to min(N, W) tokens; prefill averages over the prompt
+    h = 9 * 64
+    base = costs.layer_params(SMOL, win)
+    assert costs.layer_macs(SMOL, win, 7168, "decode") == base + h * 2 * 1024
+    assert costs.layer_macs(SMOL, win, 512, "decode") == base + h * 2 * 512
+    assert costs.layer_macs(SMOL, win, 512) == costs.layer_macs(SMOL, dense, 512)
+    n, w = 7168, 1024
+    assert costs.layer_macs(SMOL, win, n) == pytest.approx(
+        base + h * 2 * (w * (w + 1) / 2 + (n - w) * w) / n)
+    s = costs.summary(SMOL, [win] * 10 + [dense] * 20, context=7168)
+    assert s["kv_context"] == 7168
+    assert s["kv_saving"] == pytest.approx(10 * (1 - w / n) / 30, abs=1e-6)
+    assert s["kv_bytes_per_token_unwindowed"] == 30 * per_token
+    assert s["predicted_speedup"]["decode@7168"] > 1
+
+
+def test_model_shapes_read_the_windows():
+    spec = PruningSpec(layers={}, windows={3: 256})
+    shapes = costs.model_shapes(SMOL, spec)
+    assert shapes[3].window == 256 and shapes[3].kv_heads == 3
+    assert all(s.window is None for i, s in enumerate(shapes) if i != 3)
+
+
+# ---------------------------------------------------------------------------- the planner
+
+
+def test_window_choices_parse_and_price():
+    cfg = SimpleNamespace(**{**vars(SMOL)})
+    layout = parse_layout("3:win1024,4-5:win512", cfg)
+    assert layout[3] == Choice("window", window=1024) and layout[5].name == "win512"
+    assert layout[3].shape(cfg).window == 1024
+    with pytest.raises(UserError, match="sliding window must be 1..8191"):
+        parse_layout("3:win8192", cfg)
+    names = [c.name for c in candidates(cfg, [None], ("linear", "window"), (256, 2048))]
+    assert names == ["keep", "linearfull", "win256", "win2048"]
+
+
+def test_plan_offers_windows_and_writes_a_windowed_checkpoint(tiny_llama, tmp_path,
+                                                              monkeypatch):
+    """A tiny plan with only windows offered, budgeted at a context beyond the windows: the
+    checkpoint's layers get windows, the KV saving is counted at the context, and the
+    reloaded checkpoint computes what the planner scored."""
+    monkeypatch.setenv("HARP_VLLM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "plan"
+    res = runner.invoke(app, [
+        "plan", str(tiny_llama), "--calib-file", str(_calib(tmp_path)), "--calib-samples", "8",
+        "--calib-seq-len", "32", "--positions", "16", "--eval-windows", "0", "--top-k", "2",
+        "--candidates", "window", "--windows", "16,48", "--long-seq-len", "128",
+        "--long-positions", "64", "--context", "128", "--kv-saving", "0.4", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    plan = json.loads((out / "plan.json").read_text())
+    section = json.loads((out / "config.json").read_text())["harp_pruning"]
+    assert section["version"] == 3 and section["windows"]
+    assert set(section["windows"].values()) <= {16, 48}
+    assert plan["costs"]["kv_context"] == 128 and plan["costs"]["kv_saving"] >= 0.4
+    assert plan["settings"]["long"]["seq_len"] == 128
+    # every candidate was priced on the long windows: a window of 48 cannot be free there
+    assert all(v["win48"] > 0 for v in _damage(tmp_path).values())
+    reloaded = load_model(out)
+    ids = torch.randint(0, 300, (1, 100), generator=torch.Generator().manual_seed(0))
+    dense = load_model(tiny_llama)
+    with torch.no_grad():
+        got = reloaded(input_ids=ids).logits
+        with windowed(dense, {int(k): v for k, v in section["windows"].items()}):
+            want = dense(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def _damage(tmp_path: Path) -> dict:
+    (f,) = (tmp_path / "cache" / "plan-stats").glob("*.pt")
+    return torch.load(f, weights_only=False)["damage"]
