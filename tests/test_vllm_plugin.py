@@ -842,3 +842,80 @@ def test_smollm2_plan27_matches_reference_and_kv_equals_plan(smollm2_dir, smol_p
     want = summary["kv_bytes_per_token_dense"] / summary["kv_bytes_per_token"]
     rounding = 2 * result["block_size"] / dense["kv_cache_tokens"]  # a block on either side
     assert abs(result["kv_cache_tokens"] / dense["kv_cache_tokens"] - want) <= want * rounding
+
+
+# ---------------------------------------------------------------------------- windows (issue 24)
+
+
+def _windowed(src: Path, out: Path, windows: dict[int, int]) -> Path:
+    from harp_vllm.pruning.jobs.checkpoint import save_pruned
+    from harp_vllm.spec import PruningSpec
+
+    return save_pruned(load_model(src), PruningSpec(layers={}, windows=windows,
+                                                    method="window", source_model=str(src)),
+                       src, out)
+
+
+def _served_ratio(model: Path, context: int, block: int) -> float:
+    """Dense over windowed KV bytes per ``context``-token sequence, as vLLM allocates them."""
+    from harp_vllm.pruning import costs
+
+    cfg, shapes = costs.checkpoint_shapes(model)
+    dense = [costs.dense_shape(cfg)] * cfg.num_hidden_layers
+    served = costs.served_kv_bytes_per_sequence(cfg, shapes, context, block)
+    return costs.served_kv_bytes_per_sequence(cfg, dense, context, block) / served
+
+
+@vllm
+@pytest.mark.timeout(900)
+def test_tiny_windows_match_reference_past_the_window_and_size_kv(tmp_path):
+    """Windowed layers (of three sizes) through vLLM's sliding-window attention: prompts
+    longer than every window give the reference's greedy tokens and prompt logprobs, each
+    windowed layer gets a sliding-window KV group, and the sequences the KV pool holds at
+    512 tokens grow over dense as the cost model's served bytes say."""
+    from probe import sequences_that_fit
+
+    dense = make_tiny("llama", tmp_path / "dense")
+    model = _windowed(dense, tmp_path / "win", {1: 16, 3: 40, 5: 16})
+    g = torch.Generator().manual_seed(0)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], torch.randint(3, 250, (120,), generator=g).tolist(),
+               [40] * 30 + torch.randint(3, 250, (100,), generator=g).tolist()]
+    result, log = run_probe(model, tmp_path / "run", prompts, max_model_len=512)
+    assert result["ok"], result.get("error", "") + log[-3000:]
+    assert_matches(result, reference(model, prompts))
+    windows = sorted(grp["sliding_window"] or 0 for grp in result["kv_groups"])
+    assert windows == [0, 0, 0, 16, 16, 40]
+    base, _ = run_probe(dense, tmp_path / "run-dense", None, max_model_len=512,
+                        prompt_logprobs=False)
+    got = sequences_that_fit(result, 512) / sequences_that_fit(base, 512)
+    assert got == pytest.approx(_served_ratio(model, 512, result["block_size"]), rel=0.01)
+
+
+# Layers of several depths windowed, some shorter than most test prompts.
+SMOL_WINDOWS = {2: 64, 5: 32, 9: 128, 14: 64, 20: 256, 25: 32, 29: 100}
+
+
+@vllm
+@pytest.mark.real_model
+@pytest.mark.timeout(1200)
+def test_smollm2_windows_match_reference_and_kv_equals_the_cost_model(
+        smollm2_dir, smol_prompts, run_smol_dense, tmp_path):
+    """SmolLM2 with seven windowed layers: greedy tokens and prompt logprobs equal the
+    reference's on the test prompts and on a 700-token WikiText passage (longer than every
+    window), and the sequences of 2,048 tokens the KV pool holds grow over the dense run's
+    as the cost model's served bytes predict."""
+    from probe import sequences_that_fit
+
+    from harp_vllm import models
+    from harp_vllm.evaluation.domains import domain_text
+
+    model = _windowed(smollm2_dir, tmp_path / "win", SMOL_WINDOWS)
+    tok = models.load_tokenizer(smollm2_dir)
+    long = tok(domain_text("wikitext", "dev", max_chars=8000))["input_ids"][:700]
+    prompts = [*smol_prompts, long]
+    result, log = run_probe(model, tmp_path / "run", prompts)
+    assert result["ok"], result.get("error", "") + log[-3000:]
+    assert_matches(result, reference(model, prompts))
+    dense = run_smol_dense[0]
+    got = sequences_that_fit(result, 2048) / sequences_that_fit(dense, 2048)
+    assert got == pytest.approx(_served_ratio(model, 2048, result["block_size"]), rel=0.01)

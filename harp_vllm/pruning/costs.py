@@ -103,9 +103,49 @@ def kv_bytes_per_token(cfg: Any, shapes: list[LayerShape] | None = None,
 
 
 def kv_bytes_per_sequence(cfg: Any, shapes: list[LayerShape], context: int,
-                          dtype_bytes: int = 2) -> int:
-    """KV-cache bytes one ``context``-token sequence holds over all layers."""
-    return round(kv_bytes_per_token(cfg, shapes, dtype_bytes, context) * context)
+                          dtype_bytes: int = 2, block_size: int | None = None) -> int:
+    """KV-cache bytes one ``context``-token sequence holds over all layers. With
+    ``block_size``, as vLLM allocates them: whole blocks, ``cdiv(N, block)`` per layer, and a
+    windowed layer at most ``cdiv(W - 1, block) + 1`` (its blocks wholly outside the window
+    are freed; the one the window starts in is kept)."""
+    if block_size is None:
+        return round(kv_bytes_per_token(cfg, shapes, dtype_bytes, context) * context)
+    full = -(-context // block_size)
+    total = 0
+    for s in shapes:
+        blocks = full if s.window is None else min(full, -(-(s.window - 1) // block_size) + 1)
+        total += kv_bytes(cfg, s, dtype_bytes) * blocks * block_size
+    return int(total)
+
+
+def served_kv_bytes_per_sequence(cfg: Any, shapes: list[LayerShape], context: int,
+                                 block_size: int, dtype_bytes: int = 2) -> int | None:
+    """KV-cache bytes one ``context``-token sequence takes in vLLM's hybrid KV-cache manager:
+    whole blocks (``kv_bytes_per_sequence`` with ``block_size``) and, when layers of several
+    kinds (full, each window size) share the pool, vLLM's grouping: every group holds the
+    same number of layers (the smallest kind's count, or the largest's if that is under 1.5x
+    the smallest), and a kind whose count does not divide into groups gets padding layers
+    that take blocks like real ones. None when the attention layers' pages differ in size
+    (KV heads cut in some layers: vLLM packs those differently; not modelled)."""
+    attn = [s for s in shapes if s.attention == "dense"]
+    if not attn:
+        return 0
+    if len({s.kv_heads for s in attn}) > 1:
+        return None
+    kinds: dict[int | None, int] = {}
+    for s in attn:
+        kinds[s.window] = kinds.get(s.window, 0) + 1
+    sizes = list(kinds.values())
+    group = max(sizes) if max(sizes) < 1.5 * min(sizes) else min(sizes)
+    if len(kinds) == 1:
+        group = sizes[0]
+    page_token = kv_bytes(cfg, attn[0], dtype_bytes)
+    full = -(-context // block_size)
+    total = 0
+    for window, count in kinds.items():
+        blocks = full if window is None else min(full, -(-(window - 1) // block_size) + 1)
+        total += -(-count // group) * group * blocks * block_size * page_token
+    return int(total)
 
 
 def dense_shape(cfg: Any) -> LayerShape:
