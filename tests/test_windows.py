@@ -172,16 +172,16 @@ def test_plan_offers_windows_and_writes_a_windowed_checkpoint(tiny_llama, tmp_pa
     res = runner.invoke(app, [
         "plan", str(tiny_llama), "--calib-file", str(_calib(tmp_path)), "--calib-samples", "8",
         "--calib-seq-len", "32", "--positions", "16", "--eval-windows", "0", "--top-k", "2",
-        "--candidates", "window", "--windows", "16,48", "--long-seq-len", "128",
-        "--long-positions", "64", "--context", "128", "--kv-saving", "0.4", "--out", str(out)])
+        "--candidates", "window", "--windows", "16,48", "--long-positions", "64",
+        "--context", "128", "--kv-saving", "0.4", "--out", str(out)])
     assert res.exit_code == 0, res.output
     plan = json.loads((out / "plan.json").read_text())
     section = json.loads((out / "config.json").read_text())["harp_pruning"]
     assert section["version"] == 3 and section["windows"]
     assert set(section["windows"].values()) <= {16, 48}
     assert plan["costs"]["kv_context"] == 128 and plan["costs"]["kv_saving"] >= 0.4
-    assert plan["settings"]["long"]["seq_len"] == 128
-    # every candidate was priced on the long windows: a window of 48 cannot be free there
+    assert plan["settings"]["long"]["seq_len"] == 128  # --context
+    # the windows were priced on the long windows: a window of 48 is not free there
     assert all(v["win48"] > 0 for v in _damage(tmp_path).values())
     reloaded = load_model(out)
     ids = torch.randint(0, 300, (1, 100), generator=torch.Generator().manual_seed(0))
@@ -196,3 +196,16 @@ def test_plan_offers_windows_and_writes_a_windowed_checkpoint(tiny_llama, tmp_pa
 def _damage(tmp_path: Path) -> dict:
     (f,) = (tmp_path / "cache" / "plan-stats").glob("*.pt")
     return torch.load(f, weights_only=False)["damage"]
+
+
+def test_long_windows_share_no_token_with_the_fits(monkeypatch):
+    from harp_vllm.pruning.calibration import windows as w
+
+    monkeypatch.setattr(w, "tokenize", lambda tok, text: torch.arange(4000))  # id = position
+    fits = w.calibration_windows(None, "x", 20, 64, seed=3)
+    long = w.unused_long_windows(None, "x", 20, 64, 3, count=2, long_len=300)
+    assert long.shape == (2, 300)
+    assert not set(fits.flatten().tolist()) & set(long.flatten().tolist())
+    assert all((row[1:] - row[:-1] == 1).all() for row in long)  # contiguous text
+    with pytest.raises(UserError, match="long windows of 3000 tokens fit"):
+        w.unused_long_windows(None, "x", 20, 64, 3, count=2, long_len=3000)

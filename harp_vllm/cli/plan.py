@@ -45,15 +45,16 @@ def register(app: typer.Typer) -> None:
         windows: Annotated[str | None, typer.Option(
             help="offer sliding windows of these sizes (tokens), e.g. 512,1024,2048: each "
                  "candidate is then priced on --long-seq-len windows")] = None,
-        long_seq_len: Annotated[int, typer.Option(
-            help="with windows: tokens per long window (damage and re-scoring), from the "
-                 "calibration text's tail, disjoint from the fits")] = 4096,
+        long_seq_len: Annotated[int | None, typer.Option(
+            help="with windows: tokens per long window (default --context), cut from the "
+                 "calibration text between the fits' windows")] = None,
         long_damage_windows: Annotated[int, typer.Option(
-            help="with windows: long windows every candidate's damage is measured on")] = 2,
+            help="with windows: long windows each window candidate's damage is measured "
+                 "on")] = 1,
         long_rescore_windows: Annotated[int, typer.Option(
-            help="with windows: long windows the best layouts are re-scored on")] = 2,
+            help="with windows: more long windows the best layouts are re-scored on")] = 2,
         long_positions: Annotated[int, typer.Option(
-            help="with windows: sampled positions per long damage window")] = 512,
+            help="with windows: sampled positions per long window")] = 1024,
         calib_file: Annotated[Path | None, typer.Option(
             help="calibrate on a text file (default: WikiText-2 validation)")] = None,
         calib_mix: Annotated[str | None, typer.Option(

@@ -25,6 +25,12 @@ def load_calibration_text(calib_data: str = "wikitext2", calib_split: str | None
     return data_mod.load_text(calib_data, split), {"dataset": calib_data, "split": split}
 
 
+def _chosen(n_windows: int, samples: int, seed: int) -> torch.Tensor:
+    """Which of ``n_windows`` non-overlapping windows ``calibration_windows`` takes."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_windows, generator=g)[:samples]
+
+
 def calibration_windows(tokenizer, text: str, samples: int, seq_len: int, seed: int = 0,
                         reserve_tail: int = 0) -> torch.Tensor:
     """``samples`` random windows of ``seq_len`` tokens (seeded) from ``text``, leaving out
@@ -45,11 +51,35 @@ def calibration_windows(tokenizer, text: str, samples: int, seq_len: int, seed: 
                         f"--calib-seq-len {seq_len}")
     if ids.numel() // seq_len >= samples:  # enough text: non-overlapping windows, shuffled
         all_windows = make_windows(ids, seq_len)
-        g = torch.Generator().manual_seed(seed)
-        return all_windows[torch.randperm(len(all_windows), generator=g)[:samples]]
+        return all_windows[_chosen(len(all_windows), samples, seed)]
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (samples,), generator=g)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def unused_long_windows(tokenizer, text: str, samples: int, seq_len: int, seed: int,
+                        count: int, long_len: int) -> torch.Tensor:
+    """``count`` windows of ``long_len`` tokens from ``text`` that share no token with the
+    ``samples`` windows ``calibration_windows(tokenizer, text, samples, seq_len, seed)``
+    takes (runs of consecutive unused ones, from the end of the text): long windows disjoint
+    from the fits, with the fits' windows unchanged."""
+    ids = tokenize(tokenizer, text)
+    n = ids.numel() // seq_len
+    if n < samples:
+        raise UserError(f"calibration text is too short for disjoint long windows: {n} windows "
+                        f"of {seq_len} tokens, the fits take {samples}")
+    used = set(_chosen(n, samples, seed).tolist())
+    need = -(-long_len // seq_len)
+    out, run = [], 0
+    for i in range(n - 1, -1, -1):  # from the end: a run of `need` unused windows
+        run = run + 1 if i not in used else 0
+        if run == need:
+            out.append(ids[i * seq_len: i * seq_len + long_len])
+            run = 0
+            if len(out) == count:
+                return torch.stack(out)
+    raise UserError(f"calibration text is too short: {len(out)} of {count} long windows of "
+                    f"{long_len} tokens fit between the fits' windows")
 
 
 def tail_windows(tokenizer, text: str, count: int, seq_len: int) -> torch.Tensor:

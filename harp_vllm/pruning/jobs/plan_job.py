@@ -20,7 +20,7 @@ from ..calibration.windows import (
     calibration_windows,
     load_calibration_text,
     mixed_calibration_windows,
-    tail_windows,
+    unused_long_windows,
 )
 from ..planner.choices import (
     DEFAULT_WINDOWS,
@@ -56,10 +56,10 @@ class PlanOptions:
     ranks: str | None = None  # None: full (KV budget), 192,full (with a speed budget)
     candidates: str | None = None  # kinds offered; None: see default_kinds
     windows: str | None = None  # sliding windows offered (tokens, comma list): adds "window"
-    long_seq_len: int = 4096  # with windows: damage and re-scoring on windows this long
-    long_damage_windows: int = 2
+    long_seq_len: int | None = None  # with windows: long windows' length (None: --context)
+    long_damage_windows: int = 1
     long_rescore_windows: int = 2
-    long_positions: int = 512
+    long_positions: int = 1024
     calib_file: Path | None = None
     calib_mix: str | None = None  # comma list of domains: windows from each one's dev part
     calib_samples: int = 16
@@ -104,7 +104,8 @@ def _check(opts: PlanOptions) -> None:
         raise UserError(f"--rescore-windows must be >= 0, got {opts.rescore_windows}")
     if opts.calib_mix is not None and opts.calib_file is not None:
         raise UserError("give --calib-mix or --calib-file, not both")
-    if opts.long_seq_len < 2 or opts.long_damage_windows < 1 or opts.long_rescore_windows < 0:
+    if ((opts.long_seq_len is not None and opts.long_seq_len < 2)
+            or opts.long_damage_windows < 1 or opts.long_rescore_windows < 0):
         raise UserError("--long-seq-len must be >= 2, --long-damage-windows >= 1 and "
                         "--long-rescore-windows >= 0")
     if opts.calib_samples % 8:
@@ -169,6 +170,7 @@ class Session:
     cache: Path | None
     eval_text: str | None
     seconds: float
+    long: dict | None = None  # the long windows' settings (windows offered)
 
 
 def open_session(opts: PlanOptions, progress: bool = True) -> Session:
@@ -191,22 +193,23 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     use_long = "window" in kinds if layout is None else any(
         c.kind == "window" for c in layout.values())
     n_long = opts.long_damage_windows + opts.long_rescore_windows if use_long else 0
+    long_len = opts.long_seq_len or opts.context
     t0 = time.perf_counter()
     tok = models.load_tokenizer(src)
     # the fits (maps, statistics, damage) read the first calib_samples windows; the layouts
     # are re-scored on rescore_windows more, disjoint from every fit
     n_windows = opts.calib_samples + opts.rescore_windows
     long_windows = None
-    if opts.calib_mix is not None:
+    if opts.calib_mix is not None:  # long windows from each domain's tail (fits move)
         windows, calib, long_windows = mixed_calibration_windows(
             tok, [d.strip() for d in opts.calib_mix.split(",") if d.strip()], n_windows,
-            opts.calib_seq_len, opts.seed, long=(n_long, opts.long_seq_len))
-    else:
+            opts.calib_seq_len, opts.seed, long=(n_long, long_len))
+    else:  # long windows between the fits' windows (fits, and their cache, unchanged)
         text, calib = load_calibration_text(calib_file=opts.calib_file)
-        windows = calibration_windows(tok, text, n_windows, opts.calib_seq_len, opts.seed,
-                                      reserve_tail=n_long * opts.long_seq_len)
+        windows = calibration_windows(tok, text, n_windows, opts.calib_seq_len, opts.seed)
         if n_long:
-            long_windows = tail_windows(tok, text, n_long, opts.long_seq_len)
+            long_windows = unused_long_windows(tok, text, n_windows, opts.calib_seq_len,
+                                               opts.seed, n_long, long_len)
     rescore = windows[opts.calib_samples:]
     windows = windows[:opts.calib_samples]
     model = load_model(src)
@@ -217,27 +220,29 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     settings = statistics_settings(src, calib, (opts.calib_samples, opts.calib_seq_len),
                                    opts.damage_windows, opts.positions, ranks, opts.ridge,
                                    opts.seed)
-    if n_long:  # the fits leave the text's tail to the long windows: another cache entry
-        settings["long"] = {"seq_len": opts.long_seq_len, "damage": opts.long_damage_windows,
-                            "rescore": opts.long_rescore_windows,
-                            "positions": opts.long_positions}
+    if opts.calib_mix is not None and n_long:  # the fits left the domains' tails: new entry
+        settings["long_tails"] = n_long * long_len
+    long = None
+    if n_long:
+        long = {"seq_len": long_len, "damage_windows": opts.long_damage_windows,
+                "rescore_windows": opts.long_rescore_windows, "positions": opts.long_positions}
     cache = stats_path(cache_dir(), settings) if opts.use_cache else None
     score = layout is None
     long_damage = None if long_windows is None else long_windows[:opts.long_damage_windows]
     stats, rec = ensure_statistics(model, windows, settings, choices if score else [KEEP],
-                                   ranks, opts.ridge, cache, progress, long_damage)
+                                   ranks, opts.ridge, cache, progress, long_damage, long)
     held_out = rec
     if long_windows is not None and opts.long_rescore_windows:
         held_out = record_dense(model, long_windows[opts.long_damage_windows:],
                                 list(range(cfg.num_hidden_layers)), batch=1,
-                                positions=opts.long_seq_len, seed=opts.seed)
+                                positions=opts.long_positions, seed=opts.seed)
     elif opts.rescore_windows:
         held_out = record_dense(model, rescore,
                                 list(range(cfg.num_hidden_layers)),
                                 positions=opts.calib_seq_len, seed=opts.seed)
     eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
     return Session(opts, src, cfg, tok, model, stats, rec, held_out, choices, cache, eval_text,
-                   time.perf_counter() - t0)
+                   time.perf_counter() - t0, long)
 
 
 def _ppl(s: Session, layout: dict[int, Choice], progress: bool) -> float | None:
@@ -289,7 +294,7 @@ def _settings_record(s: Session) -> dict:
     return {"calibration": s.stats.settings["calibration"], "fit_windows": o.calib_samples,
             "fit_seq_len": o.calib_seq_len, "damage_windows": o.damage_windows,
             "positions": o.positions, "rescore_windows": o.rescore_windows, "ridge": o.ridge,
-            **({"long": s.stats.settings["long"]} if "long" in s.stats.settings else {}),
+            **({"long": s.long} if s.long else {}),
             "top_k": o.top_k, "rounds": o.rounds, "seed": o.seed,
             "candidates": [c.name for c in s.choices],
             "eval": {"dataset": "wikitext2", "split": "test", "windows": o.eval_windows,

@@ -3,6 +3,7 @@ its layer (filled into the statistics, which are loaded from the cache or fitted
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -25,23 +26,29 @@ def layout_kl(model, layout: dict[int, Choice], stats: PlanStats, rec: DenseReco
 
 
 def score_candidates(model, stats: PlanStats, rec: DenseRecord, choices: list[Choice],
-                     progress: bool = True) -> None:
-    """Fill ``stats.damage``: each layer's KL with only that layer changed, per choice."""
+                     progress: bool = True, damage: dict | None = None) -> None:
+    """Fill ``damage`` (default ``stats.damage``): each layer's KL with only that layer
+    changed, per choice."""
+    damage = stats.damage if damage is None else damage
     todo = [(j, c) for j in range(len(decoder_layers(model))) for c in choices
-            if c != KEEP and c.name not in stats.damage.get(j, {})]
+            if c != KEEP and c.name not in damage.get(j, {})]
     for j, c in tqdm(todo, disable=not progress, desc="per-layer damage", unit="candidate"):
-        stats.damage.setdefault(j, {})[c.name] = layout_kl(model, {j: c}, stats, rec)
+        damage.setdefault(j, {})[c.name] = layout_kl(model, {j: c}, stats, rec)
+
+
+def long_key(long: dict) -> str:
+    return json.dumps(long, sort_keys=True)
 
 
 def ensure_statistics(model, windows: torch.Tensor, settings: dict, choices: list[Choice],
                       ranks: list[int | None], ridge: float, cache: Path | None,
-                      progress: bool = True, long_windows: torch.Tensor | None = None
-                      ) -> tuple[PlanStats, DenseRecord]:
+                      progress: bool = True, long_windows: torch.Tensor | None = None,
+                      long: dict | None = None) -> tuple[PlanStats, DenseRecord]:
     """Load the cached statistics or compute them (maps, FLAP scores, per-layer damage).
-    With ``long_windows`` every candidate's damage is measured there, not on the first
-    damage windows: a sliding window shows its damage only on windows longer than itself,
-    and the other candidates are priced on the same context, their long-range losses
-    included. Returns the statistics and the damage record."""
+    The sliding-window candidates' damage is measured on ``long_windows`` (settings
+    ``long``): a window shows its damage only on text longer than itself. It is cached beside
+    the rest (``extra["long_damage"]``) and merged into ``stats.damage``. Returns the
+    statistics and the damage record."""
     stats = PlanStats.load(cache, settings) if cache is not None else None
     damage_windows = windows[:settings["damage_windows"]]
     if stats is None:
@@ -52,14 +59,23 @@ def ensure_statistics(model, windows: torch.Tensor, settings: dict, choices: lis
                           seconds={"fit": round(time.perf_counter() - t0, 2)})
     t0 = time.perf_counter()
     every = list(range(model.config.num_hidden_layers))
-    if long_windows is not None:
-        rec = record_dense(model, long_windows, every, batch=1,
-                           positions=settings["long"]["positions"], seed=settings["seed"])
-    else:
-        rec = record_dense(model, damage_windows, every, positions=settings["positions"],
-                           seed=settings["seed"])
+    rec = record_dense(model, damage_windows, every, positions=settings["positions"],
+                       seed=settings["seed"])
     before = sum(len(v) for v in stats.damage.values())
-    score_candidates(model, stats, rec, choices, progress)
+    short = [c for c in choices if c.kind != "window"]
+    score_candidates(model, stats, rec, short, progress)
+    windowed = [c for c in choices if c.kind == "window"]
+    if windowed and long_windows is not None and long is not None:
+        store = stats.extra.setdefault("long_damage", {}).setdefault(long_key(long), {})
+        missing = any(c.name not in store.get(j, {}) for j in range(len(decoder_layers(model)))
+                      for c in windowed)
+        if missing:
+            long_rec = record_dense(model, long_windows, every, batch=1,
+                                    positions=long["positions"], seed=settings["seed"])
+            score_candidates(model, stats, long_rec, [KEEP, *windowed], progress, store)
+            before = -1  # save
+        for j, by_name in store.items():
+            stats.damage.setdefault(j, {}).update(by_name)
     if sum(len(v) for v in stats.damage.values()) > before:
         stats.seconds["damage"] = round(stats.seconds.get("damage", 0.0)
                                         + time.perf_counter() - t0, 2)
