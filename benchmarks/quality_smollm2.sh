@@ -2,7 +2,8 @@
 # The long-context quality report of docs/results.md section 11 (issue 23): dense SmolLM2,
 # the planner's 27% and 40% plans calibrated on WikiText-2 validation alone and on a mix of
 # four domains' dev parts (--calib-mix), and linear maps at P = 8, all through vLLM with the
-# plugin. Resumable: checkpoints and per-model runs (out/quality-$PRESET/runs) are reused.
+# plugin; wplan27/wplan50 are plans with sliding windows offered (issue 24, --windows).
+# Resumable: checkpoints and per-model runs (out/quality-$PRESET/runs) are reused.
 #   bash benchmarks/quality_smollm2.sh            # PRESET=quick (default) or full
 #   MODELS="plan27 plan27-mix lin8" bash benchmarks/quality_smollm2.sh   # a subset
 set -euo pipefail
@@ -11,6 +12,7 @@ PRESET=${PRESET:-quick}
 MODELS=${MODELS:-plan27 plan27-mix lin8 plan40 plan40-mix}
 H=.venv/bin/harp-vllm
 MIX=wikitext,python,boolq,gsm8k
+WINDOWS=512,1024,2048
 run() { echo "+ $*"; "$@"; }
 build() {
   local out=out/smollm2-$1
@@ -21,6 +23,8 @@ build() {
     plan27-mix) run $H plan smollm2-135m --out "$out" --kv-saving 0.27 --calib-mix "$MIX" ;;
     plan40-mix) run $H plan smollm2-135m --out "$out" --kv-saving 0.40 --calib-mix "$MIX" ;;
     lin8) run $H prune smollm2-135m --out "$out" --method linear --layers 8 ;;
+    wplan27) run $H plan smollm2-135m --out "$out" --kv-saving 0.27 --windows "$WINDOWS" ;;
+    wplan50) run $H plan smollm2-135m --out "$out" --kv-saving 0.50 --windows "$WINDOWS" ;;
     *) echo "unknown model $1" >&2; exit 2 ;;
   esac
 }

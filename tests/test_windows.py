@@ -209,3 +209,22 @@ def test_long_windows_share_no_token_with_the_fits(monkeypatch):
     assert all((row[1:] - row[:-1] == 1).all() for row in long)  # contiguous text
     with pytest.raises(UserError, match="long windows of 3000 tokens fit"):
         w.unused_long_windows(None, "x", 20, 64, 3, count=2, long_len=3000)
+
+
+def test_cost_model_knows_a_models_own_sliding_windows():
+    """Gemma 3's shape: 5 of every 6 layers slide over 512 tokens, so at 32k the global
+    layers hold almost all of the KV cache."""
+    types = ["sliding_attention"] * 5 + ["full_attention"]
+    gemma = SimpleNamespace(hidden_size=640, num_attention_heads=4, num_key_value_heads=1,
+                            head_dim=256, intermediate_size=2048, num_hidden_layers=18,
+                            vocab_size=262144, max_position_embeddings=32768,
+                            layer_types=types * 3, sliding_window=512)
+    dense = costs.dense_shapes(gemma)
+    assert [s.window for s in dense[:6]] == [512] * 5 + [None]
+    per_layer = 2 * 256 * 2
+    seq = costs.kv_bytes_per_sequence(gemma, dense, 32768)
+    assert seq == per_layer * (15 * 512 + 3 * 32768)
+    assert costs.kv_bytes_per_token(gemma, None) == 18 * per_layer  # no context: per token
+    # a checkpoint's extra window on a natively sliding layer never widens it
+    shapes = costs.model_shapes(gemma, PruningSpec(layers={}, windows={0: 2048, 5: 1024}))
+    assert shapes[0].window == 512 and shapes[5].window == 1024

@@ -97,7 +97,7 @@ def kv_bytes_per_token(cfg: Any, shapes: list[LayerShape] | None = None,
     """KV-cache bytes one token takes over all layers (``shapes`` None: the dense model);
     with ``context``, the mean per token of a ``context``-token sequence (windows counted)."""
     if shapes is None:
-        shapes = [dense_shape(cfg)] * cfg.num_hidden_layers
+        shapes = dense_shapes(cfg)
     total = sum(kv_bytes(cfg, s, dtype_bytes, context) for s in shapes)
     return int(total) if float(total).is_integer() else total
 
@@ -148,23 +148,40 @@ def served_kv_bytes_per_sequence(cfg: Any, shapes: list[LayerShape], context: in
     return int(total)
 
 
-def dense_shape(cfg: Any) -> LayerShape:
+def native_window(cfg: Any, idx: int) -> int | None:
+    """Layer ``idx``'s own sliding window in the dense model (Gemma 2/3, Mistral-style
+    ``layer_types`` + ``sliding_window``), None for full attention."""
+    types = getattr(cfg, "layer_types", None)
+    window = getattr(cfg, "sliding_window", None)
+    if not types or not window or types[idx] != "sliding_attention":
+        return None
+    return int(window)
+
+
+def dense_shape(cfg: Any, idx: int | None = None) -> LayerShape:
+    """A dense layer's shape (layer ``idx``'s: with its own sliding window, if any)."""
     return LayerShape("dense", cfg.num_attention_heads, cfg.num_key_value_heads, None,
-                      cfg.intermediate_size)
+                      cfg.intermediate_size,
+                      window=None if idx is None else native_window(cfg, idx))
+
+
+def dense_shapes(cfg: Any) -> list[LayerShape]:
+    """Every layer of the dense model (natively windowed layers keep their windows)."""
+    return [dense_shape(cfg, i) for i in range(cfg.num_hidden_layers)]
 
 
 def model_shapes(cfg: Any, spec: Any | None) -> list[LayerShape]:
     """Every layer's ``LayerShape`` for a dense config (``spec`` None) or a pruning spec."""
     out = []
     for i in range(cfg.num_hidden_layers):
-        base = dense_shape(cfg)
+        base = dense_shape(cfg, i)
         shape = None if spec is None else spec.layer_shape(i)
         if shape is not None:
-            base = LayerShape("dense", shape["num_attention_heads"],
-                              shape["num_key_value_heads"], None, shape["intermediate_size"])
+            base = replace(base, q_heads=shape["num_attention_heads"],
+                           kv_heads=shape["num_key_value_heads"],
+                           intermediate=shape["intermediate_size"])
         if spec is not None and i in spec.added:
-            base = LayerShape("dense", base.q_heads, base.kv_heads, None, base.intermediate,
-                              added_rank=spec.maps[i]["rank"])
+            base = replace(base, added_rank=spec.maps[i]["rank"])
         elif spec is not None and i in spec.maps:
             base = LayerShape("linear", rank=spec.maps[i]["rank"],
                               intermediate=base.intermediate)
@@ -174,7 +191,9 @@ def model_shapes(cfg: Any, spec: Any | None) -> list[LayerShape]:
             base = LayerShape("linear", rank=base.kv_heads * head_dim(cfg),
                               intermediate=base.intermediate)
         if spec is not None and i in spec.windows:
-            base = replace(base, window=spec.windows[i])
+            native = base.window
+            base = replace(base, window=spec.windows[i] if native is None
+                           else min(native, spec.windows[i]))
         out.append(base)
     return out
 
@@ -190,7 +209,7 @@ def model_macs(cfg: Any, shapes: list[LayerShape], context: int, phase: str = "p
 def predicted_speedup(cfg: Any, shapes: list[LayerShape], context: int,
                       phase: str = "prefill") -> float:
     """Dense over pruned MACs per token at ``context``: the cost model's speed-up."""
-    dense = [dense_shape(cfg)] * cfg.num_hidden_layers
+    dense = dense_shapes(cfg)
     return model_macs(cfg, dense, context, phase) / model_macs(cfg, shapes, context, phase)
 
 
@@ -198,7 +217,7 @@ def summary(cfg: Any, shapes: list[LayerShape], contexts: tuple[int, ...] = (409
             dtype_bytes: int = 2, context: int | None = None) -> dict:
     """KV bytes per token (at ``context``, default the last of ``contexts``, when a layer is
     windowed), parameters and predicted prefill/decode speed-ups at ``contexts``."""
-    dense = [dense_shape(cfg)] * cfg.num_hidden_layers
+    dense = dense_shapes(cfg)
     at = context or contexts[-1]
     kv_full = kv_bytes_per_token(cfg, shapes, dtype_bytes)  # no window binding
     kv = kv_bytes_per_token(cfg, shapes, dtype_bytes, at)
@@ -223,7 +242,7 @@ def request_speedup(cfg: Any, shapes: list[LayerShape], prompt: int, output: int
     """Predicted dense / pruned time of one request: its prompt prefilled at ``prompt``
     tokens, then ``output`` tokens decoded at the growing context (the load test's
     total-tokens/s ratio)."""
-    dense = [dense_shape(cfg)] * cfg.num_hidden_layers
+    dense = dense_shapes(cfg)
 
     def work(s: list[LayerShape]) -> float:
         total = prompt * model_macs(cfg, s, prompt, "prefill")

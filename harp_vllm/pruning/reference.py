@@ -120,7 +120,10 @@ def _window_hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 
 def attach_window(attn: nn.Module, window: int) -> None:
-    """Make ``attn`` (an HF attention module) attend to the last ``window`` tokens only."""
+    """Make ``attn`` (an HF attention module) attend to the last ``window`` tokens only (a
+    natively windowed layer, e.g. Gemma's, never gets a wider window than its own)."""
+    native = getattr(attn, "sliding_window", None)
+    window = min(window, int(native)) if isinstance(native, int) and native > 0 else window
     if getattr(attn, "harp_window", None) is not None:
         attn.harp_window = window
         return

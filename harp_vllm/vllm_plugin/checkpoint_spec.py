@@ -123,6 +123,8 @@ def layer_config(config: Any, prefix: str) -> Any:
     if window is not None:
         types = list(getattr(config, "layer_types", None)
                      or ["full_attention"] * int(config.num_hidden_layers))
+        if types[idx] == "sliding_attention" and getattr(config, "sliding_window", None):
+            window = min(window, int(config.sliding_window))  # never wider than its own
         types[idx] = "sliding_attention"
         layer_cfg.layer_types = types
         layer_cfg.sliding_window = window

@@ -36,7 +36,6 @@ def solve_layouts(cfg: Any, damage: dict[int, dict[str, float]], choices: list[C
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     n_layers, n_c = cfg.num_hidden_layers, len(choices)
-    dense = costs.dense_shape(cfg)
     shapes = [c.shape(cfg) for c in choices]
     # KV bytes per token at the budget's context (a windowed layer keeps min(context, W))
     kv = np.array([costs.kv_bytes(cfg, s, context=budget.context) for s in shapes] * n_layers,
@@ -46,14 +45,15 @@ def solve_layouts(cfg: Any, damage: dict[int, dict[str, float]], choices: list[C
     rows: list[Any] = [np.kron(np.eye(n_layers), np.ones(n_c))]
     lo: list[Any] = [np.ones(n_layers)]
     hi: list[Any] = [np.ones(n_layers)]
-    kv_limit = (1 - budget.kv_saving) * costs.kv_bytes(cfg, dense) * n_layers
+    kv_limit = (1 - budget.kv_saving) * sum(costs.kv_bytes(cfg, d, context=budget.context)
+                                            for d in costs.dense_shapes(cfg))
     rows.append(kv[None])
     lo.append([-np.inf])
     hi.append([kv_limit + 1e-6])
     if budget.speedup is not None:
         macs = np.array([costs.layer_macs(cfg, s, budget.context) for s in shapes] * n_layers)
         head = cfg.hidden_size * cfg.vocab_size / budget.context
-        limit = costs.model_macs(cfg, [dense] * n_layers, budget.context) / budget.speedup
+        limit = costs.model_macs(cfg, costs.dense_shapes(cfg), budget.context) / budget.speedup
         rows.append(macs[None])
         lo.append([-np.inf])
         hi.append([limit - head])
