@@ -6,6 +6,14 @@ requests. Dense and pruned runs alternate (one engine at a time, each in its own
 the same VLLM_CPU_KVCACHE_SPACE; the table reports the median over rounds.
 
     .venv/bin/python benchmarks/bench_vllm_engine.py [--quick] [--out bench.json]
+    # a windowed plan at 7k: prefill 7k, decode 16 x 7k (prompts cached), capacity at 7k
+    .venv/bin/python benchmarks/bench_vllm_engine.py --pruned out/smollm2-wplan27 \
+        --prefill 7168 --decode-prompt 7040 --capacity-context 7168 --kv-space 6 --rounds 1
+
+With ``--capacity-context N`` the engines run in process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
+so the scheduler's KV groups are readable) and the table gains the sequences of N tokens the
+KV pool holds at once (vLLM's block accounting, ``serving/kv_capacity.py``), with the cost
+model's prediction beside every ratio (served KV bytes per sequence; MACs per token).
 
 Thread binding is taken from the environment (VLLM_CPU_OMP_THREADS_BIND, default "auto",
 which on a 2-core machine runs the model on one thread) and recorded in the JSON.
@@ -46,6 +54,8 @@ def worker(args: argparse.Namespace) -> None:
     cfg = json.loads(args.worker_cfg)
     max_len = max([*cfg["prefill"], cfg["decode_prompt"] + cfg["decode_tokens"]]) + 64
     t0 = time.perf_counter()
+    if cfg.get("decode_cached") is None and cfg["decode_prompt"] > 1024:
+        cfg["decode_cached"] = True  # long prompts: decode timed with them in the cache
     cached = bool(cfg.get("decode_cached"))  # decode timed with the prompts in the cache
     llm = LLM(model=args.worker_model, dtype="float32", enforce_eager=True,
               max_model_len=max_len, enable_prefix_caching=cached, seed=0,
@@ -62,7 +72,13 @@ def worker(args: argparse.Namespace) -> None:
         return time.perf_counter() - t
 
     timed([prompt_ids(128, vocab, 0)], one)  # warm-up
+    from harp_vllm.serving.kv_capacity import kv_groups, sequences_that_fit
+
+    groups = kv_groups(llm)
     res = {"startup_s": startup, "kv_cache_tokens": int(cache.num_gpu_blocks) * cache.block_size,
+           **groups,
+           **({"sequences_at_context": sequences_that_fit(groups, cfg["capacity_context"])}
+              if groups and cfg.get("capacity_context") else {}),
            "num_gpu_blocks": int(cache.num_gpu_blocks), "block_size": cache.block_size,
            "prefill_tok_s": {}, "architectures": list(
                llm.llm_engine.vllm_config.model_config.architectures)}
@@ -127,6 +143,14 @@ def main() -> None:
     ap.add_argument("--kv-space", default="2", help="VLLM_CPU_KVCACHE_SPACE in GiB (both)")
     ap.add_argument("--pruned", type=Path, help="pruned checkpoint (default: P = 8, fixed "
                     "alphas, written to the cache)")
+    ap.add_argument("--prefill", help="prompt lengths to prefill, comma list (default: the "
+                    "preset's)")
+    ap.add_argument("--decode-prompt", type=int, help="prompt tokens of each decode request")
+    ap.add_argument("--decode-tokens", type=int, help="tokens decoded per request")
+    ap.add_argument("--decode-requests", type=int, help="concurrent decode requests")
+    ap.add_argument("--capacity-context", type=int,
+                    help="also count the sequences of this many tokens the KV pool holds "
+                         "(engines in process)")
     ap.add_argument("--out", type=Path, default=Path("bench_vllm_engine.json"))
     ap.add_argument("--worker-model", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -139,8 +163,15 @@ def main() -> None:
     cfg = dict(QUICK if args.quick else FULL)
     if args.rounds:
         cfg["rounds"] = args.rounds
+    if args.prefill:
+        cfg["prefill"] = [int(x) for x in args.prefill.split(",") if x.strip()]
+    for key in ("decode_prompt", "decode_tokens", "decode_requests", "capacity_context"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
     dense, pruned = ensure_models(args.pruned)
     env = engine_env(args.kv_space)
+    if args.capacity_context:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     bind = env.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
     work = args.out.with_suffix(".runs")
     work.mkdir(parents=True, exist_ok=True)
@@ -155,7 +186,11 @@ def main() -> None:
     def med(kind: str, get) -> float:
         return statistics.median(get(x) for x in runs[kind])
 
+    predicted = _predicted(dense, pruned, cfg)
     rows = [("KV-cache capacity (tokens)", lambda x: x["kv_cache_tokens"], "{:,.0f}")]
+    if cfg.get("capacity_context"):
+        rows = [(f"sequences of {cfg['capacity_context']} tokens in the KV pool",
+                 lambda x: x["sequences_at_context"], "{:,.1f}")]
     rows += [(f"prefill {n // 1024}k-token prompt (tok/s)" if n % 1024 == 0 else
               f"prefill {n}-token prompt (tok/s)",
               lambda x, n=n: x["prefill_tok_s"][str(n)], "{:.1f}") for n in cfg["prefill"]]
@@ -165,17 +200,46 @@ def main() -> None:
     print(f"\nSmolLM2-135M fp32, vLLM {_vllm_version()} CPU, VLLM_CPU_KVCACHE_SPACE="
           f"{args.kv_space} GiB, VLLM_CPU_OMP_THREADS_BIND={bind}, enforce_eager, "
           f"median of {cfg['rounds']} alternating round(s)")
-    print(f"{'metric':48s} {'dense':>12s} {'pruned P=8':>12s} {'ratio':>7s}")
+    print(f"{'metric':48s} {'dense':>12s} {'pruned':>12s} {'ratio':>7s} {'predicted':>9s}")
     for name, get, fmt in rows:
         d, p = med("dense", get), med("pruned", get)
-        table.append({"metric": name, "dense": d, "pruned": p, "ratio": p / d})
-        print(f"{name:48s} {fmt.format(d):>12s} {fmt.format(p):>12s} {p / d:7.3f}")
+        want = predicted.get(name)
+        table.append({"metric": name, "dense": d, "pruned": p, "ratio": p / d,
+                      "predicted": want})
+        print(f"{name:48s} {fmt.format(d):>12s} {fmt.format(p):>12s} {p / d:7.3f} "
+              f"{'' if want is None else f'{want:9.3f}'}")
     args.out.write_text(json.dumps({
         "config": cfg, "kv_space_gib": args.kv_space, "threads_bind": bind,
         "dense_model": str(dense), "pruned_model": str(pruned), "alphas": ALPHAS,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "table": table, "runs": runs}, indent=2))
     print(f"\nwrote {args.out}")
+
+
+def _predicted(dense: Path, pruned: Path, cfg: dict) -> dict[str, float]:
+    """The cost model's ratios for the table's rows (by row name)."""
+    from harp_vllm.pruning import costs
+
+    found = costs.checkpoint_shapes(pruned)
+    if found is None:
+        return {}
+    hf, shapes = found
+    base = costs.dense_shapes(hf)
+    out: dict[str, float] = {}
+    for n in cfg["prefill"]:
+        name = (f"prefill {n // 1024}k-token prompt (tok/s)" if n % 1024 == 0 else
+                f"prefill {n}-token prompt (tok/s)")
+        out[name] = costs.predicted_speedup(hf, shapes, n, "prefill")
+    ctx = cfg["decode_prompt"] + cfg["decode_tokens"] // 2
+    out[f"decode, {cfg['decode_requests']} concurrent requests (tok/s)"] = (
+        costs.predicted_speedup(hf, shapes, ctx, "decode"))
+    if cfg.get("capacity_context"):
+        n, block = cfg["capacity_context"], 128  # vLLM's CPU block size
+        served = costs.served_kv_bytes_per_sequence(hf, shapes, n, block)
+        if served:
+            out[f"sequences of {n} tokens in the KV pool"] = (
+                costs.served_kv_bytes_per_sequence(hf, base, n, block) / served)
+    return out
 
 
 def _vllm_version() -> str:

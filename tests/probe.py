@@ -31,39 +31,14 @@ import sys
 import traceback
 from pathlib import Path
 
+from harp_vllm.serving.kv_capacity import kv_groups
+
 
 def kv_cache_tokens(llm) -> dict:
     cache = llm.llm_engine.vllm_config.cache_config
     blocks = int(cache.num_gpu_blocks or 0)
     return {"num_gpu_blocks": blocks, "block_size": int(cache.block_size),
             "kv_cache_tokens": blocks * int(cache.block_size), **kv_groups(llm)}
-
-
-def kv_groups(llm) -> dict:
-    """The scheduler's KV-cache groups (in-process engine only): per group its layer count,
-    block size and sliding window (None: full attention); all groups draw their blocks from
-    one pool of ``num_blocks``."""
-    core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
-    config = getattr(getattr(core, "scheduler", None), "kv_cache_config", None)
-    if config is None:
-        return {}
-    groups = [{"layers": len(g.layer_names), "block_size": int(g.kv_cache_spec.block_size),
-               "sliding_window": getattr(g.kv_cache_spec, "sliding_window", None)}
-              for g in config.kv_cache_groups]
-    return {"kv_groups": groups, "kv_pool_blocks": int(config.num_blocks)}
-
-
-def sequences_that_fit(result: dict, context: int) -> float:
-    """How many ``context``-token sequences the engine's KV pool holds at once, by vLLM's own
-    block accounting: a full-attention group takes ``cdiv(context, block)`` blocks per
-    sequence, a sliding-window group at most ``cdiv(W - 1, block) + 1`` (blocks wholly
-    outside the window are freed)."""
-    need = 0
-    for g in result["kv_groups"]:
-        bs, w = g["block_size"], g["sliding_window"]
-        full = -(-context // bs)
-        need += full if w is None else min(full, -(-(w - 1) // bs) + 1)
-    return result["kv_pool_blocks"] / need
 
 
 def make_llm(model: str, max_model_len: int, **kw):

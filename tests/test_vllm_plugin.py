@@ -873,7 +873,7 @@ def test_tiny_windows_match_reference_past_the_window_and_size_kv(tmp_path):
     longer than every window give the reference's greedy tokens and prompt logprobs, each
     windowed layer gets a sliding-window KV group, and the sequences the KV pool holds at
     512 tokens grow over dense as the cost model's served bytes say."""
-    from probe import sequences_that_fit
+    from harp_vllm.serving.kv_capacity import sequences_that_fit
 
     dense = make_tiny("llama", tmp_path / "dense")
     model = _windowed(dense, tmp_path / "win", {1: 16, 3: 40, 5: 16})
@@ -904,10 +904,9 @@ def test_smollm2_windows_match_reference_and_kv_equals_the_cost_model(
     reference's on the test prompts and on a 700-token WikiText passage (longer than every
     window), and the sequences of 2,048 tokens the KV pool holds grow over the dense run's
     as the cost model's served bytes predict."""
-    from probe import sequences_that_fit
-
     from harp_vllm import models
     from harp_vllm.evaluation.domains import domain_text
+    from harp_vllm.serving.kv_capacity import sequences_that_fit
 
     model = _windowed(smollm2_dir, tmp_path / "win", SMOL_WINDOWS)
     tok = models.load_tokenizer(smollm2_dir)
