@@ -64,6 +64,7 @@ def layer_macs(cfg: Any, s: LayerShape, context: int, phase: str = "prefill") ->
     macs = float(layer_params(cfg, s))  # every weight is one MAC per token
     if s.attention == "dense":
         w = s.window
+        n: float
         if phase == "decode":
             n = 2 * (context if w is None else min(context, w))
         elif w is None or context <= w:
@@ -111,7 +112,7 @@ def kv_bytes_per_sequence(cfg: Any, shapes: list[LayerShape], context: int,
     if block_size is None:
         return round(kv_bytes_per_token(cfg, shapes, dtype_bytes, context) * context)
     full = -(-context // block_size)
-    total = 0
+    total = 0.0
     for s in shapes:
         blocks = full if s.window is None else min(full, -(-(s.window - 1) // block_size) + 1)
         total += kv_bytes(cfg, s, dtype_bytes) * blocks * block_size
@@ -141,7 +142,7 @@ def served_kv_bytes_per_sequence(cfg: Any, shapes: list[LayerShape], context: in
         group = sizes[0]
     page_token = kv_bytes(cfg, attn[0], dtype_bytes)
     full = -(-context // block_size)
-    total = 0
+    total = 0.0
     for window, count in kinds.items():
         blocks = full if window is None else min(full, -(-(window - 1) // block_size) + 1)
         total += -(-count // group) * group * blocks * block_size * page_token

@@ -119,7 +119,7 @@ def _window_hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args, kwargs
 
 
-def attach_window(attn: nn.Module, window: int) -> None:
+def attach_window(attn: Any, window: int) -> None:
     """Make ``attn`` (an HF attention module) attend to the last ``window`` tokens only (a
     natively windowed layer, e.g. Gemma's, never gets a wider window than its own)."""
     native = getattr(attn, "sliding_window", None)
@@ -250,7 +250,8 @@ def apply_pruning(model, spec: PruningSpec):
             attach_group_map(attn, GroupMap(model.config.hidden_size, m["rank"]))
     _check_layers(model, spec.windows)
     for idx, w in spec.windows.items():
-        attach_window(decoder_layers(model)[idx].self_attn, w)
+        windowed_layer: Any = decoder_layers(model)[idx]
+        attach_window(windowed_layer.self_attn, w)
     model.config.harp_pruning = spec.to_dict()
     return model
 
