@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from harp_vllm.loadtest import metrics as prom
 from harp_vllm.loadtest import report
+from harp_vllm.loadtest import server_metrics as prom
 from harp_vllm.loadtest.prompts import PromptFactory
 
 REPO = Path(__file__).resolve().parents[1]

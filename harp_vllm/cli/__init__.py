@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .errors import console, run_guarded
+from .error_exit import console, run_guarded
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Prune LLM attention (HARP and friends) and serve the result with vLLM.")
@@ -215,23 +215,23 @@ def prune_cmd(
     write_json(report, result)
 
 
-from .serving import register as _register_serving  # noqa: E402
+from .serving_commands import register as _register_serving  # noqa: E402
 
 _register_serving(app)
 
-from .loadtest import register as _register_loadtest  # noqa: E402
+from .loadtest_commands import register as _register_loadtest  # noqa: E402
 
 _register_loadtest(app)
 
-from .stack import register as _register_stack  # noqa: E402
+from .stack_commands import register as _register_stack  # noqa: E402
 
 _register_stack(app)
 
-from .plan import register as _register_plan  # noqa: E402
+from .plan_commands import register as _register_plan  # noqa: E402
 
 _register_plan(app)
 
-from .tasks import register as _register_tasks  # noqa: E402
+from .tasks_commands import register as _register_tasks  # noqa: E402
 
 _register_tasks(eval_app)
 

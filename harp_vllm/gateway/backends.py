@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from .config import Backend, GatewayConfig
-from .errors import describe, loads_reply
-from .metrics import GatewayMetrics
+from .openai_errors import describe, loads_reply
+from .prometheus_metrics import GatewayMetrics
 
 logger = logging.getLogger("harp_vllm.gateway")
 

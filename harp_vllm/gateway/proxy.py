@@ -24,7 +24,7 @@ from starlette.responses import Response, StreamingResponse
 
 from .backends import BackendBusy, Backends, BackendState
 from .config import GatewayConfig
-from .errors import (
+from .openai_errors import (
     CLIENT_CLOSED,
     ClientGone,
     GatewayError,
@@ -33,7 +33,7 @@ from .errors import (
     loads_reply,
     sse_error,
 )
-from .metrics import GatewayMetrics
+from .prometheus_metrics import GatewayMetrics
 from .relay import Recorder, SSERelay, TooLarge, read_capped
 from .routing import Router
 

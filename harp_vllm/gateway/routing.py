@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .backends import Backends, BackendState
 from .config import Alias
-from .errors import GatewayError
+from .openai_errors import GatewayError
 
 
 @dataclass

@@ -41,7 +41,7 @@ import httpx
 
 from harp_vllm.errors import UserError
 
-from . import metrics as prom
+from . import server_metrics as prom
 from .prompts import PromptFactory, load_corpus_text, load_tokenizer
 
 PERCENTILES = (50, 90, 99)

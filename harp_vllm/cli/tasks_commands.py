@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import UserError
-from .errors import fail
+from .error_exit import fail
 
 
 def exit_on_sigterm() -> None:
