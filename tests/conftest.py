@@ -42,26 +42,26 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
-TINY_CONFIGS = {
-    "llama": dict(cls="LlamaConfig", num_attention_heads=4, num_key_value_heads=2),
-    "mistral": dict(cls="MistralConfig", num_attention_heads=4, num_key_value_heads=2),
-    "qwen2": dict(cls="Qwen2Config", num_attention_heads=4, num_key_value_heads=2),
-    "gemma2": dict(cls="Gemma2Config", num_attention_heads=4, num_key_value_heads=2,
-                   head_dim=16, query_pre_attn_scalar=16),
-}
+# Gemma's head size and attention scaling are set explicitly (its defaults are for 2B+ models).
+TINY_EXTRA = {"gemma2": dict(head_dim=16, query_pre_attn_scalar=16)}
 
 
 def make_tiny_model(family: str, out: Path, layers: int = 4, seed: int = 0) -> Path:
-    """Save a tiny random-weight causal LM of ``family`` with a tokenizer into ``out``."""
+    """Save a tiny random-weight causal LM of ``family`` (a ``model_type`` of
+    ``harp_vllm.families``; HF's ``AutoConfig`` knows its config class) with a tokenizer into
+    ``out``."""
     import transformers
 
-    spec = dict(TINY_CONFIGS[family])
-    cfg_cls = getattr(transformers, spec.pop("cls"))
+    from harp_vllm.families import MODEL_TYPES
+
+    assert family in MODEL_TYPES, f"{family!r} is not a family HARP supports"
     tok = tiny_tokenizer()
-    cfg = cfg_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                  num_hidden_layers=layers, max_position_embeddings=512,
-                  eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
-                  tie_word_embeddings=False, **spec)
+    cfg = transformers.AutoConfig.for_model(
+        family, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id, tie_word_embeddings=False,
+        **TINY_EXTRA.get(family, {}))
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():  # larger than the init default so layers matter in the outputs
