@@ -196,11 +196,14 @@ def test_build_command_resolves_known_name(monkeypatch, smollm2_dir):
 
 
 @pytest.mark.timeout(30)
-def test_harp_checkpoint_without_plugin_is_refused(tmp_path, monkeypatch):
+@pytest.mark.parametrize("config", [
+    {"architectures": ["HarpLlamaForCausalLM"], "harp_pruning": {"version": 1, "layers": {}}},
+    {"architectures": ["HarpQwen2ForCausalLM"]},  # a HARP architecture (families.py) alone
+])
+def test_harp_checkpoint_without_plugin_is_refused(tmp_path, monkeypatch, config):
     d = tmp_path / "ckpt"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"architectures": ["HarpLlamaForCausalLM"],
-                                               "harp_pruning": {"version": 1, "layers": {}}}))
+    (d / "config.json").write_text(json.dumps(config))
     monkeypatch.setattr(serve_mod, "harp_plugin_entry", lambda: None)
     with pytest.raises(UserError, match="plugin is not installed"):
         serve_mod.build_command([str(d)])
