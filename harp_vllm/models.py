@@ -160,7 +160,14 @@ def resolve(model: str, progress: bool = True) -> Path:
                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
 
 
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
+def load_tokenizer(name_or_path: str | Path, hint: str = ""):
+    """The Hugging Face tokenizer of a model directory (or hub id); one clear UserError, with
+    ``hint`` appended, when it cannot be loaded."""
+    try:
+        from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as e:  # missing dir, no network for a hub id, ...
+        raise UserError(f"could not load the tokenizer {str(name_or_path)!r} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+                        f"{hint}") from e

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from harp_vllm.errors import UserError
+from harp_vllm.models import load_tokenizer
 
 from .endpoints import Endpoint, EndpointError, check_endpoint, check_prompt_tokens
-from .prompts import PromptFactory, load_corpus_text, load_tokenizer
+from .prompts import PromptFactory, load_corpus_text
 from .scenarios import Config, plan
 from .vllm_bench import run_once
 
@@ -79,8 +80,8 @@ def run_loadtest(cfg: Config, out_dir: Path, progress: bool = True,
         if tok_name is None:
             raise UserError("no tokenizer: the dense endpoint names no model; pass --tokenizer")
         results["tokenizer"] = tok_name
-        factory = PromptFactory(load_tokenizer(tok_name),
-                                load_corpus_text(cfg.data, cfg.data_split, cfg.data_file),
+        tok = load_tokenizer(tok_name, hint="; pass --tokenizer with the served model's directory")
+        factory = PromptFactory(tok, load_corpus_text(cfg.data, cfg.data_split, cfg.data_file),
                                 seed=cfg.seed)
         probe = factory.make(64)
         for ep in (dense, pruned):
