@@ -336,7 +336,7 @@ def test_ctrl_c_writes_partial_report(ab_servers, tmp_path):
 def test_ctrl_c_survives_code_that_swallows_the_interrupt():
     """SIGINT sets a flag checked after every run, so a run that loses the KeyboardInterrupt
     (asyncio cancellation racing the benchmark's end) still stops the load test."""
-    from harp_vllm.loadtest.runner import _CtrlC
+    from harp_vllm.loadtest.ab_sequence import _CtrlC
 
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN when run in a background job
     ctrl_c = _CtrlC()

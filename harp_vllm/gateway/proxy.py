@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from .backends import BackendBusy, Backends, BackendState
+from .backend_state import BackendBusy, Backends, BackendState
 from .config import GatewayConfig
 from .openai_errors import (
     CLIENT_CLOSED,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .backends import Backends, BackendState
+from .backend_state import Backends, BackendState
 from .config import Alias
 from .openai_errors import GatewayError
 

@@ -88,8 +88,8 @@ def loadtest(
     """A/B load test: the same long-context workload against a dense and a pruned endpoint."""
     # (Long: the Typer signature declares every option; the body only builds ``Config``. The
     # docstring above is the command's --help text.)
+    from .ab_sequence import run_loadtest
     from .outputs import write_outputs
-    from .runner import run_loadtest
     from .scenarios import Config
 
     base = QUICK if quick else FULL
