@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
-from .error_exit import fail
+from .output import fail
 
 FileOpt = Annotated[Path | None, typer.Option(
     "--file", "-f", help="compose file [default: deploy/docker-compose.yml]")]
