@@ -2,10 +2,10 @@
 
 ``ServerProcess`` runs a command in its own process group with its output in a log file,
 waits for its health URL (failing early, with the log's tail, when the process exits) and
-stops the whole group (API server, engine core, workers): SIGTERM, then SIGKILL. ``harp-vllm
-serve`` (``serving.serve.ServerProcess``) and the tests' servers (vLLM, gateways, fake
-backends, Prometheus) use it; the stack runner (``ops.stack``), whose processes outlive the
-command that started them, shares its probes (``http_ok``, ``port_free``, ``log_tail``).
+stops the whole group (API server, engine core, workers): SIGTERM, then SIGKILL. The tests'
+servers (``harp-vllm serve``, gateways, fake backends, Prometheus) run on it; the stack runner
+(``ops.stack``), whose processes outlive the command that started them, shares its probes
+(``http_ok``, ``port_free``, ``log_tail``).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harp_vllm.process import ServerProcess
 from harp_vllm.pruning.reference import load_model
 
 CORPUS = (
@@ -130,3 +131,24 @@ def save_linear(src: Path, out: Path, groups: list[tuple[list[int], int | None, 
     spec = PruningSpec(layers=dict(alphas or {}), maps=maps, method="linear",
                        source_model=str(src))
     return save_pruned(model, spec, src, out)
+
+
+class HarpServer(ServerProcess):
+    """A ``harp-vllm serve`` server (``harp_vllm.serving.serve``) started in the background on
+    ``host:port``; ``env`` is added to this process's environment and ``drop_env`` taken out
+    of it; ``via_cli``: through the ``harp-vllm serve`` command itself (Typer, then exec)."""
+
+    def __init__(self, args: list[str], port: int, host: str = "127.0.0.1",
+                 env: dict[str, str] | None = None, log_path: Path | None = None,
+                 via_cli: bool = False, drop_env: tuple[str, ...] = ()):
+        import os
+        import sys
+
+        from harp_vllm.serving.serve import build_command, serving_env
+
+        self.port, self.host = port, host
+        args = [*args, "--host", host, "--port", str(port)]
+        cmd = ([sys.executable, "-m", "harp_vllm.cli", "serve", *args] if via_cli
+               else build_command(args))
+        full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in drop_env}
+        super().__init__(cmd, f"http://{host}:{port}", serving_env(full_env), log_path)

@@ -17,11 +17,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import HarpServer
 
 from harp_vllm.loadtest import outputs, summary
 from harp_vllm.loadtest import server_metrics as prom
 from harp_vllm.loadtest.prompts import PromptFactory
-from harp_vllm.process import ServerProcess, free_port
+from harp_vllm.process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 KV_BYTES = 64 * 2**20  # dense: 22 blocks of 128 tokens; pruned (8 of 30 layers): ~30
@@ -140,17 +141,12 @@ def test_bad_options_clear_message(tmp_path):
 
 # ---------------------------------------------------------------------------- real servers
 
-def _server(model: Path, name: str, log: Path) -> ServerProcess:
+def _server(model: Path, name: str, log: Path) -> HarpServer:
     """A ``harp-vllm serve`` server with the KV-cache budget in bytes, so both sides get
     exactly the same (``VLLM_CPU_KVCACHE_SPACE`` would override it: not passed on)."""
-    from harp_vllm.serving.serve import build_command, serving_env
-
-    port = free_port()
-    env = {k: v for k, v in serving_env().items() if k != "VLLM_CPU_KVCACHE_SPACE"}
-    cmd = build_command([str(model), "--served-model-name", name, "--host", "127.0.0.1",
-                         "--port", str(port), "--max-model-len", str(MAX_LEN),
-                         "--enforce-eager", "--kv-cache-memory-bytes", str(KV_BYTES)])
-    return ServerProcess(cmd, f"http://127.0.0.1:{port}", env, log)
+    return HarpServer([str(model), "--served-model-name", name, "--max-model-len", str(MAX_LEN),
+                       "--enforce-eager", "--kv-cache-memory-bytes", str(KV_BYTES)],
+                      port=free_port(), log_path=log, drop_env=("VLLM_CPU_KVCACHE_SPACE",))
 
 
 @pytest.fixture(scope="session")
