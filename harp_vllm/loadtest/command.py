@@ -47,23 +47,23 @@ def loadtest(
     quick: Annotated[bool, typer.Option(help="a few seconds of load per point (smoke test); "
                                              "explicit options still win")] = False,
     prompt_lens: Annotated[str | None, typer.Option(
-        help=f"prompt lengths in tokens [default {_csv(FULL['prompt_lens'])}]")] = None,
+        help=f"prompt lengths in tokens (default: {_csv(FULL['prompt_lens'])})")] = None,
     concurrency: Annotated[str | None, typer.Option(
-        help=f"concurrent requests [default {_csv(FULL['concurrency'])}]")] = None,
+        help=f"concurrent requests (default: {_csv(FULL['concurrency'])})")] = None,
     output_len: Annotated[int | None, typer.Option(
-        help=f"output tokens per request, EOS ignored [default {FULL['output_len']}]")] = None,
+        help=f"output tokens per request, EOS ignored (default: {FULL['output_len']})")] = None,
     requests_per_run: Annotated[int, typer.Option(
         help="requests per run (0: 2 x concurrency, at least 4; quick: = concurrency)")] = 0,
     repeats: Annotated[int | None, typer.Option(
-        help=f"A/B repeats of every point [default {FULL['repeats']}]")] = None,
+        help=f"A/B repeats of every point (default: {FULL['repeats']})")] = None,
     capacity: Annotated[bool, typer.Option(help="run the capacity scenario")] = True,
     capacity_prompt_len: Annotated[int | None, typer.Option(
-        help=f"capacity prompt length [default {FULL['capacity_prompt_len']}]")] = None,
+        help=f"capacity prompt length (default: {FULL['capacity_prompt_len']})")] = None,
     capacity_concurrency: Annotated[str | None, typer.Option(
-        help=f"capacity concurrency levels [default {_csv(FULL['capacity_concurrency'])}]")] = None,
+        help=f"capacity concurrency (default: {_csv(FULL['capacity_concurrency'])})")] = None,
     capacity_waves: Annotated[int | None, typer.Option(
         help="requests per concurrency slot in the capacity scenario "
-             f"[default {FULL['capacity_waves']}]")] = None,
+             f"(default: {FULL['capacity_waves']})")] = None,
     model_dense: Annotated[str | None, typer.Option(
         help="model name on the dense endpoint (default: the first it serves)")] = None,
     model_pruned: Annotated[str | None, typer.Option(
