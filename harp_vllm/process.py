@@ -75,13 +75,16 @@ class ServerProcess:
     """``cmd`` started in the background, in its own process group, output to ``log_path``.
 
     ``url`` is the server's base URL; ``wait_ready`` polls ``url + health_path`` every
-    ``poll`` seconds until it answers 2xx (or one of ``ready_status``).
+    ``poll`` seconds until it answers 2xx (or one of ``ready_status``). ``cwd``: the working
+    directory (None: this process's).
     """
 
     def __init__(self, cmd: Sequence[str], url: str, env: Mapping[str, str] | None = None,
                  log_path: Path | None = None, health_path: str = "/health",
-                 ready_status: tuple[int, ...] | None = None, poll: float = 1.0):
+                 ready_status: tuple[int, ...] | None = None, poll: float = 1.0,
+                 cwd: Path | None = None):
         self.cmd = list(cmd)
+        self.cwd = cwd
         self.url = url
         self.health_path = health_path
         self.ready_status, self.poll = ready_status, poll
@@ -96,13 +99,18 @@ class ServerProcess:
     def _spawn(self) -> None:
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(self.cmd, env=self._env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     cwd=self.cwd)
 
     def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def restart(self) -> ServerProcess:
         """Stop (if running) and start the same command again."""
