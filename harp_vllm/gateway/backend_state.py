@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from ..errors import describe
 from .config import Backend, GatewayConfig
-from .openai_errors import describe, loads_reply
+from .openai_errors import loads_reply
 from .prometheus_metrics import GatewayMetrics
 
 logger = logging.getLogger("harp_vllm.gateway")

@@ -22,13 +22,13 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from ..errors import describe
 from .backend_state import BackendBusy, Backends, BackendState
 from .config import GatewayConfig
 from .openai_errors import (
     CLIENT_CLOSED,
     ClientGone,
     GatewayError,
-    describe,
     error_payload,
     loads_reply,
     sse_error,

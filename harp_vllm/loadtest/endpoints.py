@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from harp_vllm.errors import UserError
+from harp_vllm.errors import UserError, describe
 
 from . import server_metrics as prom
 
@@ -46,17 +46,12 @@ class Endpoint:
 
 
 
-def _short(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0][:200]}" if msg else type(e).__name__
-
-
 def check_endpoint(ep: Endpoint, timeout: float = 30.0) -> None:
     """Resolve the served model and check one tiny completion; raise EndpointError if not."""
     try:
         r = httpx.get(ep.url + "/v1/models", timeout=timeout)
     except httpx.HTTPError as e:
-        raise EndpointError(f"{ep.label} endpoint {ep.url} is unreachable ({_short(e)})") from e
+        raise EndpointError(f"{ep.label} endpoint {ep.url} is unreachable ({describe(e)})") from e
     if r.status_code != 200:
         raise EndpointError(f"{ep.label} endpoint {ep.url}/v1/models answered HTTP "
                             f"{r.status_code}: {r.text[:200]}")
@@ -83,7 +78,7 @@ def check_endpoint(ep: Endpoint, timeout: float = 30.0) -> None:
         r = httpx.post(ep.url + "/v1/completions", json=body, timeout=timeout)
     except httpx.HTTPError as e:
         raise EndpointError(f"{ep.label} endpoint {ep.url}: a test completion failed "
-                            f"({_short(e)})") from e
+                            f"({describe(e)})") from e
     if r.status_code != 200:
         raise EndpointError(f"{ep.label} endpoint {ep.url}: a test completion answered HTTP "
                             f"{r.status_code}: {r.text[:300]}")
@@ -107,7 +102,7 @@ def check_prompt_tokens(ep: Endpoint, text: str, expected: int, timeout: float =
         got = r.json()["usage"]["prompt_tokens"]
     except Exception as e:
         raise EndpointError(f"{ep.label} endpoint {ep.url}: the tokenizer check failed "
-                            f"({_short(e)})") from e
+                            f"({describe(e)})") from e
     if got != expected:
         raise EndpointError(f"{ep.label} endpoint counts {got} tokens in a prompt our tokenizer "
                             f"counts as {expected}: pass --tokenizer with the served model's "

@@ -31,8 +31,10 @@ import math
 import time
 from typing import Any
 
+from harp_vllm.errors import describe
+
 from . import server_metrics as prom
-from .endpoints import Endpoint, _short
+from .endpoints import Endpoint
 from .scenarios import Config
 
 PERCENTILES = (50, 90, 99)
@@ -132,7 +134,7 @@ def run_once(ep: Endpoint, prompts: list, concurrency: int, cfg: Config,
     except TimeoutError:
         res, error = None, f"run timed out after {cfg.run_timeout:.0f} s"
     except Exception as e:  # the load generator itself failed
-        res, error = None, f"load generator failed: {_short(e)}"
+        res, error = None, f"load generator failed: {describe(e)}"
     after = prom.scrape(ep.metrics_url) if ep.metrics_url else None
     if res is None:
         reqs = [{"request_id": p.request_id, "ok": False, "error": error, "prompt_tokens": 0,
