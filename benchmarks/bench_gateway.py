@@ -19,16 +19,14 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import httpx
 import psutil
 
-from harp_vllm.process import free_port
+from harp_vllm.process import ServerProcess, free_port
 
 FAKE_BACKEND = Path(__file__).resolve().parents[1] / "tests" / "fake_backend.py"
 
@@ -38,23 +36,17 @@ REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-bench"
 
 
-def start(cmd: list[str], port: int, probe: str, tree: Path) -> subprocess.Popen:
+def start(cmd: list[str], port: int, probe: str, tree: Path) -> ServerProcess:
     """Start ``cmd`` importing harp_vllm from ``tree`` (its cwd: ``python -m`` puts the cwd
-    first on sys.path, ahead of PYTHONPATH and the editable install)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tree,
-                            env={**os.environ, "PYTHONPATH": str(tree)}, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd} exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}{probe}", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError(f"{cmd} did not become ready")
+    first on sys.path, ahead of PYTHONPATH and the editable install); ready when ``probe``
+    answers."""
+    proc = ServerProcess(cmd, f"http://127.0.0.1:{port}", {**os.environ, "PYTHONPATH": str(tree)},
+                         health_path=probe, poll=0.2, cwd=tree)
+    try:
+        return proc.wait_ready(60)
+    except Exception:
+        proc.stop()
+        raise
 
 
 def cpu_seconds(pid: int) -> float:
@@ -172,7 +164,7 @@ def main() -> None:
 
     body = json.dumps({"model": "fake", "prompt": "one two three four", "stream": args.stream,
                        "max_tokens": args.max_tokens}).encode()
-    procs: list[subprocess.Popen] = []
+    procs: list[ServerProcess] = []
     rounds: list[list[Result]] = []
     try:
         bport = free_port()
@@ -196,9 +188,7 @@ def main() -> None:
                                       for name, port, pid in gateways])
     finally:
         for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, 15)
-                p.wait(10)
+            p.stop(10)
     results = [median_result(list(col)) for col in zip(*rounds, strict=True)]
 
     print(f"{args.requests} requests x {args.rounds} rounds (medians), concurrency "

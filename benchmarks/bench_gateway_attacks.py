@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -36,7 +33,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gateway import FAKE_BACKEND, KEY, REPO, start  # noqa: E402
 
-from harp_vllm.process import free_port  # noqa: E402
+from harp_vllm.process import ServerProcess, free_port  # noqa: E402
 
 
 def header_attack(port: int, pid: int, n: int, mb: int) -> dict:
@@ -101,7 +98,7 @@ def main() -> None:
     million = b'{"model": "fake", "prompt": [' + b",".join([b"[]"] * 1_000_000) + b"]}"
     under = (b'{"model": "fake", "max_tokens": 1, "prompt": ['
              + b",".join([b"[]"] * 49_000) + b"]}")
-    procs: list[subprocess.Popen] = []
+    procs: list[ServerProcess] = []
     results = {}
     try:
         bport = free_port()
@@ -129,9 +126,7 @@ def main() -> None:
             sys.stdout.flush()
     finally:
         for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(10)
+            p.stop(10)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -19,3 +19,10 @@ class RunFailure(UserError):
     taken, nothing became healthy); the message says what happened."""
 
     exit_code = RUNTIME_EXIT
+
+
+def describe(e: BaseException) -> str:
+    """``TypeName: first line of the message`` (at most 200 characters of it), for one-line
+    error reports."""
+    text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, describe
 from .paths import cache_dir
 
 
@@ -157,10 +157,16 @@ def resolve(model: str, progress: bool = True) -> Path:
             "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
     except Exception as e:
         raise UserError(f"could not fetch {model!r} from the Hugging Face hub: "
-                        f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+                        f"{describe(e)}") from e
 
 
-def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
+def load_tokenizer(name_or_path: str | Path, hint: str = ""):
+    """The Hugging Face tokenizer of a model directory (or hub id); one clear UserError, with
+    ``hint`` appended, when it cannot be loaded."""
+    try:
+        from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as e:  # missing dir, no network for a hub id, ...
+        raise UserError(f"could not load the tokenizer {str(name_or_path)!r} ({describe(e)})"
+                        f"{hint}") from e

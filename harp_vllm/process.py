@@ -2,11 +2,10 @@
 
 ``ServerProcess`` runs a command in its own process group with its output in a log file,
 waits for its health URL (failing early, with the log's tail, when the process exits) and
-stops the whole group (API server, engine core, workers): SIGTERM, then SIGKILL. ``harp-vllm
-serve`` (``serving.serve.ServerProcess``), the load test's vLLM servers
-(``loadtest.servers.start``) and the tests use it; the stack runner (``ops.stack``), whose
-processes outlive the command that started them, shares its probes (``http_ok``,
-``port_free``, ``log_tail``).
+stops the whole group (API server, engine core, workers): SIGTERM, then SIGKILL. The tests'
+servers (``harp-vllm serve``, gateways, fake backends, Prometheus) run on it; the stack runner
+(``ops.stack``), whose processes outlive the command that started them, shares its probes
+(``http_ok``, ``port_free``, ``log_tail``).
 """
 
 from __future__ import annotations
@@ -76,13 +75,16 @@ class ServerProcess:
     """``cmd`` started in the background, in its own process group, output to ``log_path``.
 
     ``url`` is the server's base URL; ``wait_ready`` polls ``url + health_path`` every
-    ``poll`` seconds until it answers 2xx (or one of ``ready_status``).
+    ``poll`` seconds until it answers 2xx (or one of ``ready_status``). ``cwd``: the working
+    directory (None: this process's).
     """
 
     def __init__(self, cmd: Sequence[str], url: str, env: Mapping[str, str] | None = None,
                  log_path: Path | None = None, health_path: str = "/health",
-                 ready_status: tuple[int, ...] | None = None, poll: float = 1.0):
+                 ready_status: tuple[int, ...] | None = None, poll: float = 1.0,
+                 cwd: Path | None = None):
         self.cmd = list(cmd)
+        self.cwd = cwd
         self.url = url
         self.health_path = health_path
         self.ready_status, self.poll = ready_status, poll
@@ -97,13 +99,18 @@ class ServerProcess:
     def _spawn(self) -> None:
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(self.cmd, env=self._env, stdout=self._log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     cwd=self.cwd)
 
     def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     def restart(self) -> ServerProcess:
         """Stop (if running) and start the same command again."""

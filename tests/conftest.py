@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harp_vllm.process import ServerProcess
 from harp_vllm.pruning.reference import load_model
 
 CORPUS = (
@@ -42,26 +43,26 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
-TINY_CONFIGS = {
-    "llama": dict(cls="LlamaConfig", num_attention_heads=4, num_key_value_heads=2),
-    "mistral": dict(cls="MistralConfig", num_attention_heads=4, num_key_value_heads=2),
-    "qwen2": dict(cls="Qwen2Config", num_attention_heads=4, num_key_value_heads=2),
-    "gemma2": dict(cls="Gemma2Config", num_attention_heads=4, num_key_value_heads=2,
-                   head_dim=16, query_pre_attn_scalar=16),
-}
+# Gemma's head size and attention scaling are set explicitly (its defaults are for 2B+ models).
+TINY_EXTRA = {"gemma2": dict(head_dim=16, query_pre_attn_scalar=16)}
 
 
 def make_tiny_model(family: str, out: Path, layers: int = 4, seed: int = 0) -> Path:
-    """Save a tiny random-weight causal LM of ``family`` with a tokenizer into ``out``."""
+    """Save a tiny random-weight causal LM of ``family`` (a ``model_type`` of
+    ``harp_vllm.families``; HF's ``AutoConfig`` knows its config class) with a tokenizer into
+    ``out``."""
     import transformers
 
-    spec = dict(TINY_CONFIGS[family])
-    cfg_cls = getattr(transformers, spec.pop("cls"))
+    from harp_vllm.families import MODEL_TYPES
+
+    assert family in MODEL_TYPES, f"{family!r} is not a family HARP supports"
     tok = tiny_tokenizer()
-    cfg = cfg_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                  num_hidden_layers=layers, max_position_embeddings=512,
-                  eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
-                  tie_word_embeddings=False, **spec)
+    cfg = transformers.AutoConfig.for_model(
+        family, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id, tie_word_embeddings=False,
+        **TINY_EXTRA.get(family, {}))
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():  # larger than the init default so layers matter in the outputs
@@ -130,3 +131,24 @@ def save_linear(src: Path, out: Path, groups: list[tuple[list[int], int | None, 
     spec = PruningSpec(layers=dict(alphas or {}), maps=maps, method="linear",
                        source_model=str(src))
     return save_pruned(model, spec, src, out)
+
+
+class HarpServer(ServerProcess):
+    """A ``harp-vllm serve`` server (``harp_vllm.serving.serve``) started in the background on
+    ``host:port``; ``env`` is added to this process's environment and ``drop_env`` taken out
+    of it; ``via_cli``: through the ``harp-vllm serve`` command itself (Typer, then exec)."""
+
+    def __init__(self, args: list[str], port: int, host: str = "127.0.0.1",
+                 env: dict[str, str] | None = None, log_path: Path | None = None,
+                 via_cli: bool = False, drop_env: tuple[str, ...] = ()):
+        import os
+        import sys
+
+        from harp_vllm.serving.serve import build_command, serving_env
+
+        self.port, self.host = port, host
+        args = [*args, "--host", host, "--port", str(port)]
+        cmd = ([sys.executable, "-m", "harp_vllm.cli", "serve", *args] if via_cli
+               else build_command(args))
+        full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in drop_env}
+        super().__init__(cmd, f"http://{host}:{port}", serving_env(full_env), log_path)

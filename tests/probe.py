@@ -156,6 +156,24 @@ def try_models(args: argparse.Namespace) -> dict:
     return {"ok": True, "runs": runs}
 
 
+def launch(flags: list[str], workdir: Path, env: dict[str, str], timeout: float
+           ) -> tuple[dict, str]:
+    """Run this probe in a subprocess (the tests' way to start vLLM) with ``flags`` and
+    ``--out workdir/result.json``, in ``workdir`` with exactly ``env``; returns (the result
+    JSON, the run's stdout + stderr, also kept in ``workdir/log.txt``)."""
+    import subprocess
+
+    out = workdir / "result.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), *flags, "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    log = proc.stdout + "\n" + proc.stderr
+    (workdir / "log.txt").write_text(log)
+    result = json.loads(out.read_text()) if out.is_file() else {
+        "ok": False, "error": f"probe exited {proc.returncode} without a result"}
+    return result, log
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model")

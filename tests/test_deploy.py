@@ -32,7 +32,7 @@ from harp_vllm.errors import UserError
 from harp_vllm.ops import compose
 from harp_vllm.ops import stack as native
 from harp_vllm.ops import translate as native_plan
-from harp_vllm.process import free_port, http_ok
+from harp_vllm.process import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -96,26 +96,21 @@ def comparison_label(legend: str) -> str | None:
     return None
 
 
-class Prometheus:
+class Prometheus(ServerProcess):
     """A throwaway Prometheus on a free 127.0.0.1 port with its own storage."""
 
     def __init__(self, config: Path, workdir: Path):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(workdir / "prometheus.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [tool("prometheus"), f"--config.file={config}",
-             f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, (workdir / "prometheus.log").read_text()
-            if http_ok(self.url + "/-/ready", timeout=2):
-                return
-            time.sleep(0.3)
-        self.stop()
-        raise TimeoutError("prometheus did not become ready")
+        super().__init__([tool("prometheus"), f"--config.file={config}",
+                          f"--storage.tsdb.path={workdir / 'data'}",
+                          f"--web.listen-address=127.0.0.1:{self.port}"],
+                         f"http://127.0.0.1:{self.port}", log_path=workdir / "prometheus.log",
+                         health_path="/-/ready", poll=0.3)
+        try:
+            self.wait_ready(60)
+        except Exception:
+            self.stop()
+            raise
 
     def query(self, expr: str) -> tuple[int, dict]:
         url = self.url + "/api/v1/query?" + urllib.parse.urlencode({"query": expr})
@@ -124,11 +119,6 @@ class Prometheus:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")
-
-    def stop(self) -> None:
-        native.stop_tree(self.proc.pid, None, timeout=10)
-        self.proc.wait(10)
-        self.log.close()
 
 
 # -- Dockerfiles --------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from harp_vllm.errors import UserError
 from harp_vllm.gateway.config import API_KEYS_ENV, build_config, redact_url
-from harp_vllm.gateway.errors import GatewayError, status_label
-from harp_vllm.gateway.metrics import GatewayMetrics
+from harp_vllm.gateway.openai_errors import GatewayError, status_label
+from harp_vllm.gateway.prometheus_metrics import GatewayMetrics
 from harp_vllm.gateway.relay import Recorder, SSERelay, TooLarge
 from harp_vllm.gateway.schemas import RequestLimits, count_items, parse_request
 

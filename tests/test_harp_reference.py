@@ -10,6 +10,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from harp_vllm.errors import UserError
+from harp_vllm.families import post_norm
 from harp_vllm.pruning.jobs.checkpoint import save_pruned
 from harp_vllm.pruning.reference import decoder_layers, load_model, pruned
 from harp_vllm.spec import PruningSpec
@@ -64,7 +65,7 @@ def test_alpha_scales_the_attention_branch(tiny):
     model = load_model(tiny)
     layer = decoder_layers(model)[2]
     captured = []
-    norm = layer.post_attention_layernorm if "gemma" in model.config.model_type else None
+    norm = layer.post_attention_layernorm if post_norm(model.config) else None
     target = norm if norm is not None else layer.self_attn
 
     def grab(module, args, out):

@@ -17,10 +17,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import HarpServer
 
-from harp_vllm.loadtest import metrics as prom
-from harp_vllm.loadtest import report
+from harp_vllm.loadtest import outputs, summary
+from harp_vllm.loadtest import server_metrics as prom
 from harp_vllm.loadtest.prompts import PromptFactory
+from harp_vllm.process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 KV_BYTES = 64 * 2**20  # dense: 22 blocks of 128 tokens; pruned (8 of 30 layers): ~30
@@ -97,14 +99,14 @@ def test_report_ratios_and_capacity(tmp_path):
                  _fake_run("pruned", 0, 1024, conc, 140.0, 40.0, pp, "capacity")]
     results = {"status": "interrupted", "message": "stopped", "config": {"output_len": 16},
                "runs": runs, "endpoints": {}}
-    s = report.summarize(results)
+    s = summary.summarize(results)
     pt = next(p for p in s["points"] if p["scenario"] == "sweep")
     assert pt["ratio"]["total_tps"]["median"] == pytest.approx((1.5 + 153 / 101) / 2)
     assert pt["ratio"]["ttft_p50_ms"]["median"] == pytest.approx(0.5)
     assert pt["dense"]["total_tps"] == {"median": 100.5, "min": 100.0, "max": 101.0, "n": 2}
     assert s["capacity"]["dense"]["max_concurrency_without_preemption"] == 2
     assert s["capacity"]["pruned"]["max_concurrency_without_preemption"] == 4
-    paths = report.write_outputs(results, tmp_path, "python -m harp_vllm.loadtest ...")
+    paths = outputs.write_outputs(results, tmp_path, "python -m harp_vllm.loadtest ...")
     md = paths["report"].read_text()
     assert "Partial report" in md and "## Pruned / dense ratios" in md and "## Capacity" in md
     for name in ("throughput_ratio", "ttft", "capacity"):
@@ -114,8 +116,6 @@ def test_report_ratios_and_capacity(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_unreachable_url_clear_message(tmp_path):
-    from harp_vllm.process import free_port
-
     port = free_port()
     r = _loadtest(["--dense-url", f"http://127.0.0.1:{port}", "--pruned-url",
                    f"http://127.0.0.1:{port}/v1", "--quick", "--out", str(tmp_path),
@@ -141,17 +141,22 @@ def test_bad_options_clear_message(tmp_path):
 
 # ---------------------------------------------------------------------------- real servers
 
+def _server(model: Path, name: str, log: Path) -> HarpServer:
+    """A ``harp-vllm serve`` server with the KV-cache budget in bytes, so both sides get
+    exactly the same (``VLLM_CPU_KVCACHE_SPACE`` would override it: not passed on)."""
+    return HarpServer([str(model), "--served-model-name", name, "--max-model-len", str(MAX_LEN),
+                       "--enforce-eager", "--kv-cache-memory-bytes", str(KV_BYTES)],
+                      port=free_port(), log_path=log, drop_env=("VLLM_CPU_KVCACHE_SPACE",))
+
+
 @pytest.fixture(scope="session")
 def ab_servers(tmp_path_factory, smollm2_dir, smollm2_harp8):
     """(dense_url, pruned_url): the dense SmolLM2 and the session's HARP P=8 checkpoint, both
     with the same small KV budget. Without the plugin the pruned server does not start: the
     comparison fails rather than comparing dense with dense."""
-    from harp_vllm.loadtest import servers
-
     base = tmp_path_factory.mktemp("loadtest-servers")
-    kw = dict(max_model_len=MAX_LEN, kv_cache_bytes=KV_BYTES)
-    dense = servers.start(smollm2_dir, base / "dense.log", served_name="smollm2-135m", **kw)
-    pruned = servers.start(smollm2_harp8, base / "pruned.log", served_name="smollm2-harp", **kw)
+    dense = _server(smollm2_dir, "smollm2-135m", base / "dense.log")
+    pruned = _server(smollm2_harp8, "smollm2-harp", base / "pruned.log")
     try:
         dense.wait_ready(400)
         pruned.wait_ready(400)
@@ -327,7 +332,7 @@ def test_ctrl_c_writes_partial_report(ab_servers, tmp_path):
 def test_ctrl_c_survives_code_that_swallows_the_interrupt():
     """SIGINT sets a flag checked after every run, so a run that loses the KeyboardInterrupt
     (asyncio cancellation racing the benchmark's end) still stops the load test."""
-    from harp_vllm.loadtest.runner import _CtrlC
+    from harp_vllm.loadtest.ab_sequence import _CtrlC
 
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN when run in a background job
     ctrl_c = _CtrlC()

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import SMOL_ALPHAS, save_linear
+from probe import launch
 from test_vllm_plugin import (
     PROMPTS,
     TINY_ALPHAS,
@@ -45,8 +44,6 @@ TINY_PROMPTS = [
     list(range(300, 200, -3)),
 ]
 
-PROBE = Path(__file__).with_name("probe.py")
-
 
 def probe(model: Path, workdir: Path, prompts: list, *, tp: int = 1, pp: int = 1,
           max_model_len: int = 512, timeout: float = 1200, extra: tuple[str, ...] = (),
@@ -59,11 +56,10 @@ def probe(model: Path, workdir: Path, prompts: list, *, tp: int = 1, pp: int = 1
     """
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "prompts.json").write_text(json.dumps(prompts))
-    out = workdir / "result.json"
-    cmd = [sys.executable, str(PROBE), "--model", str(model),
-           "--out", str(out), "--prompts", str(workdir / "prompts.json"), "--max-tokens", "32",
-           "--max-model-len", str(max_model_len), "--prompt-logprobs", "--rank-info",
-           "--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp), *extra]
+    flags = ["--model", str(model), "--prompts", str(workdir / "prompts.json"),
+             "--max-tokens", "32", "--max-model-len", str(max_model_len), "--prompt-logprobs",
+             "--rank-info", "--tensor-parallel-size", str(tp), "--pipeline-parallel-size",
+             str(pp), *extra]
     env = {k: v for k, v in os.environ.items()
            if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_PLUGINS",
                         "VLLM_CPU_OMP_THREADS_BIND", "VLLM_PP_LAYER_PARTITION")}
@@ -76,13 +72,7 @@ def probe(model: Path, workdir: Path, prompts: list, *, tp: int = 1, pp: int = 1
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     else:
         env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # --rank-info sends a function
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    log = proc.stdout + "\n" + proc.stderr
-    (workdir / "log.txt").write_text(log)
-    result = json.loads(out.read_text()) if out.is_file() else {
-        "ok": False, "error": f"probe exited {proc.returncode} without a result"}
-    return result, log
+    return launch(flags, workdir, env, timeout)
 
 
 def assert_same_as_single_rank(par: tuple[dict, str], single: tuple[dict, str],

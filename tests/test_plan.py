@@ -169,7 +169,7 @@ def test_plan_cli_writes_a_mixed_checkpoint_that_reloads_identically(tiny_llama,
                                         num_hidden_layers=4)))
     _logits_equal_reference(out, tiny_llama, plan["layout"])
     # The load-test report's cost-model line reads the served checkpoint's shapes.
-    from harp_vllm.loadtest.report import predicted_ratios
+    from harp_vllm.loadtest.report_plots import predicted_ratios
 
     found = costs.checkpoint_shapes(out)
     assert found is not None and costs.summary(*found)["kv_saving"] >= 0.5

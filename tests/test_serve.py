@@ -17,6 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import HarpServer
 
 from harp_vllm.errors import UserError
 from harp_vllm.process import free_port
@@ -61,7 +62,7 @@ _POOL_LOCK = threading.Lock()
 
 def _stop_pool() -> None:
     for srv in list(_POOL.get("servers", {}).values()):
-        if isinstance(srv, serve_mod.ServerProcess):
+        if isinstance(srv, HarpServer):
             srv.stop()
     _POOL.clear()
 
@@ -83,7 +84,7 @@ def stop_vllm_pair() -> None:
 
 
 def get_vllm_pair(tmp_root: Path, smollm2_dir: Path) -> dict:
-    """{"dense": ServerProcess, "harp": ServerProcess, "pruned_dir": Path}, started once.
+    """{"dense": HarpServer, "harp": HarpServer, "pruned_dir": Path}, started once.
 
     The pruned server is started through the real CLI (``python -m harp_vllm.cli serve``),
     the dense one through ``python -m harp_vllm.serving.serve``; both in parallel, then awaited.
@@ -108,10 +109,10 @@ def get_vllm_pair(tmp_root: Path, smollm2_dir: Path) -> dict:
                              PruningSpec(layers=dict(PRUNED_LAYERS), source_model="smollm2-135m"),
                              smollm2_dir, tmp_root / "smollm2-harp")
         servers = {
-            "dense": serve_mod.ServerProcess(
+            "dense": HarpServer(
                 [str(smollm2_dir), "--served-model-name", DENSE_NAME, *SERVER_FLAGS],
                 port=free_port(), env=SERVER_ENV, log_path=tmp_root / "dense.log"),
-            "harp": serve_mod.ServerProcess(
+            "harp": HarpServer(
                 [str(pruned), "--served-model-name", HARP_NAME, *SERVER_FLAGS],
                 port=free_port(), env=SERVER_ENV, log_path=tmp_root / "harp.log",
                 via_cli=True),
@@ -196,11 +197,14 @@ def test_build_command_resolves_known_name(monkeypatch, smollm2_dir):
 
 
 @pytest.mark.timeout(30)
-def test_harp_checkpoint_without_plugin_is_refused(tmp_path, monkeypatch):
+@pytest.mark.parametrize("config", [
+    {"architectures": ["HarpLlamaForCausalLM"], "harp_pruning": {"version": 1, "layers": {}}},
+    {"architectures": ["HarpQwen2ForCausalLM"]},  # a HARP architecture (families.py) alone
+])
+def test_harp_checkpoint_without_plugin_is_refused(tmp_path, monkeypatch, config):
     d = tmp_path / "ckpt"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"architectures": ["HarpLlamaForCausalLM"],
-                                               "harp_pruning": {"version": 1, "layers": {}}}))
+    (d / "config.json").write_text(json.dumps(config))
     monkeypatch.setattr(serve_mod, "harp_plugin_entry", lambda: None)
     with pytest.raises(UserError, match="plugin is not installed"):
         serve_mod.build_command([str(d)])

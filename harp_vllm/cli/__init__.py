@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from .errors import console, run_guarded
+from .output import run_guarded, write_json
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Prune LLM attention (HARP and friends) and serve the result with vLLM.")
@@ -17,14 +16,6 @@ models_app = typer.Typer(no_args_is_help=True, help="Prepare and list models.")
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models.")
 app.add_typer(models_app, name="models")
 app.add_typer(eval_app, name="eval")
-
-def write_json(path: Path | None, payload: dict) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    console.print(f"wrote {path}")
-
 
 @models_app.command("prepare")
 def models_prepare(name: Annotated[str, typer.Argument(help="known model name")] = "smollm2-135m"
@@ -215,23 +206,23 @@ def prune_cmd(
     write_json(report, result)
 
 
-from .serving import register as _register_serving  # noqa: E402
+from .serving_commands import register as _register_serving  # noqa: E402
 
 _register_serving(app)
 
-from .loadtest import register as _register_loadtest  # noqa: E402
+from .loadtest_commands import register as _register_loadtest  # noqa: E402
 
 _register_loadtest(app)
 
-from .stack import register as _register_stack  # noqa: E402
+from .stack_commands import register as _register_stack  # noqa: E402
 
 _register_stack(app)
 
-from .plan import register as _register_plan  # noqa: E402
+from .plan_commands import register as _register_plan  # noqa: E402
 
 _register_plan(app)
 
-from .tasks import register as _register_tasks  # noqa: E402
+from .tasks_commands import register as _register_tasks  # noqa: E402
 
 _register_tasks(eval_app)
 

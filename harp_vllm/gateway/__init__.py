@@ -1,16 +1,16 @@
 """``harp-vllm gateway``: an OpenAI-compatible A/B gateway in front of several vLLM servers.
 
 Modules, one job each: ``config`` (settings, checked at start), ``schemas`` (request parsing),
-``errors`` (OpenAI-style errors), ``backends`` (connections, busy vs down, background health),
-``routing`` (model and alias routing), ``relay`` (metrics per request, SSE parsing, capped
-reads), ``proxy`` (forwarding and shadow copies), ``app`` (HTTP routes), ``server`` (uvicorn
-with client connection guards), ``metrics`` (Prometheus series). Importing this package does
-not import vLLM.
+``openai_errors`` (OpenAI-style errors), ``backend_state`` (connections, busy vs down,
+background health), ``routing`` (model and alias routing), ``relay`` (metrics per request, SSE
+parsing, capped reads), ``proxy`` (forwarding and shadow copies), ``app`` (HTTP routes),
+``server`` (uvicorn with client connection guards), ``prometheus_metrics`` (its Prometheus
+series). Importing this package does not import vLLM.
 """
 
 from .app import create_app
 from .config import GatewayConfig, build_config
-from .metrics import GatewayMetrics
+from .prometheus_metrics import GatewayMetrics
 from .proxy import Gateway
 from .server import serve
 

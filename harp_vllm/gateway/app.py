@@ -56,10 +56,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import UserError
+from ..errors import UserError, describe
 from .config import GatewayConfig
-from .errors import CLIENT_CLOSED, ClientGone, GatewayError, describe, error_payload
-from .metrics import GatewayMetrics
+from .openai_errors import CLIENT_CLOSED, ClientGone, GatewayError, error_payload
+from .prometheus_metrics import GatewayMetrics
 from .proxy import WRITE_GRACE_S, Gateway, RelayResponse, UpstreamError
 from .schemas import RequestLimits, parse_request
 

@@ -22,18 +22,18 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from .backends import BackendBusy, Backends, BackendState
+from ..errors import describe
+from .backend_state import BackendBusy, Backends, BackendState
 from .config import GatewayConfig
-from .errors import (
+from .openai_errors import (
     CLIENT_CLOSED,
     ClientGone,
     GatewayError,
-    describe,
     error_payload,
     loads_reply,
     sse_error,
 )
-from .metrics import GatewayMetrics
+from .prometheus_metrics import GatewayMetrics
 from .relay import Recorder, SSERelay, TooLarge, read_capped
 from .routing import Router
 

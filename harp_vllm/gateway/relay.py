@@ -14,8 +14,8 @@ import time
 import aiohttp
 
 from ..serving.metrics import UNKNOWN_BUCKET, context_bucket
-from .errors import loads_reply, status_label
-from .metrics import GatewayMetrics
+from .openai_errors import loads_reply, status_label
+from .prometheus_metrics import GatewayMetrics
 
 
 class TooLarge(Exception):

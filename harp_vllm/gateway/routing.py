@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .backends import Backends, BackendState
+from .backend_state import Backends, BackendState
 from .config import Alias
-from .errors import GatewayError
+from .openai_errors import GatewayError
 
 
 @dataclass

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import GatewayError
+from .openai_errors import GatewayError
 
 _SURROGATE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 

@@ -38,8 +38,8 @@ from collections import Counter
 from collections.abc import Callable
 
 from .config import GatewayConfig
-from .errors import error_payload
-from .metrics import GatewayMetrics
+from .openai_errors import error_payload
+from .prometheus_metrics import GatewayMetrics
 
 logger = logging.getLogger("harp_vllm.gateway")
 

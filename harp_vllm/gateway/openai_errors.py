@@ -41,12 +41,6 @@ class ClientGone(Exception):
     """The caller disconnected while the gateway was still working on its request."""
 
 
-def describe(e: BaseException) -> str:
-    """``TypeName: first line of the message`` (at most 200 characters of it)."""
-    text = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 def loads_reply(content: bytes | str) -> object:
     """A backend's JSON, parsed: :class:`ValueError` for anything that is not JSON, including
     nesting too deep for the parser (``RecursionError``)."""

@@ -9,10 +9,10 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
-from .errors import fail
+from .output import fail
 
 FileOpt = Annotated[Path | None, typer.Option(
-    "--file", "-f", help="compose file [default: deploy/docker-compose.yml]")]
+    "--file", "-f", help="compose file (default: deploy/docker-compose.yml)")]
 
 
 
@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
     @stack_app.command("up")
     def up_cmd(
         services: Annotated[list[str] | None, typer.Argument(
-            help="services to start (with what they depend on) [default: all]")] = None,
+            help="services to start (with what they depend on) (default: all)")] = None,
         file: FileOpt = None,
         profile: Annotated[list[str] | None, typer.Option(
             help="also start the services of this compose profile (repeatable)")] = None,

@@ -1,8 +1,11 @@
-"""The one error exit of every ``harp-vllm`` command (see ``harp_vllm.errors``)."""
+"""What every ``harp-vllm`` command prints on stderr: its one error exit (see
+``harp_vllm.errors``) and the note for a JSON file it wrote."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn, TypeVar
 
 import typer
@@ -27,3 +30,12 @@ def run_guarded(fn: Callable[..., T], *args, **kwargs) -> T:
         return fn(*args, **kwargs)
     except UserError as e:
         fail(str(e), e.exit_code)
+
+
+def write_json(path: Path | None, payload: dict) -> None:
+    """Write ``payload`` as indented JSON to ``path`` (nothing when None) and say so."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    console.print(f"wrote {path}")

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from ..errors import describe
 from .config import Backend, GatewayConfig
-from .errors import describe, loads_reply
-from .metrics import GatewayMetrics
+from .openai_errors import loads_reply
+from .prometheus_metrics import GatewayMetrics
 
 logger = logging.getLogger("harp_vllm.gateway")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shlex
 import signal
 import sys
@@ -12,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import UserError
-from .errors import fail
+from .output import fail, write_json
 
 
 def exit_on_sigterm() -> None:
@@ -95,10 +94,7 @@ def register(eval_app: typer.Typer) -> None:
         typer.echo(markdown_table([payload], all_metrics=True))
         typer.echo(f"({payload['seconds']:.0f} s, of which {payload['seconds_engine_start']:.0f}"
                    f" s to start the backend)")
-        if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(payload, indent=2) + "\n")
-            typer.echo(f"wrote {out}", err=True)
+        write_json(out, payload)
 
     @eval_app.command("passkey")
     def eval_passkey(
@@ -123,10 +119,7 @@ def register(eval_app: typer.Typer) -> None:
         typer.echo("| tokens | trials | passkey accuracy |\n| --- | --- | --- |")
         for length, row in payload["accuracy"].items():
             typer.echo(f"| {length} | {row['trials']} | {row['accuracy']:.2f} |")
-        if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(payload, indent=2) + "\n")
-            typer.echo(f"wrote {out}", err=True)
+        write_json(out, payload)
 
 
     @eval_app.command("quality")

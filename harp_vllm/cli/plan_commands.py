@@ -93,7 +93,7 @@ def register(app: typer.Typer) -> None:
 
         from ..errors import UserError
         from ..pruning.jobs.plan_job import PlanOptions, run_frontier, run_plan
-        from .errors import run_guarded
+        from .output import run_guarded
 
         if threads:
             torch.set_num_threads(threads)

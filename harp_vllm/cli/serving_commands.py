@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import UserError
-from .errors import fail
+from .output import fail
 
 
 def register(app: typer.Typer) -> None:
