@@ -138,6 +138,14 @@ def test_cost_model_counts_min_context_window_tokens():
     assert s["kv_context"] == 7168
     assert s["kv_saving"] == pytest.approx(10 * (1 - w / n) / 30, abs=1e-6)
     assert s["kv_bytes_per_token_unwindowed"] == 30 * per_token
+    # as vLLM allocates it: 56 blocks of 128 per full layer, 9 per windowed one (the window's
+    # 1,023 earlier tokens and the token itself span at most 9 blocks); 20 + 10 layers make
+    # equal groups of 10, no padding
+    assert s["kv_block_size"] == 128
+    assert s["kv_saving_served"] == pytest.approx(1 - (20 * 56 + 10 * 9) / (30 * 56), abs=1e-6)
+    # 21 + 9: vLLM groups by 9, so the full layers take 3 groups of 9 (6 padding layers)
+    padded = costs.served_kv_bytes_per_sequence(SMOL, [win] * 9 + [dense] * 21, 7168, 128)
+    assert padded == per_token * 128 * (27 * 56 + 9 * 9)
     assert s["predicted_speedup"]["decode@7168"] > 1
 
 

@@ -128,10 +128,14 @@ def register(app: typer.Typer) -> None:
             return
         c = result["costs"]
         typer.echo(f"layout: {result['layout']}")
-        typer.echo(f"KV bytes/token (bf16) {c['kv_bytes_per_token_dense']:,} -> "
-                   f"{c['kv_bytes_per_token']:,} (saving {c['kv_saving']:.3f}); predicted "
+        at = f" at {c['kv_context']:,} tokens" if "kv_context" in c else ""
+        typer.echo(f"KV bytes/token (bf16){at} {c['kv_bytes_per_token_dense']:,.0f} -> "
+                   f"{c['kv_bytes_per_token']:,.0f} (saving {c['kv_saving']:.3f}); predicted "
                    f"prefill speed-up at {context}: "
                    f"{c['predicted_speedup'][f'prefill@{context}']:.3f}")
+        if "kv_saving_served" in c:
+            typer.echo(f"as vLLM allocates it (blocks of {c['kv_block_size']}, its grouping "
+                       f"of window sizes): saving {c['kv_saving_served']:.3f}")
         typer.echo(f"calibration KL predicted {result['predicted_kl']:.4f}, measured "
                    f"{result['measured_kl']:.4f}")
         if result.get("ppl") is not None:

@@ -229,7 +229,8 @@ def summary(cfg: Any, shapes: list[LayerShape], contexts: tuple[int, ...] = (409
         "kv_saving": round(1 - kv / kv_dense, 6),
         **({"kv_context": at, "kv_bytes_per_token_unwindowed": kv_full,
             "kv_bytes_per_sequence": kv_bytes_per_sequence(cfg, shapes, at, dtype_bytes),
-            "kv_bytes_per_sequence_dense": kv_bytes_per_sequence(cfg, dense, at, dtype_bytes)}
+            "kv_bytes_per_sequence_dense": kv_bytes_per_sequence(cfg, dense, at, dtype_bytes),
+            **_served_saving(cfg, shapes, dense, at, dtype_bytes)}
            if windowed else {}),
         "layer_params": sum(layer_params(cfg, s) for s in shapes),
         "layer_params_dense": sum(layer_params(cfg, s) for s in dense),
@@ -237,6 +238,20 @@ def summary(cfg: Any, shapes: list[LayerShape], contexts: tuple[int, ...] = (409
             f"{phase}@{n}": round(predicted_speedup(cfg, shapes, n, phase), 4)
             for n in contexts for phase in ("prefill", "decode")},
     }
+
+
+SERVED_BLOCK = 128  # vLLM's KV-cache block size on the CPU backend
+
+
+def _served_saving(cfg: Any, shapes: list[LayerShape], dense: list[LayerShape], context: int,
+                   dtype_bytes: int) -> dict:
+    """The KV saving at ``context`` as vLLM allocates it (whole blocks of ``SERVED_BLOCK``,
+    its hybrid grouping); empty where that is not modelled."""
+    served = served_kv_bytes_per_sequence(cfg, shapes, context, SERVED_BLOCK, dtype_bytes)
+    base = served_kv_bytes_per_sequence(cfg, dense, context, SERVED_BLOCK, dtype_bytes)
+    if not served or not base:
+        return {}
+    return {"kv_block_size": SERVED_BLOCK, "kv_saving_served": round(1 - served / base, 6)}
 
 
 def request_speedup(cfg: Any, shapes: list[LayerShape], prompt: int, output: int) -> float:
