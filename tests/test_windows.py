@@ -181,18 +181,20 @@ def test_plan_offers_windows_and_writes_a_windowed_checkpoint(tiny_llama, tmp_pa
         "plan", str(tiny_llama), "--calib-file", str(_calib(tmp_path)), "--calib-samples", "8",
         "--calib-seq-len", "32", "--positions", "16", "--eval-windows", "0", "--top-k", "2",
         "--candidates", "window", "--windows", "16,48", "--long-positions", "64",
-        "--context", "128", "--kv-saving", "0.4", "--out", str(out)])
+        "--context", "512", "--kv-saving", "0.4", "--out", str(out)])
     assert res.exit_code == 0, res.output
     plan = json.loads((out / "plan.json").read_text())
     section = json.loads((out / "config.json").read_text())["harp_pruning"]
     assert section["version"] == 3 and section["windows"]
     assert set(section["windows"].values()) <= {16, 48}
-    assert plan["costs"]["kv_context"] == 128 and plan["costs"]["kv_saving"] >= 0.4
-    assert plan["settings"]["long"]["seq_len"] == 128  # --context
+    # the budget holds as vLLM allocates the cache: 4 blocks of 128 per full layer at 512
+    # tokens, 2 per windowed one (a window of 16 or 48 spans at most 2 blocks)
+    assert plan["costs"]["kv_context"] == 512 and plan["costs"]["kv_saving_served"] >= 0.4
+    assert plan["settings"]["long"]["seq_len"] == 512  # --context
     # the windows were priced on the long windows: a window of 48 is not free there
     assert all(v["win48"] > 0 for v in _damage(tmp_path).values())
     reloaded = load_model(out)
-    ids = torch.randint(0, 300, (1, 100), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 300, (1, 200), generator=torch.Generator().manual_seed(0))
     dense = load_model(tiny_llama)
     with torch.no_grad():
         got = reloaded(input_ids=ids).logits
@@ -236,3 +238,19 @@ def test_cost_model_knows_a_models_own_sliding_windows():
     # a checkpoint's extra window on a natively sliding layer never widens it
     shapes = costs.model_shapes(gemma, PruningSpec(layers={}, windows={0: 2048, 5: 1024}))
     assert shapes[0].window == 512 and shapes[5].window == 1024
+
+
+def test_served_budget_counts_blocks_and_padding():
+    """Under a served budget the solver's layout holds once vLLM's blocks and padding layers
+    are counted; the ideal budget's layout may not."""
+    from harp_vllm.pruning.planner.solve import Budget, served_saving, solve_layouts, solve_served
+
+    cfg = SimpleNamespace(**{**vars(SMOL), "num_hidden_layers": 6})
+    choices = candidates(cfg, [None], ("window",), (1024, 2048))
+    damage = {j: {"win1024": 0.01 * (j + 1), "win2048": 0.004 * (j + 1)} for j in range(6)}
+    ideal = Budget(0.352, context=7168)  # 3 x win2048: 0.357 ideal, 0.348 served
+    served = Budget(0.352, context=7168, served_block=128)
+    (lay_ideal, _), = solve_layouts(cfg, damage, choices, ideal)
+    (lay_served, _), = solve_served(cfg, damage, choices, served)
+    assert served_saving(cfg, lay_served, served) >= 0.352
+    assert served_saving(cfg, lay_ideal, served) < 0.352  # whole blocks cost it

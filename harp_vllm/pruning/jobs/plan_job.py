@@ -15,6 +15,7 @@ from ...evaluation import data as data_mod
 from ...evaluation.perplexity import evaluate_perplexity
 from ...families import PLAN_MODEL_TYPES
 from ...paths import cache_dir
+from .. import costs
 from ..calibration.damage import record_dense
 from ..calibration.windows import (
     calibration_windows,
@@ -245,6 +246,12 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
                    time.perf_counter() - t0, long)
 
 
+def _served_block(s: Session) -> int | None:
+    """With window candidates the budget is what vLLM allocates (blocks, padding layers):
+    a window's saving depends on both at the context."""
+    return costs.SERVED_BLOCK if any(c.kind == "window" for c in s.choices) else None
+
+
 def _ppl(s: Session, layout: dict[int, Choice], progress: bool) -> float | None:
     if s.eval_text is None:
         return None
@@ -313,7 +320,8 @@ def run_plan(opts: PlanOptions, progress: bool = True) -> dict:
         record = _record(s, layout, progress, budget=None)
     else:
         assert opts.kv_saving is not None
-        record = plan_budget(s, Budget(opts.kv_saving, opts.speedup, opts.context), progress)
+        budget = Budget(opts.kv_saving, opts.speedup, opts.context, _served_block(s))
+        record = plan_budget(s, budget, progress)
         layout = parse_layout(record["layout"], s.cfg) if record["layout"] else {}
     if not layout:
         raise UserError("the plan keeps every layer as it is; nothing to write")
@@ -343,7 +351,7 @@ def run_frontier(opts: PlanOptions, progress: bool = True) -> dict:
     rows = []
     for b in tqdm(opts.budgets, disable=not progress, desc="frontier", unit="budget"):
         t0 = time.perf_counter()
-        rec = plan_budget(s, Budget(b, opts.speedup, opts.context), progress)
+        rec = plan_budget(s, Budget(b, opts.speedup, opts.context, _served_block(s)), progress)
         rec["seconds"] = round(time.perf_counter() - t0, 2)
         rows.append(rec)
     report = {"model": opts.model, "ppl_dense": _ppl(s, {}, progress),

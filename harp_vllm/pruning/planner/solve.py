@@ -23,6 +23,9 @@ class Budget:
     kv_saving: float
     speedup: float | None = None
     context: int = 7168
+    # KV bytes as vLLM allocates them at ``context``: whole blocks of this many tokens and
+    # its grouping of window sizes (padding layers); None: the cost model's ideal bytes
+    served_block: int | None = None
 
 
 def solve_layouts(cfg: Any, damage: dict[int, dict[str, float]], choices: list[Choice],
@@ -37,15 +40,15 @@ def solve_layouts(cfg: Any, damage: dict[int, dict[str, float]], choices: list[C
 
     n_layers, n_c = cfg.num_hidden_layers, len(choices)
     shapes = [c.shape(cfg) for c in choices]
-    # KV bytes per token at the budget's context (a windowed layer keeps min(context, W))
-    kv = np.array([costs.kv_bytes(cfg, s, context=budget.context) for s in shapes] * n_layers,
-                  dtype=float)
+    # KV bytes per token at the budget's context (a windowed layer keeps min(context, W);
+    # served: in whole blocks)
+    kv = np.array([_layer_kv(cfg, s, budget) for s in shapes] * n_layers, dtype=float)
     cost = np.array([0.0 if c == KEEP else damage[j][c.name]
                      for j in range(n_layers) for c in choices])
     rows: list[Any] = [np.kron(np.eye(n_layers), np.ones(n_c))]
     lo: list[Any] = [np.ones(n_layers)]
     hi: list[Any] = [np.ones(n_layers)]
-    kv_limit = (1 - budget.kv_saving) * sum(costs.kv_bytes(cfg, d, context=budget.context)
+    kv_limit = (1 - budget.kv_saving) * sum(_layer_kv(cfg, d, budget)
                                             for d in costs.dense_shapes(cfg))
     rows.append(kv[None])
     lo.append([-np.inf])
@@ -81,6 +84,47 @@ def solve_layouts(cfg: Any, damage: dict[int, dict[str, float]], choices: list[C
     return out
 
 
+def _layer_kv(cfg: Any, shape: costs.LayerShape, budget: Budget) -> float:
+    if budget.served_block is None:
+        return costs.kv_bytes(cfg, shape, context=budget.context)
+    return costs.kv_bytes_per_sequence(cfg, [shape], budget.context,
+                                       block_size=budget.served_block) / budget.context
+
+
+def served_saving(cfg: Any, layout: dict[int, Choice], budget: Budget) -> float:
+    """The KV saving of ``layout`` at the budget's context as vLLM allocates it (blocks and
+    the grouping's padding layers; blocks alone where the grouping is not modelled)."""
+    assert budget.served_block is not None
+    shapes = [layout.get(j, KEEP).shape(cfg) for j in range(cfg.num_hidden_layers)]
+    dense = costs.dense_shapes(cfg)
+    n, block = budget.context, budget.served_block
+    got = costs.served_kv_bytes_per_sequence(cfg, shapes, n, block)
+    if got is None:
+        got = costs.kv_bytes_per_sequence(cfg, shapes, n, block_size=block)
+    base = costs.kv_bytes_per_sequence(cfg, dense, n, block_size=block)
+    return 1 - got / base
+
+
+def solve_served(cfg: Any, damage: dict[int, dict[str, float]], choices: list[Choice],
+                 budget: Budget, count: int = 1, attempts: int = 6
+                 ) -> list[tuple[dict[int, Choice], float]]:
+    """``solve_layouts`` under a served budget: the MILP counts whole blocks per layer
+    (linear), the grouping's padding layers are not linear, so layouts short of the budget
+    once padded are dropped and the solve's target raised by the shortfall until some meet
+    it."""
+    target = budget.kv_saving
+    for _ in range(attempts):
+        found = solve_layouts(cfg, damage, choices, Budget(
+            target, budget.speedup, budget.context, budget.served_block), count)
+        savings = [served_saving(cfg, layout, budget) for layout, _ in found]
+        ok = [f for f, sv in zip(found, savings, strict=True) if sv >= budget.kv_saving - 1e-9]
+        if ok:
+            return ok
+        target = min(target + budget.kv_saving - max(savings) + 0.002, 0.999)
+    raise UserError(f"no layout meets the budget ({_budget_text(budget)}) as vLLM allocates "
+                    f"the KV cache (blocks of {budget.served_block}, padding layers)")
+
+
 def _undominated(cost: np.ndarray, budgeted: list[np.ndarray], n_c: int) -> np.ndarray:
     """Per variable: False if another choice of the same layer is no worse on damage and
     every budgeted cost and better on one (ties: the first listed stays)."""
@@ -101,7 +145,8 @@ def _undominated(cost: np.ndarray, budgeted: list[np.ndarray], n_c: int) -> np.n
 
 def _budget_text(b: Budget) -> str:
     speed = f", prefill speed-up >= {b.speedup} at {b.context} tokens" if b.speedup else ""
-    return f"KV saving >= {b.kv_saving:.3f}{speed}"
+    served = f" at {b.context} tokens as served" if b.served_block else ""
+    return f"KV saving >= {b.kv_saving:.3f}{served}{speed}"
 
 
 @dataclass
@@ -123,8 +168,9 @@ def plan_layout(model, stats: PlanStats, rec: DenseRecord, choices: list[Choice]
     damage = {j: dict(v) for j, v in stats.damage.items()}
     tried: list[dict] = []
     seen: dict[str, tuple[dict[int, Choice], float]] = {}
+    solve = solve_layouts if budget.served_block is None else solve_served
     for r in range(rounds):
-        found = solve_layouts(cfg, damage, choices, budget, top_k)
+        found = solve(cfg, damage, choices, budget, top_k)
         for layout, predicted in tqdm(found, disable=not progress, unit="layout",
                                       desc=f"re-score layouts (round {r + 1}/{rounds})"):
             key = layout_text(layout)
