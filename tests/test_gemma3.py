@@ -110,6 +110,11 @@ def test_dense_gemma3_engine_matches_reference(gemma3_dir, gemma_prompts, tmp_pa
     assert len(result["results"][-1]["prompt_token_ids"]) == LONG_TOKENS
     diffs = [max_logprob_diff(g["prompt_logprobs"], w["prompt_logprobs"])
              for g, w in zip(result["results"], ref, strict=True)]
+    print(f"max |prompt logprob difference| per prompt: {diffs}")  # shown with -s
     assert max(diffs) < 1e-3, diffs
+    # vLLM groups the KV cache by layer type: the 15 sliding layers and the 3 global ones
+    windows = sorted({g["sliding_window"] for g in result["kv_groups"]}, key=str)
+    assert windows == [512, None], result["kv_groups"]
+    assert sum(g["layers"] for g in result["kv_groups"]) == 18
     for got, want in zip(result["results"], ref, strict=True):
         assert got["token_ids"] == want["token_ids"]
