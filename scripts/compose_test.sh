@@ -69,6 +69,7 @@ fail() {
     exit 1
 }
 trap 'fail "command failed (exit $?): $BASH_COMMAND"' ERR
+trap 'echo "[$(elapsed)] compose-test interrupted at step '"'"'$STEP'"'"'" >&2; exit 130' INT TERM
 
 # Bounded: every wait takes the smaller of its own limit and what is left of the whole run.
 bound() { local l; l=$(left); (( l > 0 )) || fail "out of time (COMPOSE_TEST_TIMEOUT=$TIMEOUT s)"
@@ -116,7 +117,8 @@ wait_exit() {  # service timeout: a one-shot container's exit code must be 0
             logs_tail "$svc"; fail "$svc still running after $limit s (log above)"
         fi
         if (( n++ % 6 == 0 )); then
-            last=$(podman logs --tail 1 "$c" 2>&1 | tr '\r' '\n' | tail -n 1 | cut -c1-110)
+            last=$(tail -c 400 "$OUT/$svc.log" 2>/dev/null | tr '\r' '\n' | grep -v '^\s*$' \
+                   | tail -n 1 | cut -c1-110 || true)
             say "  $svc running ($(( $(date +%s) - t0 )) s): $last"
         fi
         sleep 5
@@ -211,7 +213,8 @@ else
         bookworm "$rootfs" http://deb.debian.org/debian >"$OUT/debootstrap.log" 2>&1 \
         || { rm -rf "$rootfs"; fail "debootstrap failed (see $OUT/debootstrap.log)"; }
     chroot "$rootfs" sh -c 'apt-get clean && rm -rf /var/lib/apt/lists/*'
-    tar -C "$rootfs" -c . | podman import --change 'CMD ["/bin/bash"]' - "$BASE_IMAGE" >/dev/null
+    tar -C "$rootfs" -c . | podman import --change 'CMD ["/bin/bash"]' - "$BASE_IMAGE" \
+        >>"$OUT/debootstrap.log" 2>&1
     rm -rf "$rootfs"
     say "built $BASE_IMAGE"
 fi
