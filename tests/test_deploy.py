@@ -251,6 +251,14 @@ def _ports(svc: dict) -> list[dict]:
 
 
 @pytest.mark.timeout(30)
+def test_compose_interpolation_podman_compose_reads_too():
+    # podman-compose 1.0.3 (make compose-test) only substitutes ${VAR:-default} with a
+    # non-empty default: an empty one stays literal text (it once became the gateway's API key).
+    for f in (COMPOSE, GPU_OVERRIDE):
+        assert not re.findall(r"\$\{[A-Z0-9_]+:?-\}", f.read_text()), f
+
+
+@pytest.mark.timeout(30)
 def test_env_example_documents_every_variable():
     documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", ENV_EXAMPLE.read_text(), re.M))
     used = set()
