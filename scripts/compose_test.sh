@@ -272,7 +272,8 @@ else
         || fail "Prometheus image build failed (see $OUT/build-prometheus.log)"
     say "built"
 fi
-podman image prune -f >/dev/null  # dangling layers of earlier builds (tagged images stay)
+# No `podman image prune` here: podman keeps the build cache as untagged intermediate images,
+# and pruning them makes the next build reinstall vLLM (about 6 minutes).
 
 # -- 4. stack -----------------------------------------------------------------------------------
 
