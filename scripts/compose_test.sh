@@ -137,8 +137,11 @@ cleanup() {
     echo
     say "==> teardown"
     for pid in "${FOLLOWERS[@]}"; do kill "$pid" 2>/dev/null; done
-    podman rm -f "${P}_loadtest_run" >/dev/null 2>&1
+    # -v: with the anonymous volume podman gave the one-off `run` container.
+    podman rm -f -v "${P}_loadtest_run" >/dev/null 2>&1
     pc down
+    # podman-compose 1.0.3's down leaves the project network (Docker Compose removes it).
+    podman network rm "${P}_default" >/dev/null 2>&1
     # Prometheus' samples are this run's only; the models volume is the cache of the next run.
     podman volume rm "${P}_prometheus-data" >/dev/null 2>&1
     remaining=$(podman ps -a -q --filter "label=io.podman.compose.project=$P")
@@ -319,7 +322,7 @@ t0=$(date +%s)
 (cd "$DEPLOY" && timeout "$(bound 1500)" podman-compose -p "$P" -f docker-compose.yml run \
     --no-deps -T --name "${P}_loadtest_run" loadtest) >"$OUT/loadtest.log" 2>&1 || true
 code=$(podman inspect -f '{{.State.ExitCode}}' "${P}_loadtest_run" 2>/dev/null || echo none)
-podman rm -f "${P}_loadtest_run" >/dev/null 2>&1 || true
+podman rm -f -v "${P}_loadtest_run" >/dev/null 2>&1 || true
 if [[ $code != 0 ]]; then tail -n 30 "$OUT/loadtest.log" >&2
     fail "loadtest exited with $code (see $OUT/loadtest.log)"; fi
 say "load test done in $(( $(date +%s) - t0 )) s: $HARP_LOADTEST_OUT/report.md"
