@@ -130,6 +130,19 @@ wait_exit() {  # service timeout: a one-shot container's exit code must be 0
 
 volume_dir() { podman volume inspect -f '{{.Mountpoint}}' "${P}_$1"; }
 
+# The image's VOLUME gives a container that mounts nothing there (the gateway) an anonymous
+# volume, which `down` leaves behind with both compose tools: noted before each down, removed
+# at the end.
+ANON=()
+collect_anon() {
+    local c
+    for c in $(podman ps -aq --filter "label=io.podman.compose.project=$P"); do
+        ANON+=($(podman inspect -f '{{range .Mounts}}{{if eq .Type "volume"}}{{.Name}} {{end}}{{end}}' \
+                 "$c" | tr ' ' '\n' | grep -v -e "^${P}_" -e '^$' || true))
+    done
+}
+down() { collect_anon; pc down; }
+
 cleanup() {
     local rc=$?
     trap - ERR
@@ -139,7 +152,8 @@ cleanup() {
     for pid in "${FOLLOWERS[@]}"; do kill "$pid" 2>/dev/null; done
     # -v: with the anonymous volume podman gave the one-off `run` container.
     podman rm -f -v "${P}_loadtest_run" >/dev/null 2>&1
-    pc down
+    down
+    (( ${#ANON[@]} )) && podman volume rm "${ANON[@]}" >/dev/null 2>&1
     # podman-compose 1.0.3's down leaves the project network (Docker Compose removes it).
     podman network rm "${P}_default" >/dev/null 2>&1
     # Prometheus' samples are this run's only; the models volume is the cache of the next run.
@@ -198,10 +212,10 @@ runc $(dpkg-query -W -f '${Version}' runc)"
 
 trap cleanup EXIT
 if [[ ${COMPOSE_TEST_FRESH:-0} == 1 ]]; then
-    pc down
+    down
     podman volume rm "${P}_models" >/dev/null 2>&1 && say "removed volume ${P}_models (fresh run)"
 fi
-pc down  # a stack left by an interrupted run
+down  # a stack left by an interrupted run
 
 # -- 2. base image ------------------------------------------------------------------------------
 
@@ -291,7 +305,7 @@ stamp=$(stat -c '%Y %s' "$ckpt/model.safetensors" "$ckpt/plan.json" | tr '\n' ' 
 say "checkpoint $HARP_PRUNED_NAME: $(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['layout'])" "$ckpt/plan.json")"
 
 step "restart: down, up again (the volume keeps the checkpoint; model-prep does not rebuild it)"
-pc down
+down
 podman volume exists "${P}_models" || fail "down removed the models volume"
 pc up -d --no-build model-prep
 wait_exit model-prep 600
@@ -358,7 +372,7 @@ python3 "$ROOT/scripts/compose_check.py" backend-up "$GATEWAY" harp 1 "$(bound 6
 # -- 8. down ------------------------------------------------------------------------------------
 
 step "down: no model data lost"
-pc down
+down
 podman volume exists "${P}_models" || fail "down removed the models volume"
 for d in "models/$HARP_MODEL" "$HARP_PRUNED_NAME" plan-stats; do
     [[ -e $models/$d ]] || fail "$d missing from the models volume after down"
