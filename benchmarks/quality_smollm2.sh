@@ -24,7 +24,7 @@ build() {
     plan40-mix) run $H plan smollm2-135m --out "$out" --kv-saving 0.40 --calib-mix "$MIX" ;;
     lin8) run $H prune smollm2-135m --out "$out" --method linear --layers 8 ;;
     wplan27) run $H plan smollm2-135m --out "$out" --kv-saving 0.27 --windows "$WINDOWS" ;;
-    wplan50) run $H plan smollm2-135m --out "$out" --kv-saving 0.50 --windows "$WINDOWS" ;;
+    wplan50) run $H plan smollm2-135m --out "$out" --kv-saving 0.50 --windows "$WINDOWS" --top-k 4 ;;
     *) echo "unknown model $1" >&2; exit 2 ;;
   esac
 }
