@@ -196,6 +196,18 @@ class PruningSpec:
         return spec
 
 
+def _layer_index(key: Any, where: str, num_layers: int | None) -> int:
+    """A section's layer-index key as an int in range; UserError naming ``where`` if not."""
+    try:
+        idx = int(key)
+    except (TypeError, ValueError):
+        raise UserError(f"{where} has a non-integer layer index {key!r}") from None
+    if num_layers is not None and not 0 <= idx < num_layers:
+        raise UserError(f"{where} has layer index {idx} out of range (the model has "
+                        f"{num_layers} layers: 0..{num_layers - 1})")
+    return idx
+
+
 def _parse_maps(raw: Any, layers: dict[int, float], num_layers: int | None, version: int
                 ) -> dict[int, dict[str, Any]]:
     """Validate the optional linear-map layers: index -> {"input": ..., "rank": int | None}."""
@@ -208,13 +220,7 @@ def _parse_maps(raw: Any, layers: dict[int, float], num_layers: int | None, vers
         raise UserError(f"{where} must be an object mapping layer index to a map description")
     maps: dict[int, dict[str, Any]] = {}
     for k, v in raw.items():
-        try:
-            idx = int(k)
-        except (TypeError, ValueError):
-            raise UserError(f"{where} has a non-integer layer index {k!r}") from None
-        if num_layers is not None and not 0 <= idx < num_layers:
-            raise UserError(f"{where} has layer index {idx} out of range (the model has "
-                            f"{num_layers} layers: 0..{num_layers - 1})")
+        idx = _layer_index(k, where, num_layers)
         if idx in layers:
             raise UserError(f"layer {idx} is in both '{CONFIG_KEY}.layers' and {where}")
         if not isinstance(v, dict) or not {"input", "rank"} <= set(v) <= {"input", "rank",
@@ -253,13 +259,7 @@ def _parse_windows(raw: Any, layers: dict[int, float], maps: dict[int, dict[str,
         raise UserError(f"{where} must be an object mapping layer index to a window in tokens")
     windows: dict[int, int] = {}
     for k, v in raw.items():
-        try:
-            idx = int(k)
-        except (TypeError, ValueError):
-            raise UserError(f"{where} has a non-integer layer index {k!r}") from None
-        if num_layers is not None and not 0 <= idx < num_layers:
-            raise UserError(f"{where} has layer index {idx} out of range (the model has "
-                            f"{num_layers} layers: 0..{num_layers - 1})")
+        idx = _layer_index(k, where, num_layers)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise UserError(f"{where}[{k}] must be a positive number of tokens, got {v!r}")
         if idx in layers or (idx in maps and not maps[idx].get("add")):
