@@ -234,7 +234,7 @@ def _predicted(dense: Path, pruned: Path, cfg: dict) -> dict[str, float]:
     out[f"decode, {cfg['decode_requests']} concurrent requests (tok/s)"] = (
         costs.predicted_speedup(hf, shapes, ctx, "decode"))
     if cfg.get("capacity_context"):
-        n, block = cfg["capacity_context"], 128  # vLLM's CPU block size
+        n, block = cfg["capacity_context"], costs.SERVED_BLOCK
         served = costs.served_kv_bytes_per_sequence(hf, shapes, n, block)
         if served:
             out[f"sequences of {n} tokens in the KV pool"] = (

@@ -111,12 +111,19 @@ def kv_bytes_per_sequence(cfg: Any, shapes: list[LayerShape], context: int,
     are freed; the one the window starts in is kept)."""
     if block_size is None:
         return round(kv_bytes_per_token(cfg, shapes, dtype_bytes, context) * context)
-    full = -(-context // block_size)
     total = 0.0
     for s in shapes:
-        blocks = full if s.window is None else min(full, -(-(s.window - 1) // block_size) + 1)
+        blocks = blocks_per_sequence(s.window, context, block_size)
         total += kv_bytes(cfg, s, dtype_bytes) * blocks * block_size
     return int(total)
+
+
+def blocks_per_sequence(window: int | None, context: int, block_size: int) -> int:
+    """KV-cache blocks one ``context``-token sequence holds in one layer as vLLM allocates
+    them: ``cdiv(context, block)``, or for a sliding window at most ``cdiv(W - 1, block) + 1``
+    (the blocks wholly outside the window are freed; the one it starts in is kept)."""
+    full = -(-context // block_size)
+    return full if window is None else min(full, -(-(window - 1) // block_size) + 1)
 
 
 def served_kv_bytes_per_sequence(cfg: Any, shapes: list[LayerShape], context: int,
@@ -138,13 +145,10 @@ def served_kv_bytes_per_sequence(cfg: Any, shapes: list[LayerShape], context: in
         kinds[s.window] = kinds.get(s.window, 0) + 1
     sizes = list(kinds.values())
     group = max(sizes) if max(sizes) < 1.5 * min(sizes) else min(sizes)
-    if len(kinds) == 1:
-        group = sizes[0]
     page_token = kv_bytes(cfg, attn[0], dtype_bytes)
-    full = -(-context // block_size)
     total = 0.0
     for window, count in kinds.items():
-        blocks = full if window is None else min(full, -(-(window - 1) // block_size) + 1)
+        blocks = blocks_per_sequence(window, context, block_size)
         total += -(-count // group) * group * blocks * block_size * page_token
     return int(total)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..pruning.costs import blocks_per_sequence
+
 
 def kv_groups(llm: Any) -> dict:
     """The scheduler's KV-cache groups of an in-process engine (``LLM`` with
@@ -28,9 +30,6 @@ def sequences_that_fit(groups: dict, context: int) -> float:
     ``kv_groups``): a full-attention group takes ``cdiv(context, block)`` blocks per
     sequence, a sliding-window group at most ``cdiv(W - 1, block) + 1`` (blocks wholly
     outside the window are freed)."""
-    need = 0
-    for g in groups["kv_groups"]:
-        bs, w = g["block_size"], g["sliding_window"]
-        full = -(-context // bs)
-        need += full if w is None else min(full, -(-(w - 1) // bs) + 1)
+    need = sum(blocks_per_sequence(g["sliding_window"], context, g["block_size"])
+               for g in groups["kv_groups"])
     return groups["kv_pool_blocks"] / need

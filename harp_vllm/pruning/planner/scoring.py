@@ -62,6 +62,7 @@ def ensure_statistics(model, windows: torch.Tensor, settings: dict, choices: lis
     rec = record_dense(model, damage_windows, every, positions=settings["positions"],
                        seed=settings["seed"])
     before = sum(len(v) for v in stats.damage.values())
+    long_scored = False
     short = [c for c in choices if c.kind != "window"]
     score_candidates(model, stats, rec, short, progress)
     windowed = [c for c in choices if c.kind == "window"]
@@ -73,10 +74,10 @@ def ensure_statistics(model, windows: torch.Tensor, settings: dict, choices: lis
             long_rec = record_dense(model, long_windows, every, batch=1,
                                     positions=long["positions"], seed=settings["seed"])
             score_candidates(model, stats, long_rec, [KEEP, *windowed], progress, store)
-            before = -1  # save
+            long_scored = True
         for j, by_name in store.items():
             stats.damage.setdefault(j, {}).update(by_name)
-    if sum(len(v) for v in stats.damage.values()) > before:
+    if long_scored or sum(len(v) for v in stats.damage.values()) > before:
         stats.seconds["damage"] = round(stats.seconds.get("damage", 0.0)
                                         + time.perf_counter() - t0, 2)
         if cache is not None:
