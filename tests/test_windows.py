@@ -254,3 +254,47 @@ def test_served_budget_counts_blocks_and_padding():
     (lay_served, _), = solve_served(cfg, damage, choices, served)
     assert served_saving(cfg, lay_served, served) >= 0.352
     assert served_saving(cfg, lay_ideal, served) < 0.352  # whole blocks cost it
+
+
+# ---------------------------------------------------------------------------- recall probe
+def test_recall_probe_plants_facts_early_and_picks_the_recalled_digits():
+    from harp_vllm import models
+    from harp_vllm.pruning.calibration.recall_probe import plant_recall
+
+    tok = models.load_tokenizer(models.resolve("smollm2-135m"))
+    window = torch.arange(1000, 3000)
+    ids, picks = plant_recall(tok, window, needles=3, seed=5)
+    assert ids.shape == window.shape and len(picks) == 15
+    digits = tok.decode(ids[picks + 1])
+    assert digits.isdigit()
+    for k in range(3):  # each recalled code was stated in the window's first half
+        code = digits[5 * k:5 * k + 5]
+        at = tok.decode(ids[:1000]).find(code)
+        assert at >= 0, code
+    assert (picks > 1900).all()
+    rep, _ = plant_recall(tok, window, needles=3, seed=5, repeat=24)
+    assert torch.equal(rep[600:624], rep[624:648]) or torch.equal(rep[1200:1224], rep[1224:1248])
+    with pytest.raises(UserError, match="too short"):
+        plant_recall(tok, torch.arange(40), needles=3)
+
+
+def test_a_merged_record_weights_the_probe_kl(tiny_llama):
+    from harp_vllm.pruning.calibration.damage import (
+        merge_records,
+        record_dense,
+        suffix_kl,
+        suffix_kl_parts,
+    )
+
+    model = load_model(tiny_llama).eval()
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, model.config.vocab_size, (2, 48), generator=g)
+    probe = torch.randint(0, model.config.vocab_size, (1, 48), generator=g)
+    layers = list(range(model.config.num_hidden_layers))
+    rec = merge_records(record_dense(model, text, layers, positions=16),
+                        record_dense(model, probe, layers, picks=torch.tensor([[40, 41]])), 0.5)
+    assert suffix_kl(model, rec, 0) == pytest.approx(0.0, abs=1e-6)
+    with windowed(model, {0: 4, 1: 4}):
+        parts = suffix_kl_parts(model, rec, 0)
+        assert set(parts) == {"text", "probe"} and parts["probe"] > 0
+        assert suffix_kl(model, rec, 0) == pytest.approx(parts["text"] + 0.5 * parts["probe"])

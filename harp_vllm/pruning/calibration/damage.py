@@ -25,6 +25,11 @@ class DenseRecord:
     kwargs: dict
     picks: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     teacher: list[torch.Tensor] = field(default_factory=list)  # dense log-probs at the picks
+    groups: list[str] = field(default_factory=list)  # per batch: which part of the objective
+    weights: dict[str, float] = field(default_factory=lambda: {"text": 1.0})
+
+    def batch_groups(self) -> list[str]:
+        return self.groups or ["text"] * len(self.picks)
 
     @property
     def tokens(self) -> int:
@@ -36,11 +41,28 @@ def run_layer(layer, h: torch.Tensor, kw: dict) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+def merge_records(text: DenseRecord, probe: DenseRecord, weight: float) -> DenseRecord:
+    """One record scoring ``text``'s KL plus ``weight`` times ``probe``'s (each a mean over its
+    own positions). Both must come from windows of one length (their layer kwargs are shared)."""
+    if text.inputs.keys() != probe.inputs.keys():
+        raise ValueError("records of different layers cannot be merged")
+    first = next(iter(text.inputs))
+    if text.inputs[first][0].shape[1:] != probe.inputs[first][0].shape[1:]:
+        raise ValueError("records of windows of different lengths cannot be merged")
+    return DenseRecord(
+        inputs={j: text.inputs[j] + probe.inputs[j] for j in text.inputs}, kwargs=text.kwargs,
+        picks=text.picks + probe.picks, teacher=text.teacher + probe.teacher,
+        groups=[*text.batch_groups(), *(["probe"] * len(probe.picks))],
+        weights={**text.weights, "probe": weight})
+
+
 @torch.no_grad()
 def record_dense(model, windows: torch.Tensor, layers: list[int], batch: int = 8,
-                 positions: int = 64, seed: int = 0) -> DenseRecord:
+                 positions: int = 64, seed: int = 0, picks: torch.Tensor | None = None
+                 ) -> DenseRecord:
     """One dense pass over ``windows``: inputs of ``layers`` and the teacher log-probs at
-    ``positions`` random positions per window (all positions if the windows are not longer)."""
+    ``positions`` random positions per window (all positions if the windows are not longer),
+    or at the given ``picks`` [windows, k] positions."""
     all_layers = decoder_layers(model)
     rec = DenseRecord(inputs={j: [] for j in layers}, kwargs={})
 
@@ -59,8 +81,12 @@ def record_dense(model, windows: torch.Tensor, layers: list[int], batch: int = 8
             w = windows[i:i + batch]
             h = model.model(input_ids=w, use_cache=False).last_hidden_state
             n, t = w.shape
-            pos = (torch.arange(t).expand(n, t) if positions >= t
-                   else torch.randint(t, (n, positions), generator=g))
+            if picks is not None:
+                pos = picks[i:i + batch]
+            elif positions >= t:
+                pos = torch.arange(t).expand(n, t)
+            else:
+                pos = torch.randint(t, (n, positions), generator=g)
             rows = torch.arange(n)[:, None]
             rec.picks.append((rows, pos))
             rec.teacher.append(
@@ -72,16 +98,24 @@ def record_dense(model, windows: torch.Tensor, layers: list[int], batch: int = 8
 
 
 @torch.no_grad()
-def suffix_kl(model, rec: DenseRecord, start: int) -> float:
-    """KL(dense || model) in nats per token at the recorded positions, running the model's
-    current layers ``start..L-1`` from the dense input of layer ``start``."""
+def suffix_kl_parts(model, rec: DenseRecord, start: int) -> dict[str, float]:
+    """KL(dense || model) in nats per token at each group's recorded positions, running the
+    model's current layers ``start..L-1`` from the dense input of layer ``start``."""
     all_layers = decoder_layers(model)
-    kl, count = 0.0, 0
-    for b, h in enumerate(rec.inputs[start]):
+    kl: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for b, (h, group) in enumerate(zip(rec.inputs[start], rec.batch_groups(), strict=True)):
         for k in range(start, len(all_layers)):
             h = run_layer(all_layers[k], h, rec.kwargs)
         logp = torch.log_softmax(head_logits(model, h[rec.picks[b]]).float(), -1)
         t = rec.teacher[b]
-        kl += float((t.exp() * (t - logp)).sum())
-        count += logp.shape[0] * logp.shape[1]
-    return kl / count
+        kl[group] = kl.get(group, 0.0) + float((t.exp() * (t - logp)).sum())
+        count[group] = count.get(group, 0) + logp.shape[0] * logp.shape[1]
+    return {g: kl[g] / count[g] for g in kl}
+
+
+def suffix_kl(model, rec: DenseRecord, start: int) -> float:
+    """The record's objective: each group's KL per token (:func:`suffix_kl_parts`) times its
+    weight, summed (just the KL per token for a record of plain text)."""
+    parts = suffix_kl_parts(model, rec, start)
+    return sum(rec.weights[g] * v for g, v in parts.items())
