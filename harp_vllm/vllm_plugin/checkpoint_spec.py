@@ -17,6 +17,7 @@ from ..errors import UserError
 from ..families import (
     BY_HARP_ARCHITECTURE,
     FAMILIES,
+    SHARING_MODEL_TYPES,
     STRUCTURED_MODEL_TYPES,
     WINDOWED_MODEL_TYPES,
     head_dim,
@@ -59,6 +60,11 @@ def pruning_spec(config: Any, arch: str) -> PruningSpec:
         raise HarpCheckpointError(
             f"invalid '{CONFIG_KEY}' section in config.json: sliding windows ('windows') are "
             f"served for {', '.join(WINDOWED_MODEL_TYPES)} models only, not {model_type!r}")
+    if spec.kv_sharing and model_type not in SHARING_MODEL_TYPES:
+        raise HarpCheckpointError(
+            f"invalid '{CONFIG_KEY}' section in config.json: cross-layer KV sharing "
+            f"('kv_sharing') is served for {', '.join(SHARING_MODEL_TYPES)} models only, not "
+            f"{model_type!r}")
     check_tensor_parallel(config, spec, get_tensor_model_parallel_world_size())
     return spec
 
