@@ -95,3 +95,109 @@ def test_sharing_on_a_family_without_support_is_refused():
     from harp_vllm.families import SHARING_MODEL_TYPES
 
     assert set(SHARING_MODEL_TYPES) == {"llama", "mistral"}
+
+
+# ---------------------------------------------------------------------------- the reference
+
+
+def _layer_inputs(model, idxs):
+    """Forward hooks keeping each layer's normed attention input."""
+    from harp_vllm.pruning.reference import decoder_layers
+
+    seen: dict = {}
+    handles = []
+    for i in idxs:
+        layer = decoder_layers(model)[i]
+        handles.append(layer.input_layernorm.register_forward_hook(
+            lambda m, a, out, i=i: seen.__setitem__(("x", i), out)))
+    return seen, handles
+
+
+def test_shared_reference_attends_with_its_queries_over_the_targets_keys(tiny_llama):
+    """Layer 3 sharing layer 1: its attention output is HF's own eager attention of layer 3's
+    rotated queries over layer 1's rotated keys and values, computed here from the two
+    layers' normed inputs."""
+    import torch
+    from transformers.models.llama.modeling_llama import (
+        apply_rotary_pos_emb,
+        eager_attention_forward,
+    )
+
+    from harp_vllm.pruning.reference import decoder_layers, load_model, shared
+
+    model = load_model(tiny_llama)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    layers = decoder_layers(model)
+    i, j = 3, 1
+    got: dict = {}
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        with shared(model, {i: j}):
+            assert not hasattr(layers[i].self_attn, "k_proj")
+            hook = layers[i].self_attn.register_forward_hook(
+                lambda m, a, out: got.__setitem__("attn", out[0]))
+            seen, handles = _layer_inputs(model, (i, j))
+            out = model(input_ids=ids).logits
+            for hd in (*handles, hook):
+                hd.remove()
+        after = model(input_ids=ids).logits
+        # HF's attention of layer i, with layer j's keys and values
+        a_i, a_j = layers[i].self_attn, layers[j].self_attn
+        pos = torch.arange(24)[None].expand(2, -1)
+        cos, sin = model.model.rotary_emb(seen["x", i], pos)
+
+        def heads(lin, x):
+            return lin(x).view(2, 24, -1, a_i.head_dim).transpose(1, 2)
+
+        q, _ = apply_rotary_pos_emb(heads(a_i.q_proj, seen["x", i]),
+                                    heads(a_i.q_proj, seen["x", i]), cos, sin)
+        _, k = apply_rotary_pos_emb(q, heads(a_j.k_proj, seen["x", j]), cos, sin)
+        v = heads(a_j.v_proj, seen["x", j])
+        causal = torch.full((24, 24), torch.finfo(q.dtype).min).triu(1)[None, None]
+        want, _ = eager_attention_forward(a_i, q, k, v, causal, scaling=a_i.scaling)
+        want = a_i.o_proj(want.reshape(2, 24, -1))
+    assert torch.allclose(got["attn"], want, atol=1e-5)
+    assert (out - dense).abs().max() > 1e-3  # sharing changes the model
+    assert torch.allclose(after, dense, atol=1e-6)  # the dense attention is back
+
+
+def test_shared_reference_generates_with_a_kv_cache_like_without(tiny_llama, tmp_path):
+    """A saved checkpoint with sharing (one pair windowed) loads, has no k/v weights for the
+    sharing layers, computes what ``shared`` + ``windowed`` compute on the dense model, and
+    generates the same tokens with HF's KV cache as without."""
+    import torch
+    from safetensors.torch import load_file
+
+    from harp_vllm.pruning.jobs.checkpoint import save_pruned
+    from harp_vllm.pruning.reference import load_model, shared, windowed
+
+    spec = PruningSpec(layers={}, windows={1: 6, 3: 6}, kv_sharing={3: 1, 2: 0},
+                       method="share")
+    out = save_pruned(load_model(tiny_llama), spec, tiny_llama, tmp_path / "share")
+    weights = load_file(out / "model.safetensors")
+    for i in (2, 3):
+        assert f"model.layers.{i}.self_attn.q_proj.weight" in weights
+        assert not any(f"layers.{i}.self_attn.{p}_proj" in n for n in weights for p in "kv")
+    model = load_model(out)
+    dense = load_model(tiny_llama)
+    ids = torch.randint(0, 300, (1, 14), generator=torch.Generator().manual_seed(1))
+    assert sorted(out.glob("*.safetensors")) == [out / "model.safetensors"]
+    with torch.no_grad():
+        with windowed(dense, {1: 6}), shared(dense, {3: 1, 2: 0}), windowed(dense, {3: 6}):
+            want = dense(input_ids=ids).logits
+        assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-5)
+        cached = model.generate(ids, max_new_tokens=10, do_sample=False)
+        seq = ids
+        for _ in range(10):
+            nxt = model(seq, use_cache=False).logits[0, -1].argmax()
+            seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+    assert cached.tolist() == seq.tolist()
+
+
+def test_shared_reference_refuses_families_without_support():
+    from harp_vllm.pruning.reference import shared
+
+    model = SimpleNamespace(config=SimpleNamespace(model_type="gemma2", architectures=None))
+    with pytest.raises(UserError, match="Llama-like families only, not 'gemma2'"), \
+            shared(model, {3: 1}):
+        pass
