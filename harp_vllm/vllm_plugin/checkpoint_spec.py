@@ -147,3 +147,9 @@ def layer_map(config: Any, prefix: str) -> dict[str, Any] | None:
     """The linear-map description of decoder layer ``prefix``, None if it has none."""
     spec = PruningSpec.from_config(config)
     return None if spec is None else spec.maps.get(extract_layer_index(prefix))
+
+
+def layer_sharing(config: Any, prefix: str) -> int | None:
+    """The earlier layer whose KV cache decoder layer ``prefix`` reads, None if its own."""
+    spec = PruningSpec.from_config(config)
+    return None if spec is None else spec.kv_sharing.get(extract_layer_index(prefix))
