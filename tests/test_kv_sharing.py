@@ -201,3 +201,39 @@ def test_shared_reference_refuses_families_without_support():
     with pytest.raises(UserError, match="Llama-like families only, not 'gemma2'"), \
             shared(model, {3: 1}):
         pass
+
+
+# ---------------------------------------------------------------------------- the cost model
+
+
+def test_cost_model_a_sharing_layer_stores_no_kv():
+    from harp_vllm.pruning import costs
+
+    spec = PruningSpec(layers={}, windows={2: 1024, 9: 1024},
+                       kv_sharing={i: i - 1 for i in range(11, 30, 2)} | {9: 2})
+    shapes = costs.model_shapes(SMOL, spec)
+    assert shapes[13].shares == 12 and shapes[9].shares == 2 and shapes[9].window == 1024
+    assert costs.kv_bytes(SMOL, shapes[13]) == 0 == costs.kv_bytes(SMOL, shapes[9], context=7168)
+    per_token = 2 * 3 * 64 * 2
+    dense = costs.dense_shape(SMOL)
+    # no k/v projections; the attention core is the target kind's (the window of layer 9)
+    d, h = 576, 64
+    assert costs.layer_params(SMOL, shapes[13]) == costs.layer_params(SMOL, dense) - 2 * d * 3 * h
+    assert costs.layer_macs(SMOL, shapes[9], 7168, "decode") - costs.layer_params(
+        SMOL, shapes[9]) == 9 * h * 2 * 1024
+    s = costs.summary(SMOL, shapes, context=7168)
+    assert s["kv_shared_layers"] == 11
+    own = [i for i in range(30) if i not in spec.kv_sharing]  # 19 layers, one windowed
+    assert s["kv_bytes_per_sequence"] == per_token * (18 * 7168 + 1024)
+    assert s["kv_saving"] == pytest.approx(1 - (18 + 1024 / 7168) / 30, abs=1e-6)
+    assert len(own) == 19
+    # as vLLM allocates it: only the 19 layers with their own cache are grouped (18 full and
+    # 1 windowed: groups of 1, no padding), 56 blocks per full layer, 9 for the window
+    assert s["kv_saving_served"] == pytest.approx(1 - (18 * 56 + 9) / (30 * 56), abs=1e-6)
+    served = costs.served_kv_bytes_per_sequence(SMOL, shapes, 7168, 128)
+    assert served == per_token * 128 * (18 * 56 + 9)
+    # without windows: sharing alone also reports the served saving
+    plain = costs.summary(SMOL, costs.model_shapes(SMOL, PruningSpec(layers={},
+                                                                     kv_sharing={5: 4})))
+    assert plain["kv_saving"] == pytest.approx(1 / 30, abs=1e-6) and plain["kv_shared_layers"] == 1
+    assert plain["kv_saving_served"] == pytest.approx(1 / 30, abs=1e-6)
