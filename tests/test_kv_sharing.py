@@ -237,3 +237,48 @@ def test_cost_model_a_sharing_layer_stores_no_kv():
                                                                      kv_sharing={5: 4})))
     assert plain["kv_saving"] == pytest.approx(1 / 30, abs=1e-6) and plain["kv_shared_layers"] == 1
     assert plain["kv_saving_served"] == pytest.approx(1 / 30, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------- the fit
+
+
+def test_fit_refits_q_and_o_to_the_targets_keys(tiny_llama):
+    """The closed-form refit lowers the logit and attention-output errors of a sharing layer,
+    its errors match what the reference model computes with the fitted weights in place, and
+    fitting a layer to its own keys gives back its own q_proj."""
+    import torch
+
+    from harp_vllm.pruning.methods.share_fit import apply_fit, fit_shared
+    from harp_vllm.pruning.reference import decoder_layers, load_model, shared
+
+    model = load_model(tiny_llama)
+    ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    own = fit_shared(model, 3, 3, ids)
+    assert own.logit_error["shared"] < 1e-12 and own.logit_error["fitted"] < 1e-6
+    attn = decoder_layers(model)[3].self_attn
+    assert torch.allclose(own.q_weight, attn.q_proj.weight, atol=1e-4)
+    fit = fit_shared(model, 3, 1, ids)
+    assert fit.logit_error["fitted"] < fit.logit_error["shared"]
+    assert fit.output_error["q+o"] < fit.output_error["q"]
+    assert fit.output_error["q+o"] < fit.output_error["shared"]
+    # the same errors from the reference model's own sharing attention
+    got: dict = {}
+    with torch.no_grad():
+        hook = attn.register_forward_hook(lambda m, a, out: got.__setitem__("dense", out[0]))
+        model(input_ids=ids)
+        hook.remove()
+        for name, weights in (("shared", None), ("q+o", fit)):
+            saved = attn.q_proj.weight.clone(), attn.o_proj.weight.clone()
+            if weights is not None:
+                apply_fit(model, 3, weights)
+            with shared(model, {3: 1}):
+                # the layers before 3 are dense, so layer 3's input is the dense model's
+                h = decoder_layers(model)[3].self_attn.register_forward_hook(
+                    lambda m, a, out, name=name: got.__setitem__(name, out[0]))
+                model(input_ids=ids)
+                h.remove()
+            attn.q_proj.weight.copy_(saved[0])
+            attn.o_proj.weight.copy_(saved[1])
+    for name in ("shared", "q+o"):
+        err = float((got[name] - got["dense"]).norm() / got["dense"].norm())
+        assert err == pytest.approx(fit.output_error[name], rel=1e-3)
