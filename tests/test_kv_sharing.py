@@ -282,3 +282,14 @@ def test_fit_refits_q_and_o_to_the_targets_keys(tiny_llama):
     for name in ("shared", "q+o"):
         err = float((got[name] - got["dense"]).norm() / got["dense"].norm())
         assert err == pytest.approx(fit.output_error[name], rel=1e-3)
+
+
+def test_serving_metrics_count_a_sharing_layer_as_holding_no_kv():
+    from harp_vllm.serving.metrics import kv_layout
+
+    cfg = {"architectures": ["HarpLlamaForCausalLM"],
+           "harp_pruning": {"version": 4, "method": "share", "layers": {"0": 0.0},
+                            "kv_sharing": {"3": 1, "5": 1}}}
+    layout = kv_layout("m", cfg, total_layers=6, num_kv_heads=2, head_size=32, dtype_bytes=2)
+    assert layout.bytes_per_token == 3 * 2 * 2 * 32 * 2  # layers 1, 2, 4 hold KV
+    assert layout.dense_bytes_per_token == 6 * 2 * 2 * 32 * 2
