@@ -293,3 +293,20 @@ def test_serving_metrics_count_a_sharing_layer_as_holding_no_kv():
     layout = kv_layout("m", cfg, total_layers=6, num_kv_heads=2, head_size=32, dtype_bytes=2)
     assert layout.bytes_per_token == 3 * 2 * 2 * 32 * 2  # layers 1, 2, 4 hold KV
     assert layout.dense_bytes_per_token == 6 * 2 * 2 * 32 * 2
+
+
+def test_pipeline_stages_must_keep_a_sharing_layer_with_its_target(monkeypatch):
+    from harp_vllm.vllm_plugin.checkpoint_spec import (
+        HarpCheckpointError,
+        check_pipeline_parallel,
+    )
+
+    monkeypatch.delenv("VLLM_PP_LAYER_PARTITION", raising=False)
+    cfg = SimpleNamespace(num_hidden_layers=6)
+    spec = PruningSpec(layers={}, kv_sharing={1: 0, 5: 3})
+    check_pipeline_parallel(cfg, spec, 1)
+    check_pipeline_parallel(cfg, spec, 2)  # stages 0..2 and 3..5
+    with pytest.raises(HarpCheckpointError, match=r"puts layer 5 \(stage 2\) and the layer "
+                       r"whose KV cache it shares, 3 \(stage 1\), on different stages \(layers "
+                       r"per stage: 0\.\.1, 2\.\.3, 4\.\.5\)"):
+        check_pipeline_parallel(cfg, spec, 3)
