@@ -310,3 +310,55 @@ def test_pipeline_stages_must_keep_a_sharing_layer_with_its_target(monkeypatch):
                        r"whose KV cache it shares, 3 \(stage 1\), on different stages \(layers "
                        r"per stage: 0\.\.1, 2\.\.3, 4\.\.5\)"):
         check_pipeline_parallel(cfg, spec, 3)
+
+
+# ---------------------------------------------------------------------------- plan --layout
+
+
+def test_share_choices_parse_and_are_checked():
+    from harp_vllm.pruning.planner.choices import Choice, parse_layout
+    from harp_vllm.pruning.planner.layouts import layout_text
+
+    cfg = SimpleNamespace(**{**vars(SMOL)})
+    layout = parse_layout("3:share1,5:share1,2:win256", cfg)
+    assert layout[3] == Choice("share", target=1) and layout[5].name == "share1"
+    assert layout[3].shape(cfg).shares == 1 and layout[3].shape(cfg).kv_heads == 3
+    assert parse_layout(layout_text(layout), cfg) == layout
+    for text, message in [("1:share3", "shares the KV cache of an earlier layer (0..0)"),
+                          ("1:remove,3:share1", "layer 1 is remove; a sharing target keeps"),
+                          ("2:share1,3:share2", "layer 2 is share1"),
+                          ("1:win256,3:share1", "layer 1 is win256")]:
+        with pytest.raises(UserError, match=_escape(message)):
+            parse_layout(text, cfg)
+
+
+def test_plan_layout_with_sharing_refits_and_writes_a_checkpoint(tiny_llama, tmp_path,
+                                                                  monkeypatch):
+    """``plan --layout 3:share1,2:linearfull``: the checkpoint's section shares, plan.json
+    reports the refit's errors and the KV saving, and the reloaded checkpoint computes what
+    the planner measured (the refitted q/o over layer 1's keys and values)."""
+    import json
+
+    import torch
+    from test_plan import _calib, _logits_equal_reference, runner
+
+    from harp_vllm.cli import app
+
+    monkeypatch.setenv("HARP_VLLM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "plan"
+    layout = "2:linearfull,3:share1"
+    res = runner.invoke(app, [
+        "plan", str(tiny_llama), "--calib-file", str(_calib(tmp_path)), "--calib-samples",
+        "16", "--calib-seq-len", "32", "--positions", "16", "--ranks", "16,full",
+        "--eval-windows", "0", "--layout", layout, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    section = json.loads((out / "config.json").read_text())["harp_pruning"]
+    assert section["version"] == 4 and section["kv_sharing"] == {"3": 1}
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["costs"]["kv_shared_layers"] == 1
+    assert plan["costs"]["kv_saving"] == pytest.approx(0.5)  # layers 2 and 3 of 4
+    fit = plan["share_fit"]["3"]
+    assert fit["logit_error"]["fitted"] < fit["logit_error"]["shared"]
+    assert fit["output_error"]["q+o"] < fit["output_error"]["shared"]
+    assert torch.isfinite(torch.tensor(plan["measured_kl"]))
+    _logits_equal_reference(out, tiny_llama, layout)

@@ -192,6 +192,14 @@ class SharedKVAttention(nn.Module):
             target.harp_kv_stash = target.register_forward_pre_hook(_stash_kv_input,
                                                                      with_kwargs=True)
 
+    def release(self) -> None:
+        """Stop stashing the target's input (when this module is taken out of the model)."""
+        target: Any = self._target[0]
+        hook = getattr(target, "harp_kv_stash", None)
+        if hook is not None:
+            hook.remove()
+            target.harp_kv_stash = target.harp_kv_input = None
+
     def forward(self, hidden_states: torch.Tensor, position_embeddings: Any = None,
                 attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
                 **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -253,13 +261,9 @@ def shared(model, sharing: Mapping[int, int]) -> Iterator[None]:
         yield
     finally:
         for idx, attn in saved.items():
+            if isinstance(layers[idx].self_attn, SharedKVAttention):
+                layers[idx].self_attn.release()
             layers[idx].self_attn = attn
-        for target in set(sharing.values()):
-            hook = getattr(layers[target].self_attn, "harp_kv_stash", None)
-            if hook is not None:
-                hook.remove()
-                layers[target].self_attn.harp_kv_stash = None
-                layers[target].self_attn.harp_kv_input = None
 
 
 def install_map(layer: nn.Module, module: LinearAttention, input_kind: str) -> None:
