@@ -46,6 +46,9 @@ class Family:
     # per-layer sliding windows are served: vLLM's attention of the family reads the layer's
     # ``layer_types`` and ``sliding_window`` (Qwen2's takes one model-wide window only)
     windows: bool = False
+    # cross-layer KV sharing is served: the plugin's sharing attention (q/o only, vLLM's
+    # ``kv_sharing_target_layer_name``) is written for the family's attention
+    kv_sharing: bool = False
 
 
 _PLUGIN = "harp_vllm.vllm_plugin"
@@ -53,12 +56,12 @@ FAMILIES: tuple[Family, ...] = (
     Family("LlamaForCausalLM", ("llama", "mistral"), "HarpLlamaForCausalLM",
            f"{_PLUGIN}.llama:HarpLlamaForCausalLM",
            post_norm=False, heads=True, linear_maps=True, compensation=True,
-           biases=_llama_biases, windows=True),
+           biases=_llama_biases, windows=True, kv_sharing=True),
     # HF-format Mistral checkpoints run on vLLM's Llama code.
     Family("MistralForCausalLM", ("llama", "mistral"), "HarpMistralForCausalLM",
            f"{_PLUGIN}.llama:HarpMistralForCausalLM",
            post_norm=False, heads=True, linear_maps=True, compensation=True,
-           biases=_llama_biases, windows=True),
+           biases=_llama_biases, windows=True, kv_sharing=True),
     Family("Qwen2ForCausalLM", ("qwen2",), "HarpQwen2ForCausalLM",
            f"{_PLUGIN}.qwen2:HarpQwen2ForCausalLM",
            post_norm=False, heads=True, linear_maps=False, compensation=False,
@@ -94,6 +97,8 @@ LINEAR_MODEL_TYPES = _model_types(lambda f: f.linear_maps)
 PLAN_MODEL_TYPES = _model_types(lambda f: f.linear_maps and f.heads and f.compensation)
 # model types whose checkpoints may have per-layer sliding windows.
 WINDOWED_MODEL_TYPES = _model_types(lambda f: f.windows)
+# model types whose checkpoints may have layers sharing an earlier layer's KV cache.
+SHARING_MODEL_TYPES = _model_types(lambda f: f.kv_sharing)
 
 
 def family_of(config: Any) -> Family:

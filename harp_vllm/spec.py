@@ -1,9 +1,10 @@
 """The pruning section a pruned checkpoint carries in its config.json.
 
-Format (version 3 when a layer is windowed, else 2; versions 1 and 2 still load)::
+Format (version 4 when a layer shares another's KV cache, 3 when a layer is windowed, else 2;
+every older version still loads)::
 
     "harp_pruning": {
-      "version": 3,
+      "version": 4,
       "method": "harp",                    # harp | gate-norm | hybrid | linear | ...
       "layers": {"22": 0.3, "29": 0.8},    # pruned layer index -> alpha (0 = sublayer removed)
       "maps": {                            # optional: attention replaced by a fitted linear map
@@ -16,8 +17,9 @@ Format (version 3 when a layer is windowed, else 2; versions 1 and 2 still load)
         "num_key_value_heads": [3, 2, ...],
         "intermediate_size": [1536, ...]
       },
-      "windows": {"12": 1024}              # optional (version 3): sliding-window attention
-    }
+      "windows": {"12": 1024},             # optional (version 3): sliding-window attention
+      "kv_sharing": {"14": 12}             # optional (version 4): layer -> earlier layer whose
+    }                                      #   keys and values it attends over
 
 A pruned layer has no q/k projections and computes ``h + alpha * o_proj(repeat_kv(v_proj(
 input_layernorm(h))))``; with alpha = 0 it has no v/o projections either. ``shapes`` gives
@@ -44,6 +46,14 @@ last ``W`` tokens (itself included: key ``j`` is seen by query ``i`` when ``0 <=
 so its KV cache holds at most ``W`` tokens of a sequence (vLLM frees the blocks outside the
 window). ``W`` is smaller than the model's context (``max_position_embeddings``); a windowed
 layer is not in ``layers`` or a replacing map (it has attention).
+
+A layer ``i`` in ``kv_sharing`` (cross-layer KV sharing, KVSharer/CLA) attends with its own
+queries over the keys and values layer ``j = kv_sharing[i]`` computed (after ``j``'s
+``k_proj``/``v_proj`` and rotary embedding) and stores no KV cache of its own: it keeps
+``q_proj`` and ``o_proj`` only (no ``k_proj``/``v_proj`` weights). ``j`` comes earlier, has its
+own attention (not pruned, replaced by a map or itself sharing: no chains) and is the same kind
+as ``i``: the same sliding window (or none) and the same KV-head count. ``i`` has attention and
+no map (vLLM: ``Attention(kv_sharing_target_layer_name=...)``).
 """
 
 from __future__ import annotations
@@ -56,7 +66,8 @@ from .errors import UserError
 CONFIG_KEY = "harp_pruning"
 SPEC_VERSION = 2  # written when no layer is windowed (older harp-vllm reads it)
 WINDOWS_VERSION = 3  # written when ``windows`` is set
-READABLE_VERSIONS = (1, 2, 3)
+SHARING_VERSION = 4  # written when ``kv_sharing`` is set
+READABLE_VERSIONS = (1, 2, 3, 4)
 MAP_INPUTS = ("normed", "raw")
 SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
@@ -73,6 +84,7 @@ class PruningSpec:
     shapes: dict[str, list[int]] | None = None  # SHAPE_KEYS -> one value per layer
     maps: dict[int, dict[str, Any]] = field(default_factory=dict)  # layer -> input, rank
     windows: dict[int, int] = field(default_factory=dict)  # layer -> sliding window (tokens)
+    kv_sharing: dict[int, int] = field(default_factory=dict)  # layer -> earlier KV target
     version: int = SPEC_VERSION
 
     @property
@@ -91,9 +103,10 @@ class PruningSpec:
         return {i: m for i, m in self.maps.items() if m.get("add")}
 
     def kv_heads(self, num_layers: int, num_kv_heads: int) -> list[int]:
-        """KV heads per layer as served: 0 for attention-free layers, else the layer's own
-        (``shapes``) or the model's ``num_kv_heads``."""
-        return [0 if i in self.attention_free_layers
+        """KV heads per layer as served: 0 for attention-free layers and layers sharing an
+        earlier layer's KV cache, else the layer's own (``shapes``) or the model's
+        ``num_kv_heads``."""
+        return [0 if i in self.attention_free_layers or i in self.kv_sharing
                 else self.shapes["num_key_value_heads"][i] if self.shapes is not None
                 else num_kv_heads for i in range(num_layers)]
 
@@ -104,8 +117,13 @@ class PruningSpec:
         return {k: self.shapes[k][idx] for k in SHAPE_KEYS}
 
     def to_dict(self) -> dict[str, Any]:
+        version = self.version
+        if self.windows:
+            version = max(version, WINDOWS_VERSION)
+        if self.kv_sharing:
+            version = max(version, SHARING_VERSION)
         return {
-            "version": max(self.version, WINDOWS_VERSION) if self.windows else self.version,
+            "version": version,
             "method": self.method,
             "layers": {str(k): float(v) for k, v in sorted(self.layers.items())},
             "source_model": self.source_model,
@@ -118,6 +136,8 @@ class PruningSpec:
                          for k, v in sorted(self.maps.items())}} if self.maps else {}),
             **({"windows": {str(k): int(v) for k, v in sorted(self.windows.items())}}
                if self.windows else {}),
+            **({"kv_sharing": {str(k): int(v) for k, v in sorted(self.kv_sharing.items())}}
+               if self.kv_sharing else {}),
         }
 
     @classmethod
@@ -149,11 +169,13 @@ class PruningSpec:
         shapes = _parse_shapes(d.get("shapes"), num_layers)
         maps = _parse_maps(d.get("maps"), layers, num_layers, version)
         windows = _parse_windows(d.get("windows"), layers, maps, num_layers, version)
-        return cls(layers=layers, method=str(d.get("method", "harp")),
+        spec = cls(layers=layers, method=str(d.get("method", "harp")),
                    source_model=d.get("source_model"),
                    source_architecture=d.get("source_architecture"),
                    calibration=dict(d.get("calibration") or {}), shapes=shapes, maps=maps,
                    windows=windows, version=version)
+        spec.kv_sharing = _parse_sharing(d.get("kv_sharing"), spec, num_layers)
+        return spec
 
     @classmethod
     def from_config(cls, config: Any) -> PruningSpec | None:
@@ -267,6 +289,67 @@ def _parse_windows(raw: Any, layers: dict[int, float], maps: dict[int, dict[str,
                             f"'{CONFIG_KEY}.{'layers' if idx in layers else 'maps'}')")
         windows[idx] = v
     return windows
+
+
+def _parse_sharing(raw: Any, spec: PruningSpec, num_layers: int | None) -> dict[int, int]:
+    """Validate the optional cross-layer KV sharing: layer index -> earlier target layer."""
+    if raw is None:
+        return {}
+    where = f"'{CONFIG_KEY}.kv_sharing'"
+    if spec.version < SHARING_VERSION:
+        raise UserError(f"{where} needs '{CONFIG_KEY}.version' {SHARING_VERSION}, the file "
+                        f"says {spec.version}")
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} must be an object mapping layer index to the earlier layer "
+                        f"whose KV cache it reads")
+    sharing: dict[int, int] = {}
+    for k, v in raw.items():
+        idx = _layer_index(k, where, num_layers)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise UserError(f"{where}[{k}] must be a layer index, got {v!r}")
+        target = _layer_index(v, f"{where}[{k}]", num_layers)
+        sharing[idx] = target
+    for idx, target in sorted(sharing.items()):
+        _check_sharing(spec, sharing, idx, target, where)
+    return sharing
+
+
+def _check_sharing(spec: PruningSpec, sharing: dict[int, int], idx: int, target: int,
+                   where: str) -> None:
+    """Layer ``idx`` may read layer ``target``'s KV cache (see the module docstring)."""
+    def no_attention(i: int) -> str | None:
+        if i in spec.layers:
+            return f"it is pruned ('{CONFIG_KEY}.layers')"
+        if i in spec.replaced:
+            return f"it is replaced by a linear map ('{CONFIG_KEY}.maps')"
+        return None
+
+    why = no_attention(idx) or (f"it has a map added to its attention ('{CONFIG_KEY}.maps', "
+                                "not served with sharing)" if idx in spec.maps else None)
+    if why is not None:
+        raise UserError(f"layer {idx} is in {where} but {why}: only a layer with attention can "
+                        f"read another layer's keys and values")
+    if target >= idx:
+        raise UserError(f"{where}[{idx}] is {target}: layer {idx} can only share the KV cache "
+                        f"of an earlier layer (0..{idx - 1})")
+    why = no_attention(target)
+    if why is not None:
+        raise UserError(f"{where}[{idx}] is {target}, but layer {target} has no KV cache to "
+                        f"share: {why}")
+    if target in sharing:
+        raise UserError(f"{where}[{idx}] is {target}, but layer {target} itself shares layer "
+                        f"{sharing[target]}'s KV cache (no chains: point layer {idx} at "
+                        f"{sharing[target]})")
+    if spec.windows.get(idx) != spec.windows.get(target):
+        raise UserError(f"{where}[{idx}] is {target}, a layer of another kind: layer {idx} has "
+                        f"window {spec.windows.get(idx)}, layer {target} "
+                        f"{spec.windows.get(target)} (None: full attention); a sharing layer "
+                        f"has its target's window")
+    if spec.shapes is not None:
+        heads = spec.shapes["num_key_value_heads"]
+        if heads[idx] != heads[target]:
+            raise UserError(f"{where}[{idx}] is {target}, a layer of another kind: layer {idx} "
+                            f"has {heads[idx]} KV heads, layer {target} {heads[target]}")
 
 
 def _parse_shapes(raw: Any, num_layers: int | None) -> dict[str, list[int]] | None:

@@ -478,6 +478,30 @@ def broken_window_on_a_family_without_per_layer_windows(src: dict, out: Path) ->
     return pruned
 
 
+def broken_kv_sharing_target_not_earlier(src: dict, out: Path) -> Path:
+    m = _harp_copy(src, out)  # layers 1 and 3 are dense
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["harp_pruning"].update(version=4, kv_sharing={"1": 3})
+    edit_config(m, harp_pruning=cfg["harp_pruning"])
+    return m
+
+
+def broken_kv_weight_for_a_sharing_layer(src: dict, out: Path) -> Path:
+    m = _harp_copy(src, out)  # layer 3 keeps its k_proj / v_proj weights
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["harp_pruning"].update(version=4, kv_sharing={"3": 1})
+    edit_config(m, harp_pruning=cfg["harp_pruning"])
+    return m
+
+
+def broken_kv_sharing_on_a_family_without_support(src: dict, out: Path) -> Path:
+    base = make_tiny("qwen2", out / "qwen2", layers=2)
+    pruned = save(base, out / "p", {})
+    edit_config(pruned, harp_pruning={"version": 4, "method": "share", "layers": {},
+                                      "kv_sharing": {"1": 0}})
+    return pruned
+
+
 BROKEN = {name[len("broken_"):]: fn for name, fn in list(globals().items())
           if name.startswith("broken_") and callable(fn)}
 
@@ -516,6 +540,30 @@ def test_error_window_not_smaller_than_the_context(refused):
 def test_error_window_on_a_family_without_per_layer_windows(refused):
     expect_refused(refused, "window_on_a_family_without_per_layer_windows",
                    "sliding windows ('windows') are served for", "not 'qwen2'")
+
+
+@vllm
+@pytest.mark.timeout(1500)
+def test_error_kv_sharing_target_not_earlier(refused):
+    expect_refused(refused, "kv_sharing_target_not_earlier",
+                   "'harp_pruning.kv_sharing'[1] is 3: layer 1 can only share the KV cache of "
+                   "an earlier layer")
+
+
+@vllm
+@pytest.mark.timeout(1500)
+def test_error_kv_weight_for_a_sharing_layer(refused):
+    expect_refused(refused, "kv_weight_for_a_sharing_layer",
+                   "unexpected weight model.layers.3.self_attn.",  # its k_proj or v_proj
+                   "_proj.weight: layer 3 shares the KV cache of model.layers.1 "
+                   "('harp_pruning.kv_sharing') and keeps only o_proj.weight, q_proj.weight")
+
+
+@vllm
+@pytest.mark.timeout(1500)
+def test_error_kv_sharing_on_a_family_without_support(refused):
+    expect_refused(refused, "kv_sharing_on_a_family_without_support",
+                   "cross-layer KV sharing ('kv_sharing') is served for", "not 'qwen2'")
 
 
 @vllm
@@ -847,17 +895,19 @@ def test_smollm2_plan27_matches_reference_and_kv_equals_plan(smollm2_dir, smol_p
 # ---------------------------------------------------------------------------- windows (issue 24)
 
 
-def _windowed(src: Path, out: Path, windows: dict[int, int]) -> Path:
+def _windowed(src: Path, out: Path, windows: dict[int, int],
+              kv_sharing: dict[int, int] | None = None) -> Path:
     from harp_vllm.pruning.jobs.checkpoint import save_pruned
     from harp_vllm.spec import PruningSpec
 
-    return save_pruned(load_model(src), PruningSpec(layers={}, windows=windows,
-                                                    method="window", source_model=str(src)),
-                       src, out)
+    spec = PruningSpec(layers={}, windows=windows, kv_sharing=kv_sharing or {},
+                       method="window", source_model=str(src))
+    return save_pruned(load_model(src), spec, src, out)
 
 
 def _served_ratio(model: Path, context: int, block: int) -> float:
-    """Dense over windowed KV bytes per ``context``-token sequence, as vLLM allocates them."""
+    """Dense over windowed (and shared) KV bytes per ``context``-token sequence, as vLLM
+    allocates them."""
     from harp_vllm.pruning import costs
 
     cfg, shapes = costs.checkpoint_shapes(model)
@@ -868,15 +918,18 @@ def _served_ratio(model: Path, context: int, block: int) -> float:
 
 @vllm
 @pytest.mark.timeout(900)
-def test_tiny_windows_match_reference_past_the_window_and_size_kv(tmp_path):
-    """Windowed layers (of three sizes) through vLLM's sliding-window attention: prompts
-    longer than every window give the reference's greedy tokens and prompt logprobs, each
-    windowed layer gets a sliding-window KV group, and the sequences the KV pool holds at
-    512 tokens grow over dense as the cost model's served bytes say."""
+def test_tiny_windows_and_sharing_match_reference_past_the_window_and_size_kv(tmp_path):
+    """Windowed layers (of three sizes) through vLLM's sliding-window attention, and two layers
+    sharing an earlier layer's KV cache (one full, one windowed: ``kv_sharing_target_layer_
+    name``): prompts longer than every window give the reference's greedy tokens and prompt
+    logprobs, each windowed layer with its own cache gets a sliding-window KV group, the
+    sharing layers none, and the sequences the KV pool holds at 512 tokens grow over dense as
+    the cost model's served bytes say."""
     from harp_vllm.serving.kv_capacity import sequences_that_fit
 
-    dense = make_tiny("llama", tmp_path / "dense")
-    model = _windowed(dense, tmp_path / "win", {1: 16, 3: 40, 5: 16})
+    dense = make_tiny("llama", tmp_path / "dense", layers=8)
+    model = _windowed(dense, tmp_path / "win", {1: 16, 3: 40, 5: 16, 7: 16},
+                      kv_sharing={6: 2, 7: 5})
     g = torch.Generator().manual_seed(0)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12], torch.randint(3, 250, (120,), generator=g).tolist(),
                [40] * 30 + torch.randint(3, 250, (100,), generator=g).tolist()]
@@ -884,15 +937,18 @@ def test_tiny_windows_match_reference_past_the_window_and_size_kv(tmp_path):
     assert result["ok"], result.get("error", "") + log[-3000:]
     assert_matches(result, reference(model, prompts))
     windows = sorted(grp["sliding_window"] or 0 for grp in result["kv_groups"])
-    assert windows == [0, 0, 0, 16, 16, 40]
+    assert windows == [0, 0, 0, 16, 16, 40]  # own caches: full 0, 2, 4; 16: 1, 5; 40: 3
+    assert sum(grp["layers"] for grp in result["kv_groups"]) == 6  # 6 and 7 share
     base, _ = run_probe(dense, tmp_path / "run-dense", None, max_model_len=512,
                         prompt_logprobs=False)
     got = sequences_that_fit(result, 512) / sequences_that_fit(base, 512)
     assert got == pytest.approx(_served_ratio(model, 512, result["block_size"]), rel=0.01)
 
 
-# Layers of several depths windowed, some shorter than most test prompts.
-SMOL_WINDOWS = {2: 64, 5: 32, 9: 128, 14: 64, 20: 256, 25: 32, 29: 100}
+# Layers of several depths windowed, some shorter than most test prompts; three layers share
+# an earlier layer's KV cache (two full, one windowed like its target).
+SMOL_WINDOWS = {2: 64, 5: 32, 9: 128, 14: 64, 20: 256, 25: 32, 26: 32, 29: 100}
+SMOL_SHARING = {11: 10, 17: 16, 26: 25}
 
 
 @vllm
@@ -900,15 +956,15 @@ SMOL_WINDOWS = {2: 64, 5: 32, 9: 128, 14: 64, 20: 256, 25: 32, 29: 100}
 @pytest.mark.timeout(1200)
 def test_smollm2_windows_match_reference_and_kv_equals_the_cost_model(
         smollm2_dir, smol_prompts, run_smol_dense, tmp_path):
-    """SmolLM2 with seven windowed layers: greedy tokens and prompt logprobs equal the
-    reference's on the test prompts and on a 700-token WikiText passage (longer than every
-    window), and the sequences of 2,048 tokens the KV pool holds grow over the dense run's
-    as the cost model's served bytes predict."""
+    """SmolLM2 with eight windowed layers and three sharing an earlier layer's KV cache:
+    greedy tokens and prompt logprobs equal the reference's on the test prompts and on a
+    700-token WikiText passage (longer than every window), and the sequences of 2,048 tokens
+    the KV pool holds grow over the dense run's as the cost model's served bytes predict."""
     from harp_vllm import models
     from harp_vllm.evaluation.domains import domain_text
     from harp_vllm.serving.kv_capacity import sequences_that_fit
 
-    model = _windowed(smollm2_dir, tmp_path / "win", SMOL_WINDOWS)
+    model = _windowed(smollm2_dir, tmp_path / "win", SMOL_WINDOWS, SMOL_SHARING)
     tok = models.load_tokenizer(smollm2_dir)
     long = tok(domain_text("wikitext", "dev", max_chars=8000))["input_ids"][:700]
     prompts = [*smol_prompts, long]

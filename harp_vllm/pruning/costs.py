@@ -17,12 +17,17 @@ Per decoder layer and token (``d`` hidden size, ``H``/``G`` query/KV heads, ``h`
 - the LM head, ``d*V``: once per sequence in prefill (vLLM computes logits only for the last
   prompt token), once per token in decode.
 
+A layer sharing an earlier layer's KV cache (``kv_sharing``) has no ``k``/``v`` projections
+and the same attention core as its target's kind (its window, if any).
+
 Norms, rotary embeddings, sampling and the embedding lookup are left out (O(d) per token).
 KV cache: ``2*G*h*dtype_bytes`` per token and layer (K and V); a windowed layer keeps at most
 ``W`` tokens of a sequence, so at context ``N`` it holds ``min(N, W)/N`` of that per token
-(a KV budget with windows is stated at a context length). The predicted speed-up of a
-pruned model is the ratio of summed MACs, dense over pruned: it assumes a MAC costs the same in
-attention as in a GEMM, which the engine benchmarks check (see ``docs/results.md``).
+(a KV budget with windows is stated at a context length); a sharing layer holds none (vLLM
+registers no KV-cache spec for it: it is in no KV group and takes no blocks). The predicted
+speed-up of a pruned model is the ratio of summed MACs, dense over pruned: it assumes a MAC
+costs the same in attention as in a GEMM, which the engine benchmarks check (see
+``docs/results.md``).
 """
 
 from __future__ import annotations
@@ -44,13 +49,15 @@ class LayerShape:
     intermediate: int = 0
     added_rank: int = 0  # dense: the rank of a map added to the attention (0: none)
     window: int | None = None  # dense: sliding-window attention over the last W tokens
+    shares: int | None = None  # dense: reads this earlier layer's KV cache, stores none
 
 
 def layer_params(cfg: Any, s: LayerShape) -> int:
     """Weights of one layer's attention and MLP (norms and biases left out)."""
     d, h = cfg.hidden_size, head_dim(cfg)
     if s.attention == "dense":
-        attn = 2 * d * s.q_heads * h + 2 * d * s.kv_heads * h + 2 * d * s.added_rank
+        kv = 0 if s.shares is not None else 2 * d * s.kv_heads * h  # k and v
+        attn = 2 * d * s.q_heads * h + kv + 2 * d * s.added_rank
     elif s.attention == "linear":
         attn = d * d if s.rank is None else 2 * d * s.rank
     else:
@@ -84,8 +91,9 @@ def kv_head_bytes(head_size: int, dtype_bytes: int = 2) -> int:
 def kv_bytes(cfg: Any, s: LayerShape, dtype_bytes: int = 2, context: int | None = None
              ) -> float:
     """KV-cache bytes one token takes in this layer; with ``context``, the mean per token of
-    a ``context``-token sequence (a windowed layer keeps ``min(context, W)`` tokens)."""
-    if s.attention != "dense":
+    a ``context``-token sequence (a windowed layer keeps ``min(context, W)`` tokens; a layer
+    sharing another's KV cache keeps none)."""
+    if s.attention != "dense" or s.shares is not None:
         return 0
     per_token = s.kv_heads * kv_head_bytes(head_dim(cfg), dtype_bytes)
     if s.window is None or context is None or context <= s.window:
@@ -133,9 +141,10 @@ def served_kv_bytes_per_sequence(cfg: Any, shapes: list[LayerShape], context: in
     kinds (full, each window size) share the pool, vLLM's grouping: every group holds the
     same number of layers (the smallest kind's count, or the largest's if that is under 1.5x
     the smallest), and a kind whose count does not divide into groups gets padding layers
-    that take blocks like real ones. None when the attention layers' pages differ in size
-    (KV heads cut in some layers: vLLM packs those differently; not modelled)."""
-    attn = [s for s in shapes if s.attention == "dense"]
+    that take blocks like real ones. Layers sharing another's KV cache are in no group (vLLM
+    gives them no KV-cache spec). None when the attention layers' pages differ in size (KV
+    heads cut in some layers: vLLM packs those differently; not modelled)."""
+    attn = [s for s in shapes if s.attention == "dense" and s.shares is None]
     if not attn:
         return 0
     if len({s.kv_heads for s in attn}) > 1:
@@ -195,6 +204,8 @@ def model_shapes(cfg: Any, spec: Any | None) -> list[LayerShape]:
         elif spec is not None and i in spec.layers:  # HARP token-local: v and o folded
             base = LayerShape("linear", rank=base.kv_heads * head_dim(cfg),
                               intermediate=base.intermediate)
+        if spec is not None and i in spec.kv_sharing:
+            base = replace(base, shares=spec.kv_sharing[i])
         if spec is not None and i in spec.windows:
             native = base.window
             base = replace(base, window=spec.windows[i] if native is None
@@ -221,13 +232,16 @@ def predicted_speedup(cfg: Any, shapes: list[LayerShape], context: int,
 def summary(cfg: Any, shapes: list[LayerShape], contexts: tuple[int, ...] = (4096, 7168),
             dtype_bytes: int = 2, context: int | None = None) -> dict:
     """KV bytes per token (at ``context``, default the last of ``contexts``, when a layer is
-    windowed), parameters and predicted prefill/decode speed-ups at ``contexts``."""
+    windowed), parameters and predicted prefill/decode speed-ups at ``contexts``. With windowed
+    or sharing layers, also the bytes of a sequence at that context and the saving as vLLM
+    allocates it (``kv_saving_served``); with sharing, ``kv_shared_layers``."""
     dense = dense_shapes(cfg)
     at = context or contexts[-1]
     kv_full = kv_bytes_per_token(cfg, shapes, dtype_bytes)  # no window binding
     kv = kv_bytes_per_token(cfg, shapes, dtype_bytes, at)
     kv_dense = kv_bytes_per_token(cfg, dense, dtype_bytes)
     windowed = any(s.window is not None for s in shapes)
+    shared = sum(s.shares is not None for s in shapes)
     return {
         "kv_bytes_per_token": kv, "kv_bytes_per_token_dense": kv_dense,
         "kv_saving": round(1 - kv / kv_dense, 6),
@@ -235,7 +249,8 @@ def summary(cfg: Any, shapes: list[LayerShape], contexts: tuple[int, ...] = (409
             "kv_bytes_per_sequence": kv_bytes_per_sequence(cfg, shapes, at, dtype_bytes),
             "kv_bytes_per_sequence_dense": kv_bytes_per_sequence(cfg, dense, at, dtype_bytes),
             **_served_saving(cfg, shapes, dense, at, dtype_bytes)}
-           if windowed else {}),
+           if windowed or shared else {}),
+        **({"kv_shared_layers": shared} if shared else {}),
         "layer_params": sum(layer_params(cfg, s) for s in shapes),
         "layer_params_dense": sum(layer_params(cfg, s) for s in dense),
         "predicted_speedup": {

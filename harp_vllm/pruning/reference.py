@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..families import head_dim
+from ..families import family_of, head_dim
 from ..families import post_norm as family_post_norm
 from ..spec import PruningSpec
 
@@ -124,7 +124,7 @@ def attach_window(attn: Any, window: int) -> None:
     natively windowed layer, e.g. Gemma's, never gets a wider window than its own)."""
     native = getattr(attn, "sliding_window", None)
     window = min(window, int(native)) if isinstance(native, int) and native > 0 else window
-    if getattr(attn, "harp_window", None) is not None:
+    if getattr(attn, "harp_window", None) is not None or isinstance(attn, SharedKVAttention):
         attn.harp_window = window
         return
     attn.harp_window = window
@@ -154,13 +154,116 @@ def windowed(model, windows: Mapping[int, int]) -> Iterator[None]:
         for idx, w in windows.items():
             attn: Any = decoder_layers(model)[idx].self_attn
             attn.harp_window = w
-            handles.append((attn, attn.register_forward_pre_hook(_window_hook,
-                                                                 with_kwargs=True)))
+            # a layer sharing another's KV cache applies its window itself
+            hook = None if isinstance(attn, SharedKVAttention) else \
+                attn.register_forward_pre_hook(_window_hook, with_kwargs=True)
+            handles.append((attn, hook))
         yield
     finally:
         for attn, h in handles:
-            h.remove()
+            if h is not None:
+                h.remove()
             attn.harp_window = None
+
+
+def _stash_kv_input(module: Any, args: tuple, kwargs: dict) -> None:
+    """Keep the KV target's attention input (and rotary cos/sin) for the layers sharing it."""
+    x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    module.harp_kv_input = (x, kwargs.get("position_embeddings"))
+
+
+class SharedKVAttention(nn.Module):
+    """Layer ``i``'s attention over an earlier layer's keys and values (``kv_sharing``):
+    ``o_proj(softmax(q K_j^T * scale + mask) V_j)`` with ``q`` from layer ``i``'s own
+    ``q_proj`` and rotary embedding, ``K_j``/``V_j`` as layer ``j`` computed them (its
+    ``k_proj``/``v_proj`` on its own normed input, its rotary; with a KV cache, layer ``j``'s
+    cache, which holds the past tokens too). Layer ``i`` keeps no ``k_proj``/``v_proj`` and no
+    cache. ``harp_window``: the layer's sliding window (its target's), None for full
+    attention. Eager attention in the input's dtype (the reference's fp32)."""
+
+    def __init__(self, attn: Any, target: Any, target_idx: int):
+        super().__init__()
+        self.q_proj, self.o_proj = attn.q_proj, attn.o_proj
+        self.layer_idx, self.kv_layer_idx = getattr(attn, "layer_idx", None), target_idx
+        self.head_dim, self.scaling = int(attn.head_dim), float(attn.scaling)
+        self.harp_window: int | None = getattr(attn, "harp_window", None)
+        self._target = (target,)  # a plain reference: the target's weights are its own
+        if getattr(target, "harp_kv_stash", None) is None:
+            target.harp_kv_stash = target.register_forward_pre_hook(_stash_kv_input,
+                                                                     with_kwargs=True)
+
+    def release(self) -> None:
+        """Stop stashing the target's input (when this module is taken out of the model)."""
+        target: Any = self._target[0]
+        hook = getattr(target, "harp_kv_stash", None)
+        if hook is not None:
+            hook.remove()
+            target.harp_kv_stash = target.harp_kv_input = None
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: Any = None,
+                attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
+                **kwargs: Any) -> tuple[torch.Tensor, None]:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        target: Any = self._target[0]
+        b, q_len, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, q_len, -1, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        if past_key_values is not None:  # layer j ran first and updated its cache
+            cache = past_key_values.layers[self.kv_layer_idx]
+            k, v = cache.keys, cache.values
+        else:
+            x, (cos_j, sin_j) = target.harp_kv_input
+            k = target.k_proj(x).view(b, x.shape[1], -1, self.head_dim).transpose(1, 2)
+            v = target.v_proj(x).view(b, x.shape[1], -1, self.head_dim).transpose(1, 2)
+            _, k = apply_rotary_pos_emb(k, k, cos_j, sin_j)
+        q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        k_len = k.shape[-2]
+        mask = window_mask(self.harp_window or k_len, q_len, k_len, q.dtype, q.device)
+        if attention_mask is not None:  # padding: narrows what the causal mask allows
+            given = attention_mask[..., -k_len:]
+            mask = (mask + given if given.dtype != torch.bool
+                    else mask.masked_fill(~given, torch.finfo(q.dtype).min))
+        scores = q @ k.transpose(2, 3) * self.scaling + mask.clamp(min=torch.finfo(q.dtype).min)
+        out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+        return self.o_proj(out.transpose(1, 2).reshape(b, q_len, -1)), None
+
+
+def _check_sharing_family(model) -> None:
+    if not family_of(model.config).kv_sharing:
+        raise UserError(f"cross-layer KV sharing is built for Llama-like families only, not "
+                        f"{model.config.model_type!r}")
+
+
+def share_kv(model, idx: int, target: int) -> SharedKVAttention:
+    """Make layer ``idx`` attend over layer ``target``'s keys and values for good (its own
+    ``k_proj``/``v_proj`` are dropped)."""
+    layers: Any = decoder_layers(model)
+    module = SharedKVAttention(layers[idx].self_attn, layers[target].self_attn, target)
+    layers[idx].self_attn = module
+    return module
+
+
+@contextlib.contextmanager
+def shared(model, sharing: Mapping[int, int]) -> Iterator[None]:
+    """Temporarily make each layer ``i`` of ``sharing`` attend over layer ``sharing[i]``'s
+    keys and values; the dense attention modules come back on exit."""
+    _check_sharing_family(model)
+    _check_layers(model, {**sharing, **{j: None for j in sharing.values()}})
+    layers: Any = decoder_layers(model)
+    saved: dict[int, nn.Module] = {}
+    try:
+        for idx, target in sharing.items():
+            saved[idx] = layers[idx].self_attn
+            share_kv(model, idx, target)
+        yield
+    finally:
+        for idx, attn in saved.items():
+            if isinstance(layers[idx].self_attn, SharedKVAttention):
+                layers[idx].self_attn.release()
+            layers[idx].self_attn = attn
 
 
 def install_map(layer: nn.Module, module: LinearAttention, input_kind: str) -> None:
@@ -248,6 +351,12 @@ def apply_pruning(model, spec: PruningSpec):
         attn: Any = decoder_layers(model)[idx].self_attn
         if not hasattr(attn, "group_map"):
             attach_group_map(attn, GroupMap(model.config.hidden_size, m["rank"]))
+    if spec.kv_sharing:
+        _check_sharing_family(model)
+    _check_layers(model, spec.kv_sharing)
+    for idx, target in spec.kv_sharing.items():  # a sharing layer already in place is kept
+        if not isinstance(decoder_layers(model)[idx].self_attn, SharedKVAttention):
+            share_kv(model, idx, target)
     _check_layers(model, spec.windows)
     for idx, w in spec.windows.items():
         windowed_layer: Any = decoder_layers(model)[idx]

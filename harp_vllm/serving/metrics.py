@@ -147,7 +147,7 @@ def kv_layout(model_name: str, hf_config: Any, total_layers: int, num_kv_heads: 
     else:
         spec = PruningSpec.from_dict(section, num_layers=total_layers)
         method, pruned = spec.method, spec.attention_free_layers
-        if spec.shapes is not None:
+        if spec.shapes is not None or spec.kv_sharing:
             served = head_bytes * sum(spec.kv_heads(total_layers, num_kv_heads))
     return KVLayout(model_name=model_name, method=method, architecture=str(arch_list[0]),
                     total_layers=int(total_layers), pruned_layers=pruned,

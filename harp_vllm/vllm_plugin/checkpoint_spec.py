@@ -10,13 +10,15 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.distributed.utils import get_pp_indices
 from vllm.model_executor.models.utils import extract_layer_index
 
 from ..errors import UserError
 from ..families import (
     BY_HARP_ARCHITECTURE,
     FAMILIES,
+    SHARING_MODEL_TYPES,
     STRUCTURED_MODEL_TYPES,
     WINDOWED_MODEL_TYPES,
     head_dim,
@@ -59,8 +61,37 @@ def pruning_spec(config: Any, arch: str) -> PruningSpec:
         raise HarpCheckpointError(
             f"invalid '{CONFIG_KEY}' section in config.json: sliding windows ('windows') are "
             f"served for {', '.join(WINDOWED_MODEL_TYPES)} models only, not {model_type!r}")
+    if spec.kv_sharing and model_type not in SHARING_MODEL_TYPES:
+        raise HarpCheckpointError(
+            f"invalid '{CONFIG_KEY}' section in config.json: cross-layer KV sharing "
+            f"('kv_sharing') is served for {', '.join(SHARING_MODEL_TYPES)} models only, not "
+            f"{model_type!r}")
     check_tensor_parallel(config, spec, get_tensor_model_parallel_world_size())
+    check_pipeline_parallel(config, spec, get_pp_group().world_size)
     return spec
+
+
+def check_pipeline_parallel(config: Any, spec: PruningSpec, pp_size: int) -> None:
+    """Every sharing layer is on the same pipeline stage as its target (vLLM reads the
+    target's KV cache on the stage's own worker); HarpCheckpointError naming the first pair
+    split over two stages."""
+    if pp_size <= 1 or not spec.kv_sharing:
+        return
+    n = int(config.num_hidden_layers)
+    bounds = [get_pp_indices(n, rank, pp_size) for rank in range(pp_size)]
+
+    def stage(idx: int) -> int:
+        return next(r for r, (lo, hi) in enumerate(bounds) if lo <= idx < hi)
+
+    for idx, target in sorted(spec.kv_sharing.items()):
+        if stage(idx) != stage(target):
+            raise HarpCheckpointError(
+                f"pipeline parallel size {pp_size} puts layer {idx} (stage {stage(idx)}) and "
+                f"the layer whose KV cache it shares, {target} (stage {stage(target)}), on "
+                f"different stages (layers per stage: "
+                f"{', '.join(f'{lo}..{hi - 1}' for lo, hi in bounds)}); choose stages that "
+                f"keep them together (VLLM_PP_LAYER_PARTITION) or serve without pipeline "
+                f"parallelism")
 
 
 def check_tensor_parallel(config: Any, spec: PruningSpec, tp_size: int) -> None:
@@ -141,3 +172,9 @@ def layer_map(config: Any, prefix: str) -> dict[str, Any] | None:
     """The linear-map description of decoder layer ``prefix``, None if it has none."""
     spec = PruningSpec.from_config(config)
     return None if spec is None else spec.maps.get(extract_layer_index(prefix))
+
+
+def layer_sharing(config: Any, prefix: str) -> int | None:
+    """The earlier layer whose KV cache decoder layer ``prefix`` reads, None if its own."""
+    spec = PruningSpec.from_config(config)
+    return None if spec is None else spec.kv_sharing.get(extract_layer_index(prefix))

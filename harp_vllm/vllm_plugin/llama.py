@@ -11,9 +11,16 @@ from vllm.model_executor.models.llama import (
 )
 
 from ..families import BY_HARP_ARCHITECTURE
-from .checkpoint_spec import layer_alpha, layer_config, layer_map, pruning_spec
+from .checkpoint_spec import (
+    layer_alpha,
+    layer_config,
+    layer_map,
+    layer_sharing,
+    pruning_spec,
+)
 from .factories import linear_map_factory, token_local_factory, with_group_map
 from .mixins import HarpDecoderLayerMixin, HarpModelMixin
+from .sharing import shared_kv_factory
 
 LLAMA = BY_HARP_ARCHITECTURE["HarpLlamaForCausalLM"]  # Mistral's record has the same rules
 
@@ -22,15 +29,19 @@ class HarpLlamaDecoderLayer(HarpDecoderLayerMixin, LlamaDecoderLayer):
     """A Llama decoder layer; pruned layers get token-local attention (or none, alpha = 0),
     replaced layers a fitted linear map (on the normed input, or on the residual stream
     itself: ``raw``, with no input norm), layers with KV groups removed a map added in their
-    place."""
+    place, layers sharing an earlier layer's KV cache their own queries over it."""
 
     def __init__(self, vllm_config: VllmConfig, prefix: str = "", config=None,
                  attn_layer_type: type = LlamaAttention) -> None:
         config = config or vllm_config.model_config.hf_config
         alpha = layer_alpha(config, prefix)
         linear_map = layer_map(config, prefix)
+        target = layer_sharing(config, prefix)
         config = layer_config(config, prefix)
-        if alpha is not None:
+        if target is not None:  # "model.layers.5" -> "model.layers.2.self_attn.attn"
+            attn_layer_type = shared_kv_factory(
+                f"{prefix.rsplit('.', 1)[0]}.{target}.self_attn.attn")
+        elif alpha is not None:
             attn_layer_type = token_local_factory(alpha, LLAMA)
         elif linear_map is not None and linear_map.get("add"):
             attn_layer_type = with_group_map(attn_layer_type, linear_map["rank"])

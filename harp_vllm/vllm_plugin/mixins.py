@@ -38,6 +38,13 @@ def check_attention_weights(model: nn.Module, layers: nn.ModuleList, start: int,
                     f"{', '.join(missing)} not in the checkpoint")
         elif isinstance(attn, RemovedAttention):
             continue
+        elif idx in spec.kv_sharing:  # q/o only: the keys and values are its target's
+            missing = [n for n in (f"{base}.{p}_proj.weight" for p in ("q", "o"))
+                       if n not in seen]
+            if missing:
+                raise HarpCheckpointError(
+                    f"weights missing for layer {idx} (sharing layer {spec.kv_sharing[idx]}'s "
+                    f"KV cache): {', '.join(missing)} not in the checkpoint")
         else:
             group_map = getattr(attn, "group_map", None)
             if isinstance(group_map, TokenLocalLinear) and group_map.missing():

@@ -32,7 +32,13 @@ from ..planner.choices import (
     check_window,
     parse_layout,
 )
-from ..planner.layouts import apply_layout, installed, layout_summary, layout_text
+from ..planner.layouts import (
+    apply_layout,
+    installed,
+    layout_summary,
+    layout_text,
+    share_key,
+)
 from ..planner.scoring import ensure_statistics, layout_kl
 from ..planner.solve import Budget, plan_layout
 from ..planner.statistics import PlanStats, statistics_settings, stats_path
@@ -232,6 +238,7 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     long_damage = None if long_windows is None else long_windows[:opts.long_damage_windows]
     stats, rec = ensure_statistics(model, windows, settings, choices if score else [KEEP],
                                    ranks, opts.ridge, cache, progress, long_damage, long)
+    fit_shares(model, stats, layout or {}, windows, cache)
     held_out = rec
     if long_windows is not None and opts.long_rescore_windows:
         held_out = record_dense(model, long_windows[opts.long_damage_windows:],
@@ -244,6 +251,31 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
     return Session(opts, src, cfg, tok, model, stats, rec, held_out, choices, cache, eval_text,
                    time.perf_counter() - t0, long)
+
+
+SHARE_FIT_LOGITS = 2**22  # at most this many query-key pairs per head in a sharing refit
+
+
+def fit_shares(model: Any, stats: Any, layout: dict[int, Choice], windows: Any,
+               cache: Any) -> None:
+    """Refit the q/o of every ``shareJ`` layer of ``layout`` to its target's keys and values
+    (``share_fit.py``) on the first calibration windows (as many as keep the logits to
+    ``SHARE_FIT_LOGITS`` pairs per head), into ``stats.extra["share_fits"]`` (cached)."""
+    from ..methods.share_fit import fit_shared
+
+    todo = [(j, c.target) for j, c in sorted(layout.items())
+            if c.kind == "share" and c.target is not None]
+    fits = stats.extra.setdefault("share_fits", {})
+    todo = [(j, t) for j, t in todo if share_key(j, t) not in fits]
+    if not todo:
+        return
+    count = max(1, min(len(windows), SHARE_FIT_LOGITS // windows.shape[1] ** 2))
+    for j, t in todo:
+        f = fit_shared(model, j, t, windows[:count])
+        fits[share_key(j, t)] = {"q_weight": f.q_weight, "o_weight": f.o_weight,
+                                 "logit_error": f.logit_error, "output_error": f.output_error}
+    if cache is not None:
+        stats.save(cache)
 
 
 def _served_block(s: Session) -> int | None:
@@ -293,6 +325,11 @@ def _record(s: Session, layout: dict[int, Choice], progress: bool, budget: Budge
            "ppl": _ppl(s, layout, progress)}
     if "measured_kl" not in rec:
         rec["measured_kl"] = round(layout_kl(s.model, layout, s.stats, s.held_out), 5)
+    shares = {str(j): s.stats.extra["share_fits"][share_key(j, c.target)]
+              for j, c in layout.items() if c.kind == "share" and c.target is not None}
+    if shares:  # relative errors on the calibration tokens, before and after the refit
+        rec["share_fit"] = {j: {k: f[k] for k in ("logit_error", "output_error")}
+                            for j, f in shares.items()}
     return rec
 
 

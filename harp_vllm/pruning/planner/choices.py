@@ -1,4 +1,5 @@
-"""A planned layer's candidates: ``Choice`` (keep, dropK, dropKlin, linearR, remove, winW),
+"""A planned layer's candidates: ``Choice`` (keep, dropK, dropKlin, linearR, remove, winW,
+shareJ: ``--layout`` only),
 its shape under the cost model, and the ``--layout`` text that names a whole layout."""
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ DEFAULT_WINDOWS = (512, 1024, 2048)  # the sliding windows ``window`` offers (to
 class Choice:
     """One layer's candidate: ``keep``, ``drop`` (``groups`` KV groups, FLAP's bias),
     ``droplin`` (``groups`` KV groups, a fitted map in their place), ``linear`` (``rank``,
-    None = full), ``remove`` or ``window`` (sliding-window attention over ``window``
-    tokens: the layer keeps its weights and context up to W tokens back)."""
+    None = full), ``remove``, ``window`` (sliding-window attention over ``window``
+    tokens: the layer keeps its weights and context up to W tokens back) or ``share``
+    (attention over earlier layer ``target``'s keys and values, q/o refitted, no KV cache;
+    given in ``--layout`` only: the solver does not offer it)."""
 
     kind: str
     groups: int = 0
     rank: int | None = None
     window: int | None = None
+    target: int | None = None
 
     @property
     def name(self) -> str:
@@ -38,6 +42,8 @@ class Choice:
             return f"linear{'full' if self.rank is None else self.rank}"
         if self.kind == "window":
             return f"win{self.window}"
+        if self.kind == "share":
+            return f"share{self.target}"
         return self.kind
 
     def shape(self, cfg: Any) -> costs.LayerShape:
@@ -47,9 +53,9 @@ class Choice:
             return costs.LayerShape("linear", rank=self.rank, intermediate=inter)
         if self.kind == "remove":
             return costs.LayerShape("removed", intermediate=inter)
-        if self.kind == "window":
+        if self.kind in ("window", "share"):
             return costs.LayerShape("dense", cfg.num_attention_heads, cfg.num_key_value_heads,
-                                    None, inter, window=self.window)
+                                    None, inter, window=self.window, shares=self.target)
         kv = cfg.num_key_value_heads - self.groups
         added = self.groups * r * head_dim(cfg) if self.kind == "droplin" else 0
         return costs.LayerShape("dense", kv * r, kv, None, inter, added_rank=added)
@@ -66,6 +72,8 @@ def parse_choice(text: str, cfg: Any) -> Choice:
         return Choice(t)
     if t.startswith("win") and t[3:].isdigit():
         return Choice("window", window=check_window(int(t[3:]), cfg))
+    if t.startswith("share") and t[5:].isdigit():
+        return Choice("share", target=int(t[5:]))
     lin = t.endswith("lin")
     count = t[4:-3] if lin else t[4:]
     if t.startswith("drop") and count.isdigit():
@@ -83,7 +91,8 @@ def parse_choice(text: str, cfg: Any) -> Choice:
     raise UserError(f"unknown layer choice {text!r}: use keep, drop1..drop"
                     f"{cfg.num_key_value_heads - 1}, drop1lin..drop"
                     f"{cfg.num_key_value_heads - 1}lin, linearR (R in 1..{cfg.hidden_size}), "
-                    f"linearfull, remove or winW (a sliding window of W tokens)")
+                    f"linearfull, remove, winW (a sliding window of W tokens) or shareJ "
+                    f"(layer J's keys and values)")
 
 
 def parse_layout(text: str, cfg: Any) -> dict[int, Choice]:
@@ -101,7 +110,23 @@ def parse_layout(text: str, cfg: Any) -> dict[int, Choice]:
             if j in layout:
                 raise UserError(f"--layout: layer {j} is given twice")
             layout[j] = choice
+    for j, c in layout.items():
+        if c.kind == "share":
+            check_share(j, c, layout, cfg)
     return {j: c for j, c in layout.items() if c != KEEP}
+
+
+def check_share(j: int, choice: Choice, layout: dict[int, Choice], cfg: Any) -> None:
+    """Layer ``j`` may share its target's KV cache: an earlier layer kept whole (the spec's
+    rules, ``spec._check_sharing``, for what a layout can make of a layer)."""
+    t = choice.target
+    assert t is not None
+    if not 0 <= t < j:
+        raise UserError(f"--layout: {j}:{choice.name}: a layer shares the KV cache of an "
+                        f"earlier layer (0..{j - 1})")
+    if layout.get(t, KEEP) != KEEP:
+        raise UserError(f"--layout: {j}:{choice.name}: layer {t} is {layout[t].name}; a "
+                        f"sharing target keeps its attention whole (keep)")
 
 
 def check_window(window: int, cfg: Any) -> int:

@@ -18,6 +18,7 @@ from ..heads import ATTENTION_PROJECTIONS, add_biases, group_size, keep_groups
 from ..methods.structured import compensate_attention
 from ..reference import (
     GroupMap,
+    SharedKVAttention,
     TokenLocalAttention,
     WindowedAttention,
     attach_group_map,
@@ -39,6 +40,15 @@ def choice_module(model, j: int, choice: Choice, stats: PlanStats) -> nn.Module:
     if choice.kind == "window":
         assert choice.window is not None
         return WindowedAttention(dense, choice.window)
+    if choice.kind == "share":  # q/o refitted (share_fit.py), k/v are the target's
+        assert choice.target is not None
+        fit = stats.extra["share_fits"][share_key(j, choice.target)]
+        own = copy.deepcopy(dense)
+        with torch.no_grad():
+            own.q_proj.weight.copy_(fit["q_weight"])
+            own.o_proj.weight.copy_(fit["o_weight"])
+        target: Any = decoder_layers(model)[choice.target].self_attn
+        return SharedKVAttention(own, target, choice.target)
     if choice.kind == "drop":
         attn = copy.deepcopy(dense)
         kept = sorted(stats.flap_order[j][choice.groups:])
@@ -62,6 +72,11 @@ def choice_module(model, j: int, choice: Choice, stats: PlanStats) -> nn.Module:
     return dense
 
 
+def share_key(j: int, target: int) -> str:
+    """The key of layer ``j``'s refit to ``target`` in ``PlanStats.extra["share_fits"]``."""
+    return f"{j}:{target}"
+
+
 @contextlib.contextmanager
 def installed(model, layout: dict[int, Choice], stats: PlanStats) -> Iterator[None]:
     """Temporarily give the model ``layout``'s attention modules."""
@@ -73,6 +88,8 @@ def installed(model, layout: dict[int, Choice], stats: PlanStats) -> Iterator[No
         yield
     finally:
         for j, attn in saved.items():
+            if isinstance(layers[j].self_attn, SharedKVAttention):
+                layers[j].self_attn.release()
             layers[j].self_attn = attn
 
 
@@ -92,7 +109,7 @@ def apply_layout(model, layout: dict[int, Choice], stats: PlanStats):
         if c.kind == "linear":
             install_map(layers[j], stats.maps[rank_key(c.rank)][j].module(), "normed")
             maps[j] = {"input": "normed", "rank": c.rank}
-        elif c.kind in ("drop", "droplin"):
+        elif c.kind in ("drop", "droplin", "share"):
             layers[j].self_attn = choice_module(model, j, c, stats)
         if c.kind == "droplin":
             maps[j] = {"input": "normed", "rank": c.shape(cfg).added_rank, "add": True}
@@ -101,6 +118,8 @@ def apply_layout(model, layout: dict[int, Choice], stats: PlanStats):
         for j, layer in enumerate(layers):
             if j not in layout or layout[j].kind in ("droplin", "window"):
                 add_biases(layer.self_attn, (*ATTENTION_PROJECTIONS, "o_proj"))
+            elif layout[j].kind == "share":  # no k/v of its own
+                add_biases(layer.self_attn, ("q_proj", "o_proj"))
         cfg.attention_bias = True
     if drops:
         r = group_size(cfg)
@@ -111,7 +130,10 @@ def apply_layout(model, layout: dict[int, Choice], stats: PlanStats):
     removed = {j: 0.0 for j, c in layout.items() if c.kind == "remove"}
     windows = {j: int(c.window) for j, c in layout.items()
                if c.kind == "window" and c.window is not None}
-    return PruningSpec(layers=removed, maps=maps, shapes=shapes, windows=windows, method="plan")
+    sharing = {j: int(c.target) for j, c in layout.items()
+               if c.kind == "share" and c.target is not None}
+    return PruningSpec(layers=removed, maps=maps, shapes=shapes, windows=windows,
+                       kv_sharing=sharing, method="plan")
 
 
 def layout_summary(cfg: Any, layout: dict[int, Choice], contexts=(4096, 7168),

@@ -18,11 +18,13 @@ from .statistics import PlanStats, fit_statistics
 
 
 def layout_kl(model, layout: dict[int, Choice], stats: PlanStats, rec: DenseRecord) -> float:
-    """Calibration KL(dense || model with the whole ``layout``)."""
+    """Calibration KL(dense || model with the whole ``layout``) (run from its first changed
+    layer, or from an earlier layer a ``shareJ`` layer reads the keys and values of)."""
     if not layout:
         return 0.0
+    start = min([*layout, *(c.target for c in layout.values() if c.target is not None)])
     with installed(model, layout, stats):
-        return suffix_kl(model, rec, min(layout))
+        return suffix_kl(model, rec, start)
 
 
 def score_candidates(model, stats: PlanStats, rec: DenseRecord, choices: list[Choice],

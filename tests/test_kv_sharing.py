@@ -1,0 +1,364 @@
+"""Cross-layer KV sharing as a per-layer choice (issue 24): the pruning section's
+``kv_sharing``, the HF reference, and the cost model (a sharing layer stores no KV)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from harp_vllm.errors import UserError
+from harp_vllm.spec import PruningSpec
+
+SMOL = SimpleNamespace(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                       head_dim=64, intermediate_size=1536, num_hidden_layers=30,
+                       vocab_size=49152, max_position_embeddings=8192)
+
+
+def _escape(message: str) -> str:
+    return message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace(
+        "]", r"\]").replace(".", r"\.")
+
+
+# ---------------------------------------------------------------------------- the spec
+
+
+def test_sharing_round_trip_and_version():
+    spec = PruningSpec(layers={0: 0.0}, windows={1: 64, 4: 64}, kv_sharing={4: 1, 3: 2})
+    d = spec.to_dict()
+    assert d["version"] == 4 and d["kv_sharing"] == {"3": 2, "4": 1}
+    back = PruningSpec.from_dict(d, num_layers=8)
+    assert back.kv_sharing == {3: 2, 4: 1} and back.windows == {1: 64, 4: 64}
+    assert back.kv_heads(8, 3) == [0, 3, 3, 0, 0, 3, 3, 3]  # sharing layers store no KV
+    # no sharing: the older versions are still written (and read)
+    assert PruningSpec(layers={}, windows={1: 64}).to_dict()["version"] == 3
+    assert "kv_sharing" not in PruningSpec(layers={2: 0.5}).to_dict()
+    for version in (1, 2, 3):
+        assert PruningSpec.from_dict({"version": version, "layers": {"2": 0.5}}).kv_sharing == {}
+
+
+SHAPES = {"num_attention_heads": [4] * 6, "num_key_value_heads": [2, 2, 1, 2, 1, 2],
+          "intermediate_size": [256] * 6}
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"version": 3, "layers": {}, "kv_sharing": {"3": 1}}, "needs 'harp_pruning.version' 4"),
+    ({"version": 4, "layers": {}, "kv_sharing": [1]}, "must be an object"),
+    ({"version": 4, "layers": {}, "kv_sharing": {"3": "1"}}, "must be a layer index"),
+    ({"version": 4, "layers": {}, "kv_sharing": {"9": 1}}, "layer index 9 out of range"),
+    ({"version": 4, "layers": {}, "kv_sharing": {"3": 7}}, "layer index 7 out of range"),
+    # the target must come earlier
+    ({"version": 4, "layers": {}, "kv_sharing": {"3": 3}},
+     "'harp_pruning.kv_sharing'[3] is 3: layer 3 can only share the KV cache of an earlier "
+     "layer (0..2)"),
+    ({"version": 4, "layers": {}, "kv_sharing": {"2": 4}},
+     "layer 2 can only share the KV cache of an earlier layer"),
+    # the target has its own attention
+    ({"version": 4, "layers": {"1": 0.5}, "kv_sharing": {"3": 1}},
+     "layer 1 has no KV cache to share: it is pruned"),
+    ({"version": 4, "layers": {"1": 0.0}, "kv_sharing": {"3": 1}},
+     "layer 1 has no KV cache to share: it is pruned"),
+    ({"version": 4, "layers": {}, "maps": {"1": {"input": "normed", "rank": None}},
+      "kv_sharing": {"3": 1}}, "layer 1 has no KV cache to share: it is replaced by a linear"),
+    # no chains
+    ({"version": 4, "layers": {}, "kv_sharing": {"3": 1, "5": 3}},
+     "layer 3 itself shares layer 1's KV cache (no chains: point layer 5 at 1)"),
+    # the same kind: window and KV heads
+    ({"version": 4, "layers": {}, "windows": {"3": 64}, "kv_sharing": {"3": 1}},
+     "a layer of another kind: layer 3 has window 64, layer 1 None"),
+    ({"version": 4, "layers": {}, "windows": {"1": 64, "3": 32}, "kv_sharing": {"3": 1}},
+     "layer 3 has window 32, layer 1 64"),
+    ({"version": 4, "layers": {}, "shapes": SHAPES, "kv_sharing": {"3": 2}},
+     "a layer of another kind: layer 3 has 2 KV heads, layer 2 1"),
+    # the sharing layer has attention of its own
+    ({"version": 4, "layers": {"3": 0.0}, "kv_sharing": {"3": 1}},
+     "layer 3 is in 'harp_pruning.kv_sharing' but it is pruned"),
+    ({"version": 4, "layers": {}, "maps": {"3": {"input": "raw", "rank": 8}},
+      "kv_sharing": {"3": 1}}, "layer 3 is in 'harp_pruning.kv_sharing' but it is replaced"),
+    ({"version": 4, "layers": {}, "shapes": SHAPES, "maps": {"3": {"input": "normed",
+                                                                 "rank": 8, "add": True}},
+      "kv_sharing": {"3": 1}}, "but it has a map added to its attention"),
+])
+def test_bad_sharing_is_refused(section, message):
+    with pytest.raises(UserError, match=_escape(message)):
+        PruningSpec.from_dict(section, num_layers=6)
+
+
+def test_sharing_of_the_same_kind_is_accepted():
+    spec = PruningSpec.from_dict(
+        {"version": 4, "layers": {"0": 0.0}, "shapes": SHAPES,
+         "windows": {"2": 16, "4": 16}, "kv_sharing": {"4": 2, "3": 1, "5": 1}}, num_layers=6)
+    assert spec.kv_sharing == {3: 1, 4: 2, 5: 1}  # one target may serve several layers
+
+
+def test_sharing_on_a_family_without_support_is_refused():
+    from harp_vllm.families import SHARING_MODEL_TYPES
+
+    assert set(SHARING_MODEL_TYPES) == {"llama", "mistral"}
+
+
+# ---------------------------------------------------------------------------- the reference
+
+
+def _layer_inputs(model, idxs):
+    """Forward hooks keeping each layer's normed attention input."""
+    from harp_vllm.pruning.reference import decoder_layers
+
+    seen: dict = {}
+    handles = []
+    for i in idxs:
+        layer = decoder_layers(model)[i]
+        handles.append(layer.input_layernorm.register_forward_hook(
+            lambda m, a, out, i=i: seen.__setitem__(("x", i), out)))
+    return seen, handles
+
+
+def test_shared_reference_attends_with_its_queries_over_the_targets_keys(tiny_llama):
+    """Layer 3 sharing layer 1: its attention output is HF's own eager attention of layer 3's
+    rotated queries over layer 1's rotated keys and values, computed here from the two
+    layers' normed inputs."""
+    import torch
+    from transformers.models.llama.modeling_llama import (
+        apply_rotary_pos_emb,
+        eager_attention_forward,
+    )
+
+    from harp_vllm.pruning.reference import decoder_layers, load_model, shared
+
+    model = load_model(tiny_llama)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    layers = decoder_layers(model)
+    i, j = 3, 1
+    got: dict = {}
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        with shared(model, {i: j}):
+            assert not hasattr(layers[i].self_attn, "k_proj")
+            hook = layers[i].self_attn.register_forward_hook(
+                lambda m, a, out: got.__setitem__("attn", out[0]))
+            seen, handles = _layer_inputs(model, (i, j))
+            out = model(input_ids=ids).logits
+            for hd in (*handles, hook):
+                hd.remove()
+        after = model(input_ids=ids).logits
+        # HF's attention of layer i, with layer j's keys and values
+        a_i, a_j = layers[i].self_attn, layers[j].self_attn
+        pos = torch.arange(24)[None].expand(2, -1)
+        cos, sin = model.model.rotary_emb(seen["x", i], pos)
+
+        def heads(lin, x):
+            return lin(x).view(2, 24, -1, a_i.head_dim).transpose(1, 2)
+
+        q, _ = apply_rotary_pos_emb(heads(a_i.q_proj, seen["x", i]),
+                                    heads(a_i.q_proj, seen["x", i]), cos, sin)
+        _, k = apply_rotary_pos_emb(q, heads(a_j.k_proj, seen["x", j]), cos, sin)
+        v = heads(a_j.v_proj, seen["x", j])
+        causal = torch.full((24, 24), torch.finfo(q.dtype).min).triu(1)[None, None]
+        want, _ = eager_attention_forward(a_i, q, k, v, causal, scaling=a_i.scaling)
+        want = a_i.o_proj(want.reshape(2, 24, -1))
+    assert torch.allclose(got["attn"], want, atol=1e-5)
+    assert (out - dense).abs().max() > 1e-3  # sharing changes the model
+    assert torch.allclose(after, dense, atol=1e-6)  # the dense attention is back
+
+
+def test_shared_reference_generates_with_a_kv_cache_like_without(tiny_llama, tmp_path):
+    """A saved checkpoint with sharing (one pair windowed) loads, has no k/v weights for the
+    sharing layers, computes what ``shared`` + ``windowed`` compute on the dense model, and
+    generates the same tokens with HF's KV cache as without."""
+    import torch
+    from safetensors.torch import load_file
+
+    from harp_vllm.pruning.jobs.checkpoint import save_pruned
+    from harp_vllm.pruning.reference import load_model, shared, windowed
+
+    spec = PruningSpec(layers={}, windows={1: 6, 3: 6}, kv_sharing={3: 1, 2: 0},
+                       method="share")
+    out = save_pruned(load_model(tiny_llama), spec, tiny_llama, tmp_path / "share")
+    weights = load_file(out / "model.safetensors")
+    for i in (2, 3):
+        assert f"model.layers.{i}.self_attn.q_proj.weight" in weights
+        assert not any(f"layers.{i}.self_attn.{p}_proj" in n for n in weights for p in "kv")
+    model = load_model(out)
+    dense = load_model(tiny_llama)
+    ids = torch.randint(0, 300, (1, 14), generator=torch.Generator().manual_seed(1))
+    assert sorted(out.glob("*.safetensors")) == [out / "model.safetensors"]
+    with torch.no_grad():
+        with windowed(dense, {1: 6}), shared(dense, {3: 1, 2: 0}), windowed(dense, {3: 6}):
+            want = dense(input_ids=ids).logits
+        assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-5)
+        cached = model.generate(ids, max_new_tokens=10, do_sample=False)
+        seq = ids
+        for _ in range(10):
+            nxt = model(seq, use_cache=False).logits[0, -1].argmax()
+            seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+    assert cached.tolist() == seq.tolist()
+
+
+def test_shared_reference_refuses_families_without_support():
+    from harp_vllm.pruning.reference import shared
+
+    model = SimpleNamespace(config=SimpleNamespace(model_type="gemma2", architectures=None))
+    with pytest.raises(UserError, match="Llama-like families only, not 'gemma2'"), \
+            shared(model, {3: 1}):
+        pass
+
+
+# ---------------------------------------------------------------------------- the cost model
+
+
+def test_cost_model_a_sharing_layer_stores_no_kv():
+    from harp_vllm.pruning import costs
+
+    spec = PruningSpec(layers={}, windows={2: 1024, 9: 1024},
+                       kv_sharing={i: i - 1 for i in range(11, 30, 2)} | {9: 2})
+    shapes = costs.model_shapes(SMOL, spec)
+    assert shapes[13].shares == 12 and shapes[9].shares == 2 and shapes[9].window == 1024
+    assert costs.kv_bytes(SMOL, shapes[13]) == 0 == costs.kv_bytes(SMOL, shapes[9], context=7168)
+    per_token = 2 * 3 * 64 * 2
+    dense = costs.dense_shape(SMOL)
+    # no k/v projections; the attention core is the target kind's (the window of layer 9)
+    d, h = 576, 64
+    assert costs.layer_params(SMOL, shapes[13]) == costs.layer_params(SMOL, dense) - 2 * d * 3 * h
+    assert costs.layer_macs(SMOL, shapes[9], 7168, "decode") - costs.layer_params(
+        SMOL, shapes[9]) == 9 * h * 2 * 1024
+    s = costs.summary(SMOL, shapes, context=7168)
+    assert s["kv_shared_layers"] == 11
+    own = [i for i in range(30) if i not in spec.kv_sharing]  # 19 layers, one windowed
+    assert s["kv_bytes_per_sequence"] == per_token * (18 * 7168 + 1024)
+    assert s["kv_saving"] == pytest.approx(1 - (18 + 1024 / 7168) / 30, abs=1e-6)
+    assert len(own) == 19
+    # as vLLM allocates it: only the 19 layers with their own cache are grouped (18 full and
+    # 1 windowed: groups of 1, no padding), 56 blocks per full layer, 9 for the window
+    assert s["kv_saving_served"] == pytest.approx(1 - (18 * 56 + 9) / (30 * 56), abs=1e-6)
+    served = costs.served_kv_bytes_per_sequence(SMOL, shapes, 7168, 128)
+    assert served == per_token * 128 * (18 * 56 + 9)
+    # without windows: sharing alone also reports the served saving
+    plain = costs.summary(SMOL, costs.model_shapes(SMOL, PruningSpec(layers={},
+                                                                     kv_sharing={5: 4})))
+    assert plain["kv_saving"] == pytest.approx(1 / 30, abs=1e-6) and plain["kv_shared_layers"] == 1
+    assert plain["kv_saving_served"] == pytest.approx(1 / 30, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------- the fit
+
+
+def test_fit_refits_q_and_o_to_the_targets_keys(tiny_llama):
+    """The closed-form refit lowers the logit and attention-output errors of a sharing layer,
+    its errors match what the reference model computes with the fitted weights in place, and
+    fitting a layer to its own keys gives back its own q_proj."""
+    import torch
+
+    from harp_vllm.pruning.methods.share_fit import apply_fit, fit_shared
+    from harp_vllm.pruning.reference import decoder_layers, load_model, shared
+
+    model = load_model(tiny_llama)
+    ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    own = fit_shared(model, 3, 3, ids)
+    assert own.logit_error["shared"] < 1e-12 and own.logit_error["fitted"] < 1e-6
+    attn = decoder_layers(model)[3].self_attn
+    assert torch.allclose(own.q_weight, attn.q_proj.weight, atol=1e-4)
+    fit = fit_shared(model, 3, 1, ids)
+    assert fit.logit_error["fitted"] < fit.logit_error["shared"]
+    assert fit.output_error["q+o"] < fit.output_error["q"]
+    assert fit.output_error["q+o"] < fit.output_error["shared"]
+    # the same errors from the reference model's own sharing attention
+    got: dict = {}
+    with torch.no_grad():
+        hook = attn.register_forward_hook(lambda m, a, out: got.__setitem__("dense", out[0]))
+        model(input_ids=ids)
+        hook.remove()
+        for name, weights in (("shared", None), ("q+o", fit)):
+            saved = attn.q_proj.weight.clone(), attn.o_proj.weight.clone()
+            if weights is not None:
+                apply_fit(model, 3, weights)
+            with shared(model, {3: 1}):
+                # the layers before 3 are dense, so layer 3's input is the dense model's
+                h = decoder_layers(model)[3].self_attn.register_forward_hook(
+                    lambda m, a, out, name=name: got.__setitem__(name, out[0]))
+                model(input_ids=ids)
+                h.remove()
+            attn.q_proj.weight.copy_(saved[0])
+            attn.o_proj.weight.copy_(saved[1])
+    for name in ("shared", "q+o"):
+        err = float((got[name] - got["dense"]).norm() / got["dense"].norm())
+        assert err == pytest.approx(fit.output_error[name], rel=1e-3)
+
+
+def test_serving_metrics_count_a_sharing_layer_as_holding_no_kv():
+    from harp_vllm.serving.metrics import kv_layout
+
+    cfg = {"architectures": ["HarpLlamaForCausalLM"],
+           "harp_pruning": {"version": 4, "method": "share", "layers": {"0": 0.0},
+                            "kv_sharing": {"3": 1, "5": 1}}}
+    layout = kv_layout("m", cfg, total_layers=6, num_kv_heads=2, head_size=32, dtype_bytes=2)
+    assert layout.bytes_per_token == 3 * 2 * 2 * 32 * 2  # layers 1, 2, 4 hold KV
+    assert layout.dense_bytes_per_token == 6 * 2 * 2 * 32 * 2
+
+
+def test_pipeline_stages_must_keep_a_sharing_layer_with_its_target(monkeypatch):
+    from harp_vllm.vllm_plugin.checkpoint_spec import (
+        HarpCheckpointError,
+        check_pipeline_parallel,
+    )
+
+    monkeypatch.delenv("VLLM_PP_LAYER_PARTITION", raising=False)
+    cfg = SimpleNamespace(num_hidden_layers=6)
+    spec = PruningSpec(layers={}, kv_sharing={1: 0, 5: 3})
+    check_pipeline_parallel(cfg, spec, 1)
+    check_pipeline_parallel(cfg, spec, 2)  # stages 0..2 and 3..5
+    with pytest.raises(HarpCheckpointError, match=r"puts layer 5 \(stage 2\) and the layer "
+                       r"whose KV cache it shares, 3 \(stage 1\), on different stages \(layers "
+                       r"per stage: 0\.\.1, 2\.\.3, 4\.\.5\)"):
+        check_pipeline_parallel(cfg, spec, 3)
+
+
+# ---------------------------------------------------------------------------- plan --layout
+
+
+def test_share_choices_parse_and_are_checked():
+    from harp_vllm.pruning.planner.choices import Choice, parse_layout
+    from harp_vllm.pruning.planner.layouts import layout_text
+
+    cfg = SimpleNamespace(**{**vars(SMOL)})
+    layout = parse_layout("3:share1,5:share1,2:win256", cfg)
+    assert layout[3] == Choice("share", target=1) and layout[5].name == "share1"
+    assert layout[3].shape(cfg).shares == 1 and layout[3].shape(cfg).kv_heads == 3
+    assert parse_layout(layout_text(layout), cfg) == layout
+    for text, message in [("1:share3", "shares the KV cache of an earlier layer (0..0)"),
+                          ("1:remove,3:share1", "layer 1 is remove; a sharing target keeps"),
+                          ("2:share1,3:share2", "layer 2 is share1"),
+                          ("1:win256,3:share1", "layer 1 is win256")]:
+        with pytest.raises(UserError, match=_escape(message)):
+            parse_layout(text, cfg)
+
+
+def test_plan_layout_with_sharing_refits_and_writes_a_checkpoint(tiny_llama, tmp_path,
+                                                                  monkeypatch):
+    """``plan --layout 3:share1,2:linearfull``: the checkpoint's section shares, plan.json
+    reports the refit's errors and the KV saving, and the reloaded checkpoint computes what
+    the planner measured (the refitted q/o over layer 1's keys and values)."""
+    import json
+
+    import torch
+    from test_plan import _calib, _logits_equal_reference, runner
+
+    from harp_vllm.cli import app
+
+    monkeypatch.setenv("HARP_VLLM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "plan"
+    layout = "2:linearfull,3:share1"
+    res = runner.invoke(app, [
+        "plan", str(tiny_llama), "--calib-file", str(_calib(tmp_path)), "--calib-samples",
+        "16", "--calib-seq-len", "32", "--positions", "16", "--ranks", "16,full",
+        "--eval-windows", "0", "--layout", layout, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    section = json.loads((out / "config.json").read_text())["harp_pruning"]
+    assert section["version"] == 4 and section["kv_sharing"] == {"3": 1}
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["costs"]["kv_shared_layers"] == 1
+    assert plan["costs"]["kv_saving"] == pytest.approx(0.5)  # layers 2 and 3 of 4
+    fit = plan["share_fit"]["3"]
+    assert fit["logit_error"]["fitted"] < fit["logit_error"]["shared"]
+    assert fit["output_error"]["q+o"] < fit["output_error"]["shared"]
+    assert torch.isfinite(torch.tensor(plan["measured_kl"]))
+    _logits_equal_reference(out, tiny_llama, layout)
