@@ -16,6 +16,11 @@ turn in this one process, with the in-process engine (``VLLM_ENABLE_V1_MULTIPROC
 and writes per model whether vLLM accepted it and the error if not: one vLLM import and
 plugin registration for many checkpoints that must be refused at load time.
 
+``--models FILE`` (a JSON list of model directories) does a whole ``--model`` run on each in
+turn in this one process (single rank, in process), with the same prompts and flags, and
+writes ``{"ok": true, "runs": [result of each, in order]}``: one vLLM import for many small
+engines.
+
 ``--tensor-parallel-size`` / ``--pipeline-parallel-size`` run vLLM's multi-process executor
 (``mp``; on CPU set ``VLLM_CPU_OMP_THREADS_BIND``, e.g. "0|1", one core list per rank), and
 ``--rank-info`` adds what every worker holds: its TP/PP rank, the decoder layers it builds
@@ -26,6 +31,7 @@ that rank, bytes per block), plus its number of KV-cache blocks.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import traceback
@@ -138,6 +144,25 @@ def run(args: argparse.Namespace) -> dict:
     return out
 
 
+def run_models(args: argparse.Namespace) -> dict:
+    """``run`` on each model of ``args.models`` in turn; a model that fails is recorded as
+    ``{"ok": false, "error": ...}`` and the next one still runs."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    runs = []
+    for model in json.loads(Path(args.models).read_text()):
+        print(f"=== probe: {model}", file=sys.stderr, flush=True)
+        try:
+            runs.append({"model": model, **run(argparse.Namespace(**{**vars(args),
+                                                                      "model": model}))})
+        except Exception as e:
+            traceback.print_exc()
+            runs.append({"model": model, "ok": False, "error": f"{type(e).__name__}: {e}"})
+        gc.collect()
+        cleanup_dist_env_and_memory()  # the next engine starts from a clean distributed state
+    return {"ok": True, "runs": runs}
+
+
 def try_models(args: argparse.Namespace) -> dict:
     """Start an engine on each model of ``args.try_models`` in turn; record accepted/refused."""
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
@@ -174,9 +199,55 @@ def launch(flags: list[str], workdir: Path, env: dict[str, str], timeout: float
     return result, log
 
 
+KV_SPACE_GIB = 1  # VLLM_CPU_KVCACHE_SPACE of every engine run_engine starts
+
+
+def run_engine(model: Path | list[Path], workdir: Path, prompts: list, *, tp: int = 1,
+               pp: int = 1, max_model_len: int = 512, timeout: float = 1200,
+               extra: tuple[str, ...] = (), in_process: bool | None = None
+               ) -> tuple[dict, str]:
+    """One engine run of this probe with per-rank information (``--rank-info``): 32 greedy
+    tokens and the prompt logprobs of each of ``prompts``. A list of models: a ``--models``
+    run, one engine after the other in one process (single rank, in process).
+
+    A single-rank engine runs in process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: it starts
+    fast) unless ``in_process`` is False; a parallel one runs vLLM's default multi-process
+    engine with one worker per rank. ``extra``: more probe flags.
+    """
+    import os
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "prompts.json").write_text(json.dumps(prompts))
+    if isinstance(model, list):
+        assert tp * pp == 1 and in_process is not False, "--models runs single-rank, in process"
+        (workdir / "models.json").write_text(json.dumps([str(m) for m in model]))
+        which = ["--models", str(workdir / "models.json")]
+    else:
+        which = ["--model", str(model)]
+    flags = [*which, "--prompts", str(workdir / "prompts.json"),
+             "--max-tokens", "32", "--max-model-len", str(max_model_len), "--prompt-logprobs",
+             "--rank-info", "--tensor-parallel-size", str(tp), "--pipeline-parallel-size",
+             str(pp), *extra]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_PLUGINS",
+                        "VLLM_CPU_OMP_THREADS_BIND", "VLLM_PP_LAYER_PARTITION")}
+    env.update(VLLM_CPU_KVCACHE_SPACE=str(KV_SPACE_GIB), TOKENIZERS_PARALLELISM="false")
+    if tp * pp > 1:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % 2) for i in range(tp * pp))
+    if in_process is None:
+        in_process = tp * pp == 1
+    if in_process:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    else:
+        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # --rank-info sends a function
+    return launch(flags, workdir, env, timeout)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model")
+    ap.add_argument("--models", help="JSON file: list of model directories, each run in "
+                                      "turn in this process like --model")
     ap.add_argument("--try-models", help="JSON file: list of model directories to start in "
                                          "turn, each recorded as accepted or refused")
     ap.add_argument("--prompts", help="JSON file: list of strings or token-id lists")
@@ -199,10 +270,11 @@ def main(argv: list[str] | None = None) -> int:
                          "multiprocessing)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    if not args.model and not args.try_models:
-        ap.error("--model or --try-models is required")
+    if sum(map(bool, (args.model, args.models, args.try_models))) != 1:
+        ap.error("one of --model, --models or --try-models is required")
     try:
-        result = try_models(args) if args.try_models else run(args)
+        result = (try_models(args) if args.try_models else run_models(args) if args.models
+                  else run(args))
         code = 0
     except Exception as e:  # reported to the caller, which checks the message
         traceback.print_exc()

@@ -13,27 +13,29 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_parallel import assert_same_as_single_rank, probe
-from test_vllm_plugin import PROMPTS
+from probe import run_engine
+from test_parallel import assert_same_as_single_rank
 
 BUDGET = 512  # --max-num-batched-tokens
 
 
-@pytest.fixture(scope="module")
-def smol_defaults(smollm2_harp8, tmp_path_factory):
-    from harp_vllm import models
-    from harp_vllm.evaluation import data
+# The prompts compared: PROMPTS[:4] and the long one (the last of ``smol_harp8_prompts``).
+PICK = [0, 1, 2, 3, -1]
 
-    pruned = smollm2_harp8
-    tok = models.load_tokenizer(pruned)
-    text = data.load_text("wikitext2", "validation")[:20_000]
-    long_prompt = tok(text)["input_ids"][:1500]
-    prompts = [tok(p)["input_ids"] for p in PROMPTS[:4]] + [long_prompt]
+
+@pytest.fixture(scope="module")
+def smol_defaults(smollm2_harp8, smol_harp8_prompts, smol_harp8_run, tmp_path_factory):
+    """(prompts, the eager run, the run on vLLM's defaults): the eager one is conftest's
+    ``smol_harp8_run`` (shared with test_vllm_plugin and test_parallel) cut to ``PICK``."""
+    prompts = [smol_harp8_prompts[i] for i in PICK]
+    result, log = smol_harp8_run
+    eager = ({**result, "results": [result["results"][i] for i in PICK]} if result["ok"]
+             else result), log
     work: Path = tmp_path_factory.mktemp("defaults-runs")
-    eager = probe(pruned, work / "eager", prompts, max_model_len=2048)
-    default = probe(pruned, work / "default", prompts, max_model_len=2048, in_process=False,
-                    extra=("--vllm-defaults", "--max-num-batched-tokens", str(BUDGET),
-                           "--second-pass"), timeout=1500)
+    default = run_engine(smollm2_harp8, work / "default", prompts, max_model_len=2048,
+                         in_process=False, timeout=1500,
+                         extra=("--vllm-defaults", "--max-num-batched-tokens", str(BUDGET),
+                                "--second-pass"))
     return prompts, eager, default
 
 
