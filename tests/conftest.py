@@ -33,6 +33,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.real_model)
 
 
+class KillsSharedServerLast:
+    """Tests marked ``kills_shared_server`` run last (in their collected order): a test that
+    kills a server of the shared pool (test_serve's ``vllm_pair``) would otherwise make the
+    next test that needs it wait for a new engine start (a minute)."""
+
+    @pytest.hookimpl(trylast=True)  # after pytest's own reordering
+    def pytest_collection_modifyitems(self, items):
+        last = [item for item in items if item.get_closest_marker("kills_shared_server")]
+        if last:
+            items[:] = [item for item in items if item not in last] + last
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(KillsSharedServerLast(), "harp-kills-shared-server-last")
+
+
 def tiny_tokenizer():
     """A byte-level BPE tokenizer trained in well under a second on a small corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
