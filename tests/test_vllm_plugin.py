@@ -25,12 +25,12 @@ from conftest import (
     make_tiny,
     save,
 )
+from probe import launch
 
 from harp_vllm.pruning.reference import load_model
 from harp_vllm.vllm_plugin.fold import fold_o, fold_v, rank_heads
 
 REPO = Path(__file__).resolve().parents[1]
-PROBE = Path(__file__).with_name("probe.py")  # runs vLLM's LLM as a __main__ module
 KV_SPACE_GIB = "1"
 
 
@@ -41,18 +41,17 @@ def run_probe(model: Path, workdir: Path, prompts: list | None = None, *,
               multiprocessing: bool = False, prompt_logprobs: bool = True,
               max_tokens: int = 32, max_model_len: int = 2048, env: dict | None = None,
               timeout: float = 900, try_models: bool = False) -> tuple[dict, str]:
-    """Start vLLM on ``model`` in a subprocess; (result JSON, the run's stdout + stderr).
+    """Start vLLM on ``model`` (``probe.launch``: in-process engines in the session's probe
+    worker); (result JSON, the run's stdout + stderr).
     With ``try_models``, ``model`` is a JSON list of checkpoints started in turn (in process)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    out = workdir / "result.json"
-    cmd = [sys.executable, str(PROBE), "--try-models" if try_models else "--model", str(model),
-           "--out", str(out), "--max-tokens", str(max_tokens),
-           "--max-model-len", str(max_model_len)]
+    flags = ["--try-models" if try_models else "--model", str(model),
+             "--max-tokens", str(max_tokens), "--max-model-len", str(max_model_len)]
     if prompts:
         (workdir / "prompts.json").write_text(json.dumps(prompts))
-        cmd += ["--prompts", str(workdir / "prompts.json")]
+        flags += ["--prompts", str(workdir / "prompts.json")]
     if prompt_logprobs:
-        cmd.append("--prompt-logprobs")
+        flags.append("--prompt-logprobs")
     full_env = {k: v for k, v in os.environ.items()
                 if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_PLUGINS")}
     full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", KV_SPACE_GIB)
@@ -60,13 +59,7 @@ def run_probe(model: Path, workdir: Path, prompts: list | None = None, *,
     if not multiprocessing:
         full_env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     full_env.update(env or {})
-    proc = subprocess.run(cmd, cwd=workdir, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
-    log = proc.stdout + "\n" + proc.stderr
-    (workdir / "log.txt").write_text(log)
-    result = json.loads(out.read_text()) if out.is_file() else {
-        "ok": False, "error": f"probe exited {proc.returncode} without a result"}
-    return result, log
+    return launch(flags, workdir, full_env, timeout)
 
 
 def reference(model_dir: Path, prompts: list[list[int]], max_tokens: int = 32) -> list[dict]:
