@@ -19,24 +19,28 @@ from test_parallel import assert_same_as_single_rank
 BUDGET = 512  # --max-num-batched-tokens
 
 
-# The prompts compared: PROMPTS[:4] and the long one (the last of ``smol_harp8_prompts``).
+# The prompts whose logprobs are compared: PROMPTS[:4] and the long one (the last of
+# ``smol_harp8_prompts``); both engines run all of them (the same batches).
 PICK = [0, 1, 2, 3, -1]
+
+
+def pick(run: tuple[dict, str]) -> tuple[dict, str]:
+    result, log = run
+    return ({**result, "results": [result["results"][i] for i in PICK]} if result["ok"]
+            else result), log
 
 
 @pytest.fixture(scope="module")
 def smol_defaults(smollm2_harp8, smol_harp8_prompts, smol_harp8_run, tmp_path_factory):
-    """(prompts, the eager run, the run on vLLM's defaults): the eager one is conftest's
-    ``smol_harp8_run`` (shared with test_vllm_plugin and test_parallel) cut to ``PICK``."""
-    prompts = [smol_harp8_prompts[i] for i in PICK]
-    result, log = smol_harp8_run
-    eager = ({**result, "results": [result["results"][i] for i in PICK]} if result["ok"]
-             else result), log
+    """(prompts, the eager run, the run on vLLM's defaults), both on ``smol_harp8_prompts``:
+    the eager one is conftest's ``smol_harp8_run`` (shared with test_vllm_plugin and
+    test_parallel)."""
     work: Path = tmp_path_factory.mktemp("defaults-runs")
-    default = run_engine(smollm2_harp8, work / "default", prompts, max_model_len=2048,
-                         in_process=False, timeout=1500,
+    default = run_engine(smollm2_harp8, work / "default", smol_harp8_prompts,
+                         max_model_len=2048, in_process=False, timeout=1500,
                          extra=("--vllm-defaults", "--max-num-batched-tokens", str(BUDGET),
                                 "--second-pass"))
-    return prompts, eager, default
+    return smol_harp8_prompts, smol_harp8_run, default
 
 
 @pytest.mark.vllm
@@ -45,7 +49,9 @@ def smol_defaults(smollm2_harp8, smol_harp8_prompts, smol_harp8_run, tmp_path_fa
 def test_default_compilation_with_chunked_prefill_matches_eager(smol_defaults):
     prompts, eager, default = smol_defaults
     assert max(len(p) for p in prompts) > 2 * BUDGET  # the long prompt takes 3+ steps
-    worst = assert_same_as_single_rank(default, eager, len(prompts))
+    worst = assert_same_as_single_rank(pick(default), pick(eager), len(PICK))
+    assert [r["token_ids"] for r in default[0]["results"]] == [  # and every prompt's tokens
+        r["token_ids"] for r in eager[0]["results"]]
     print(f"default compilation vs eager: max |d prompt logprob| = {worst:.2e}")
     settings = default[0]
     assert settings["enforce_eager"] is False and settings["compilation_mode"] != "NONE"
