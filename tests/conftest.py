@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny random-weight models (fast) and the real SmolLM2 (prepared once)."""
+"""Shared fixtures: tiny random-weight models (fast), the real SmolLM2 (prepared once), and
+the engine runs that several test files compare against (each started once per session)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,22 @@ def pytest_collection_modifyitems(config, items):
         if names & {"smollm2_dir", "gemma3_dir"} and \
                 item.get_closest_marker("real_model") is None:
             item.add_marker(pytest.mark.real_model)
+
+
+class KillsSharedServerLast:
+    """Tests marked ``kills_shared_server`` run last (in their collected order): a test that
+    kills a server of the shared pool (test_serve's ``vllm_pair``) would otherwise make the
+    next test that needs it wait for a new engine start (a minute)."""
+
+    @pytest.hookimpl(trylast=True)  # after pytest's own reordering
+    def pytest_collection_modifyitems(self, items):
+        last = [item for item in items if item.get_closest_marker("kills_shared_server")]
+        if last:
+            items[:] = [item for item in items if item not in last] + last
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(KillsSharedServerLast(), "harp-kills-shared-server-last")
 
 
 def tiny_tokenizer():
@@ -162,3 +180,194 @@ class HarpServer(ServerProcess):
                else build_command(args))
         full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k not in drop_env}
         super().__init__(cmd, f"http://{host}:{port}", serving_env(full_env), log_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine checkpoints and runs shared by test_vllm_plugin, test_parallel and test_vllm_defaults
+# ---------------------------------------------------------------------------------------------
+TINY_ALPHAS = {0: 0.7, 2: 0.0, 4: 0.4, 5: 1.0}  # any depth, incl. the first and last layer
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea, there lived",
+    "<|im_start|>user\nWhat is the boiling point of water?<|im_end|>\n<|im_start|>assistant\n",
+    "1, 1, 2, 3, 5, 8, 13,",
+    "Robert Boulter is an English film, television and theatre actor. He had a guest starring "
+    "role on the television series The Bill in 2000. This was followed by a starring role in "
+    "the play Herons written by Simon Stephens, which was performed in 2001 at the Royal Court "
+    "Theatre. He had a guest role in the television series Judge John Deed in 2002. In 2004 "
+    "Boulter landed a role as Craig in the episode Teddy's Story of the television series The "
+    "Long Firm; he starred alongside actors Mark Strong and Derek Jacobi.",
+]
+# Token-id prompts for the tiny checkpoints (vocabulary 320): short, 100 tokens, repeats.
+TINY_PROMPTS = [
+    [5, 6, 7, 8, 9, 10, 11, 12],
+    list(range(20, 120)),
+    [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4],
+    list(range(300, 200, -3)),
+    [40] * 30,
+]
+TINY_MAP_GROUPS = [([0], None, "raw"), ([2], 32, "normed"), ([4], 16, "raw"),
+                   ([5], None, "normed")]
+
+
+def make_tiny(family: str, out: Path, layers: int = 6) -> Path:
+    """A tiny random model vLLM's CPU attention accepts (head_dim 32; conftest's is 16)."""
+    import transformers
+
+    cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
+           "gemma2": "Gemma2Config", "gemma3": "Gemma3TextConfig"}[family]
+    gemma = family.startswith("gemma")
+    extra = {"query_pre_attn_scalar": 32} if gemma else {}
+    tok = tiny_tokenizer()
+    cfg = getattr(transformers, cls)(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+        tie_word_embeddings=gemma,  # vLLM's Gemma2 always ties lm_head to the embeddings
+        **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08 if gemma else 0.15)
+            elif "bias" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def save(src: Path, out: Path, layers: dict[int, float]) -> Path:
+    from harp_vllm.pruning.jobs.checkpoint import save_pruned
+    from harp_vllm.spec import PruningSpec
+
+    return save_pruned(load_model(src), PruningSpec(layers=layers, source_model=str(src)),
+                       src, out)
+
+
+def head_pruned(src: Path, out: Path, method: str, ratio: float, mlp_ratio: float,
+                allocation: str, samples: int = 8, seq_len: int = 64) -> Path:
+    """``src`` cut by AMP / FLAP / Wanda-sp on WikiText-2 validation text, saved to ``out``."""
+    from harp_vllm import models
+    from harp_vllm.evaluation import data
+    from harp_vllm.pruning.calibration.windows import calibration_windows
+    from harp_vllm.pruning.jobs.checkpoint import save_pruned
+    from harp_vllm.pruning.methods.structured import prune_structured, shapes_of
+    from harp_vllm.spec import PruningSpec
+
+    model = load_model(src)
+    text = data.load_text("wikitext2", "validation")[:200_000]
+    windows = calibration_windows(models.load_tokenizer(src), text, samples, seq_len)
+    res = prune_structured(model, windows, method, ratio, mlp_ratio, allocation,
+                           progress=False)
+    spec = PruningSpec(layers={}, method=method, source_model=str(src),
+                       shapes=shapes_of(model.config, res))
+    return save_pruned(model, spec, src, out)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """The tiny Llama of ``make_tiny`` (4 query / 2 KV heads, head_dim 32, 6 layers) and what
+    the engine tests cut from it, each saved once per session: ``dense``; ``harp``
+    (``TINY_ALPHAS``); ``flap`` (FLAP, heads only) and ``flap_mlp`` (heads and MLP), both
+    leaving layers of 1 and 2 KV heads; ``linear`` (maps of both ranks and inputs,
+    ``TINY_MAP_GROUPS``; layer 0 raw: the first layer has no residual yet) beside HARP layers
+    (alpha 0.5 and 0)."""
+    base = tmp_path_factory.mktemp("tiny-hd32")
+    dense = make_tiny("llama", base / "dense")
+    windows = torch.randint(0, 300, (8, 64), generator=torch.Generator().manual_seed(0))
+    return {"dense": dense, "harp": save(dense, base / "harp", TINY_ALPHAS),
+            "flap": head_pruned(dense, base / "flap", "flap", 0.25, 0.0, "global"),
+            "flap_mlp": head_pruned(dense, base / "flap-mlp", "flap", 0.25, 0.25, "global"),
+            "linear": save_linear(dense, base / "linear", TINY_MAP_GROUPS, windows,
+                                  alphas={1: 0.5, 3: 0.0})}
+
+
+class Engines:
+    """Engine runs of ``probe.run_engine``, each distinct run started once per session and
+    shared by every test (of any file) that asks for the same one."""
+
+    def __init__(self, tmp_path_factory):
+        self.tmp = tmp_path_factory
+        self.cache: dict[tuple, tuple[dict, str]] = {}
+
+    @staticmethod
+    def key(model: Path, prompts: list, tp: int = 1, pp: int = 1, max_model_len: int = 512,
+            in_process: bool | None = None) -> tuple:
+        return (str(model), json.dumps(prompts), tp, pp, max_model_len, in_process)
+
+    def __call__(self, model: Path, prompts: list, tp: int = 1, pp: int = 1,
+                 max_model_len: int = 512, in_process: bool | None = None
+                 ) -> tuple[dict, str]:
+        """(result JSON, log) of ``model`` on ``prompts`` (32 greedy tokens each, prompt
+        logprobs, per-rank information)."""
+        from probe import run_engine
+
+        key = self.key(model, prompts, tp, pp, max_model_len, in_process)
+        if key not in self.cache:
+            work = self.tmp.mktemp(f"{Path(model).name}-tp{tp}-pp{pp}")
+            self.cache[key] = run_engine(model, work, prompts, tp=tp, pp=pp,
+                                         max_model_len=max_model_len, in_process=in_process)
+        return self.cache[key]
+
+    def batch(self, models: list[Path], prompts: list, max_model_len: int = 512) -> None:
+        """Run the single-rank, in-process engines of ``models`` not run yet one after the
+        other in ONE probe process (one vLLM import for all); later calls get each one's own
+        result (and the batch's log)."""
+        from probe import run_engine
+
+        todo = [m for m in models if self.key(m, prompts, max_model_len=max_model_len)
+                not in self.cache]
+        if not todo:
+            return
+        result, log = run_engine(todo, self.tmp.mktemp("batch-tp1-pp1"), prompts,
+                                 max_model_len=max_model_len, in_process=True)
+        runs = {r["model"]: r for r in result.get("runs", [])}
+        for m in todo:  # a batch that died leaves its error (and log) to every model of it
+            self.cache[self.key(m, prompts, max_model_len=max_model_len)] = (
+                runs.get(str(m), {"ok": False, "error": result.get("error", "no result")}), log)
+
+
+@pytest.fixture(scope="session")
+def engines(tmp_path_factory) -> Engines:
+    """``engines(model, prompts, tp=1, pp=1, max_model_len=512, in_process=None)``: the
+    (result JSON, log) of ``probe.run_engine``, each distinct run started once per session."""
+    return Engines(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(engines, tiny_checkpoints) -> Engines:
+    """``engines`` with the single-rank runs of every ``tiny_checkpoints`` model on
+    ``TINY_PROMPTS`` done, all in one probe process."""
+    engines.batch(list(tiny_checkpoints.values()), TINY_PROMPTS)
+    return engines
+
+
+@pytest.fixture(scope="session")
+def smol_prompts(smollm2_dir) -> list[list[int]]:
+    """``PROMPTS`` in SmolLM2's tokens."""
+    from harp_vllm import models
+
+    tok = models.load_tokenizer(smollm2_dir)
+    return [tok(p)["input_ids"] for p in PROMPTS]
+
+
+@pytest.fixture(scope="session")
+def smol_harp8_prompts(smollm2_dir, smol_prompts) -> list[list[int]]:
+    """``smol_prompts`` and, last, 1,500 tokens of WikiText-2 validation text (longer than
+    test_vllm_defaults' per-step token budget, so chunked prefill splits it)."""
+    from harp_vllm import models
+    from harp_vllm.evaluation import data
+
+    text = data.load_text("wikitext2", "validation")[:20_000]
+    return [*smol_prompts, models.load_tokenizer(smollm2_dir)(text)["input_ids"][:1500]]
+
+
+@pytest.fixture(scope="session")
+def smol_harp8_run(engines, smollm2_harp8, smol_harp8_prompts) -> tuple[dict, str]:
+    """SmolLM2 HARP P=8 on one rank, eager, in vLLM's default multi-process engine (plugin
+    through its entry point), on ``smol_harp8_prompts``: the run test_vllm_plugin checks
+    against the reference and test_parallel / test_vllm_defaults compare their engines with."""
+    return engines(smollm2_harp8, smol_harp8_prompts, max_model_len=2048, in_process=False)

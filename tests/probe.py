@@ -16,6 +16,18 @@ turn in this one process, with the in-process engine (``VLLM_ENABLE_V1_MULTIPROC
 and writes per model whether vLLM accepted it and the error if not: one vLLM import and
 plugin registration for many checkpoints that must be refused at load time.
 
+``--models FILE`` (a JSON list of model directories) does a whole ``--model`` run on each in
+turn in this one process (single rank, in process), with the same prompts and flags, and
+writes ``{"ok": true, "runs": [result of each, in order]}``: one vLLM import for many small
+engines.
+
+``launch`` (the tests' way to start vLLM) sends every in-process run
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) to a long-lived probe process (``--serve``: one job per
+line on its standard input) started once per environment and test session, so those runs pay
+for the vLLM import once; its memory is bounded (it exits after a job that leaves it above
+``WORKER_MAX_RSS``, and the next job starts a new one). ``HARP_PROBE_WORKER=0``: a process
+per run.
+
 ``--tensor-parallel-size`` / ``--pipeline-parallel-size`` run vLLM's multi-process executor
 (``mp``; on CPU set ``VLLM_CPU_OMP_THREADS_BIND``, e.g. "0|1", one core list per rank), and
 ``--rank-info`` adds what every worker holds: its TP/PP rank, the decoder layers it builds
@@ -26,8 +38,12 @@ that rank, bytes per block), plus its number of KV-cache blocks.
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import json
+import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -138,6 +154,25 @@ def run(args: argparse.Namespace) -> dict:
     return out
 
 
+def run_models(args: argparse.Namespace) -> dict:
+    """``run`` on each model of ``args.models`` in turn; a model that fails is recorded as
+    ``{"ok": false, "error": ...}`` and the next one still runs."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    runs = []
+    for model in json.loads(Path(args.models).read_text()):
+        print(f"=== probe: {model}", file=sys.stderr, flush=True)
+        try:
+            runs.append({"model": model, **run(argparse.Namespace(**{**vars(args),
+                                                                      "model": model}))})
+        except Exception as e:
+            traceback.print_exc()
+            runs.append({"model": model, "ok": False, "error": f"{type(e).__name__}: {e}"})
+        gc.collect()
+        cleanup_dist_env_and_memory()  # the next engine starts from a clean distributed state
+    return {"ok": True, "runs": runs}
+
+
 def try_models(args: argparse.Namespace) -> dict:
     """Start an engine on each model of ``args.try_models`` in turn; record accepted/refused."""
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
@@ -156,27 +191,208 @@ def try_models(args: argparse.Namespace) -> dict:
     return {"ok": True, "runs": runs}
 
 
+WORKER_MAX_RSS = 6 << 30  # bytes: a worker above this after a job exits (a fresh one follows)
+
+
+def serve() -> int:
+    """``--serve``: run the jobs of standard input one after another in this process. A job is
+    a JSON line ``{"argv": probe flags, "cwd": dir, "log": file, "done": file}``: its stdout
+    and stderr go to ``log``; ``done`` gets ``{"code": exit status}`` when it is over."""
+    import psutil
+
+    for line in sys.stdin:
+        job = json.loads(line)
+        code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        with open(job["log"], "w") as log:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            try:
+                os.chdir(job["cwd"])
+                code = main(job["argv"])
+            except BaseException:  # argparse's SystemExit too: reported, the worker goes on
+                traceback.print_exc()
+            finally:
+                gc.collect()
+                with _suppress():
+                    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+                    cleanup_dist_env_and_memory()
+                rss = psutil.Process().memory_info().rss
+                print(f"probe worker: job done (exit {code}), RSS {rss >> 20} MiB",
+                      file=sys.stderr)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+        done = Path(job["done"])
+        done.with_suffix(".tmp").write_text(json.dumps({"code": code}))
+        done.with_suffix(".tmp").replace(done)
+        if rss > WORKER_MAX_RSS:
+            return 0  # memory that a finished engine left behind: a new worker takes over
+    return 0
+
+
+def _suppress():
+    import contextlib
+
+    return contextlib.suppress(Exception)
+
+
+class Worker:
+    """A ``--serve`` probe process with a fixed environment (parent side)."""
+
+    def __init__(self, env: dict[str, str]):
+        import subprocess
+        import tempfile
+
+        self.home = Path(tempfile.mkdtemp(prefix="harp-probe-worker-"))
+        self.log = open(self.home / "worker.log", "w")  # noqa: SIM115 (open while it runs)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--serve"], cwd=self.home,
+            env=env, stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT,
+            text=True)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def run(self, argv: list[str], workdir: Path, timeout: float) -> int | None:
+        """The job's exit status; None if the worker died first. Past ``timeout`` the worker
+        is stopped and ``subprocess.TimeoutExpired`` raised (as ``subprocess.run`` does)."""
+        import subprocess
+
+        done = workdir / "done.json"
+        done.unlink(missing_ok=True)
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"argv": argv, "cwd": str(workdir),
+                                          "log": str(workdir / "log.txt"),
+                                          "done": str(done)}) + "\n")
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout
+        while not done.exists():
+            if not self.alive():
+                return None if not done.exists() else json.loads(done.read_text())["code"]
+            if time.monotonic() > deadline:
+                self.stop()
+                raise subprocess.TimeoutExpired(self.proc.args, timeout)
+            time.sleep(0.05)
+        return json.loads(done.read_text())["code"]
+
+    def stop(self) -> None:
+        """End of input: an idle worker exits; one that does not within a second (a job
+        running, or vLLM's exit handlers) is killed (in-process engines: no children)."""
+        import subprocess
+
+        if self.alive():
+            assert self.proc.stdin is not None
+            with _suppress():
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(1)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+_WORKERS: dict[tuple, Worker] = {}
+# Variables the test process changes on its own (pytest per test; OpenCV's import, through
+# transformers, extends the library path): not a reason for another worker.
+_NOT_KEYS = {"PYTEST_CURRENT_TEST", "LD_LIBRARY_PATH"}
+
+
+@atexit.register
+def _stop_workers() -> None:
+    for w in _WORKERS.values():
+        w.stop()
+    _WORKERS.clear()
+
+
 def launch(flags: list[str], workdir: Path, env: dict[str, str], timeout: float
            ) -> tuple[dict, str]:
-    """Run this probe in a subprocess (the tests' way to start vLLM) with ``flags`` and
+    """Run this probe (the tests' way to start vLLM) with ``flags`` and
     ``--out workdir/result.json``, in ``workdir`` with exactly ``env``; returns (the result
-    JSON, the run's stdout + stderr, also kept in ``workdir/log.txt``)."""
+    JSON, the run's stdout + stderr, also kept in ``workdir/log.txt``). An in-process engine
+    runs in this environment's probe worker (``Worker``), anything else in a new process."""
     import subprocess
 
     out = workdir / "result.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), *flags, "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    log = proc.stdout + "\n" + proc.stderr
-    (workdir / "log.txt").write_text(log)
+    argv = [*flags, "--out", str(out)]
+    if env.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and \
+            os.environ.get("HARP_PROBE_WORKER", "1") != "0":
+        key = tuple(sorted((k, v) for k, v in env.items() if k not in _NOT_KEYS))
+        if key not in _WORKERS or not _WORKERS[key].alive():
+            _WORKERS[key] = Worker(env)
+        worker = _WORKERS[key]
+        code = worker.run(argv, workdir, timeout)
+        log = (workdir / "log.txt").read_text(errors="replace")
+        if code is None:  # the worker died during the job: its exit status and last words
+            log += (f"\nprobe worker exited {worker.proc.returncode}; its log:\n"
+                    + (worker.home / "worker.log").read_text(errors="replace")[-5000:])
+        status = f"probe worker job ended {code}"
+    else:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv],
+                              cwd=workdir, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        log = proc.stdout + "\n" + proc.stderr
+        (workdir / "log.txt").write_text(log)
+        status = f"probe exited {proc.returncode}"
     result = json.loads(out.read_text()) if out.is_file() else {
-        "ok": False, "error": f"probe exited {proc.returncode} without a result"}
+        "ok": False, "error": f"{status} without a result"}
     return result, log
+
+
+KV_SPACE_GIB = 1  # VLLM_CPU_KVCACHE_SPACE of every engine run_engine starts
+
+
+def run_engine(model: Path | list[Path], workdir: Path, prompts: list, *, tp: int = 1,
+               pp: int = 1, max_model_len: int = 512, timeout: float = 1200,
+               extra: tuple[str, ...] = (), in_process: bool | None = None
+               ) -> tuple[dict, str]:
+    """One engine run of this probe with per-rank information (``--rank-info``): 32 greedy
+    tokens and the prompt logprobs of each of ``prompts``. A list of models: a ``--models``
+    run, one engine after the other in one process (single rank, in process).
+
+    A single-rank engine runs in process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: it starts
+    fast) unless ``in_process`` is False; a parallel one runs vLLM's default multi-process
+    engine with one worker per rank. ``extra``: more probe flags.
+    """
+    import os
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "prompts.json").write_text(json.dumps(prompts))
+    if isinstance(model, list):
+        assert tp * pp == 1 and in_process is not False, "--models runs single-rank, in process"
+        (workdir / "models.json").write_text(json.dumps([str(m) for m in model]))
+        which = ["--models", str(workdir / "models.json")]
+    else:
+        which = ["--model", str(model)]
+    flags = [*which, "--prompts", str(workdir / "prompts.json"),
+             "--max-tokens", "32", "--max-model-len", str(max_model_len), "--prompt-logprobs",
+             "--rank-info", "--tensor-parallel-size", str(tp), "--pipeline-parallel-size",
+             str(pp), *extra]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_PLUGINS",
+                        "VLLM_CPU_OMP_THREADS_BIND", "VLLM_PP_LAYER_PARTITION")}
+    env.update(VLLM_CPU_KVCACHE_SPACE=str(KV_SPACE_GIB), TOKENIZERS_PARALLELISM="false")
+    if tp * pp > 1:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % 2) for i in range(tp * pp))
+    if in_process is None:
+        in_process = tp * pp == 1
+    if in_process:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    else:
+        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # --rank-info sends a function
+    return launch(flags, workdir, env, timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model")
+    ap.add_argument("--models", help="JSON file: list of model directories, each run in "
+                                      "turn in this process like --model")
     ap.add_argument("--try-models", help="JSON file: list of model directories to start in "
                                          "turn, each recorded as accepted or refused")
     ap.add_argument("--prompts", help="JSON file: list of strings or token-id lists")
@@ -199,10 +415,11 @@ def main(argv: list[str] | None = None) -> int:
                          "multiprocessing)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    if not args.model and not args.try_models:
-        ap.error("--model or --try-models is required")
+    if sum(map(bool, (args.model, args.models, args.try_models))) != 1:
+        ap.error("one of --model, --models or --try-models is required")
     try:
-        result = try_models(args) if args.try_models else run(args)
+        result = (try_models(args) if args.try_models else run_models(args) if args.models
+                  else run(args))
         code = 0
     except Exception as e:  # reported to the caller, which checks the message
         traceback.print_exc()
@@ -213,4 +430,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve() if sys.argv[1:] == ["--serve"] else main())

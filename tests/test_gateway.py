@@ -518,11 +518,12 @@ def test_metrics_per_backend_and_bucket(ab_gw, pair):
 
 @pytest.mark.vllm
 @pytest.mark.real_model
+@pytest.mark.kills_shared_server
 @pytest.mark.timeout(VLLM_TIMEOUT)
 def test_killed_vllm_backend_gives_503_while_the_other_serves(ab_gw, pair):
-    """Kill the real dense server (last test of the file: restarting vLLM costs a minute;
-    recovery after a restart is tested above with a fake backend, and ``get_vllm_pair``
-    restarts the server if a later test needs it)."""
+    """Kill the real dense server (run after every other test of the session: restarting
+    vLLM costs a minute; recovery after a restart is tested above with a fake backend, and
+    ``get_vllm_pair`` restarts the server if a later test needs it)."""
     pair["dense"].stop()
     with httpx.Client(timeout=30, headers=AUTH) as c:
         t0 = time.monotonic()

@@ -4,8 +4,10 @@ vLLM's CPU platform runs TP/PP as one worker process per rank on this machine (`
 executor, shared-memory collectives); ``VLLM_CPU_OMP_THREADS_BIND="0|1"`` gives each rank one
 of the two cores. Every parallel engine is compared with the single-rank engine on the same
 checkpoint: identical greedy tokens (32 per prompt) and prompt logprobs within 1e-4. Each
-engine starts once per module and its JSON result (with what every rank holds: its layers and
-the KV-cache spec of each attention layer it registered) is shared between the tests.
+engine starts once per session (conftest's ``engines``) and its JSON result (with what every
+rank holds: its layers and the KV-cache spec of each attention layer it registered) is shared
+between the tests; the single-rank runs are the ones test_vllm_plugin.py checks against the
+reference (``tiny_checkpoints``, ``smol_harp8_run``).
 
 PP on vLLM 0.32's CPU backend in eager mode needs the plugin's workaround for a vLLM bug (a
 later stage's input buffer is never allocated; see ``harp_vllm/vllm_plugin/pp_buffers.py``):
@@ -17,62 +19,15 @@ Select with ``pytest -m parallel``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
-from conftest import SMOL_ALPHAS, save_linear
-from probe import launch
-from test_vllm_plugin import (
-    PROMPTS,
-    TINY_ALPHAS,
-    TINY_MAP_GROUPS,
-    head_pruned,
-    make_tiny,
-    max_logprob_diff,
-    save,
-)
+from conftest import SMOL_ALPHAS, TINY_PROMPTS
+from probe import run_engine
+from test_vllm_plugin import max_logprob_diff
 
-KV_SPACE_GIB = 1
 TOL = 1e-4  # prompt logprobs, parallel vs single rank (fp32)
-TINY_PROMPTS = [
-    [5, 6, 7, 8, 9, 10, 11, 12],
-    list(range(20, 120)),
-    [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2, 6, 4],
-    list(range(300, 200, -3)),
-]
-
-
-def probe(model: Path, workdir: Path, prompts: list, *, tp: int = 1, pp: int = 1,
-          max_model_len: int = 512, timeout: float = 1200, extra: tuple[str, ...] = (),
-          in_process: bool | None = None) -> tuple[dict, str]:
-    """One engine run of ``tests/probe.py`` with per-rank information.
-
-    A single-rank engine runs in process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: it starts
-    fast) unless ``in_process`` is False; a parallel one runs vLLM's default multi-process
-    engine with one worker per rank. ``extra``: more probe flags.
-    """
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "prompts.json").write_text(json.dumps(prompts))
-    flags = ["--model", str(model), "--prompts", str(workdir / "prompts.json"),
-             "--max-tokens", "32", "--max-model-len", str(max_model_len), "--prompt-logprobs",
-             "--rank-info", "--tensor-parallel-size", str(tp), "--pipeline-parallel-size",
-             str(pp), *extra]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_PLUGINS",
-                        "VLLM_CPU_OMP_THREADS_BIND", "VLLM_PP_LAYER_PARTITION")}
-    env.update(VLLM_CPU_KVCACHE_SPACE=str(KV_SPACE_GIB), TOKENIZERS_PARALLELISM="false")
-    if tp * pp > 1:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % 2) for i in range(tp * pp))
-    if in_process is None:
-        in_process = tp * pp == 1
-    if in_process:
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    else:
-        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # --rank-info sends a function
-    return launch(flags, workdir, env, timeout)
 
 
 def assert_same_as_single_rank(par: tuple[dict, str], single: tuple[dict, str],
@@ -136,36 +91,12 @@ def test_tp_split_check_names_the_layer_and_its_counts():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict[str, Path]:
-    """A random Llama (4 query / 2 KV heads, head_dim 32, 6 layers), HARP-pruned at
-    {0: 0.7, 2: 0.0, 4: 0.4, 5: 1.0}, FLAP-cut (heads only) into 1- and 2-KV-head layers, and
-    with linear maps of both ranks and inputs beside HARP layers (--method linear)."""
-    base = tmp_path_factory.mktemp("par-tiny")
-    dense = make_tiny("llama", base / "dense")
-    harp = save(dense, base / "harp", TINY_ALPHAS)
-    flap = head_pruned(dense, base / "flap", "flap", 0.25, 0.0, "global")
-    flap_mlp = head_pruned(dense, base / "flap-mlp", "flap", 0.25, 0.25, "global")
-    windows = torch.randint(0, 300, (8, 64), generator=torch.Generator().manual_seed(0))
-    linear = save_linear(dense, base / "linear", TINY_MAP_GROUPS, windows,
-                         alphas={1: 0.5, 3: 0.0})
-    return {"dense": dense, "harp": harp, "flap": flap, "flap_mlp": flap_mlp,
-            "linear": linear}
-
-
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    """Engine results by (checkpoint, tp, pp), each engine started once."""
-    cache: dict = {}
-
-    def get(model: Path, prompts: list, tp: int = 1, pp: int = 1,
-            max_model_len: int = 512) -> tuple[dict, str]:
-        key = (str(model), tp, pp)
-        if key not in cache:
-            work = tmp_path_factory.mktemp(f"{model.name}-tp{tp}-pp{pp}")
-            cache[key] = probe(model, work, prompts, tp=tp, pp=pp, max_model_len=max_model_len)
-        return cache[key]
-
-    return get
+def tiny(tiny_checkpoints, tiny_engines) -> dict[str, Path]:
+    """conftest's tiny Llama (4 query / 2 KV heads, head_dim 32, 6 layers): HARP-pruned at
+    {0: 0.7, 2: 0.0, 4: 0.4, 5: 1.0}, FLAP-cut (heads only, and heads and MLP) into 1- and
+    2-KV-head layers, and with linear maps of both ranks and inputs beside HARP layers; their
+    single-rank runs done (``tiny_engines``: in one probe process)."""
+    return tiny_checkpoints
 
 
 def parallel(fn):
@@ -230,7 +161,7 @@ def test_tp2_refuses_an_mlp_width_it_cannot_split(tiny, tmp_path):
     widths = json.loads((tiny["flap_mlp"] / "config.json").read_text())["harp_pruning"][
         "shapes"]["intermediate_size"]
     odd = next(i for i, w in enumerate(widths) if w % 2)
-    result, log = probe(tiny["flap_mlp"], tmp_path, [[5, 6, 7]], tp=2, timeout=900)
+    result, log = run_engine(tiny["flap_mlp"], tmp_path, [[5, 6, 7]], tp=2, timeout=900)
     assert not result["ok"]
     assert (f"tensor parallel size 2 cannot split layer {odd} of this checkpoint" in log
             and f"intermediate_size {widths[odd]}" in log), log[-3000:]
@@ -240,19 +171,17 @@ def test_tp2_refuses_an_mlp_width_it_cannot_split(tiny, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_harp8) -> tuple[Path, list[list[int]]]:
-    """SmolLM2 HARP P=8 (the top 8 of 30 layers, fixed alphas incl. two alpha = 0 layers)."""
-    from harp_vllm import models
-
-    tok = models.load_tokenizer(smollm2_harp8)
-    return smollm2_harp8, [tok(p)["input_ids"] for p in PROMPTS]
+def smol(smollm2_harp8, smol_harp8_prompts) -> tuple[Path, list[list[int]]]:
+    """SmolLM2 HARP P=8 (the top 8 of 30 layers, fixed alphas incl. two alpha = 0 layers) and
+    the prompts of conftest's ``smol_harp8_run``, its single-rank run."""
+    return smollm2_harp8, smol_harp8_prompts
 
 
 @parallel
 @pytest.mark.real_model
 def test_tp2_on_smollm2_fails_naming_its_head_counts(smol, tmp_path):
     """SmolLM2 has 9 query heads (3 KV heads): TP=2 cannot split them; vLLM says so."""
-    result, log = probe(smol[0], tmp_path, [[5, 6, 7]], tp=2, timeout=600)
+    result, log = run_engine(smol[0], tmp_path, [[5, 6, 7]], tp=2, timeout=600)
     assert not result["ok"]
     assert ("Total number of attention heads (9) must be divisible by tensor parallel size "
             "(2)") in result["error"] + log, log[-3000:]
@@ -260,9 +189,9 @@ def test_tp2_on_smollm2_fails_naming_its_head_counts(smol, tmp_path):
 
 @parallel
 @pytest.mark.real_model
-def test_pp2_smollm2_harp_matches_single_rank(smol, engines):
+def test_pp2_smollm2_harp_matches_single_rank(smol, smol_harp8_run, engines):
     model, prompts = smol
-    single = engines(model, prompts, max_model_len=2048)
+    single = smol_harp8_run
     par = engines(model, prompts, pp=2, max_model_len=2048)
     worst = assert_same_as_single_rank(par, single, len(prompts))
     print(f"SmolLM2 HARP P=8: PP=2 vs PP=1 max |d prompt logprob| = {worst:.2e}")
@@ -271,12 +200,13 @@ def test_pp2_smollm2_harp_matches_single_rank(smol, engines):
 
 @parallel
 @pytest.mark.real_model
-def test_pp2_smollm2_kv_capacity_follows_each_stages_attention_layers(smol, engines):
+def test_pp2_smollm2_kv_capacity_follows_each_stages_attention_layers(smol, smol_harp8_run,
+                                                                      engines):
     """Stage 0 builds layers 0-14 (15 with attention), stage 1 layers 15-29 (7 with attention,
     15-21, and the 8 pruned 22-29). Each stage fits its own layers in its KV-cache memory and
     the engine takes the smaller: 15 attention layers' worth, 22/15 of the single rank's."""
     model, prompts = smol
-    single = engines(model, prompts, max_model_len=2048)[0]
+    single = smol_harp8_run[0]
     par = engines(model, prompts, pp=2, max_model_len=2048)[0]
     assert single["ok"] and par["ok"]
     first, second = par["ranks"]

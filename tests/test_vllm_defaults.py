@@ -13,28 +13,34 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_parallel import assert_same_as_single_rank, probe
-from test_vllm_plugin import PROMPTS
+from probe import run_engine
+from test_parallel import assert_same_as_single_rank
 
 BUDGET = 512  # --max-num-batched-tokens
 
 
-@pytest.fixture(scope="module")
-def smol_defaults(smollm2_harp8, tmp_path_factory):
-    from harp_vllm import models
-    from harp_vllm.evaluation import data
+# The prompts whose logprobs are compared: PROMPTS[:4] and the long one (the last of
+# ``smol_harp8_prompts``); both engines run all of them (the same batches).
+PICK = [0, 1, 2, 3, -1]
 
-    pruned = smollm2_harp8
-    tok = models.load_tokenizer(pruned)
-    text = data.load_text("wikitext2", "validation")[:20_000]
-    long_prompt = tok(text)["input_ids"][:1500]
-    prompts = [tok(p)["input_ids"] for p in PROMPTS[:4]] + [long_prompt]
+
+def pick(run: tuple[dict, str]) -> tuple[dict, str]:
+    result, log = run
+    return ({**result, "results": [result["results"][i] for i in PICK]} if result["ok"]
+            else result), log
+
+
+@pytest.fixture(scope="module")
+def smol_defaults(smollm2_harp8, smol_harp8_prompts, smol_harp8_run, tmp_path_factory):
+    """(prompts, the eager run, the run on vLLM's defaults), both on ``smol_harp8_prompts``:
+    the eager one is conftest's ``smol_harp8_run`` (shared with test_vllm_plugin and
+    test_parallel)."""
     work: Path = tmp_path_factory.mktemp("defaults-runs")
-    eager = probe(pruned, work / "eager", prompts, max_model_len=2048)
-    default = probe(pruned, work / "default", prompts, max_model_len=2048, in_process=False,
-                    extra=("--vllm-defaults", "--max-num-batched-tokens", str(BUDGET),
-                           "--second-pass"), timeout=1500)
-    return prompts, eager, default
+    default = run_engine(smollm2_harp8, work / "default", smol_harp8_prompts,
+                         max_model_len=2048, in_process=False, timeout=1500,
+                         extra=("--vllm-defaults", "--max-num-batched-tokens", str(BUDGET),
+                                "--second-pass"))
+    return smol_harp8_prompts, smol_harp8_run, default
 
 
 @pytest.mark.vllm
@@ -43,7 +49,9 @@ def smol_defaults(smollm2_harp8, tmp_path_factory):
 def test_default_compilation_with_chunked_prefill_matches_eager(smol_defaults):
     prompts, eager, default = smol_defaults
     assert max(len(p) for p in prompts) > 2 * BUDGET  # the long prompt takes 3+ steps
-    worst = assert_same_as_single_rank(default, eager, len(prompts))
+    worst = assert_same_as_single_rank(pick(default), pick(eager), len(PICK))
+    assert [r["token_ids"] for r in default[0]["results"]] == [  # and every prompt's tokens
+        r["token_ids"] for r in eager[0]["results"]]
     print(f"default compilation vs eager: max |d prompt logprob| = {worst:.2e}")
     settings = default[0]
     assert settings["enforce_eager"] is False and settings["compilation_mode"] != "NONE"

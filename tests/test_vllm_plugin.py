@@ -2,7 +2,9 @@
 
 Engine runs go through ``tests/probe.py`` in a subprocess (vLLM's CPU
 platform spawns workers, so ``LLM`` must start from a ``__main__`` module); each engine is
-started once per session and its JSON result shared between tests.
+started once per session and its JSON result shared between tests, also with
+test_parallel.py and test_vllm_defaults.py (conftest's ``engines``, ``tiny_checkpoints`` and
+``smol_harp8_run``).
 """
 
 from __future__ import annotations
@@ -15,27 +17,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    PROMPTS,
+    TINY_ALPHAS,
+    TINY_PROMPTS,
+    head_pruned,
+    make_tiny,
+    save,
+)
+from probe import launch
 
 from harp_vllm.pruning.reference import load_model
 from harp_vllm.vllm_plugin.fold import fold_o, fold_v, rank_heads
 
 REPO = Path(__file__).resolve().parents[1]
-PROBE = Path(__file__).with_name("probe.py")  # runs vLLM's LLM as a __main__ module
 KV_SPACE_GIB = "1"
-TINY_ALPHAS = {0: 0.7, 2: 0.0, 4: 0.4, 5: 1.0}  # any depth, incl. the first and last layer
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    ",
-    "Once upon a time, in a small village by the sea, there lived",
-    "<|im_start|>user\nWhat is the boiling point of water?<|im_end|>\n<|im_start|>assistant\n",
-    "1, 1, 2, 3, 5, 8, 13,",
-    "Robert Boulter is an English film, television and theatre actor. He had a guest starring "
-    "role on the television series The Bill in 2000. This was followed by a starring role in "
-    "the play Herons written by Simon Stephens, which was performed in 2001 at the Royal Court "
-    "Theatre. He had a guest role in the television series Judge John Deed in 2002. In 2004 "
-    "Boulter landed a role as Craig in the episode Teddy's Story of the television series The "
-    "Long Firm; he starred alongside actors Mark Strong and Derek Jacobi.",
-]
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -45,18 +41,17 @@ def run_probe(model: Path, workdir: Path, prompts: list | None = None, *,
               multiprocessing: bool = False, prompt_logprobs: bool = True,
               max_tokens: int = 32, max_model_len: int = 2048, env: dict | None = None,
               timeout: float = 900, try_models: bool = False) -> tuple[dict, str]:
-    """Start vLLM on ``model`` in a subprocess; (result JSON, the run's stdout + stderr).
+    """Start vLLM on ``model`` (``probe.launch``: in-process engines in the session's probe
+    worker); (result JSON, the run's stdout + stderr).
     With ``try_models``, ``model`` is a JSON list of checkpoints started in turn (in process)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    out = workdir / "result.json"
-    cmd = [sys.executable, str(PROBE), "--try-models" if try_models else "--model", str(model),
-           "--out", str(out), "--max-tokens", str(max_tokens),
-           "--max-model-len", str(max_model_len)]
+    flags = ["--try-models" if try_models else "--model", str(model),
+             "--max-tokens", str(max_tokens), "--max-model-len", str(max_model_len)]
     if prompts:
         (workdir / "prompts.json").write_text(json.dumps(prompts))
-        cmd += ["--prompts", str(workdir / "prompts.json")]
+        flags += ["--prompts", str(workdir / "prompts.json")]
     if prompt_logprobs:
-        cmd.append("--prompt-logprobs")
+        flags.append("--prompt-logprobs")
     full_env = {k: v for k, v in os.environ.items()
                 if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_PLUGINS")}
     full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", KV_SPACE_GIB)
@@ -64,13 +59,7 @@ def run_probe(model: Path, workdir: Path, prompts: list | None = None, *,
     if not multiprocessing:
         full_env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     full_env.update(env or {})
-    proc = subprocess.run(cmd, cwd=workdir, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
-    log = proc.stdout + "\n" + proc.stderr
-    (workdir / "log.txt").write_text(log)
-    result = json.loads(out.read_text()) if out.is_file() else {
-        "ok": False, "error": f"probe exited {proc.returncode} without a result"}
-    return result, log
+    return launch(flags, workdir, full_env, timeout)
 
 
 def reference(model_dir: Path, prompts: list[list[int]], max_tokens: int = 32) -> list[dict]:
@@ -101,43 +90,6 @@ def assert_matches(result: dict, ref: list[dict], tol: float = 1e-3) -> None:
     for got, want in zip(result["results"], ref, strict=True):
         assert got["token_ids"] == want["token_ids"]
         assert max_logprob_diff(got["prompt_logprobs"], want["prompt_logprobs"]) < tol
-
-
-def make_tiny(family: str, out: Path, layers: int = 6) -> Path:
-    """A tiny random model vLLM's CPU attention accepts (head_dim 32; conftest's is 16)."""
-    import transformers
-    from conftest import tiny_tokenizer
-
-    cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
-           "gemma2": "Gemma2Config", "gemma3": "Gemma3TextConfig"}[family]
-    gemma = family.startswith("gemma")
-    extra = {"query_pre_attn_scalar": 32} if gemma else {}
-    tok = tiny_tokenizer()
-    cfg = getattr(transformers, cls)(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
-        tie_word_embeddings=gemma,  # vLLM's Gemma2 always ties lm_head to the embeddings
-        **extra)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08 if gemma else 0.15)
-            elif "bias" in name:
-                p.normal_(0, 0.05)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-def save(src: Path, out: Path, layers: dict[int, float]) -> Path:
-    from harp_vllm.pruning.jobs.checkpoint import save_pruned
-    from harp_vllm.spec import PruningSpec
-
-    return save_pruned(load_model(src), PruningSpec(layers=layers, source_model=str(src)),
-                       src, out)
 
 
 def edit_config(path: Path, **changes) -> None:
@@ -236,23 +188,8 @@ def test_register_is_reentrant_and_lazy():
 
 
 @pytest.fixture(scope="session")
-def smol_prompts(smollm2_dir) -> list[list[int]]:
-    from harp_vllm import models
-
-    tok = models.load_tokenizer(smollm2_dir)
-    return [tok(p)["input_ids"] for p in PROMPTS]
-
-
-@pytest.fixture(scope="session")
 def smol_p0(smollm2_dir, tmp_path_factory) -> Path:
     return save(smollm2_dir, tmp_path_factory.mktemp("smol") / "p0", {})
-
-
-@pytest.fixture(scope="session")
-def run_smol_pruned(smollm2_harp8, smol_prompts, tmp_path_factory):
-    """The pruned SmolLM2 through vLLM's default multi-process engine (plugin via entry point)."""
-    return run_probe(smollm2_harp8, tmp_path_factory.mktemp("run-p8"), smol_prompts,
-                     multiprocessing=True)
 
 
 @pytest.fixture(scope="session")
@@ -263,27 +200,31 @@ def run_smol_dense(smollm2_dir, smol_prompts, tmp_path_factory):
 
 @vllm
 @pytest.mark.timeout(1200)
-def test_pruned_smollm2_in_multiprocess_engine_matches_reference(run_smol_pruned, smollm2_harp8,
+def test_pruned_smollm2_in_multiprocess_engine_matches_reference(smol_harp8_run, smollm2_harp8,
                                                                  smol_prompts):
-    result, log = run_smol_pruned
+    """The shared run (conftest's ``smol_harp8_run``) on ``PROMPTS`` against the reference;
+    its last, 1,500-token prompt is for the engine comparisons of test_vllm_defaults."""
+    result, log = smol_harp8_run
     assert result["ok"], result.get("error", "") + log[-3000:]
     assert result["architectures"] == ["HarpLlamaForCausalLM"]
     # vLLM's separate engine-core process built the model (its log lines carry its name)
     assert "(EngineCore pid=" in log
     ref = reference(smollm2_harp8, smol_prompts)
-    assert len(result["results"]) == len(PROMPTS) >= 5
+    assert len(result["results"]) == len(PROMPTS) + 1 and len(PROMPTS) >= 5
+    results = result["results"][:len(PROMPTS)]
+    assert [r["prompt_token_ids"] for r in results] == smol_prompts
     diffs = [max_logprob_diff(g["prompt_logprobs"], w["prompt_logprobs"])
-             for g, w in zip(result["results"], ref, strict=True)]
+             for g, w in zip(results, ref, strict=True)]
     assert max(diffs) < 1e-3, diffs
-    for got, want in zip(result["results"], ref, strict=True):
+    for got, want in zip(results, ref, strict=True):
         assert len(got["token_ids"]) == 32
         assert got["token_ids"] == want["token_ids"]
 
 
 @vllm
 @pytest.mark.timeout(1200)
-def test_kv_cache_capacity_grows_by_layers_with_attention(run_smol_pruned, run_smol_dense):
-    pruned, dense = run_smol_pruned[0], run_smol_dense[0]
+def test_kv_cache_capacity_grows_by_layers_with_attention(smol_harp8_run, run_smol_dense):
+    pruned, dense = smol_harp8_run[0], run_smol_dense[0]
     assert pruned["ok"] and dense["ok"], (pruned.get("error"), dense.get("error"))
     assert dense["architectures"] == ["LlamaForCausalLM"]
     ratio = pruned["kv_cache_tokens"] / dense["kv_cache_tokens"]
@@ -304,17 +245,37 @@ def test_unpruned_harp_checkpoint_equals_stock_llama(smol_p0, smol_prompts, run_
     assert result["kv_cache_tokens"] == dense["kv_cache_tokens"]
 
 
-@vllm
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "gemma2", "gemma3"])
-def test_tiny_families_match_reference(family, tmp_path):
-    dense = make_tiny(family, tmp_path / "dense")
-    pruned = save(dense, tmp_path / "pruned", TINY_ALPHAS)
+TINY_FAMILIES = ["mistral", "qwen2", "gemma2", "gemma3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_families(engines, tmp_path_factory) -> dict[str, tuple[Path, list[list[int]]]]:
+    """{family: (its tiny model HARP-pruned at ``TINY_ALPHAS``, ``PROMPTS`` in its tokens)}
+    for every family of ``TINY_FAMILIES``, with their single-rank engine runs done in one
+    probe process per distinct tokenization (``engines.batch``; Qwen2's tokenizer splits the
+    long prompt differently)."""
     from harp_vllm import models
 
-    tok = models.load_tokenizer(pruned)
-    prompts = [tok(p)["input_ids"] for p in PROMPTS]
-    result, log = run_probe(pruned, tmp_path / "run", prompts, max_model_len=512)
+    base = tmp_path_factory.mktemp("tiny-families")
+    out = {}
+    for f in TINY_FAMILIES:
+        pruned = save(make_tiny(f, base / f / "dense"), base / f / "pruned", TINY_ALPHAS)
+        tok = models.load_tokenizer(pruned)
+        out[f] = (pruned, [tok(p)["input_ids"] for p in PROMPTS])
+    groups: dict[str, list[Path]] = {}
+    for pruned, prompts in out.values():
+        groups.setdefault(json.dumps(prompts), []).append(pruned)
+    for key, group in groups.items():
+        engines.batch(group, json.loads(key))
+    return out
+
+
+@vllm
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_tiny_families_match_reference(family, tiny_families, engines):
+    pruned, prompts = tiny_families[family]
+    result, log = engines(pruned, prompts)
     assert result["ok"], result.get("error", "") + log[-3000:]
     assert_matches(result, reference(pruned, prompts))
 
@@ -323,10 +284,9 @@ def test_tiny_families_match_reference(family, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def tiny_pruned(tmp_path_factory) -> Path:
+def tiny_pruned(tiny_checkpoints) -> Path:
     """Tiny Llama, 6 layers, pruned at {0: 0.7, 2: 0.0, 4: 0.4, 5: 1.0}."""
-    base = tmp_path_factory.mktemp("tiny-llama-hd32")
-    return save(make_tiny("llama", base / "dense"), base / "pruned", TINY_ALPHAS)
+    return tiny_checkpoints["harp"]
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -347,11 +307,11 @@ def expect_error(model: Path, workdir: Path, *messages: str, env: dict | None = 
 
 @vllm
 @pytest.mark.timeout(900)
-def test_tiny_llama_matches_reference(tiny_pruned, tmp_path):
-    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], list(range(20, 120))]
-    result, log = run_probe(tiny_pruned, tmp_path, prompts, max_model_len=512)
+def test_tiny_llama_matches_reference(tiny_pruned, tiny_engines):
+    """The single-rank run test_parallel compares its TP=2 engine with."""
+    result, log = tiny_engines(tiny_pruned, TINY_PROMPTS)
     assert result["ok"], result.get("error", "") + log[-3000:]
-    assert_matches(result, reference(tiny_pruned, prompts))
+    assert_matches(result, reference(tiny_pruned, TINY_PROMPTS))
 
 
 @vllm
@@ -682,42 +642,21 @@ def test_gate_norm_smollm2_matches_reference_and_grows_kv(smollm2_dir, smol_prom
 # ---------------------------------------------------------------------------- head/MLP pruning
 
 
-def head_pruned(src: Path, out: Path, method: str, ratio: float, mlp_ratio: float,
-                allocation: str, samples: int = 8, seq_len: int = 64) -> Path:
-    """``src`` cut by AMP / FLAP / Wanda-sp on WikiText-2 validation text, saved to ``out``."""
-    from harp_vllm import models
-    from harp_vllm.evaluation import data
-    from harp_vllm.pruning.calibration.windows import calibration_windows
-    from harp_vllm.pruning.jobs.checkpoint import save_pruned
-    from harp_vllm.pruning.methods.structured import prune_structured, shapes_of
-    from harp_vllm.spec import PruningSpec
-
-    model = load_model(src)
-    text = data.load_text("wikitext2", "validation")[:200_000]
-    windows = calibration_windows(models.load_tokenizer(src), text, samples, seq_len)
-    res = prune_structured(model, windows, method, ratio, mlp_ratio, allocation,
-                           progress=False)
-    spec = PruningSpec(layers={}, method=method, source_model=str(src),
-                       shapes=shapes_of(model.config, res))
-    return save_pruned(model, spec, src, out)
-
-
 @vllm
 @pytest.mark.timeout(900)
-def test_tiny_flap_with_per_layer_kv_heads_matches_reference(tmp_path):
+def test_tiny_flap_with_per_layer_kv_heads_matches_reference(tiny_checkpoints,
+                                                              tiny_engines):
     """FLAP (biases on o_proj/down_proj) with layers keeping 1 or 2 KV heads: vLLM's KV-cache
     manager sizes every layer on its own, and holds dense/pruned KV heads times more tokens."""
-    dense = make_tiny("llama", tmp_path / "dense")
-    pruned = head_pruned(dense, tmp_path / "flap", "flap", 0.25, 0.25, "global")
+    pruned = tiny_checkpoints["flap_mlp"]  # heads and MLP cut
     kv = json.loads((pruned / "config.json").read_text())["harp_pruning"]["shapes"][
         "num_key_value_heads"]
     assert sum(kv) == 9 and set(kv) == {1, 2}  # 12 groups, 3 removed, unevenly
-    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], list(range(20, 120))]
-    result, log = run_probe(pruned, tmp_path / "run", prompts, max_model_len=512)
+    result, log = tiny_engines(pruned, TINY_PROMPTS)
     assert result["ok"], result.get("error", "") + log[-3000:]
-    assert_matches(result, reference(pruned, prompts))
-    base, _ = run_probe(dense, tmp_path / "run-dense", None, max_model_len=512,
-                        prompt_logprobs=False)
+    assert_matches(result, reference(pruned, TINY_PROMPTS))
+    base, base_log = tiny_engines(tiny_checkpoints["dense"], TINY_PROMPTS)
+    assert base["ok"], base.get("error", "") + base_log[-3000:]
     assert result["kv_cache_tokens"] / base["kv_cache_tokens"] == pytest.approx(12 / 9,
                                                                                 rel=0.01)
 
@@ -758,30 +697,20 @@ def test_tiny_qwen2_with_per_layer_heads_matches_reference(tmp_path):
 # ---------------------------------------------------------------------------- linear maps
 # (--method linear: attention replaced by fitted affine maps; issue 18)
 
-TINY_MAP_GROUPS = [([0], None, "raw"), ([2], 32, "normed"), ([4], 16, "raw"),
-                   ([5], None, "normed")]
-
-
 @pytest.fixture(scope="session")
-def tiny_linear(tmp_path_factory) -> Path:
+def tiny_linear(tiny_checkpoints) -> Path:
     """Tiny Llama with maps of both ranks and inputs (layer 0 raw: the first layer has no
     residual yet) beside HARP layers (alpha 0.5 and 0)."""
-    from conftest import save_linear
-
-    base = tmp_path_factory.mktemp("tiny-linear")
-    dense = make_tiny("llama", base / "dense")
-    windows = torch.randint(0, 300, (8, 64), generator=torch.Generator().manual_seed(0))
-    return save_linear(dense, base / "linear", TINY_MAP_GROUPS, windows,
-                       alphas={1: 0.5, 3: 0.0})
+    return tiny_checkpoints["linear"]
 
 
 @vllm
 @pytest.mark.timeout(900)
-def test_tiny_linear_maps_match_reference(tiny_linear, tmp_path):
-    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], list(range(20, 120)), [40] * 30]
-    result, log = run_probe(tiny_linear, tmp_path, prompts, max_model_len=512)
+def test_tiny_linear_maps_match_reference(tiny_linear, tiny_engines):
+    """The single-rank run test_parallel compares its TP=2 engine with."""
+    result, log = tiny_engines(tiny_linear, TINY_PROMPTS)
     assert result["ok"], result.get("error", "") + log[-3000:]
-    assert_matches(result, reference(tiny_linear, prompts))
+    assert_matches(result, reference(tiny_linear, TINY_PROMPTS))
 
 
 @pytest.fixture(scope="session")
@@ -841,10 +770,11 @@ def planned(src: Path, out: Path, layout: str, samples: int = 8, seq_len: int = 
 
 @vllm
 @pytest.mark.timeout(900)
-def test_tiny_planned_mixture_matches_reference_and_sizes_kv(tmp_path):
+def test_tiny_planned_mixture_matches_reference_and_sizes_kv(tiny_checkpoints, tiny_engines,
+                                                             tmp_path):
     """Every kind of layer choice in one tiny Llama: the engine gives the reference's greedy
     tokens and logprobs, and KV-cache tokens grow by dense over planned KV heads."""
-    dense = make_tiny("llama", tmp_path / "dense")
+    dense = tiny_checkpoints["dense"]
     layout = "0:drop1,1:linear32,2:remove,3:drop1lin,4:linearfull,5:drop1"
     pruned = planned(dense, tmp_path / "plan", layout)
     section = json.loads((pruned / "config.json").read_text())["harp_pruning"]
@@ -855,8 +785,8 @@ def test_tiny_planned_mixture_matches_reference_and_sizes_kv(tmp_path):
     result, log = run_probe(pruned, tmp_path / "run", prompts, max_model_len=512)
     assert result["ok"], result.get("error", "") + log[-3000:]
     assert_matches(result, reference(pruned, prompts))
-    base, _ = run_probe(dense, tmp_path / "run-dense", None, max_model_len=512,
-                        prompt_logprobs=False)
+    base, base_log = tiny_engines(dense, TINY_PROMPTS)  # shared with the other tiny tests
+    assert base["ok"], base.get("error", "") + base_log[-3000:]
     # KV heads per layer: 1, 0, 0, 1, 0, 1 = 3 of the dense 12.
     assert result["kv_cache_tokens"] / base["kv_cache_tokens"] == pytest.approx(4.0, rel=0.01)
 
