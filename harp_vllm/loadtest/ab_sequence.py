@@ -7,6 +7,7 @@ request of a run.
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -113,6 +114,9 @@ def run_loadtest(cfg: Config, out_dir: Path, progress: bool = True,
                         f"{first.splitlines()[-1] if first else 'no error text'}")
         results["status"] = "complete"
     except KeyboardInterrupt:
+        # the interrupted run's client tasks are torn down unfinished; asyncio would print
+        # each one's traceback ("Task exception was never retrieved") when collected
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         results["status"] = "interrupted"
         results["message"] = "interrupted (Ctrl-C): the report has the runs measured so far"
     except UserError as e:
