@@ -12,7 +12,7 @@ against.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -252,18 +252,25 @@ def shared(model, sharing: Mapping[int, int]) -> Iterator[None]:
     keys and values; the dense attention modules come back on exit."""
     _check_sharing_family(model)
     _check_layers(model, {**sharing, **{j: None for j in sharing.values()}})
-    layers: Any = decoder_layers(model)
-    saved: dict[int, nn.Module] = {}
-    try:
+    with attention_restored(model, sharing):
         for idx, target in sharing.items():
-            saved[idx] = layers[idx].self_attn
             share_kv(model, idx, target)
         yield
+
+
+@contextlib.contextmanager
+def attention_restored(model, indices: Iterable[int]) -> Iterator[None]:
+    """Give layers ``indices`` their current attention modules back on exit, whatever the
+    block swapped in (a sharing module swapped out is released from its target)."""
+    layers: Any = decoder_layers(model)
+    saved = {j: layers[j].self_attn for j in indices}
+    try:
+        yield
     finally:
-        for idx, attn in saved.items():
-            if isinstance(layers[idx].self_attn, SharedKVAttention):
-                layers[idx].self_attn.release()
-            layers[idx].self_attn = attn
+        for j, attn in saved.items():
+            if isinstance(layers[j].self_attn, SharedKVAttention):
+                layers[j].self_attn.release()
+            layers[j].self_attn = attn
 
 
 def install_map(layer: nn.Module, module: LinearAttention, input_kind: str) -> None:

@@ -22,6 +22,7 @@ from ..reference import (
     TokenLocalAttention,
     WindowedAttention,
     attach_group_map,
+    attention_restored,
     decoder_layers,
     install_map,
 )
@@ -81,16 +82,10 @@ def share_key(j: int, target: int) -> str:
 def installed(model, layout: dict[int, Choice], stats: PlanStats) -> Iterator[None]:
     """Temporarily give the model ``layout``'s attention modules."""
     layers: Any = decoder_layers(model)
-    saved = {j: layers[j].self_attn for j in layout}
-    try:
+    with attention_restored(model, layout):
         for j, c in layout.items():
             layers[j].self_attn = choice_module(model, j, c, stats)
         yield
-    finally:
-        for j, attn in saved.items():
-            if isinstance(layers[j].self_attn, SharedKVAttention):
-                layers[j].self_attn.release()
-            layers[j].self_attn = attn
 
 
 def apply_layout(model, layout: dict[int, Choice], stats: PlanStats):
