@@ -67,6 +67,17 @@ def tiny_tokenizer():
 TINY_EXTRA = {"gemma2": dict(head_dim=16, query_pre_attn_scalar=16)}
 
 
+@torch.no_grad()
+def greedy_without_cache(model, ids: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    """``ids`` [1, T] and ``max_tokens`` greedy tokens, every step a full forward without a KV
+    cache (the reference that cached generation is compared to)."""
+    seq = ids
+    for _ in range(max_tokens):
+        nxt = model(seq, use_cache=False).logits[0, -1].argmax()
+        seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+    return seq
+
+
 def make_tiny_model(family: str, out: Path, layers: int = 4, seed: int = 0) -> Path:
     """Save a tiny random-weight causal LM of ``family`` (a ``model_type`` of
     ``harp_vllm.families``; HF's ``AutoConfig`` knows its config class) with a tokenizer into

@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from conftest import greedy_without_cache
 
 from harp_vllm.errors import UserError
 from harp_vllm.spec import PruningSpec
@@ -187,10 +188,7 @@ def test_shared_reference_generates_with_a_kv_cache_like_without(tiny_llama, tmp
             want = dense(input_ids=ids).logits
         assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-5)
         cached = model.generate(ids, max_new_tokens=10, do_sample=False)
-        seq = ids
-        for _ in range(10):
-            nxt = model(seq, use_cache=False).logits[0, -1].argmax()
-            seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+        seq = greedy_without_cache(model, ids, 10)
     assert cached.tolist() == seq.tolist()
 
 

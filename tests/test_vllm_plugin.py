@@ -21,6 +21,7 @@ from conftest import (
     PROMPTS,
     TINY_ALPHAS,
     TINY_PROMPTS,
+    greedy_without_cache,
     head_pruned,
     make_tiny,
     save,
@@ -73,10 +74,7 @@ def reference(model_dir: Path, prompts: list[list[int]], max_tokens: int = 32) -
             x = torch.tensor([ids])
             logp = torch.log_softmax(model(x, use_cache=False).logits[0].double(), -1)
             lps = [None] + [logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0]
-            seq = x
-            for _ in range(max_tokens):
-                nxt = model(seq, use_cache=False).logits[0, -1].argmax()
-                seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+            seq = greedy_without_cache(model, x, max_tokens)
             out.append({"token_ids": seq[0, len(ids):].tolist(), "prompt_logprobs": lps})
     return out
 

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import greedy_without_cache
 from test_plan import _calib
 from typer.testing import CliRunner
 
@@ -106,10 +107,7 @@ def test_windowed_reference_generates_with_a_kv_cache_like_without(tiny_llama, t
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         cached = model.generate(ids, max_new_tokens=10, do_sample=False)
-        seq = ids
-        for _ in range(10):
-            nxt = model(seq, use_cache=False).logits[0, -1].argmax()
-            seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+        seq = greedy_without_cache(model, ids, 10)
     assert cached.tolist() == seq.tolist()
 
 
