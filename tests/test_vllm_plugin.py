@@ -339,6 +339,15 @@ def _harp_copy(src: dict, out: Path) -> Path:
     return _copy(src["harp"], out)
 
 
+def _harp_copy_with(src: dict, out: Path, **section) -> Path:
+    """The HARP checkpoint with ``section``'s keys set in its pruning section."""
+    m = _harp_copy(src, out)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["harp_pruning"].update(section)
+    edit_config(m, harp_pruning=cfg["harp_pruning"])
+    return m
+
+
 def _linear_copy(src: dict, out: Path) -> Path:
     return _copy(src["linear"], out)
 
@@ -421,11 +430,7 @@ def broken_linear_map_rank_larger_than_hidden_size(src: dict, out: Path) -> Path
 
 
 def broken_window_not_smaller_than_the_context(src: dict, out: Path) -> Path:
-    m = _harp_copy(src, out)
-    cfg = json.loads((m / "config.json").read_text())
-    cfg["harp_pruning"].update(version=3, windows={"1": 512})  # max_position_embeddings 512
-    edit_config(m, harp_pruning=cfg["harp_pruning"])
-    return m
+    return _harp_copy_with(src, out, version=3, windows={"1": 512})  # max positions 512
 
 
 def broken_window_on_a_family_without_per_layer_windows(src: dict, out: Path) -> Path:
@@ -437,19 +442,11 @@ def broken_window_on_a_family_without_per_layer_windows(src: dict, out: Path) ->
 
 
 def broken_kv_sharing_target_not_earlier(src: dict, out: Path) -> Path:
-    m = _harp_copy(src, out)  # layers 1 and 3 are dense
-    cfg = json.loads((m / "config.json").read_text())
-    cfg["harp_pruning"].update(version=4, kv_sharing={"1": 3})
-    edit_config(m, harp_pruning=cfg["harp_pruning"])
-    return m
+    return _harp_copy_with(src, out, version=4, kv_sharing={"1": 3})  # 1, 3 are dense
 
 
 def broken_kv_weight_for_a_sharing_layer(src: dict, out: Path) -> Path:
-    m = _harp_copy(src, out)  # layer 3 keeps its k_proj / v_proj weights
-    cfg = json.loads((m / "config.json").read_text())
-    cfg["harp_pruning"].update(version=4, kv_sharing={"3": 1})
-    edit_config(m, harp_pruning=cfg["harp_pruning"])
-    return m
+    return _harp_copy_with(src, out, version=4, kv_sharing={"3": 1})  # 3 keeps k/v
 
 
 def broken_kv_sharing_on_a_family_without_support(src: dict, out: Path) -> Path:
