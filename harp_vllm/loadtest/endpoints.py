@@ -4,6 +4,7 @@ way our tokenizer does."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import httpx
@@ -45,11 +46,17 @@ class Endpoint:
                 "metrics_url": self.metrics_url, "cache_info": self.cache_info}
 
 
+def api_headers() -> dict[str, str]:
+    """``$OPENAI_API_KEY`` as a Bearer token, as vLLM's load generator sends it with every
+    request of a run (a gateway with API keys); the key is never stored or written out."""
+    key = os.environ.get("OPENAI_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
 
 def check_endpoint(ep: Endpoint, timeout: float = 30.0) -> None:
     """Resolve the served model and check one tiny completion; raise EndpointError if not."""
     try:
-        r = httpx.get(ep.url + "/v1/models", timeout=timeout)
+        r = httpx.get(ep.url + "/v1/models", headers=api_headers(), timeout=timeout)
     except httpx.HTTPError as e:
         raise EndpointError(f"{ep.label} endpoint {ep.url} is unreachable ({describe(e)})") from e
     if r.status_code != 200:
@@ -75,7 +82,8 @@ def check_endpoint(ep: Endpoint, timeout: float = 30.0) -> None:
     body = {"model": ep.model, "prompt": "Hello", "max_tokens": 2, "ignore_eos": True,
             "temperature": 0.0}
     try:
-        r = httpx.post(ep.url + "/v1/completions", json=body, timeout=timeout)
+        r = httpx.post(ep.url + "/v1/completions", json=body, headers=api_headers(),
+                       timeout=timeout)
     except httpx.HTTPError as e:
         raise EndpointError(f"{ep.label} endpoint {ep.url}: a test completion failed "
                             f"({describe(e)})") from e
@@ -97,7 +105,8 @@ def check_prompt_tokens(ep: Endpoint, text: str, expected: int, timeout: float =
     """The server must count ``text`` as ``expected`` tokens (same tokenizer as ours)."""
     body = {"model": ep.served_model, "prompt": text, "max_tokens": 1, "temperature": 0.0}
     try:
-        r = httpx.post(ep.url + "/v1/completions", json=body, timeout=timeout)
+        r = httpx.post(ep.url + "/v1/completions", json=body, headers=api_headers(),
+                       timeout=timeout)
         r.raise_for_status()
         got = r.json()["usage"]["prompt_tokens"]
     except Exception as e:
