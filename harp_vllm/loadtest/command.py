@@ -11,17 +11,11 @@ import typer
 
 from harp_vllm.errors import UserError
 
-from .scenarios import FULL, QUICK
 
-
-def _csv(values: list[int]) -> str:
-    return ",".join(map(str, values))
-
-
-def _ints(text: str | None, what: str, default: list[int]) -> list[int]:
-    """The comma-separated positive integers of an option, or ``default`` when not given."""
+def _ints(text: str | None, what: str) -> list[int] | None:
+    """The comma-separated positive integers of an option, or None when not given."""
     if not text:
-        return list(default)
+        return None
     try:
         vals = [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError as e:
@@ -31,6 +25,12 @@ def _ints(text: str | None, what: str, default: list[int]) -> list[int]:
     return vals
 
 
+def _positive(value: int | None, what: str) -> int | None:
+    if value is not None and value <= 0:
+        raise UserError(f"{what} must be a positive integer: {value}")
+    return value
+
+
 def _command_line() -> str:
     argv0 = sys.argv[0] if sys.argv else "loadtest"
     prog = ["python", "-m", "harp_vllm.loadtest"] if argv0.endswith("__main__.py") else [
@@ -38,32 +38,46 @@ def _command_line() -> str:
     return shlex.join([*prog, *sys.argv[1:]])
 
 
+PROFILE_HELP = "(default: the profile's)"
+
+
 def loadtest(
-    dense_url: Annotated[str, typer.Option(help="OpenAI-compatible base URL of the dense "
-                                                "(baseline) server or its gateway route")],
-    pruned_url: Annotated[str, typer.Option(help="base URL of the pruned (HARP) server")],
+    dense_url: Annotated[str | None, typer.Option(
+        help="OpenAI-compatible base URL of the dense (baseline) server or its gateway route "
+             "(required unless --comparison gives it)")] = None,
+    pruned_url: Annotated[str | None, typer.Option(
+        help="base URL of the pruned (HARP) server (required unless --comparison gives it)")
+                          ] = None,
     out: Annotated[Path, typer.Option(help="output folder (results.json, report.md, PNGs)")
                    ] = Path("loadtest-results"),
-    quick: Annotated[bool, typer.Option(help="a few seconds of load per point (smoke test); "
-                                             "explicit options still win")] = False,
+    profile: Annotated[str | None, typer.Option(
+        help="the load: a profile's name in loadtest/profiles (full, quick, long-7k, ...) or "
+             "a .toml path (default: the comparison's profile, else full)")] = None,
+    comparison: Annotated[Path | None, typer.Option(
+        help="a dense vs pruned comparison file (loadtest/comparisons/*.toml): endpoints, "
+             "models, /metrics URLs, profile; explicit options win over it")] = None,
+    quick: Annotated[bool, typer.Option(help="the quick profile: a few seconds of load per "
+                                             "point (smoke test); explicit options still win")
+                     ] = False,
     prompt_lens: Annotated[str | None, typer.Option(
-        help=f"prompt lengths in tokens (default: {_csv(FULL['prompt_lens'])})")] = None,
+        help=f"prompt lengths in tokens, comma-separated {PROFILE_HELP}")] = None,
     concurrency: Annotated[str | None, typer.Option(
-        help=f"concurrent requests (default: {_csv(FULL['concurrency'])})")] = None,
+        help=f"concurrent requests, comma-separated {PROFILE_HELP}")] = None,
     output_len: Annotated[int | None, typer.Option(
-        help=f"output tokens per request, EOS ignored (default: {FULL['output_len']})")] = None,
+        help=f"output tokens per request, EOS ignored {PROFILE_HELP}")] = None,
     requests_per_run: Annotated[int, typer.Option(
-        help="requests per run (0: 2 x concurrency, at least 4; quick: = concurrency)")] = 0,
+        help="requests per run (0: the profile's requests_per_slot x concurrency, at least "
+             "its min_requests_per_run)")] = 0,
     repeats: Annotated[int | None, typer.Option(
-        help=f"A/B repeats of every point (default: {FULL['repeats']})")] = None,
-    capacity: Annotated[bool, typer.Option(help="run the capacity scenario")] = True,
+        help=f"A/B repeats of every point {PROFILE_HELP}")] = None,
+    capacity: Annotated[bool | None, typer.Option(
+        "--capacity/--no-capacity", help=f"run the capacity scenario {PROFILE_HELP}")] = None,
     capacity_prompt_len: Annotated[int | None, typer.Option(
-        help=f"capacity prompt length (default: {FULL['capacity_prompt_len']})")] = None,
+        help=f"capacity prompt length {PROFILE_HELP}")] = None,
     capacity_concurrency: Annotated[str | None, typer.Option(
-        help=f"capacity concurrency (default: {_csv(FULL['capacity_concurrency'])})")] = None,
+        help=f"capacity concurrency, comma-separated {PROFILE_HELP}")] = None,
     capacity_waves: Annotated[int | None, typer.Option(
-        help="requests per concurrency slot in the capacity scenario "
-             f"(default: {FULL['capacity_waves']})")] = None,
+        help=f"requests per concurrency slot in the capacity scenario {PROFILE_HELP}")] = None,
     model_dense: Annotated[str | None, typer.Option(
         help="model name on the dense endpoint (default: the first it serves)")] = None,
     model_pruned: Annotated[str | None, typer.Option(
@@ -85,30 +99,56 @@ def loadtest(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     plots: Annotated[bool, typer.Option(help="write PNG plots")] = True,
 ) -> None:
-    """A/B load test: the same long-context workload against a dense and a pruned endpoint."""
+    """A/B load test: the same long-context workload against a dense and a pruned endpoint.
+
+    The load comes from a profile, the endpoints from options or a comparison file.
+
+    An API key, if the endpoints need one: $OPENAI_API_KEY (never in the files).
+    """
     # (Long: the Typer signature declares every option; the body only builds ``Config``. The
     # docstring above is the command's --help text.)
     from .ab_sequence import run_loadtest
     from .outputs import write_outputs
+    from .scenario_files import Side, check_url, load_comparison, load_profile, profile_path
     from .scenarios import Config
 
-    base = QUICK if quick else FULL
     try:
+        if quick and profile:
+            raise UserError("give --quick or --profile, not both")
+        comp = load_comparison(comparison) if comparison else None
+        prof = (profile_path(profile) if profile else profile_path("quick") if quick
+                else comp.profile if comp else profile_path("full"))
+        load = load_profile(prof)
+        flags = dict(
+            prompt_lens=_ints(prompt_lens, "--prompt-lens"),
+            concurrency=_ints(concurrency, "--concurrency"),
+            output_len=_positive(output_len, "--output-len"),
+            repeats=_positive(repeats, "--repeats"), capacity=capacity,
+            capacity_prompt_len=_positive(capacity_prompt_len, "--capacity-prompt-len"),
+            capacity_concurrency=_ints(capacity_concurrency, "--capacity-concurrency"),
+            capacity_waves=_positive(capacity_waves, "--capacity-waves"))
+        load.update({k: v for k, v in flags.items() if v is not None})
+        dense = comp.dense if comp else Side(url="")
+        pruned = comp.pruned if comp else Side(url="")
+        urls = {}
+        for opt, given, side in (("--dense-url", dense_url, dense),
+                                 ("--pruned-url", pruned_url, pruned)):
+            if not (given or side.url):
+                raise UserError(f"{opt} is required (or a --comparison file that gives it)")
+            urls[opt] = check_url(given, opt) if given else side.url
+        for opt, given in (("--metrics-url-dense", metrics_url_dense),
+                           ("--metrics-url-pruned", metrics_url_pruned)):
+            if given:
+                check_url(given, opt)
         cfg = Config(
-            dense_url=dense_url, pruned_url=pruned_url, model_dense=model_dense,
-            model_pruned=model_pruned, metrics_url_dense=metrics_url_dense,
-            metrics_url_pruned=metrics_url_pruned, tokenizer=tokenizer, data=data,
-            data_split=data_split, data_file=data_file,
-            prompt_lens=_ints(prompt_lens, "--prompt-lens", base["prompt_lens"]),
-            concurrency=_ints(concurrency, "--concurrency", base["concurrency"]),
-            output_len=output_len or base["output_len"],
-            requests_per_run=requests_per_run,
-            repeats=repeats or base["repeats"], capacity=capacity,
-            capacity_prompt_len=capacity_prompt_len or base["capacity_prompt_len"],
-            capacity_concurrency=_ints(capacity_concurrency, "--capacity-concurrency",
-                                       base["capacity_concurrency"]),
-            capacity_waves=capacity_waves or base["capacity_waves"],
-            run_timeout=run_timeout, seed=seed, quick=quick)
+            dense_url=urls["--dense-url"], pruned_url=urls["--pruned-url"],
+            model_dense=model_dense or dense.model, model_pruned=model_pruned or pruned.model,
+            metrics_url_dense=metrics_url_dense or dense.metrics_url,
+            metrics_url_pruned=metrics_url_pruned or pruned.metrics_url,
+            tokenizer=tokenizer or (comp.tokenizer if comp else None), data=data,
+            data_split=data_split, data_file=data_file, **load,
+            requests_per_run=requests_per_run, run_timeout=run_timeout, seed=seed,
+            profile=str(prof), comparison=str(comparison) if comparison else None)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -1,25 +1,23 @@
-"""What an A/B load test runs: its settings (``Config``, with the full and ``--quick``
-presets) and the ordered steps they make (``plan``): the sweep of prompt lengths x
-concurrencies, repeated, then the capacity scenario (one prompt length at rising concurrency).
+"""What an A/B load test runs: its settings (``Config``; the load itself comes from a profile,
+``loadtest/profiles/*.toml``, read by :mod:`.scenario_files`) and the ordered steps they make
+(``plan``): the sweep of prompt lengths x concurrencies, repeated, then the capacity scenario
+(one prompt length at rising concurrency).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-FULL: dict[str, Any] = dict(prompt_lens=[512, 1024, 2048, 4096, 7168], concurrency=[1, 4, 16],
-                            output_len=64, repeats=2, capacity_prompt_len=2048,
-                            capacity_concurrency=[1, 2, 4, 6, 8, 12], capacity_waves=2)
-QUICK: dict[str, Any] = dict(prompt_lens=[512, 2048], concurrency=[1, 4], output_len=16,
-                             repeats=2, capacity_prompt_len=1024,
-                             capacity_concurrency=[1, 2, 3, 4], capacity_waves=1)
+# The settings a profile file gives (every one of them; their types are Config's).
+PROFILE_KEYS = ("prompt_lens", "concurrency", "output_len", "repeats", "requests_per_slot",
+                "min_requests_per_run", "capacity", "capacity_prompt_len",
+                "capacity_concurrency", "capacity_waves")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Config:
-    """One load test's settings (the defaults: the full preset, ``FULL``)."""
+    """One load test's settings: the endpoints, and the load of a profile (``PROFILE_KEYS``)."""
 
     dense_url: str
     pruned_url: str
@@ -31,26 +29,29 @@ class Config:
     data: str = "wikitext2"
     data_split: str = "test"
     data_file: Path | None = None
-    prompt_lens: list[int] = field(default_factory=lambda: list(FULL["prompt_lens"]))
-    concurrency: list[int] = field(default_factory=lambda: list(FULL["concurrency"]))
-    output_len: int = FULL["output_len"]
-    requests_per_run: int = 0  # 0: 2 x concurrency (at least 4); quick: = concurrency
-    repeats: int = FULL["repeats"]
-    capacity: bool = True
-    capacity_prompt_len: int = FULL["capacity_prompt_len"]
-    capacity_concurrency: list[int] = field(
-        default_factory=lambda: list(FULL["capacity_concurrency"]))
-    capacity_waves: int = FULL["capacity_waves"]
+    # the profile's keys
+    prompt_lens: list[int]
+    concurrency: list[int]
+    output_len: int
+    repeats: int
+    requests_per_slot: int
+    min_requests_per_run: int
+    capacity: bool
+    capacity_prompt_len: int
+    capacity_concurrency: list[int]
+    capacity_waves: int
+    requests_per_run: int = 0  # > 0: this many per run, instead of the per-slot rule
     run_timeout: float = 1800.0
     request_timeout: float = 30.0  # endpoint checks
     seed: int = 0
     temperature: float = 0.0
-    quick: bool = False  # default requests per run: one per concurrency slot
+    profile: str | None = None  # where the load came from (recorded in results.json)
+    comparison: str | None = None
 
     def n_requests(self, concurrency: int) -> int:
         if self.requests_per_run > 0:
             return self.requests_per_run
-        return concurrency if self.quick else max(2 * concurrency, 4)
+        return max(self.requests_per_slot * concurrency, self.min_requests_per_run)
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
