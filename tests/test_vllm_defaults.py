@@ -1,11 +1,16 @@
 """The plugin on vLLM's defaults (issue 15, part 4): no ``--enforce-eager``.
 
-Every other engine test runs eager. Here the real SmolLM2 HARP P=8 runs in vLLM's default
+Every other engine test runs eager. Here a pruned checkpoint runs in vLLM's default
 multi-process engine with its default compilation on this CPU backend (torch.compile), prefix
-caching and chunked prefill on, a per-step token budget (512) smaller than the longest prompt
-(about 1,500 tokens) so that chunked prefill really splits it, and a second pass over the same
-prompts that reads them from the prefix cache. It must give the eager single-rank engine's
-greedy tokens and prompt logprobs (within 1e-4), and the same tokens again from the cache.
+caching and chunked prefill on, a per-step token budget (128) smaller than the longest prompt
+(400 tokens) so that chunked prefill really splits it, and a second pass over the same prompts
+that reads them from the prefix cache. It must give the eager single-rank engine's greedy
+tokens and prompt logprobs (within 1e-4), and the same tokens again from the cache.
+
+The checkpoint is conftest's tiny ``linear`` one (HARP token-local layers of alpha 0.5 and 0,
+linear maps of both ranks and both inputs): every module the plugin compiles, at a fraction
+of SmolLM2's compile time (a real model adds nothing to what compilation is checked for here;
+SmolLM2 runs eager in test_vllm_plugin and test_parallel).
 """
 
 from __future__ import annotations
@@ -13,43 +18,33 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import TINY_PROMPTS
 from probe import run_engine
 from test_parallel import assert_same_as_single_rank
 
-BUDGET = 512  # --max-num-batched-tokens
-
-
-# The prompts whose logprobs are compared: PROMPTS[:4] and the long one (the last of
-# ``smol_harp8_prompts``); both engines run all of them (the same batches).
-PICK = [0, 1, 2, 3, -1]
-
-
-def pick(run: tuple[dict, str]) -> tuple[dict, str]:
-    result, log = run
-    return ({**result, "results": [result["results"][i] for i in PICK]} if result["ok"]
-            else result), log
+BUDGET = 128  # --max-num-batched-tokens
+# conftest's tiny prompts and a long one (the prefix cache and chunked prefill need its length)
+PROMPTS = [*TINY_PROMPTS, [(7 * i) % 290 + 5 for i in range(400)]]
 
 
 @pytest.fixture(scope="module")
-def smol_defaults(smollm2_harp8, smol_harp8_prompts, smol_harp8_run, tmp_path_factory):
-    """(prompts, the eager run, the run on vLLM's defaults), both on ``smol_harp8_prompts``:
-    the eager one is conftest's ``smol_harp8_run`` (shared with test_vllm_plugin and
-    test_parallel)."""
+def tiny_defaults(tiny_checkpoints, engines, tmp_path_factory):
+    """(prompts, the eager single-rank run, the run on vLLM's defaults) of the tiny ``linear``
+    checkpoint."""
+    model = tiny_checkpoints["linear"]
     work: Path = tmp_path_factory.mktemp("defaults-runs")
-    default = run_engine(smollm2_harp8, work / "default", smol_harp8_prompts,
-                         max_model_len=2048, in_process=False, timeout=1500,
+    default = run_engine(model, work / "default", PROMPTS, in_process=False, timeout=1500,
                          extra=("--vllm-defaults", "--max-num-batched-tokens", str(BUDGET),
                                 "--second-pass"))
-    return smol_harp8_prompts, smol_harp8_run, default
+    return PROMPTS, engines(model, PROMPTS), default
 
 
 @pytest.mark.vllm
-@pytest.mark.real_model
 @pytest.mark.timeout(1800)
-def test_default_compilation_with_chunked_prefill_matches_eager(smol_defaults):
-    prompts, eager, default = smol_defaults
+def test_default_compilation_with_chunked_prefill_matches_eager(tiny_defaults):
+    prompts, eager, default = tiny_defaults
     assert max(len(p) for p in prompts) > 2 * BUDGET  # the long prompt takes 3+ steps
-    worst = assert_same_as_single_rank(pick(default), pick(eager), len(PICK))
+    worst = assert_same_as_single_rank(default, eager, len(PROMPTS))
     assert [r["token_ids"] for r in default[0]["results"]] == [  # and every prompt's tokens
         r["token_ids"] for r in eager[0]["results"]]
     print(f"default compilation vs eager: max |d prompt logprob| = {worst:.2e}")
@@ -61,10 +56,9 @@ def test_default_compilation_with_chunked_prefill_matches_eager(smol_defaults):
 
 
 @pytest.mark.vllm
-@pytest.mark.real_model
 @pytest.mark.timeout(1800)
-def test_prefix_cache_hits_give_the_same_tokens(smol_defaults):
-    prompts, _, (result, log) = smol_defaults
+def test_prefix_cache_hits_give_the_same_tokens(tiny_defaults):
+    prompts, _, (result, log) = tiny_defaults
     assert result["ok"], result.get("error", "") + log[-3000:]
     first, second = result["results"], result["second_pass"]
     assert [r["token_ids"] for r in second] == [r["token_ids"] for r in first]
