@@ -37,7 +37,7 @@ from ..methods.structured import (
 from ..reference import load_model, pruned
 from ..selection import select_layers
 from .checkpoint import check_output_dir, save_pruned
-from .options import PruneOptions, calibration_shape, parse_rank
+from .prune_options import PruneOptions, calibration_shape, parse_rank
 
 DAMAGE_WINDOWS = 8  # calibration windows --select damage scores every layer on
 
