@@ -172,7 +172,17 @@ def save_linear(src: Path, out: Path, groups: list[tuple[list[int], int | None, 
     return save_pruned(model, spec, src, out)
 
 
-class HarpServer(ServerProcess):
+class RestartableServer(ServerProcess):
+    """A test's server that a test may stop (or kill, as a crash) and start again in place."""
+
+    def restart(self) -> RestartableServer:
+        """Stop (if running) and start the same command again."""
+        self.stop()
+        self._spawn()
+        return self
+
+
+class HarpServer(RestartableServer):
     """A ``harp-vllm serve`` server (``harp_vllm.serving.serve``) started in the background on
     ``host:port``; ``env`` is added to this process's environment and ``drop_env`` taken out
     of it; ``via_cli``: through the ``harp-vllm serve`` command itself (Typer, then exec)."""
