@@ -14,8 +14,12 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..families import STRUCTURED_MODEL_TYPES, head_dim
+from ..families import head_dim, model_types
 
+# The config keys saying every layer's attention / MLP projections have biases: how a checkpoint
+# with FLAP's compensation declares them, also for families whose HF code has none (Mistral);
+# vLLM's Llama code reads the same two keys.
+ATTENTION_BIAS, MLP_BIAS = "attention_bias", "mlp_bias"
 # The input-side projections (o_proj and down_proj are the output side).
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj")
@@ -23,9 +27,10 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj")
 
 def check_family(config) -> None:
     mt = getattr(config, "model_type", None)
-    if mt not in STRUCTURED_MODEL_TYPES:
-        raise UserError(f"head/MLP pruning supports model families "
-                        f"{', '.join(STRUCTURED_MODEL_TYPES)}; got {mt!r}")
+    served = model_types(lambda f: f.heads)
+    if mt not in served:
+        raise UserError(f"head/MLP pruning supports model families {', '.join(served)}; "
+                        f"got {mt!r}")
 
 
 def group_size(config) -> int:

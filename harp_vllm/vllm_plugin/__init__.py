@@ -14,7 +14,7 @@ family (``llama.py``, ``qwen2.py``, ``gemma.py``).
 
 from __future__ import annotations
 
-from ..families import FAMILIES
+from .. import families
 from .version import (
     SKIP_VERSION_CHECK_ENV,
     SUPPORTED_VLLM,
@@ -23,11 +23,14 @@ from .version import (
     version_check_skipped,
 )
 
-# HARP architecture name -> "module:Class" of its vLLM implementation.
-MODELS = {f.harp_architecture: f.plugin_class for f in FAMILIES}
 
-__all__ = ["MODELS", "SKIP_VERSION_CHECK_ENV", "SUPPORTED_VLLM", "UnsupportedVllmVersion",
-           "check_vllm_version", "register"]
+def plugin_classes() -> dict[str, str]:
+    """HARP architecture name -> "module:Class" of its vLLM implementation, one per family."""
+    return {f.harp_architecture: f.plugin_class for f in families.FAMILIES}
+
+
+__all__ = ["SKIP_VERSION_CHECK_ENV", "SUPPORTED_VLLM", "UnsupportedVllmVersion",
+           "check_vllm_version", "plugin_classes", "register"]
 
 
 def register() -> None:
@@ -46,6 +49,6 @@ def register() -> None:
 
     pp_buffers.install()
     supported = ModelRegistry.get_supported_archs()
-    for arch, target in MODELS.items():
+    for arch, target in plugin_classes().items():
         if arch not in supported:
             ModelRegistry.register_model(arch, target)

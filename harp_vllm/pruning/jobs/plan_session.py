@@ -12,7 +12,7 @@ from typing import Any
 from ... import models
 from ...errors import UserError
 from ...evaluation import data as data_mod
-from ...families import PLAN_MODEL_TYPES
+from ...families import model_types
 from ...paths import cache_dir
 from ..calibration.damage import record_dense
 from ..calibration.windows import (
@@ -57,8 +57,10 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     cfg = AutoConfig.from_pretrained(src)
     if getattr(cfg, "harp_pruning", None):
         raise UserError(f"{opts.model} is already a pruned checkpoint; plan its source model")
-    if cfg.model_type not in PLAN_MODEL_TYPES:
-        raise UserError(f"harp-vllm plan serves {', '.join(PLAN_MODEL_TYPES)} models (linear maps "
+    # maps, KV-group cuts and FLAP's bias in one checkpoint: all three served
+    served = model_types(lambda f: f.linear_maps and f.heads and f.compensation)
+    if cfg.model_type not in served:
+        raise UserError(f"harp-vllm plan serves {', '.join(served)} models (linear maps "
                         f"and KV-group cuts in one checkpoint), not {cfg.model_type!r}")
     ranks = parse_ranks(opts.ranks, cfg, opts.speedup)
     kinds = parse_kinds(opts)

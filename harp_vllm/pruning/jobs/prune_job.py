@@ -21,7 +21,7 @@ from ... import models
 from ...errors import UserError
 from ...evaluation import data as data_mod
 from ...evaluation.perplexity import evaluate_perplexity
-from ...families import LINEAR_MODEL_TYPES, harp_architecture
+from ...families import harp_architecture, model_types
 from ...spec import PruningSpec
 from ..calibration.windows import calibration_windows, load_calibration_text
 from ..costs import kv_bytes_per_token, model_shapes
@@ -231,8 +231,9 @@ def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool)
         refine,
     )
 
-    if hf_cfg.model_type not in LINEAR_MODEL_TYPES:
-        raise UserError(f"--method linear is served for {', '.join(LINEAR_MODEL_TYPES)} models, "
+    served = model_types(lambda f: f.linear_maps)
+    if hf_cfg.model_type not in served:
+        raise UserError(f"--method linear is served for {', '.join(served)} models, "
                         f"not {hf_cfg.model_type!r}")
     if opts.alpha is not None:
         raise UserError("--alpha is for HARP; --method linear fits its maps")

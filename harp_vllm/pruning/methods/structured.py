@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...errors import UserError
-from ...families import NO_COMPENSATION_MODEL_TYPES, head_dim
+from ...families import head_dim, model_types
 from ..heads import (
     ATTENTION_PROJECTIONS,
     MLP_PROJECTIONS,
@@ -278,7 +278,9 @@ def prune_structured(model, windows: torch.Tensor, method: str, ratio: float,
         raise UserError(f"--allocation must be uniform or global, got {allocation!r}")
     compensate = method == "flap" if bias_compensation is None else bias_compensation
     config = model.config
-    if compensate and getattr(config, "model_type", None) in NO_COMPENSATION_MODEL_TYPES:
+    # head-pruned families whose vLLM code has no o_proj / down_proj bias
+    no_bias = model_types(lambda f: f.heads and not f.compensation)
+    if compensate and getattr(config, "model_type", None) in no_bias:
         raise UserError(f"bias compensation needs o_proj and down_proj biases, which vLLM's "
                         f"{config.model_type} code has not; use --no-bias-compensation")
     d, r = head_dim(config), group_size(config)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ...errors import UserError
-from ...families import post_norm as family_post_norm
+from ...families import family_of, model_types
 from ...spec import PruningSpec
 from .fitted_maps import GroupMap, LinearAttention, attach_group_map, install_map
 from .model_layers import check_layers, decoder_layers
@@ -20,10 +20,11 @@ from .token_local import prune_layers
 
 def apply_pruning(model, spec: PruningSpec):
     """Prune ``model`` in place for good: q/k (and v/o where alpha = 0) are gone."""
-    post_norm = family_post_norm(model.config)
+    family = family_of(model.config)
     prune_layers(model, spec.layers)
-    if spec.maps and post_norm:
-        raise UserError(f"linear maps replace attention in Llama-like families only, not "
+    if spec.maps and not family.linear_maps:
+        raise UserError(f"linear maps are served for "
+                        f"{', '.join(model_types(lambda f: f.linear_maps))} models only, not "
                         f"{model.config.model_type!r}")
     check_layers(model, spec.maps)
     for idx, m in spec.replaced.items():  # a fitted map already in place is kept
@@ -66,7 +67,7 @@ def load_pruned(path: Path, config, spec: PruningSpec):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    family_post_norm(config)
+    family_of(config)  # UserError for an unsupported family
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                              attn_implementation="sdpa")
     if spec.shapes is not None:  # head/MLP-level pruning: every layer gets its own shapes

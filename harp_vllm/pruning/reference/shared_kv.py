@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ...errors import UserError
-from ...families import family_of
+from ...families import family_of, model_types
 from .model_layers import check_layers, decoder_layers
 from .sliding_windows import narrowed, window_mask
 
@@ -83,7 +83,8 @@ class SharedKVAttention(nn.Module):
 def check_sharing_family(model) -> None:
     """UserError unless the model's family serves cross-layer KV sharing."""
     if not family_of(model.config).kv_sharing:
-        raise UserError(f"cross-layer KV sharing is built for Llama-like families only, not "
+        raise UserError(f"cross-layer KV sharing is served for "
+                        f"{', '.join(model_types(lambda f: f.kv_sharing))} models only, not "
                         f"{model.config.model_type!r}")
 
 
