@@ -91,14 +91,21 @@ def resize_layer(layer: Any, config, num_attention_heads: int, num_key_value_hea
     if heads // kv != group_size(config):
         raise UserError(f"a layer with {heads} heads and {kv} KV heads changes the model's "
                         f"group size {group_size(config)}")
-    # FLAP checkpoints carry biases (attention_bias / mlp_bias), also for families whose HF
-    # code has none (Mistral); vLLM's Llama code reads the same two flags.
-    if getattr(config, "attention_bias", False):
+    if getattr(config, ATTENTION_BIAS, False):
         add_biases(layer.self_attn, (*ATTENTION_PROJECTIONS, "o_proj"))
-    if getattr(config, "mlp_bias", False):
+    if getattr(config, MLP_BIAS, False):
         add_biases(layer.mlp, (*MLP_PROJECTIONS, "down_proj"))
     keep_groups(layer.self_attn, config, list(range(kv)))
     keep_channels(layer.mlp, list(range(intermediate_size)))
+
+
+def declare_biases(config, attention: bool = False, mlp: bool = False) -> None:
+    """Record in ``config`` that every layer's attention (q/k/v/o) and/or MLP projections
+    have biases (FLAP's compensation; zero where the model had none)."""
+    if attention:
+        setattr(config, ATTENTION_BIAS, True)
+    if mlp:
+        setattr(config, MLP_BIAS, True)
 
 
 def add_bias(module: nn.Linear, value: torch.Tensor | None = None) -> nn.Linear:

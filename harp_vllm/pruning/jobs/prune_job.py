@@ -25,7 +25,7 @@ from ...families import harp_architecture, model_types
 from ...spec import PruningSpec
 from ..calibration.windows import calibration_windows, load_calibration_text
 from ..costs import kv_bytes_per_token, model_shapes
-from ..heads import check_family, count_parameters
+from ..heads import MLP_BIAS, check_family, count_parameters
 from ..methods.alpha_search import fast_search, naive_search
 from ..methods.gate_norm import gate_norm_scores, lowest_scoring
 from ..methods.structured import (
@@ -202,7 +202,7 @@ def run_structured(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: b
     calibration = {**calib_src, "samples": samples, "seq_len": seq_len, "seed": opts.seed,
                    "head_ratio": opts.ratio, "mlp_ratio": opts.mlp_ratio,
                    "allocation": opts.allocation or DEFAULT_ALLOCATION[opts.method],
-                   "bias_compensation": bool(getattr(model.config, "mlp_bias", False)),
+                   "bias_compensation": bool(getattr(model.config, MLP_BIAS, False)),
                    "gqa": "whole KV groups", "score_seconds": round(res.seconds, 2),
                    "heads_removed": heads_total - sum(shapes["num_attention_heads"]),
                    "group_scores": res.group_scores}

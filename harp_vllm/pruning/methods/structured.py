@@ -41,6 +41,7 @@ from ..heads import (
     add_bias,
     add_biases,
     channels_of,
+    declare_biases,
     group_size,
     keep_channels,
     keep_groups,
@@ -319,8 +320,7 @@ def prune_structured(model, windows: torch.Tensor, method: str, ratio: float,
             _prune_layer(layer, config, kept_g[idx], kept_c[idx],
                          all_stats[idx] if compensate else None)
     if compensate:
-        config.attention_bias = True
-        config.mlp_bias = True
+        declare_biases(config, attention=True, mlp=True)
     return StructuredResult(kept_groups=kept_g, kept_channels=kept_c,
                             group_scores=[[round(float(v), 6) for v in s] for s in g_scores],
                             seconds=time.perf_counter() - start)
