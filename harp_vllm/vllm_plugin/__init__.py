@@ -8,8 +8,9 @@ Modules: ``version.py`` (the supported vLLM releases, the guarded global swap),
 ``checkpoint_spec.py`` (the pruning section, validated and read per layer), ``fold.py`` (the
 V·O fold), ``attention.py`` (the changed layers' attention modules), ``factories.py`` (what a
 decoder layer builds in their place), ``mixins.py`` (the pruned-layer forward and the checked
-weight loading), ``pp_buffers.py`` (a vLLM pipeline-parallel workaround) and one module per
-family (``llama.py``, ``qwen2.py``, ``gemma.py``).
+weight loading), ``sharing.py`` (a layer over an earlier layer's KV cache), ``pp_buffers.py``
+(a vLLM pipeline-parallel workaround) and one module per family (``llama.py``, ``qwen2.py``,
+``gemma.py``); the families themselves are records in ``harp_vllm.families``.
 """
 
 from __future__ import annotations
