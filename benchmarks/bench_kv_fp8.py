@@ -2,7 +2,8 @@
 
 Per model and KV-cache dtype (``auto`` = the model's fp32, ``fp8``): the engine's KV-cache
 capacity in tokens at the same ``VLLM_CPU_KVCACHE_SPACE``, and the greedy tokens of the test
-prompts (tests/test_vllm_plugin.py's six, 64 tokens each). Reports capacity ratios and how
+prompts (``PROMPTS``: the engine tests' six, 64 tokens each). The engine runs are
+tests/probe.py's, started by path (nothing is imported from tests/). Reports capacity ratios and how
 many greedy tokens the fp8 run shares with the same model at full precision (the common
 prefix: after the first difference the continuations are different texts).
 
@@ -20,9 +21,23 @@ from pathlib import Path
 
 PROBE = Path(__file__).resolve().parents[1] / "tests" / "probe.py"
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# The six prompts the measurements in docs/results.md were made on (the same text as the
+# engine tests' prompts in tests/conftest.py; a benchmark imports nothing from tests/).
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village by the sea, there lived",
+    "<|im_start|>user\nWhat is the boiling point of water?<|im_end|>\n<|im_start|>assistant\n",
+    "1, 1, 2, 3, 5, 8, 13,",
+    "Robert Boulter is an English film, television and theatre actor. He had a guest starring "
+    "role on the television series The Bill in 2000. This was followed by a starring role in "
+    "the play Herons written by Simon Stephens, which was performed in 2001 at the Royal Court "
+    "Theatre. He had a guest role in the television series Judge John Deed in 2002. In 2004 "
+    "Boulter landed a role as Craig in the episode Teddy's Story of the television series The "
+    "Long Firm; he starred alongside actors Mark Strong and Derek Jacobi.",
+]
 
 
 def run(model: Path, prompts: Path, out: Path, kv_dtype: str, tokens: int, kv_space: str
@@ -55,7 +70,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("out/bench_kv_fp8.json"))
     args = ap.parse_args()
     from bench_vllm_engine import ensure_models
-    from test_vllm_plugin import PROMPTS
 
     from harp_vllm import models
 

@@ -76,29 +76,30 @@ FAMILIES: tuple[Family, ...] = (
            biases=_gemma_biases, windows=True),
 )
 
-# HF architecture -> HARP architecture name registered with vLLM.
-HARP_ARCHITECTURES = {f.hf_architecture: f.harp_architecture for f in FAMILIES}
-BY_HARP_ARCHITECTURE = {f.harp_architecture: f for f in FAMILIES}
+# Everything below reads FAMILIES when called (nothing is derived from it at import), so a
+# family added to FAMILIES is known everywhere at once (tests/test_families.py adds one).
 
 
-def _model_types(pred: Callable[[Family], bool]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(mt for f in FAMILIES if pred(f) for mt in f.model_types))
+def model_types(served: Callable[[Family], bool] = lambda f: True) -> tuple[str, ...]:
+    """The ``model_type`` values of the families ``served`` accepts (all by default), in
+    FAMILIES order without repeats: e.g. ``model_types(lambda f: f.heads)``, the model types
+    whose head-pruned checkpoints the plugin serves."""
+    return tuple(dict.fromkeys(mt for f in FAMILIES if served(f) for mt in f.model_types))
 
 
-MODEL_TYPES = _model_types(lambda f: True)
-# model types whose head-pruned checkpoints the plugin serves (Gemma's attention has its own
-# norms and scaling; not done).
-STRUCTURED_MODEL_TYPES = _model_types(lambda f: f.heads)
-# model types whose vLLM code has no o_proj / down_proj bias for FLAP's compensation.
-NO_COMPENSATION_MODEL_TYPES = _model_types(lambda f: f.heads and not f.compensation)
-# model types whose linear-map checkpoints the plugin serves.
-LINEAR_MODEL_TYPES = _model_types(lambda f: f.linear_maps)
-# harp-vllm plan mixes maps with KV-group cuts carrying FLAP's bias: all three served.
-PLAN_MODEL_TYPES = _model_types(lambda f: f.linear_maps and f.heads and f.compensation)
-# model types whose checkpoints may have per-layer sliding windows.
-WINDOWED_MODEL_TYPES = _model_types(lambda f: f.windows)
-# model types whose checkpoints may have layers sharing an earlier layer's KV cache.
-SHARING_MODEL_TYPES = _model_types(lambda f: f.kv_sharing)
+def by_harp_architecture(name: str) -> Family | None:
+    """The family whose pruned checkpoints declare architecture ``name`` (None: not HARP's)."""
+    return next((f for f in FAMILIES if f.harp_architecture == name), None)
+
+
+def plugin_family(cls: type) -> Family:
+    """The family whose ``plugin_class`` is ``cls`` (the plugin's model class reads its record
+    through this); LookupError if no record names it."""
+    name = f"{cls.__module__}:{cls.__qualname__}"
+    for f in FAMILIES:
+        if f.plugin_class == name:
+            return f
+    raise LookupError(f"no family in harp_vllm.families names the plugin class {name}")
 
 
 def family_of(config: Any) -> Family:
@@ -109,7 +110,7 @@ def family_of(config: Any) -> Family:
             return f
     raise UserError(f"unsupported model family {mt!r} (architectures "
                     f"{getattr(config, 'architectures', None)}); supported: "
-                    f"{', '.join(sorted(MODEL_TYPES))}")
+                    f"{', '.join(sorted(model_types()))}")
 
 
 def post_norm(config: Any) -> bool:
@@ -121,13 +122,13 @@ def harp_architecture(config) -> str:
     """The HARP architecture name for a dense config (clear error if unsupported)."""
     family_of(config)  # UserError for an unsupported family
     archs = getattr(config, "architectures", None) or []
+    harp = {f.hf_architecture: f.harp_architecture for f in FAMILIES}
     for a in archs:
-        if a in HARP_ARCHITECTURES:
-            return HARP_ARCHITECTURES[a]
-        if a in HARP_ARCHITECTURES.values():
+        if a in harp:
+            return harp[a]
+        if a in harp.values():
             return a
-    raise UserError(f"unsupported architecture {archs}; supported: "
-                    f"{', '.join(HARP_ARCHITECTURES)}")
+    raise UserError(f"unsupported architecture {archs}; supported: {', '.join(harp)}")
 
 
 def head_dim(config: Any, hidden_size: int | None = None, num_heads: int | None = None) -> int:

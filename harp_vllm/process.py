@@ -50,17 +50,6 @@ def http_ok(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def http_status(url: str, timeout: float = 3.0) -> int | None:
-    """The HTTP status GET ``url`` answers (None: no answer)."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return int(r.status)
-    except urllib.error.HTTPError as e:
-        return int(e.code)
-    except (urllib.error.URLError, OSError, ValueError):
-        return None
-
-
 def log_tail(path: str | Path | None, n: int = 30) -> str:
     """The last ``n`` lines of a log file ("" if there is none)."""
     if path is None:
@@ -75,19 +64,18 @@ class ServerProcess:
     """``cmd`` started in the background, in its own process group, output to ``log_path``.
 
     ``url`` is the server's base URL; ``wait_ready`` polls ``url + health_path`` every
-    ``poll`` seconds until it answers 2xx (or one of ``ready_status``). ``cwd``: the working
-    directory (None: this process's).
+    ``poll`` seconds until it answers 2xx (``healthy``). ``cwd``: the working directory (None:
+    this process's).
     """
 
     def __init__(self, cmd: Sequence[str], url: str, env: Mapping[str, str] | None = None,
                  log_path: Path | None = None, health_path: str = "/health",
-                 ready_status: tuple[int, ...] | None = None, poll: float = 1.0,
-                 cwd: Path | None = None):
+                 poll: float = 1.0, cwd: Path | None = None):
         self.cmd = list(cmd)
         self.cwd = cwd
         self.url = url
         self.health_path = health_path
-        self.ready_status, self.poll = ready_status, poll
+        self.poll = poll
         self.log_path = Path(log_path) if log_path else None
         self._env = dict(os.environ if env is None else env)
         self._log: IO[bytes] | int = subprocess.DEVNULL
@@ -112,19 +100,11 @@ class ServerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
-    def restart(self) -> ServerProcess:
-        """Stop (if running) and start the same command again."""
-        self.stop()
-        self._spawn()
-        return self
-
     def log_tail(self, n: int = 40) -> str:
         return log_tail(self.log_path, n)
 
     def healthy(self, timeout: float = 2.0) -> bool:
-        if self.ready_status is None:
-            return http_ok(self.url + self.health_path, timeout)
-        return http_status(self.url + self.health_path, timeout) in self.ready_status
+        return http_ok(self.url + self.health_path, timeout)
 
     def wait_ready(self, timeout: float = 300.0) -> ServerProcess:
         """Return once healthy; RuntimeError (with the log's tail) if the process exits first,

@@ -64,7 +64,8 @@ def tiny_tokenizer():
 
 
 # Gemma's head size and attention scaling are set explicitly (its defaults are for 2B+ models).
-TINY_EXTRA = {"gemma2": dict(head_dim=16, query_pre_attn_scalar=16)}
+TINY_EXTRA = {"gemma2": dict(head_dim=16, query_pre_attn_scalar=16),
+              "gemma3_text": dict(head_dim=16, query_pre_attn_scalar=16)}
 
 
 @torch.no_grad()
@@ -84,9 +85,9 @@ def make_tiny_model(family: str, out: Path, layers: int = 4, seed: int = 0) -> P
     ``out``."""
     import transformers
 
-    from harp_vllm.families import MODEL_TYPES
+    from harp_vllm.families import model_types
 
-    assert family in MODEL_TYPES, f"{family!r} is not a family HARP supports"
+    assert family in model_types(), f"{family!r} is not a family HARP supports"
     tok = tiny_tokenizer()
     cfg = transformers.AutoConfig.for_model(
         family, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
@@ -172,7 +173,17 @@ def save_linear(src: Path, out: Path, groups: list[tuple[list[int], int | None, 
     return save_pruned(model, spec, src, out)
 
 
-class HarpServer(ServerProcess):
+class RestartableServer(ServerProcess):
+    """A test's server that a test may stop (or kill, as a crash) and start again in place."""
+
+    def restart(self) -> RestartableServer:
+        """Stop (if running) and start the same command again."""
+        self.stop()
+        self._spawn()
+        return self
+
+
+class HarpServer(RestartableServer):
     """A ``harp-vllm serve`` server (``harp_vllm.serving.serve``) started in the background on
     ``host:port``; ``env`` is added to this process's environment and ``drop_env`` taken out
     of it; ``via_cli``: through the ``harp-vllm serve`` command itself (Typer, then exec)."""
@@ -222,19 +233,28 @@ TINY_MAP_GROUPS = [([0], None, "raw"), ([2], 32, "normed"), ([4], 16, "raw"),
                    ([5], None, "normed")]
 
 
+def own_model_type(family) -> str:
+    """The ``model_type`` of ``family`` (a ``harp_vllm.families.Family``) whose HF causal LM
+    is the family's own dense architecture (Mistral's record also accepts ``llama``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return next(mt for mt in family.model_types
+                if MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(mt) == family.hf_architecture)
+
+
 def make_tiny(family: str, out: Path, layers: int = 6) -> Path:
-    """A tiny random model vLLM's CPU attention accepts (head_dim 32; conftest's is 16)."""
+    """A tiny random model of HF ``model_type`` ``family`` (``AutoConfig`` knows its config
+    class) that vLLM's CPU attention accepts (head_dim 32; ``make_tiny_model``'s is 16)."""
     import transformers
 
-    cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
-           "gemma2": "Gemma2Config", "gemma3": "Gemma3TextConfig"}[family]
-    gemma = family.startswith("gemma")
+    gemma = family.startswith("gemma")  # Gemma's attention scaling, set for the tiny size
     extra = {"query_pre_attn_scalar": 32} if gemma else {}
     tok = tiny_tokenizer()
-    cfg = getattr(transformers, cls)(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+    cfg = transformers.AutoConfig.for_model(
+        family, vocab_size=len(tok), hidden_size=128, intermediate_size=256,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        max_position_embeddings=512, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
         tie_word_embeddings=gemma,  # vLLM's Gemma2 always ties lm_head to the embeddings
         **extra)
     torch.manual_seed(0)

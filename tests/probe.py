@@ -39,12 +39,14 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import gc
 import json
 import os
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 from harp_vllm.serving.kv_capacity import kv_groups
@@ -189,6 +191,36 @@ def try_models(args: argparse.Namespace) -> dict:
         del llm
         cleanup_dist_env_and_memory()  # the next engine starts from a clean distributed state
     return {"ok": True, "runs": runs}
+
+
+@contextlib.contextmanager
+def family_added(module: str | None) -> Iterator[None]:
+    """With ``module``: its ``FAMILY`` record is one of ``harp_vllm.families.FAMILIES`` during
+    the block (its architecture registered with vLLM now: a long-lived worker registered the
+    plugin's before), and its directory on ``PYTHONPATH`` (vLLM inspects a registered model
+    class in a subprocess, which imports its module too); all as before afterwards."""
+    if module is None:
+        yield
+        return
+    import importlib
+
+    from harp_vllm import families
+    from harp_vllm.vllm_plugin import register
+
+    mod = importlib.import_module(module)
+    saved = families.FAMILIES, os.environ.get("PYTHONPATH")
+    families.FAMILIES = (*saved[0], mod.FAMILY)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(mod.__file__).resolve().parent), *([saved[1]] if saved[1] else [])])
+    try:
+        register()
+        yield
+    finally:
+        families.FAMILIES = saved[0]
+        if saved[1] is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved[1]
 
 
 WORKER_MAX_RSS = 6 << 30  # bytes: a worker above this after a job exits (a fresh one follows)
@@ -344,7 +376,21 @@ def launch(flags: list[str], workdir: Path, env: dict[str, str], timeout: float
     return result, log
 
 
-KV_SPACE_GIB = 1  # VLLM_CPU_KVCACHE_SPACE of every engine run_engine starts
+KV_SPACE_GIB = 1  # VLLM_CPU_KVCACHE_SPACE of every engine the tests start
+
+
+def engine_env(in_process: bool, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a test's engine run: this process's without the variables a run
+    sets for itself, ``KV_SPACE_GIB`` of KV cache, no tokenizer threads, the in-process
+    engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) when ``in_process``, then ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_PLUGINS",
+                        "VLLM_CPU_OMP_THREADS_BIND", "VLLM_PP_LAYER_PARTITION")}
+    env.update(VLLM_CPU_KVCACHE_SPACE=str(KV_SPACE_GIB), TOKENIZERS_PARALLELISM="false")
+    if in_process:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    env.update(extra or {})
+    return env
 
 
 def run_engine(model: Path | list[Path], workdir: Path, prompts: list, *, tp: int = 1,
@@ -359,8 +405,6 @@ def run_engine(model: Path | list[Path], workdir: Path, prompts: list, *, tp: in
     fast) unless ``in_process`` is False; a parallel one runs vLLM's default multi-process
     engine with one worker per rank. ``extra``: more probe flags.
     """
-    import os
-
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "prompts.json").write_text(json.dumps(prompts))
     if isinstance(model, list):
@@ -373,17 +417,12 @@ def run_engine(model: Path | list[Path], workdir: Path, prompts: list, *, tp: in
              "--max-tokens", "32", "--max-model-len", str(max_model_len), "--prompt-logprobs",
              "--rank-info", "--tensor-parallel-size", str(tp), "--pipeline-parallel-size",
              str(pp), *extra]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_PLUGINS",
-                        "VLLM_CPU_OMP_THREADS_BIND", "VLLM_PP_LAYER_PARTITION")}
-    env.update(VLLM_CPU_KVCACHE_SPACE=str(KV_SPACE_GIB), TOKENIZERS_PARALLELISM="false")
-    if tp * pp > 1:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % 2) for i in range(tp * pp))
     if in_process is None:
         in_process = tp * pp == 1
-    if in_process:
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    else:
+    env = engine_env(in_process)
+    if tp * pp > 1:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % 2) for i in range(tp * pp))
+    if not in_process:
         env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # --rank-info sends a function
     return launch(flags, workdir, env, timeout)
 
@@ -413,13 +452,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="per worker: ranks, layers, KV-cache specs (a callable sent to the "
                          "workers: needs VLLM_ALLOW_INSECURE_SERIALIZATION=1 with "
                          "multiprocessing)")
+    ap.add_argument("--add-family", metavar="MODULE",
+                    help="a module of tests/ whose FAMILY record is added to "
+                         "harp_vllm.families for this run (a family added by a record and a "
+                         "plugin class: tests/qwen3_family.py)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if sum(map(bool, (args.model, args.models, args.try_models))) != 1:
         ap.error("one of --model, --models or --try-models is required")
     try:
-        result = (try_models(args) if args.try_models else run_models(args) if args.models
-                  else run(args))
+        with family_added(args.add_family):
+            result = (try_models(args) if args.try_models else run_models(args)
+                      if args.models else run(args))
         code = 0
     except Exception as e:  # reported to the caller, which checks the message
         traceback.print_exc()

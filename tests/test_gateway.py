@@ -21,11 +21,14 @@ import os
 import statistics
 import sys
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import RestartableServer
 from test_serve import (
     DENSE_NAME,
     HARP_NAME,
@@ -35,7 +38,7 @@ from test_serve import (
     stop_vllm_pair,
 )
 
-from harp_vllm.process import ServerProcess, free_port
+from harp_vllm.process import free_port
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -43,16 +46,26 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 FAKE_BACKEND = Path(__file__).with_name("fake_backend.py")
 
 
-class Proc(ServerProcess):
+class Proc(RestartableServer):
     """A test server on 127.0.0.1:``port`` (``harp_vllm.process.ServerProcess``), ready when
     ``url + probe`` answers one of ``ready_status``; ``start`` starts it again and waits."""
 
     def __init__(self, cmd: list[str], port: int, log: Path, probe: str = "/health",
                  ready_status: tuple[int, ...] = (200, 503)):
-        self.port = port
+        self.port, self.ready_status = port, ready_status
         super().__init__(cmd, f"http://127.0.0.1:{port}", {**os.environ, "NO_COLOR": "1"}, log,
-                         health_path=probe, ready_status=ready_status, poll=0.2)
+                         health_path=probe, poll=0.2)
         self.wait_ready(30)
+
+    def healthy(self, timeout: float = 2.0) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + self.health_path, timeout=timeout) as r:
+                status = int(r.status)
+        except urllib.error.HTTPError as e:
+            status = int(e.code)
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+        return status in self.ready_status
 
     def start(self, timeout: float = 30) -> Proc:
         self.restart()

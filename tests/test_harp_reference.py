@@ -4,18 +4,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, own_model_type
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+from harp_vllm import families
 from harp_vllm.errors import UserError
 from harp_vllm.families import post_norm
 from harp_vllm.pruning.jobs.checkpoint import save_pruned
 from harp_vllm.pruning.reference import decoder_layers, load_model, pruned
 from harp_vllm.spec import PruningSpec
 
-FAMILIES = ["llama", "mistral", "qwen2", "gemma2"]
+FAMILIES = [own_model_type(f) for f in families.FAMILIES]  # each family's own model type
 IDENTITY_LAYERS: set[int] = set()
 
 

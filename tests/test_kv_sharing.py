@@ -93,9 +93,9 @@ def test_sharing_of_the_same_kind_is_accepted():
 
 
 def test_sharing_on_a_family_without_support_is_refused():
-    from harp_vllm.families import SHARING_MODEL_TYPES
+    from harp_vllm.families import model_types
 
-    assert set(SHARING_MODEL_TYPES) == {"llama", "mistral"}
+    assert set(model_types(lambda f: f.kv_sharing)) == {"llama", "mistral"}
 
 
 # ---------------------------------------------------------------------------- the reference
@@ -196,7 +196,7 @@ def test_shared_reference_refuses_families_without_support():
     from harp_vllm.pruning.reference import shared
 
     model = SimpleNamespace(config=SimpleNamespace(model_type="gemma2", architectures=None))
-    with pytest.raises(UserError, match="Llama-like families only, not 'gemma2'"), \
+    with pytest.raises(UserError, match="served for llama, mistral models only, not 'gemma2'"), \
             shared(model, {3: 1}):
         pass
 

@@ -139,7 +139,8 @@ def _logits_equal_reference(ckpt: Path, tiny_llama: Path, layout_text: str) -> N
     with torch.no_grad():
         got = reloaded(input_ids=ids).logits
     # Rebuild the same layout on the dense model from a fresh session's statistics.
-    from harp_vllm.pruning.jobs.plan_job import PlanOptions, open_session
+    from harp_vllm.pruning.jobs.plan_options import PlanOptions
+    from harp_vllm.pruning.jobs.plan_session import open_session
 
     s = open_session(PlanOptions(model=str(tiny_llama), out=ckpt, layout=layout_text,
                                  calib_file=ckpt.parent / "calib.txt", calib_samples=16,

@@ -58,8 +58,8 @@ def test_wikitext_perplexity_beats_unigram_and_needs_word_order(smollm2_dir):
 
 def test_harp_prune_real_model_end_to_end(smollm2_dir, tmp_path):
     """Prune SmolLM2's top 2 layers with a tiny calibration; the checkpoint reloads exactly."""
-    from harp_vllm.pruning.jobs.options import PruneOptions
     from harp_vllm.pruning.jobs.prune_job import run_prune
+    from harp_vllm.pruning.jobs.prune_options import PruneOptions
 
     out = tmp_path / "harp2"
     report = run_prune(PruneOptions(model=str(smollm2_dir), out=out, layers=2, calib_samples=2,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 
 from harp_vllm.evaluation.tasks import registry
 from harp_vllm.evaluation.tasks.registry import DISCRIMINATIVE, GENERATION, TASKS, TaskDataError
+from harp_vllm.evaluation.tasks.runner import SCHEMA
 from harp_vllm.paths import data_dir
 
 LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
@@ -142,9 +144,36 @@ def test_bad_limit_and_backend_options():
     assert res.exit_code == 2 and "needs --base-url" in res.output
 
 
+def check_payload(payload: dict) -> list[str]:
+    """Problems with a result payload's structure or ranges (empty list: fine)."""
+    problems = []
+    if payload.get("schema") != SCHEMA:
+        problems.append(f"schema is {payload.get('schema')!r}, not {SCHEMA!r}")
+    tasks = payload.get("tasks")
+    if not isinstance(tasks, dict) or not tasks:
+        return [*problems, "no tasks"]
+    for name, t in tasks.items():
+        if name not in TASKS:
+            problems.append(f"unknown task {name!r}")
+            continue
+        if t.get("kind") != TASKS[name].kind:
+            problems.append(f"{name}: kind {t.get('kind')!r}")
+        if not isinstance(t.get("n"), int) or t["n"] <= 0:
+            problems.append(f"{name}: n {t.get('n')!r}")
+        if not t.get("report"):
+            problems.append(f"{name}: no headline metric")
+        for key, m in t.get("metrics", {}).items():
+            v, se = m.get("value"), m.get("stderr")
+            lo, hi = (1.0, math.inf) if key.startswith("perplexity") else (0.0, 1.0)
+            if not isinstance(v, float) or not lo <= v <= hi:
+                problems.append(f"{name}: {key} = {v!r} outside [{lo}, {hi}]")
+            if se is not None and not (isinstance(se, float) and se >= 0):
+                problems.append(f"{name}: {key} stderr = {se!r}")
+    return problems
+
+
 def test_report_table_and_payload_check():
     from harp_vllm.evaluation.tasks.report import markdown_table
-    from harp_vllm.evaluation.tasks.runner import SCHEMA, check_payload
 
     payload = {"schema": SCHEMA, "model": "m", "tasks": {
         "gsm8k": {"kind": GENERATION, "n": 10, "num_fewshot": 5, "report": ["x"], "metrics": {
@@ -174,8 +203,6 @@ def pruned_smollm2(smollm2_harp8) -> Path:
 @pytest.mark.vllm
 @pytest.mark.timeout(900)
 def test_eval_tasks_end_to_end_on_pruned_checkpoint(pruned_smollm2, tmp_path):
-    from harp_vllm.evaluation.tasks.runner import check_payload
-
     out = tmp_path / "result.json"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     t0 = time.time()

@@ -10,7 +10,6 @@ test_parallel.py and test_vllm_defaults.py (conftest's ``engines``, ``tiny_check
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,15 +23,16 @@ from conftest import (
     greedy_without_cache,
     head_pruned,
     make_tiny,
+    own_model_type,
     save,
 )
-from probe import launch
+from probe import engine_env, launch
 
+from harp_vllm.families import FAMILIES
 from harp_vllm.pruning.reference import load_model
 from harp_vllm.vllm_plugin.fold import fold_o, fold_v, rank_heads
 
 REPO = Path(__file__).resolve().parents[1]
-KV_SPACE_GIB = "1"
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -53,14 +53,7 @@ def run_probe(model: Path, workdir: Path, prompts: list | None = None, *,
         flags += ["--prompts", str(workdir / "prompts.json")]
     if prompt_logprobs:
         flags.append("--prompt-logprobs")
-    full_env = {k: v for k, v in os.environ.items()
-                if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_PLUGINS")}
-    full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", KV_SPACE_GIB)
-    full_env["TOKENIZERS_PARALLELISM"] = "false"
-    if not multiprocessing:
-        full_env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    full_env.update(env or {})
-    return launch(flags, workdir, full_env, timeout)
+    return launch(flags, workdir, engine_env(not multiprocessing, env), timeout)
 
 
 def reference(model_dir: Path, prompts: list[list[int]], max_tokens: int = 32) -> list[dict]:
@@ -155,12 +148,11 @@ def test_importing_the_plugin_does_not_import_vllm():
 def test_entry_point_is_installed_and_archs_match_the_spec():
     from importlib.metadata import entry_points
 
-    from harp_vllm.families import HARP_ARCHITECTURES
-    from harp_vllm.vllm_plugin import MODELS
+    from harp_vllm.vllm_plugin import plugin_classes
 
     eps = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
     assert eps.get("harp_vllm") == "harp_vllm.vllm_plugin:register"
-    assert set(MODELS) == set(HARP_ARCHITECTURES.values())
+    assert set(plugin_classes()) == {f.harp_architecture for f in FAMILIES}
 
 
 # ---------------------------------------------------------------------------- engine tests
@@ -173,11 +165,11 @@ vllm = pytest.mark.vllm
 def test_register_is_reentrant_and_lazy():
     code = (
         "import sys\n"
-        "from harp_vllm.vllm_plugin import MODELS, register\n"
+        "from harp_vllm.vllm_plugin import plugin_classes, register\n"
         "register(); register()\n"
         "from vllm import ModelRegistry\n"
         "archs = set(ModelRegistry.get_supported_archs())\n"
-        "assert set(MODELS) <= archs, archs\n"
+        "assert set(plugin_classes()) <= archs, archs\n"
         "assert 'harp_vllm.vllm_plugin.llama' not in sys.modules\n"
         "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -243,7 +235,8 @@ def test_unpruned_harp_checkpoint_equals_stock_llama(smol_p0, smol_prompts, run_
     assert result["kv_cache_tokens"] == dense["kv_cache_tokens"]
 
 
-TINY_FAMILIES = ["mistral", "qwen2", "gemma2", "gemma3"]
+# Every family's own model type (harp_vllm.families), e.g. "mistral", "gemma3_text".
+TINY_FAMILIES = [own_model_type(f) for f in FAMILIES]
 
 
 @pytest.fixture(scope="session")

@@ -153,9 +153,9 @@ def prune_cmd(
     import torch
     from rich.table import Table
 
-    from ..pruning.jobs.options import PruneOptions, parse_grid
     from ..pruning.jobs.prune_job import run_prune
-    from ..pruning.jobs.tables import alpha_table_rows, shape_table_rows
+    from ..pruning.jobs.prune_options import PruneOptions, parse_grid
+    from ..pruning.jobs.prune_tables import alpha_table_rows, shape_table_rows
 
     if threads:
         torch.set_num_threads(threads)

@@ -92,7 +92,8 @@ def register(app: typer.Typer) -> None:
         import torch
 
         from ..errors import UserError
-        from ..pruning.jobs.plan_job import PlanOptions, run_frontier, run_plan
+        from ..pruning.jobs.plan_job import run_frontier, run_plan
+        from ..pruning.jobs.plan_options import PlanOptions
         from .output import run_guarded
 
         if threads:

@@ -3,7 +3,8 @@
 Modules, one job each: ``config`` (settings, checked at start), ``schemas`` (request parsing),
 ``openai_errors`` (OpenAI-style errors), ``backend_state`` (connections, busy vs down,
 background health), ``routing`` (model and alias routing), ``relay`` (metrics per request, SSE
-parsing, capped reads), ``proxy`` (forwarding and shadow copies), ``app`` (HTTP routes),
+parsing, capped reads), ``exchange`` (one request to one backend: its bookkeeping, streamed
+response and failures), ``proxy`` (forwarding, shadow copies and reloads), ``app`` (HTTP routes),
 ``server`` (uvicorn with client connection guards), ``prometheus_metrics`` (its Prometheus
 series). Importing this package does not import vLLM.
 """

@@ -27,7 +27,7 @@ Behaviour worth knowing:
   its address. A stream that breaks after it started ends with an ``error`` event. Any other
   failure is a 500 of the same shape; the connection stays usable and every gauge is restored.
 * ``request_timeout`` covers writing the answer too: a caller that stops reading is cut when
-  it passes (a stream 1 s after it, see :class:`~.proxy.RelayResponse`), which cancels the
+  it passes (a stream 1 s after it, see :class:`~.exchange.RelayResponse`), which cancels the
   backend's request and restores the gauges.
 * SIGHUP reloads the configuration (file, flags and ``$HARP_GATEWAY_API_KEYS``): keys,
   backends, aliases and shadows switch in one step; a new configuration that does not
@@ -58,9 +58,10 @@ from starlette.routing import Route
 
 from ..errors import UserError, describe
 from .config import GatewayConfig
+from .exchange import WRITE_GRACE_S, RelayResponse, UpstreamError
 from .openai_errors import CLIENT_CLOSED, ClientGone, GatewayError, error_payload
 from .prometheus_metrics import GatewayMetrics
-from .proxy import WRITE_GRACE_S, Gateway, RelayResponse, UpstreamError
+from .proxy import Gateway
 from .schemas import RequestLimits, parse_request
 
 logger = logging.getLogger("harp_vllm.gateway")

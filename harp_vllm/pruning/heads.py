@@ -14,8 +14,12 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..families import STRUCTURED_MODEL_TYPES, head_dim
+from ..families import head_dim, model_types
 
+# The config keys saying every layer's attention / MLP projections have biases: how a checkpoint
+# with FLAP's compensation declares them, also for families whose HF code has none (Mistral);
+# vLLM's Llama code reads the same two keys.
+ATTENTION_BIAS, MLP_BIAS = "attention_bias", "mlp_bias"
 # The input-side projections (o_proj and down_proj are the output side).
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj")
@@ -23,9 +27,10 @@ MLP_PROJECTIONS = ("gate_proj", "up_proj")
 
 def check_family(config) -> None:
     mt = getattr(config, "model_type", None)
-    if mt not in STRUCTURED_MODEL_TYPES:
-        raise UserError(f"head/MLP pruning supports model families "
-                        f"{', '.join(STRUCTURED_MODEL_TYPES)}; got {mt!r}")
+    served = model_types(lambda f: f.heads)
+    if mt not in served:
+        raise UserError(f"head/MLP pruning supports model families {', '.join(served)}; "
+                        f"got {mt!r}")
 
 
 def group_size(config) -> int:
@@ -86,14 +91,21 @@ def resize_layer(layer: Any, config, num_attention_heads: int, num_key_value_hea
     if heads // kv != group_size(config):
         raise UserError(f"a layer with {heads} heads and {kv} KV heads changes the model's "
                         f"group size {group_size(config)}")
-    # FLAP checkpoints carry biases (attention_bias / mlp_bias), also for families whose HF
-    # code has none (Mistral); vLLM's Llama code reads the same two flags.
-    if getattr(config, "attention_bias", False):
+    if getattr(config, ATTENTION_BIAS, False):
         add_biases(layer.self_attn, (*ATTENTION_PROJECTIONS, "o_proj"))
-    if getattr(config, "mlp_bias", False):
+    if getattr(config, MLP_BIAS, False):
         add_biases(layer.mlp, (*MLP_PROJECTIONS, "down_proj"))
     keep_groups(layer.self_attn, config, list(range(kv)))
     keep_channels(layer.mlp, list(range(intermediate_size)))
+
+
+def declare_biases(config, attention: bool = False, mlp: bool = False) -> None:
+    """Record in ``config`` that every layer's attention (q/k/v/o) and/or MLP projections
+    have biases (FLAP's compensation; zero where the model had none)."""
+    if attention:
+        setattr(config, ATTENTION_BIAS, True)
+    if mlp:
+        setattr(config, MLP_BIAS, True)
 
 
 def add_bias(module: nn.Linear, value: torch.Tensor | None = None) -> nn.Linear:

@@ -76,7 +76,7 @@ def resolve_model(model: str) -> tuple[str, str | None]:
 
 def check_model_dir(model_path: str) -> dict | None:
     """Read a local model's config.json; refuse a HARP checkpoint without the plugin."""
-    from ..families import BY_HARP_ARCHITECTURE
+    from ..families import by_harp_architecture
     from ..spec import CONFIG_KEY
 
     cfg_path = Path(model_path) / "config.json"
@@ -87,7 +87,8 @@ def check_model_dir(model_path: str) -> dict | None:
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read {cfg_path}: {e}") from e
     arch = (cfg.get("architectures") or [""])[0]
-    if (CONFIG_KEY in cfg or arch in BY_HARP_ARCHITECTURE) and harp_plugin_entry() is None:
+    if (CONFIG_KEY in cfg or by_harp_architecture(arch) is not None) and \
+            harp_plugin_entry() is None:
         raise UserError(f"{model_path} is a HARP-pruned checkpoint ({arch}) but the harp-vllm "
                         f"vLLM plugin is not installed (no '{PLUGIN_GROUP}' entry point of "
                         "harp_vllm); reinstall the package: pip install -e .")

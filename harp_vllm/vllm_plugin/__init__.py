@@ -8,13 +8,14 @@ Modules: ``version.py`` (the supported vLLM releases, the guarded global swap),
 ``checkpoint_spec.py`` (the pruning section, validated and read per layer), ``fold.py`` (the
 V·O fold), ``attention.py`` (the changed layers' attention modules), ``factories.py`` (what a
 decoder layer builds in their place), ``mixins.py`` (the pruned-layer forward and the checked
-weight loading), ``pp_buffers.py`` (a vLLM pipeline-parallel workaround) and one module per
-family (``llama.py``, ``qwen2.py``, ``gemma.py``).
+weight loading), ``sharing.py`` (a layer over an earlier layer's KV cache), ``pp_buffers.py``
+(a vLLM pipeline-parallel workaround) and one module per family (``llama.py``, ``qwen2.py``,
+``gemma.py``); the families themselves are records in ``harp_vllm.families``.
 """
 
 from __future__ import annotations
 
-from ..families import FAMILIES
+from .. import families
 from .version import (
     SKIP_VERSION_CHECK_ENV,
     SUPPORTED_VLLM,
@@ -23,11 +24,14 @@ from .version import (
     version_check_skipped,
 )
 
-# HARP architecture name -> "module:Class" of its vLLM implementation.
-MODELS = {f.harp_architecture: f.plugin_class for f in FAMILIES}
 
-__all__ = ["MODELS", "SKIP_VERSION_CHECK_ENV", "SUPPORTED_VLLM", "UnsupportedVllmVersion",
-           "check_vllm_version", "register"]
+def plugin_classes() -> dict[str, str]:
+    """HARP architecture name -> "module:Class" of its vLLM implementation, one per family."""
+    return {f.harp_architecture: f.plugin_class for f in families.FAMILIES}
+
+
+__all__ = ["SKIP_VERSION_CHECK_ENV", "SUPPORTED_VLLM", "UnsupportedVllmVersion",
+           "check_vllm_version", "plugin_classes", "register"]
 
 
 def register() -> None:
@@ -46,6 +50,6 @@ def register() -> None:
 
     pp_buffers.install()
     supported = ModelRegistry.get_supported_archs()
-    for arch, target in MODELS.items():
+    for arch, target in plugin_classes().items():
         if arch not in supported:
             ModelRegistry.register_model(arch, target)

@@ -14,15 +14,9 @@ from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.distributed.utils import get_pp_indices
 from vllm.model_executor.models.utils import extract_layer_index
 
+from .. import families
 from ..errors import UserError
-from ..families import (
-    BY_HARP_ARCHITECTURE,
-    FAMILIES,
-    SHARING_MODEL_TYPES,
-    STRUCTURED_MODEL_TYPES,
-    WINDOWED_MODEL_TYPES,
-    head_dim,
-)
+from ..families import Family, head_dim, model_types
 from ..spec import CONFIG_KEY, PruningSpec
 from .fold import check_heads
 
@@ -31,15 +25,15 @@ class HarpCheckpointError(UserError):
     """A HARP checkpoint that vLLM cannot serve as described (the message says why)."""
 
 
-def pruning_spec(config: Any, arch: str) -> PruningSpec:
-    """The validated pruning section of ``config`` for HARP architecture ``arch``."""
-    families = BY_HARP_ARCHITECTURE[arch].model_types
+def pruning_spec(config: Any, family: Family) -> PruningSpec:
+    """The validated pruning section of ``config`` for a model class of ``family``."""
+    arch = family.harp_architecture
     model_type = getattr(config, "model_type", None)
-    if model_type not in families:
+    if model_type not in family.model_types:
         raise HarpCheckpointError(
             f"{arch} does not support model_type {model_type!r} (supported: "
-            f"{', '.join(families)}); the HARP plugin serves "
-            f"{', '.join(f.hf_architecture for f in FAMILIES)} checkpoints")
+            f"{', '.join(family.model_types)}); the HARP plugin serves "
+            f"{', '.join(f.hf_architecture for f in families.FAMILIES)} checkpoints")
     if getattr(config, CONFIG_KEY, None) is None:
         raise HarpCheckpointError(
             f"config.json declares architecture {arch} but has no '{CONFIG_KEY}' section; a "
@@ -51,21 +45,22 @@ def pruning_spec(config: Any, arch: str) -> PruningSpec:
         raise HarpCheckpointError(f"invalid '{CONFIG_KEY}' section in config.json: {e}"
                                   ) from None
     assert spec is not None
-    if spec.shapes is not None and model_type not in STRUCTURED_MODEL_TYPES:
+    if spec.shapes is not None and model_type not in model_types(lambda f: f.heads):
         raise HarpCheckpointError(
             f"invalid '{CONFIG_KEY}' section in config.json: per-layer head counts "
             f"('shapes', method {spec.method}) are served for "
-            f"{', '.join(STRUCTURED_MODEL_TYPES)} "
+            f"{', '.join(model_types(lambda f: f.heads))} "
             f"models only, not {model_type!r}")
-    if spec.windows and model_type not in WINDOWED_MODEL_TYPES:
+    if spec.windows and model_type not in model_types(lambda f: f.windows):
         raise HarpCheckpointError(
             f"invalid '{CONFIG_KEY}' section in config.json: sliding windows ('windows') are "
-            f"served for {', '.join(WINDOWED_MODEL_TYPES)} models only, not {model_type!r}")
-    if spec.kv_sharing and model_type not in SHARING_MODEL_TYPES:
+            f"served for {', '.join(model_types(lambda f: f.windows))} models only, not "
+            f"{model_type!r}")
+    if spec.kv_sharing and model_type not in model_types(lambda f: f.kv_sharing):
         raise HarpCheckpointError(
             f"invalid '{CONFIG_KEY}' section in config.json: cross-layer KV sharing "
-            f"('kv_sharing') is served for {', '.join(SHARING_MODEL_TYPES)} models only, not "
-            f"{model_type!r}")
+            f"('kv_sharing') is served for {', '.join(model_types(lambda f: f.kv_sharing))} "
+            f"models only, not {model_type!r}")
     check_tensor_parallel(config, spec, get_tensor_model_parallel_world_size())
     check_pipeline_parallel(config, spec, get_pp_group().world_size)
     return spec

@@ -16,8 +16,8 @@ from vllm.model_executor.models import gemma3 as vllm_gemma3
 from vllm.model_executor.models.gemma2 import Gemma2DecoderLayer, Gemma2ForCausalLM
 from vllm.model_executor.models.gemma3 import Gemma3DecoderLayer, Gemma3ForCausalLM
 
-from ..families import BY_HARP_ARCHITECTURE
-from .checkpoint_spec import layer_alpha, pruning_spec
+from ..families import family_of
+from .checkpoint_spec import layer_alpha
 from .factories import token_local_factory
 from .mixins import HarpModelMixin, add_norm
 from .version import swapped_global
@@ -58,23 +58,19 @@ def _init_layer(layer, parent, module, attn_name, config, cache_config, quant_co
     if alpha is None:
         parent.__init__(layer, config, cache_config, quant_config, prefix=prefix)
     else:  # the parent layer builds its attention by the module-level name
-        attn = token_local_factory(alpha, BY_HARP_ARCHITECTURE[layer.harp_arch])
+        attn = token_local_factory(alpha, family_of(config))
         with swapped_global(module, attn_name, attn):
             parent.__init__(layer, config, cache_config, quant_config, prefix=prefix)
     layer.harp_alpha = alpha
 
 
 class HarpGemma2DecoderLayer(HarpPostNormDecoderLayerMixin, Gemma2DecoderLayer):
-    harp_arch = "HarpGemma2ForCausalLM"
-
     def __init__(self, config, cache_config=None, quant_config=None, prefix: str = "") -> None:
         _init_layer(self, Gemma2DecoderLayer, vllm_gemma2, "Gemma2Attention", config,
                     cache_config, quant_config, prefix)
 
 
 class HarpGemma3DecoderLayer(HarpPostNormDecoderLayerMixin, Gemma3DecoderLayer):
-    harp_arch = "HarpGemma3ForCausalLM"
-
     def __init__(self, config, cache_config=None, quant_config=None, prefix: str = "") -> None:
         _init_layer(self, Gemma3DecoderLayer, vllm_gemma3, "Gemma3Attention", config,
                     cache_config, quant_config, prefix)
@@ -83,10 +79,8 @@ class HarpGemma3DecoderLayer(HarpPostNormDecoderLayerMixin, Gemma3DecoderLayer):
 class HarpGemma2ForCausalLM(HarpModelMixin, Gemma2ForCausalLM):
     """vLLM's Gemma2ForCausalLM for a HARP checkpoint (see ``harp_vllm.spec``)."""
 
-    harp_arch = "HarpGemma2ForCausalLM"
-
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        self.harp_spec = pruning_spec(vllm_config.model_config.hf_config, self.harp_arch)
+        self.harp_read_spec(vllm_config.model_config.hf_config)
         # Gemma2Model builds its layers by the module-level class name.
         with swapped_global(vllm_gemma2, "Gemma2DecoderLayer", HarpGemma2DecoderLayer):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -95,9 +89,7 @@ class HarpGemma2ForCausalLM(HarpModelMixin, Gemma2ForCausalLM):
 class HarpGemma3ForCausalLM(HarpModelMixin, Gemma3ForCausalLM):
     """vLLM's (text-only) Gemma3ForCausalLM for a HARP checkpoint."""
 
-    harp_arch = "HarpGemma3ForCausalLM"
-
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        self.harp_spec = pruning_spec(vllm_config.model_config.hf_config, self.harp_arch)
+        self.harp_read_spec(vllm_config.model_config.hf_config)
         with swapped_global(vllm_gemma3, "Gemma3DecoderLayer", HarpGemma3DecoderLayer):
             super().__init__(vllm_config=vllm_config, prefix=prefix)

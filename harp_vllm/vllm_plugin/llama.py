@@ -10,19 +10,16 @@ from vllm.model_executor.models.llama import (
     LlamaForCausalLM,
 )
 
-from ..families import BY_HARP_ARCHITECTURE
+from ..families import family_of
 from .checkpoint_spec import (
     layer_alpha,
     layer_config,
     layer_map,
     layer_sharing,
-    pruning_spec,
 )
 from .factories import linear_map_factory, token_local_factory, with_group_map
 from .mixins import HarpDecoderLayerMixin, HarpModelMixin
 from .sharing import shared_kv_factory
-
-LLAMA = BY_HARP_ARCHITECTURE["HarpLlamaForCausalLM"]  # Mistral's record has the same rules
 
 
 class HarpLlamaDecoderLayer(HarpDecoderLayerMixin, LlamaDecoderLayer):
@@ -42,7 +39,7 @@ class HarpLlamaDecoderLayer(HarpDecoderLayerMixin, LlamaDecoderLayer):
             attn_layer_type = shared_kv_factory(
                 f"{prefix.rsplit('.', 1)[0]}.{target}.self_attn.attn")
         elif alpha is not None:
-            attn_layer_type = token_local_factory(alpha, LLAMA)
+            attn_layer_type = token_local_factory(alpha, family_of(config))
         elif linear_map is not None and linear_map.get("add"):
             attn_layer_type = with_group_map(attn_layer_type, linear_map["rank"])
         elif linear_map is not None:
@@ -69,15 +66,11 @@ class HarpLlamaDecoderLayer(HarpDecoderLayerMixin, LlamaDecoderLayer):
 class HarpLlamaForCausalLM(HarpModelMixin, LlamaForCausalLM):
     """vLLM's LlamaForCausalLM for a HARP checkpoint (see ``harp_vllm.spec``)."""
 
-    harp_arch = "HarpLlamaForCausalLM"
-
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "",
                  layer_type: type = HarpLlamaDecoderLayer) -> None:
-        self.harp_spec = pruning_spec(vllm_config.model_config.hf_config, self.harp_arch)
+        self.harp_read_spec(vllm_config.model_config.hf_config)
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
 
 
 class HarpMistralForCausalLM(HarpLlamaForCausalLM):
     """HF-format Mistral checkpoints run on vLLM's Llama code (as vLLM did before 0.1x)."""
-
-    harp_arch = "HarpMistralForCausalLM"

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..families import plugin_family
 from ..spec import CONFIG_KEY, PruningSpec
 from .attention import RemovedAttention, TokenLocalLinear
-from .checkpoint_spec import HarpCheckpointError
+from .checkpoint_spec import HarpCheckpointError, pruning_spec
 
 
 def check_attention_weights(model: nn.Module, layers: nn.ModuleList, start: int, end: int,
@@ -98,12 +99,17 @@ class HarpDecoderLayerMixin:
 
 
 class HarpModelMixin:
-    """The checked ``load_weights`` of every family's model class (listed before vLLM's):
-    after vLLM's own loading, every layer got the attention weights its pruning status
-    requires (``check_attention_weights``)."""
+    """What every family's model class (listed before vLLM's) shares: its pruning section,
+    validated for its family (``harp_read_spec``), and the checked ``load_weights``: after
+    vLLM's own loading, every layer got the attention weights its pruning status requires
+    (``check_attention_weights``)."""
 
-    harp_arch: str
     harp_spec: PruningSpec
+
+    def harp_read_spec(self, config: Any) -> None:
+        """Set ``harp_spec``: ``config``'s pruning section, validated for this class's family
+        (the record in ``harp_vllm.families`` whose ``plugin_class`` names the class)."""
+        self.harp_spec = pruning_spec(config, plugin_family(type(self)))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         seen: set[str] = set()

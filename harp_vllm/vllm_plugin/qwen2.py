@@ -9,13 +9,11 @@ from vllm.model_executor.models import qwen2 as vllm_qwen2
 from vllm.model_executor.models.llama import LlamaAttention
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
 
-from ..families import BY_HARP_ARCHITECTURE
-from .checkpoint_spec import HarpCheckpointError, layer_alpha, layer_config, pruning_spec
+from ..families import family_of
+from .checkpoint_spec import HarpCheckpointError, layer_alpha, layer_config
 from .factories import token_local_factory
 from .mixins import HarpDecoderLayerMixin, HarpModelMixin
 from .version import swapped_global
-
-QWEN2 = BY_HARP_ARCHITECTURE["HarpQwen2ForCausalLM"]
 
 
 def _attention_with_head_dim(config):
@@ -27,7 +25,7 @@ def _attention_with_head_dim(config):
         if kw.get("qk_norm") or kw.get("dual_chunk_attention_config"):
             raise HarpCheckpointError(f"{kw['prefix']}: head-pruned Qwen2 layers with qk_norm or "
                                       f"dual-chunk attention are not supported")
-        qkv_bias, o_bias = QWEN2.biases(kw)  # the family's: q/k/v biased, o_proj not
+        qkv_bias, o_bias = family_of(config).biases(kw)  # the family's: q/k/v, not o_proj
         return LlamaAttention(
             config=config, hidden_size=kw["hidden_size"], num_heads=kw["num_heads"],
             num_kv_heads=kw["num_kv_heads"], max_position_embeddings=kw["max_position"],
@@ -51,7 +49,8 @@ class HarpQwen2DecoderLayer(HarpDecoderLayerMixin, Qwen2DecoderLayer):
         elif alpha is None:
             super().__init__(config, cache_config, quant_config, prefix)
         else:  # Qwen2DecoderLayer builds its attention by the module-level name
-            with swapped_global(vllm_qwen2, "Qwen2Attention", token_local_factory(alpha, QWEN2)):
+            attn = token_local_factory(alpha, family_of(config))
+            with swapped_global(vllm_qwen2, "Qwen2Attention", attn):
                 super().__init__(config, cache_config, quant_config, prefix)
         self.harp_alpha = alpha
 
@@ -59,11 +58,8 @@ class HarpQwen2DecoderLayer(HarpDecoderLayerMixin, Qwen2DecoderLayer):
 class HarpQwen2ForCausalLM(HarpModelMixin, Qwen2ForCausalLM):
     """vLLM's Qwen2ForCausalLM for a HARP checkpoint (see ``harp_vllm.spec``)."""
 
-    harp_arch = QWEN2.harp_architecture
-
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
-        self.harp_spec = pruning_spec(vllm_config.model_config.hf_config.get_text_config(),
-                                      self.harp_arch)
+        self.harp_read_spec(vllm_config.model_config.hf_config.get_text_config())
         # Qwen2ForCausalLM builds Qwen2Model (by module-level name) without a layer type.
         model = functools.partial(Qwen2Model, decoder_layer_type=HarpQwen2DecoderLayer)
         with swapped_global(vllm_qwen2, "Qwen2Model", model):

@@ -249,31 +249,3 @@ def run_tasks(opts: EvalOptions, log=print) -> dict[str, Any]:
         "tasks": tasks_out,
         "lm_eval_results": raw,
     }
-
-
-def check_payload(payload: dict[str, Any]) -> list[str]:
-    """Problems with a result payload's structure or ranges (empty list: fine)."""
-    problems = []
-    if payload.get("schema") != SCHEMA:
-        problems.append(f"schema is {payload.get('schema')!r}, not {SCHEMA!r}")
-    tasks = payload.get("tasks")
-    if not isinstance(tasks, dict) or not tasks:
-        return [*problems, "no tasks"]
-    for name, t in tasks.items():
-        if name not in TASKS:
-            problems.append(f"unknown task {name!r}")
-            continue
-        if t.get("kind") != TASKS[name].kind:
-            problems.append(f"{name}: kind {t.get('kind')!r}")
-        if not isinstance(t.get("n"), int) or t["n"] <= 0:
-            problems.append(f"{name}: n {t.get('n')!r}")
-        if not t.get("report"):
-            problems.append(f"{name}: no headline metric")
-        for key, m in t.get("metrics", {}).items():
-            v, se = m.get("value"), m.get("stderr")
-            lo, hi = (1.0, math.inf) if key.startswith("perplexity") else (0.0, 1.0)
-            if not isinstance(v, float) or not lo <= v <= hi:
-                problems.append(f"{name}: {key} = {v!r} outside [{lo}, {hi}]")
-            if se is not None and not (isinstance(se, float) and se >= 0):
-                problems.append(f"{name}: {key} stderr = {se!r}")
-    return problems

@@ -21,11 +21,11 @@ from ... import models
 from ...errors import UserError
 from ...evaluation import data as data_mod
 from ...evaluation.perplexity import evaluate_perplexity
-from ...families import LINEAR_MODEL_TYPES, harp_architecture
+from ...families import harp_architecture, model_types
 from ...spec import PruningSpec
 from ..calibration.windows import calibration_windows, load_calibration_text
 from ..costs import kv_bytes_per_token, model_shapes
-from ..heads import check_family, count_parameters
+from ..heads import MLP_BIAS, check_family, count_parameters
 from ..methods.alpha_search import fast_search, naive_search
 from ..methods.gate_norm import gate_norm_scores, lowest_scoring
 from ..methods.structured import (
@@ -37,7 +37,7 @@ from ..methods.structured import (
 from ..reference import load_model, pruned
 from ..selection import select_layers
 from .checkpoint import check_output_dir, save_pruned
-from .options import PruneOptions, calibration_shape, parse_rank
+from .prune_options import PruneOptions, calibration_shape, parse_rank
 
 DAMAGE_WINDOWS = 8  # calibration windows --select damage scores every layer on
 
@@ -202,7 +202,7 @@ def run_structured(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: b
     calibration = {**calib_src, "samples": samples, "seq_len": seq_len, "seed": opts.seed,
                    "head_ratio": opts.ratio, "mlp_ratio": opts.mlp_ratio,
                    "allocation": opts.allocation or DEFAULT_ALLOCATION[opts.method],
-                   "bias_compensation": bool(getattr(model.config, "mlp_bias", False)),
+                   "bias_compensation": bool(getattr(model.config, MLP_BIAS, False)),
                    "gqa": "whole KV groups", "score_seconds": round(res.seconds, 2),
                    "heads_removed": heads_total - sum(shapes["num_attention_heads"]),
                    "group_scores": res.group_scores}
@@ -231,8 +231,9 @@ def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool)
         refine,
     )
 
-    if hf_cfg.model_type not in LINEAR_MODEL_TYPES:
-        raise UserError(f"--method linear is served for {', '.join(LINEAR_MODEL_TYPES)} models, "
+    served = model_types(lambda f: f.linear_maps)
+    if hf_cfg.model_type not in served:
+        raise UserError(f"--method linear is served for {', '.join(served)} models, "
                         f"not {hf_cfg.model_type!r}")
     if opts.alpha is not None:
         raise UserError("--alpha is for HARP; --method linear fits its maps")

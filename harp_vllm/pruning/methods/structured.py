@@ -34,13 +34,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...errors import UserError
-from ...families import NO_COMPENSATION_MODEL_TYPES, head_dim
+from ...families import head_dim, model_types
 from ..heads import (
     ATTENTION_PROJECTIONS,
     MLP_PROJECTIONS,
     add_bias,
     add_biases,
     channels_of,
+    declare_biases,
     group_size,
     keep_channels,
     keep_groups,
@@ -278,7 +279,9 @@ def prune_structured(model, windows: torch.Tensor, method: str, ratio: float,
         raise UserError(f"--allocation must be uniform or global, got {allocation!r}")
     compensate = method == "flap" if bias_compensation is None else bias_compensation
     config = model.config
-    if compensate and getattr(config, "model_type", None) in NO_COMPENSATION_MODEL_TYPES:
+    # head-pruned families whose vLLM code has no o_proj / down_proj bias
+    no_bias = model_types(lambda f: f.heads and not f.compensation)
+    if compensate and getattr(config, "model_type", None) in no_bias:
         raise UserError(f"bias compensation needs o_proj and down_proj biases, which vLLM's "
                         f"{config.model_type} code has not; use --no-bias-compensation")
     d, r = head_dim(config), group_size(config)
@@ -317,8 +320,7 @@ def prune_structured(model, windows: torch.Tensor, method: str, ratio: float,
             _prune_layer(layer, config, kept_g[idx], kept_c[idx],
                          all_stats[idx] if compensate else None)
     if compensate:
-        config.attention_bias = True
-        config.mlp_bias = True
+        declare_biases(config, attention=True, mlp=True)
     return StructuredResult(kept_groups=kept_g, kept_channels=kept_c,
                             group_scores=[[round(float(v), 6) for v in s] for s in g_scores],
                             seconds=time.perf_counter() - start)

@@ -14,7 +14,7 @@ from torch import nn
 from ...families import head_dim
 from ...spec import PruningSpec
 from .. import costs
-from ..heads import ATTENTION_PROJECTIONS, add_biases, group_size, keep_groups
+from ..heads import ATTENTION_PROJECTIONS, add_biases, declare_biases, group_size, keep_groups
 from ..methods.structured import compensate_attention
 from ..reference import (
     GroupMap,
@@ -115,7 +115,7 @@ def apply_layout(model, layout: dict[int, Choice], stats: PlanStats):
                 add_biases(layer.self_attn, (*ATTENTION_PROJECTIONS, "o_proj"))
             elif layout[j].kind == "share":  # no k/v of its own
                 add_biases(layer.self_attn, ("q_proj", "o_proj"))
-        cfg.attention_bias = True
+        declare_biases(cfg, attention=True)
     if drops:
         r = group_size(cfg)
         kv = [cfg.num_key_value_heads - (drops[j].groups if j in drops else 0)

@@ -1,0 +1,126 @@
+"""The ``harp-vllm plan`` job's options, checked, and the parsers of its lists (candidate
+kinds, sliding windows, map ranks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ...errors import UserError
+from ..planner.choices import DEFAULT_WINDOWS, KINDS, check_window
+from .prune_options import parse_rank
+
+DEFAULT_BUDGETS = (0.1, 0.2, 0.27, 0.3, 0.4, 0.5)
+
+
+@dataclass
+class PlanOptions:
+    model: str
+    out: Path
+    kv_saving: float | None = None
+    speedup: float | None = None
+    context: int = 7168
+    layout: str | None = None  # explicit layout: no search
+    frontier: bool = False
+    budgets: tuple[float, ...] = DEFAULT_BUDGETS
+    compare: Path | None = None  # single-method curves for the frontier plot
+    ranks: str | None = None  # None: full (KV budget), 192,full (with a speed budget)
+    candidates: str | None = None  # kinds offered; None: see default_kinds
+    windows: str | None = None  # sliding windows offered (tokens, comma list): adds "window"
+    long_seq_len: int | None = None  # with windows: long windows' length (None: --context)
+    long_damage_windows: int = 1
+    long_rescore_windows: int = 2
+    long_positions: int = 1024
+    calib_file: Path | None = None
+    calib_mix: str | None = None  # comma list of domains: windows from each one's dev part
+    calib_samples: int = 16
+    calib_seq_len: int = 1024  # long windows: 256-token ones misjudge long-range heads
+    damage_windows: int = 4
+    rescore_windows: int = 4  # windows disjoint from every fit that layouts are re-scored on
+    positions: int = 128
+    ridge: float = 1e-3
+    top_k: int = 8
+    rounds: int = 1
+    seed: int = 0
+    eval_windows: int = 8
+    eval_seq_len: int = 2048
+    use_cache: bool = True
+    force: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def check_options(opts: PlanOptions) -> None:
+    if opts.frontier:
+        if opts.layout or opts.kv_saving is not None:
+            raise UserError("--frontier sweeps --budgets; do not give --kv-saving or --layout")
+        bad = [b for b in opts.budgets if not 0 < b < 1]
+        if bad or not opts.budgets:
+            raise UserError(f"--budgets must be KV savings in (0, 1), got {list(opts.budgets)}")
+    elif (opts.layout is None) == (opts.kv_saving is None):
+        raise UserError("give --kv-saving S (plan under a budget), --layout (an explicit "
+                        "layout) or --frontier")
+    if opts.kv_saving is not None and not 0 < opts.kv_saving < 1:
+        raise UserError(f"--kv-saving must be in (0, 1), got {opts.kv_saving}")
+    if opts.speedup is not None and opts.speedup <= 1:
+        raise UserError(f"--speedup must be > 1 (a predicted prefill speed-up), got "
+                        f"{opts.speedup}")
+    if opts.context < 1:
+        raise UserError(f"--context must be >= 1, got {opts.context}")
+    if opts.top_k < 1 or opts.rounds < 1:
+        raise UserError(f"--top-k and --rounds must be >= 1, got {opts.top_k}, {opts.rounds}")
+    if not 1 <= opts.damage_windows <= opts.calib_samples:
+        raise UserError(f"--damage-windows must be in 1..--calib-samples ({opts.calib_samples}), "
+                        f"got {opts.damage_windows}")
+    if opts.rescore_windows < 0:
+        raise UserError(f"--rescore-windows must be >= 0, got {opts.rescore_windows}")
+    if opts.calib_mix is not None and opts.calib_file is not None:
+        raise UserError("give --calib-mix or --calib-file, not both")
+    if ((opts.long_seq_len is not None and opts.long_seq_len < 2)
+            or opts.long_damage_windows < 1 or opts.long_rescore_windows < 0):
+        raise UserError("--long-seq-len must be >= 2, --long-damage-windows >= 1 and "
+                        "--long-rescore-windows >= 0")
+    if opts.calib_samples % 8:
+        raise UserError(f"--calib-samples must be a multiple of 8 (the batch), got "
+                        f"{opts.calib_samples}")
+
+
+def default_kinds(speedup: float | None) -> tuple[str, ...]:
+    """The candidate kinds offered by default. Under a KV budget alone FLAP's bias-only cut is
+    left out: the group map (``dropKlin``) has the same KV bytes and measured lower damage in
+    every SmolLM2 layer but one (docs/results.md), so it would only cost scoring time. A speed
+    budget adds it (it is cheaper in MACs) and the rank-192 maps."""
+    return (("drop", "droplin", "linear", "remove") if speedup is not None
+            else ("droplin", "linear", "remove"))
+
+
+def parse_kinds(opts: PlanOptions) -> tuple[str, ...]:
+    if opts.candidates is None:
+        kinds = default_kinds(opts.speedup)
+        return (*kinds, "window") if opts.windows else kinds
+    kinds = tuple(dict.fromkeys(k.strip() for k in opts.candidates.split(",") if k.strip()))
+    if not kinds:
+        raise UserError(f"--candidates is empty (give some of {', '.join(KINDS)})")
+    return kinds
+
+
+def parse_windows(opts: PlanOptions, cfg: Any) -> tuple[int, ...]:
+    if opts.windows is None:
+        return DEFAULT_WINDOWS
+    try:
+        sizes = tuple(dict.fromkeys(int(t) for t in opts.windows.split(",") if t.strip()))
+    except ValueError:
+        raise UserError(f"--windows must be a comma list of token counts, got "
+                        f"{opts.windows!r}") from None
+    if not sizes:
+        raise UserError("--windows is empty (give e.g. 512,1024,2048)")
+    return tuple(check_window(w, cfg) for w in sizes)
+
+
+def parse_ranks(text: str | None, cfg: Any, speedup: float | None) -> list[int | None]:
+    if text is None:
+        text = "192,full" if speedup is not None else "full"
+    ranks = [parse_rank(t.strip(), cfg) for t in text.split(",") if t.strip()]
+    if not ranks:
+        raise UserError("--ranks is empty (give e.g. 192,full)")
+    return list(dict.fromkeys(ranks))

@@ -1,0 +1,147 @@
+"""A ``harp-vllm plan`` session: the dense model loaded with its calibration windows and
+planning statistics (fitted once, cached), and the sharing layers' refits; what every budget
+is planned from."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ... import models
+from ...errors import UserError
+from ...evaluation import data as data_mod
+from ...families import model_types
+from ...paths import cache_dir
+from ..calibration.damage import record_dense
+from ..calibration.windows import (
+    calibration_windows,
+    load_calibration_text,
+    mixed_calibration_windows,
+    unused_long_windows,
+)
+from ..planner.choices import KEEP, Choice, candidates, parse_layout
+from ..planner.layouts import share_key
+from ..planner.scoring import ensure_statistics
+from ..planner.statistics import PlanStats, statistics_settings, stats_path
+from ..reference import load_model
+from .plan_options import PlanOptions, check_options, parse_kinds, parse_ranks, parse_windows
+
+
+@dataclass
+class Session:
+    """A loaded model with its planning statistics: what every budget is planned from."""
+
+    opts: PlanOptions
+    src: Path
+    cfg: Any
+    tok: Any
+    model: Any
+    stats: PlanStats
+    rec: Any
+    held_out: Any  # the re-scoring record: held-out windows, every position
+    choices: list[Choice]
+    cache: Path | None
+    eval_text: str | None
+    seconds: float
+    long: dict | None = None  # the long windows' settings (windows offered)
+
+
+def open_session(opts: PlanOptions, progress: bool = True) -> Session:
+    """Validate, load the dense model and calibration windows, get the statistics."""
+    from transformers import AutoConfig
+
+    check_options(opts)
+    src = models.resolve(opts.model)
+    cfg = AutoConfig.from_pretrained(src)
+    if getattr(cfg, "harp_pruning", None):
+        raise UserError(f"{opts.model} is already a pruned checkpoint; plan its source model")
+    # maps, KV-group cuts and FLAP's bias in one checkpoint: all three served
+    served = model_types(lambda f: f.linear_maps and f.heads and f.compensation)
+    if cfg.model_type not in served:
+        raise UserError(f"harp-vllm plan serves {', '.join(served)} models (linear maps "
+                        f"and KV-group cuts in one checkpoint), not {cfg.model_type!r}")
+    ranks = parse_ranks(opts.ranks, cfg, opts.speedup)
+    kinds = parse_kinds(opts)
+    layout = parse_layout(opts.layout, cfg) if opts.layout else None
+    # long windows (damage + re-scoring) when a sliding window is offered or in the layout
+    use_long = "window" in kinds if layout is None else any(
+        c.kind == "window" for c in layout.values())
+    n_long = opts.long_damage_windows + opts.long_rescore_windows if use_long else 0
+    long_len = opts.long_seq_len or opts.context
+    t0 = time.perf_counter()
+    tok = models.load_tokenizer(src)
+    # the fits (maps, statistics, damage) read the first calib_samples windows; the layouts
+    # are re-scored on rescore_windows more, disjoint from every fit
+    n_windows = opts.calib_samples + opts.rescore_windows
+    long_windows = None
+    if opts.calib_mix is not None:  # long windows from each domain's tail (fits move)
+        windows, calib, long_windows = mixed_calibration_windows(
+            tok, [d.strip() for d in opts.calib_mix.split(",") if d.strip()], n_windows,
+            opts.calib_seq_len, opts.seed, long=(n_long, long_len))
+    else:  # long windows between the fits' windows (fits, and their cache, unchanged)
+        text, calib = load_calibration_text(calib_file=opts.calib_file)
+        windows = calibration_windows(tok, text, n_windows, opts.calib_seq_len, opts.seed)
+        if n_long:
+            long_windows = unused_long_windows(tok, text, n_windows, opts.calib_seq_len,
+                                               opts.seed, n_long, long_len)
+    rescore = windows[opts.calib_samples:]
+    windows = windows[:opts.calib_samples]
+    model = load_model(src)
+    choices = candidates(cfg, ranks, kinds, parse_windows(opts, cfg))
+    if layout is not None:  # an explicit layout needs only its own choices' statistics
+        choices = [KEEP, *dict.fromkeys(layout.values())]
+        ranks = list(dict.fromkeys(c.rank for c in choices if c.kind == "linear")) or ranks
+    settings = statistics_settings(src, calib, (opts.calib_samples, opts.calib_seq_len),
+                                   opts.damage_windows, opts.positions, ranks, opts.ridge,
+                                   opts.seed)
+    if opts.calib_mix is not None and n_long:  # the fits left the domains' tails: new entry
+        settings["long_tails"] = n_long * long_len
+    long = None
+    if n_long:
+        long = {"seq_len": long_len, "damage_windows": opts.long_damage_windows,
+                "rescore_windows": opts.long_rescore_windows, "positions": opts.long_positions}
+    cache = stats_path(cache_dir(), settings) if opts.use_cache else None
+    score = layout is None
+    long_damage = None if long_windows is None else long_windows[:opts.long_damage_windows]
+    stats, rec = ensure_statistics(model, windows, settings, choices if score else [KEEP],
+                                   ranks, opts.ridge, cache, progress, long_damage, long)
+    fit_shares(model, stats, layout or {}, windows, cache)
+    held_out = rec
+    if long_windows is not None and opts.long_rescore_windows:
+        held_out = record_dense(model, long_windows[opts.long_damage_windows:],
+                                list(range(cfg.num_hidden_layers)), batch=1,
+                                positions=opts.long_positions, seed=opts.seed)
+    elif opts.rescore_windows:
+        held_out = record_dense(model, rescore,
+                                list(range(cfg.num_hidden_layers)),
+                                positions=opts.calib_seq_len, seed=opts.seed)
+    eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
+    return Session(opts, src, cfg, tok, model, stats, rec, held_out, choices, cache, eval_text,
+                   time.perf_counter() - t0, long)
+
+
+SHARE_FIT_LOGITS = 2**22  # at most this many query-key pairs per head in a sharing refit
+
+
+def fit_shares(model: Any, stats: Any, layout: dict[int, Choice], windows: Any,
+               cache: Any) -> None:
+    """Refit the q/o of every ``shareJ`` layer of ``layout`` to its target's keys and values
+    (``share_fit.py``) on the first calibration windows (as many as keep the logits to
+    ``SHARE_FIT_LOGITS`` pairs per head), into ``stats.extra["share_fits"]`` (cached)."""
+    from ..methods.share_fit import fit_shared
+
+    todo = [(j, c.target) for j, c in sorted(layout.items())
+            if c.kind == "share" and c.target is not None]
+    fits = stats.extra.setdefault("share_fits", {})
+    todo = [(j, t) for j, t in todo if share_key(j, t) not in fits]
+    if not todo:
+        return
+    count = max(1, min(len(windows), SHARE_FIT_LOGITS // windows.shape[1] ** 2))
+    for j, t in todo:
+        f = fit_shared(model, j, t, windows[:count])
+        fits[share_key(j, t)] = {"q_weight": f.q_weight, "o_weight": f.o_weight,
+                                 "logit_error": f.logit_error, "output_error": f.output_error}
+    if cache is not None:
+        stats.save(cache)
