@@ -126,7 +126,7 @@ wait_exit() {  # service timeout: a one-shot container's exit code must be 0
             logs_tail "$svc"; fail "$svc still running after $limit s (log above)"
         fi
         if (( n++ % 6 == 0 )); then
-            last=$(tail -c 400 "$OUT/$svc.log" 2>/dev/null | tr '\r' '\n' | grep -v '^\s*$' \
+            last=$(tail -c 400 "$OUT/$svc.log" 2>/dev/null | tr '\r' '\n' | grep -av '^\s*$' \
                    | tail -n 1 | cut -c1-110 || true)
             say "  $svc running ($(( $(date +%s) - t0 )) s): $last"
         fi
