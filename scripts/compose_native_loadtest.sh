@@ -25,7 +25,9 @@ ln -s "$SRC_CACHE/models/smollm2-135m" "$SCRATCH/cache/models/smollm2-135m"
 cp -r "$CKPT" "$SCRATCH/cache/smollm2-plan27"
 
 export HARP_VLLM_CACHE=$SCRATCH/cache HARP_STACK_DIR=$SCRATCH/stack
-export HARP_MODEL=smollm2-135m HARP_PRUNE_COMMAND=plan HARP_PRUNE_ARGS="--kv-saving 0.27"
+# model-prep finds the copied checkpoint; the arguments are compose_test.sh's all the same
+PLAN_LAYOUT=$(grep -v '^#' "$ROOT/deploy/smollm2-plan27.layout" | tr -d '[:space:]')
+export HARP_MODEL=smollm2-135m HARP_PRUNE_COMMAND=plan HARP_PRUNE_ARGS="--layout $PLAN_LAYOUT"
 export HARP_PRUNED_NAME=smollm2-plan27 HARP_AB_ALIAS="smollm2=dense:1,harp:1"
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} VLLM_CPU_OMP_THREADS_BIND=auto
 export HARP_BIND_ADDRESS=127.0.0.1 HARP_DENSE_PORT=28101 HARP_PRUNED_PORT=28102

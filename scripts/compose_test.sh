@@ -7,8 +7,9 @@
 #  3. builds the project image from docker/Dockerfile.cpu on that base (podman's layer cache),
 #     and a Prometheus image from Debian's package (deploy/podman/Containerfile.prometheus);
 #  4. runs the compose stack with podman-compose: model-prep (SmolLM2 + the 27% plan into the
-#     `models` volume), `down` and up again (the plan is not rebuilt), vllm-dense and vllm-harp
-#     until healthy, gateway and Prometheus (Grafana: not available here, left out);
+#     `models` volume: `harp-vllm plan --layout` with the layout the planner's search chose,
+#     deploy/smollm2-plan27.layout), `down` and up again (the plan is not rebuilt), vllm-dense
+#     and vllm-harp until healthy, gateway and Prometheus (Grafana: not available here);
 #  5. runs the compose `loadtest` service against the gateway and checks its report (zero
 #     failed requests, KV-capacity ratio = the checkpoint's KV bytes ratio within a block);
 #  6. checks Prometheus scraped harp_*, vllm:* and gateway series from every target, and every
@@ -20,6 +21,9 @@
 #   COMPOSE_TEST_OUT       results folder [out/compose-test]
 #   COMPOSE_TEST_TIMEOUT   whole run, seconds [3600; the first run builds the images]
 #   COMPOSE_TEST_FRESH=1   delete the `models` volume first (prepare and plan from scratch)
+#   COMPOSE_TEST_SEARCH=1  plan with the search (--kv-saving 0.27, 7-22 min here) instead of
+#                          the committed layout (about 5 min); with COMPOSE_TEST_FRESH=1, or
+#                          the volume's checkpoint is kept
 #   COMPOSE_TEST_PROJECT   compose project name [harpct]
 #   HARP_DATA_DIR          folder with wikitext-2-raw/ [the first shared/data above the repo]
 #   HARP_LOADTEST_ARGS     load-test arguments [--quick --no-progress]
@@ -40,11 +44,16 @@ FOLLOWERS=()
 export CONTAINERS_CONF=$DEPLOY/podman/containers.conf
 # The stack's settings: the 27% plan in place of HARP P = 8, the local images, ports away from
 # a native stack's, 1 GiB of KV cache per server (both servers share 2 cores and the RAM).
+# The plan: the layout `harp-vllm plan smollm2-135m --kv-saving 0.27` chose, from
+# deploy/smollm2-plan27.layout (`--layout` skips the search, fits only those layers' maps).
+PLAN_LAYOUT=$(grep -v '^#' "$DEPLOY/smollm2-plan27.layout" | tr -d '[:space:]')
+SEARCH=${COMPOSE_TEST_SEARCH:-0}
 export HARP_IMAGE=localhost/harp-vllm:cpu
 export HARP_PROMETHEUS_IMAGE=$PROM_IMAGE
 export HARP_MODEL=smollm2-135m
 export HARP_PRUNE_COMMAND=plan
-export HARP_PRUNE_ARGS="--kv-saving 0.27"
+if [[ $SEARCH == 1 ]]; then export HARP_PRUNE_ARGS="--kv-saving 0.27"
+else export HARP_PRUNE_ARGS="--layout $PLAN_LAYOUT"; fi
 export HARP_PRUNED_NAME=smollm2-plan27
 export HARP_AB_ALIAS="smollm2=dense:1,harp:1"
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
@@ -117,7 +126,7 @@ wait_exit() {  # service timeout: a one-shot container's exit code must be 0
             logs_tail "$svc"; fail "$svc still running after $limit s (log above)"
         fi
         if (( n++ % 6 == 0 )); then
-            last=$(tail -c 400 "$OUT/$svc.log" 2>/dev/null | tr '\r' '\n' | grep -v '^\s*$' \
+            last=$(tail -c 400 "$OUT/$svc.log" 2>/dev/null | tr '\r' '\n' | grep -av '^\s*$' \
                    | tail -n 1 | cut -c1-110 || true)
             say "  $svc running ($(( $(date +%s) - t0 )) s): $last"
         fi
@@ -193,6 +202,7 @@ done
 avail=$(df --output=avail -B1G /var/lib | tail -n 1 | tr -d ' ')
 (( avail >= 20 )) || fail "only $avail GiB free under /var/lib (images and volumes need ~20)"
 say "data $HARP_DATA_DIR, results $OUT, project $P, ${avail} GiB free, limit $TIMEOUT s"
+say "plan: harp-vllm plan $HARP_MODEL $HARP_PRUNE_ARGS"
 
 # -- 1. packages ------------------------------------------------------------------------------
 
@@ -302,7 +312,12 @@ models=$(volume_dir models)
 ckpt=$models/$HARP_PRUNED_NAME
 [[ -f $ckpt/config.json && -f $ckpt/plan.json ]] || fail "no checkpoint in $ckpt"
 stamp=$(stat -c '%Y %s' "$ckpt/model.safetensors" "$ckpt/plan.json" | tr '\n' ' ')
-say "checkpoint $HARP_PRUNED_NAME: $(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['layout'])" "$ckpt/plan.json")"
+got=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['layout'])" "$ckpt/plan.json")
+say "checkpoint $HARP_PRUNED_NAME: $got"
+if [[ $SEARCH != 1 && $got != "$PLAN_LAYOUT" ]]; then
+    fail "the volume's $HARP_PRUNED_NAME has another layout than deploy/smollm2-plan27.layout \
+(an older plan): rerun with COMPOSE_TEST_FRESH=1"
+fi
 
 step "restart: down, up again (the volume keeps the checkpoint; model-prep does not rebuild it)"
 down
