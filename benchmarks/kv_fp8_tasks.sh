@@ -14,6 +14,8 @@ LIMIT=${LIMIT:-200}
 LOCK=${LOCK:-/tmp/harp-cpu.lock}
 mkdir -p "$OUT"
 run() { echo "+ $*"; "$@"; }
+# the two pruned checkpoints are linear_table.sh's rows harp8 and lin8 (built there if missing)
+ROWS="harp8 lin8" bash benchmarks/linear_table.sh "$LT"
 for pair in dense=smollm2-135m harp-p8=$LT/harp8 linear-p8=$LT/lin8; do
   label=${pair%%=*}; model=${pair#*=}
   for kv in auto fp8; do

@@ -4,6 +4,9 @@
 # size, refinement) beside HARP and FLAP at the same KV saving (P = 4, 8, 12 of 30 layers =
 # 12, 24, 36 of 90 KV groups). Each row: prune, then WikiText-2 test perplexity (8 x 2048).
 # Usage: bash benchmarks/linear_table.sh [OUT_DIR] ; resumable (existing outputs are skipped).
+#   ROWS="harp8 lin8" bash benchmarks/linear_table.sh [OUT_DIR]   # only those rows (and dense)
+# The P = 4, 8 (lin8) and 12 selections were measured when --select damage scored layers on
+# 16 windows (the default is 8 now: lin8-timed), hence --select-windows 16 on those rows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-out/linear-table}
@@ -14,9 +17,10 @@ ppl smollm2-135m "$OUT/dense.json"
 row lin8-timed --method linear --layers 8                 # the default (--select damage)
 row harp8 --layers 8                                      # HARP, searched alphas (timed)
 row flap8 --method flap --ratio 0.2667 --allocation global  # 24 of 90 KV groups
+row lin8 --method linear --layers 8 --select-windows 16  # kv_fp8_tasks.sh
 row lin8-top --method linear --layers 8 --select top
-row lin4 --method linear --layers 4
-row lin12 --method linear --layers 12
+row lin4 --method linear --layers 4 --select-windows 16
+row lin12 --method linear --layers 12 --select-windows 16
 row flap4 --method flap --ratio 0.1334 --allocation global  # 12 groups
 row flap12 --method flap --ratio 0.4 --allocation global    # 36 groups
 row lin8-full --method linear --layers 8 --rank full

@@ -2,7 +2,7 @@
 # The single methods at the ends of the plan frontier (10% and 50% KV saving: P = 3 and 15 of
 # 30 layers, 9 and 45 of 90 KV groups), which sections 5 and 9 did not measure: linear maps
 # (--select damage), FLAP (global, bias compensation), and at 10% HARP (searched alphas) and
-# Gate-Norm. Each row: prune, then WikiText-2 test perplexity (8 x 2048). Numbers go into
+# Gate-Norm. Each row: prune, then WikiText-2 test perplexity (8 x 2048), read by
 # benchmarks/single_method_points.py (docs/results.md section 10).
 # Usage: bash benchmarks/single_method_ends.sh [OUT_DIR] ; resumable.
 set -euo pipefail

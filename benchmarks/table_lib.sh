@@ -9,5 +9,10 @@ prune() {
     --force --report "$out.prune.json"
 }
 ppl() { [ -f "$2" ] || run $H eval ppl --model "$1" --seq-len 2048 --max-windows "$WIN" --out "$2"; }
-# One table row: prune into OUT/NAME, then its test perplexity into OUT/NAME.json.
-row() { local name=$1; shift; prune "$OUT/$name" "$@"; ppl "$OUT/$name" "$OUT/$name.json"; }
+# One table row: prune into OUT/NAME, then its test perplexity into OUT/NAME.json (only the
+# rows named in ROWS, when it is set).
+row() {
+  local name=$1; shift
+  if [ -n "${ROWS:-}" ] && [[ " $ROWS " != *" $name "* ]]; then return; fi
+  prune "$OUT/$name" "$@"; ppl "$OUT/$name" "$OUT/$name.json"
+}

@@ -243,9 +243,18 @@ def test_cli_select_damage_records_scores(tiny_llama, tmp_path):
     res = CliRunner().invoke(app, [
         "prune", str(tiny_llama), "--method", "linear", "--calib-file", str(calib),
         "--calib-samples", "8", "--calib-seq-len", "32", "--eval-windows", "0", "--out",
-        str(out), "--layers", "2", "--select", "damage"])
+        str(out), "--layers", "2", "--select", "damage", "--select-windows", "3"])
     assert res.exit_code == 0, res.output
     sec = json.loads((out / "config.json").read_text())["harp_pruning"]
+    assert sec["calibration"]["select_windows"] == 3
+    res = CliRunner().invoke(app, [
+        "prune", str(tiny_llama), "--method", "linear", "--calib-file", str(calib),
+        "--calib-samples", "8", "--calib-seq-len", "32", "--eval-windows", "0", "--out",
+        str(tmp_path / "sel8"), "--layers", "2"])
+    assert res.exit_code == 0, res.output
+    sec8 = json.loads((tmp_path / "sel8" / "config.json").read_text())["harp_pruning"]
+    assert sec8["calibration"]["select_windows"] == 8  # the default
+    assert sec8["calibration"]["damage"] != sec["calibration"]["damage"]  # scored on other text
     damage = {int(k): v for k, v in sec["calibration"]["damage"].items()}
     chosen = sorted(int(k) for k in sec["maps"])
     assert chosen == sorted(sorted(damage, key=damage.get)[:2])
@@ -253,3 +262,9 @@ def test_cli_select_damage_records_scores(tiny_llama, tmp_path):
         "prune", str(tiny_llama), "--method", "linear", "--calib-file", str(calib),
         "--out", str(tmp_path / "bad"), "--layer-list", "1,2", "--select", "damage"])
     assert res.exit_code != 0 and "--select damage chooses its own layers" in res.output
+    res = CliRunner().invoke(app, [
+        "prune", str(tiny_llama), "--method", "linear", "--calib-file", str(calib),
+        "--calib-samples", "8", "--out", str(tmp_path / "bad"), "--layers", "2",
+        "--select-windows", "9"])
+    assert res.exit_code != 0 and "--select-windows must be between 1 and the 8" in res.output
+    assert not (tmp_path / "bad").exists()

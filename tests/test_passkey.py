@@ -3,6 +3,8 @@ test_quality.py, which drives the same ``passkey_on``)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from harp_vllm.errors import UserError
@@ -35,6 +37,38 @@ def test_score_and_lengths():
     assert not score(" 41274", "41273")
     assert not score(" 4127", "41273")
     assert not score(" the key", "41273")
+    assert not score(" 12345, then 41273", "41273")  # the first 5-digit number counts
     assert parse_lengths("1024, 2048") == [1024, 2048]
     with pytest.raises(UserError, match="--lengths"):
         parse_lengths("1k")
+
+
+def test_passkey_on_marks_each_trial_by_its_answer():
+    """``passkey_on``'s ``correct`` is set from each trial's own answer: answers scripted per
+    trial (the key, a wrong key, the key after another number, the bare key) against the truth
+    written out here, not recomputed with ``score``."""
+    from conftest import tiny_tokenizer
+
+    from harp_vllm.evaluation.tasks.passkey import accuracy_by_length, passkey_on
+
+    tok = tiny_tokenizer()
+    keys = [t.key for t in build_trials(tok, [600], trials=4, seed=5)]
+    wrong = keys[1][:4] + str((int(keys[1][4]) + 1) % 10)  # the key with its last digit changed
+    answers = [f" {keys[0]}. Remember it.", f" {wrong}.",
+               f" 10000 or {keys[2]}", f" {keys[3]}"]
+
+    class Scripted:
+        def __init__(self):
+            self.calls: list[int] = []
+
+        def generate(self, prompts, params, use_tqdm=False):
+            self.calls.append(len(prompts))
+            texts = answers if len(prompts) == 4 else ["x"] * len(prompts)  # the warm-up
+            return [SimpleNamespace(outputs=[SimpleNamespace(text=t)]) for t in texts]
+
+    llm = Scripted()
+    rows = passkey_on(llm, tok, [600], trials=4, seed=5, progress=False)
+    assert llm.calls == [1, 4]
+    assert [r["key"] for r in rows] == keys and [r["answer"] for r in rows] == answers
+    assert [r["correct"] for r in rows] == [True, False, False, True]
+    assert accuracy_by_length(rows, [600]) == {"600": {"trials": 4, "accuracy": 0.5}}

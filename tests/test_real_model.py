@@ -74,7 +74,9 @@ def test_harp_prune_real_model_end_to_end(smollm2_dir, tmp_path):
     # pinned, since a near-tie can flip on another CPU build); alpha = 1 everywhere fails below
     alphas = cfg["harp_pruning"]["layers"].values()
     assert all(abs(a * 10 - round(a * 10)) < 1e-6 and 0 <= a <= 1 for a in alphas), alphas
-    assert any(a < 1 for a in alphas), alphas
+    # at least one strictly between: a search stuck at alpha = 1 (x1.31) or at alpha = 0 (x1.147,
+    # within the x1.2 bound below) fails here
+    assert any(0 < a < 1 for a in alphas), alphas
     ratio = report["ppl_after"] / report["ppl_before"]
     assert 1.0 < ratio < 1.2, ratio  # alpha = 1 everywhere (no rescaling) costs x1.31
     assert (out / "chat_template.jinja").is_file()

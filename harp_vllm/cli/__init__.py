@@ -142,6 +142,8 @@ def prune_cmd(
     select: Annotated[str | None, typer.Option(
         help="linear: damage (the P layers whose lone replacement costs the least calibration "
              "KL; default unless --layer-list/--position) or top (by --position)")] = None,
+    select_windows: Annotated[int, typer.Option(
+        help="linear: calibration windows --select damage scores the layers on")] = 8,
     eval_windows: Annotated[int, typer.Option(help="WikiText-2 test windows for the before/"
                                                    "after perplexity (0: skip)")] = 8,
     eval_seq_len: Annotated[int, typer.Option(help="evaluation window length")] = 2048,
@@ -168,7 +170,8 @@ def prune_cmd(
             calib_seq_len=calib_seq_len, seed=seed, search=search, eval_windows=eval_windows,
             eval_seq_len=eval_seq_len, force=force, mlp_ratio=mlp_ratio, allocation=allocation,
             bias_compensation=bias_compensation, rank=rank, map_input=map_input, ridge=ridge,
-            fit_order=fit_order, refine_steps=refine_steps, select=select)
+            fit_order=fit_order, refine_steps=refine_steps, select=select,
+            select_windows=select_windows)
         return run_prune(opts)
 
     result = run_guarded(_run)

@@ -39,8 +39,6 @@ from ..selection import select_layers
 from .checkpoint import check_output_dir, save_pruned
 from .prune_options import PruneOptions, calibration_shape, parse_rank
 
-DAMAGE_WINDOWS = 8  # calibration windows --select damage scores every layer on
-
 
 def choose_layers(opts: PruneOptions, src: Path, n_layers: int
                   ) -> tuple[list[int], dict[int, float] | None, float | None]:
@@ -248,6 +246,10 @@ def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool)
     if select == "damage" and explicit:
         raise UserError("--select damage chooses its own layers: give --layers P or --ratio r, "
                         "not --layer-list/--position")
+    n_calib = calibration_shape(opts)[0]
+    if select == "damage" and not 1 <= opts.select_windows <= n_calib:
+        raise UserError(f"--select-windows must be between 1 and the {n_calib} calibration "
+                        f"windows (--calib-samples), got {opts.select_windows}")
     layers = select_layers(hf_cfg.num_hidden_layers, opts.layers, opts.ratio, opts.layer_list,
                            opts.position)
     run = prepare_run(opts, src, progress, layers=layers)
@@ -256,7 +258,7 @@ def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool)
     damage, select_seconds = None, 0.0
     if select == "damage":  # rank every layer by the KL its lone replacement costs
         t0 = time.perf_counter()
-        damage = layer_damage(model, windows[:DAMAGE_WINDOWS], rank=rank,
+        damage = layer_damage(model, windows[:opts.select_windows], rank=rank,
                               input_kind=opts.map_input, ridge=opts.ridge, progress=progress)
         layers = lowest_damage(damage, len(layers))
         report["layers"] = layers
@@ -268,6 +270,7 @@ def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool)
                    "rank": rank, "input": opts.map_input, "ridge": opts.ridge,
                    "fit_order": opts.fit_order, "fit_seconds": round(fit.seconds, 2),
                    "select": select, "select_seconds": round(select_seconds, 2),
+                   **({"select_windows": opts.select_windows} if select == "damage" else {}),
                    **({"damage": {str(k): round(v, 5) for k, v in damage.items()}}
                       if damage is not None else {}),
                    "unexplained": {str(k): round(v["unexplained"], 4)

@@ -51,6 +51,7 @@ class PruneOptions:
     refine_steps: int = 0  # linear: joint KL refinement steps after the closed-form fit
     select: str | None = None  # linear: damage (lowest single-layer KL; the default unless
     # --layer-list or --position is given) or top (by --position)
+    select_windows: int = 8  # linear: calibration windows --select damage scores layers on
     eval_windows: int = 8
     eval_seq_len: int = 2048
     force: bool = False
