@@ -7,10 +7,11 @@ caching and chunked prefill on, a per-step token budget (128) smaller than the l
 that reads them from the prefix cache. It must give the eager single-rank engine's greedy
 tokens and prompt logprobs (within 1e-4), and the same tokens again from the cache.
 
-The checkpoint is conftest's tiny ``linear`` one (HARP token-local layers of alpha 0.5 and 0,
-linear maps of both ranks and both inputs): every module the plugin compiles, at a fraction
-of SmolLM2's compile time (a real model adds nothing to what compilation is checked for here;
-SmolLM2 runs eager in test_vllm_plugin and test_parallel).
+The checkpoint is conftest's tiny ``harp`` one (token-local layers of alpha 0.7, 0.4 and 1,
+a removed attention, two dense layers), at a fraction of SmolLM2's compile time: a real model
+adds nothing to what compilation is checked for here (SmolLM2 runs eager in test_vllm_plugin
+and test_parallel). Not the tiny ``linear`` one: it has no attention layer left, and vLLM's
+prefix caching needs at least one KV-cache group.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ PROMPTS = [*TINY_PROMPTS, [(7 * i) % 290 + 5 for i in range(400)]]
 
 @pytest.fixture(scope="module")
 def tiny_defaults(tiny_checkpoints, engines, tmp_path_factory):
-    """(prompts, the eager single-rank run, the run on vLLM's defaults) of the tiny ``linear``
+    """(prompts, the eager single-rank run, the run on vLLM's defaults) of the tiny ``harp``
     checkpoint."""
-    model = tiny_checkpoints["linear"]
+    model = tiny_checkpoints["harp"]
     work: Path = tmp_path_factory.mktemp("defaults-runs")
     default = run_engine(model, work / "default", PROMPTS, in_process=False, timeout=1500,
                          extra=("--vllm-defaults", "--max-num-batched-tokens", str(BUDGET),
