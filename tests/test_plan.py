@@ -206,6 +206,10 @@ def test_explicit_layout_mixes_every_choice_in_one_checkpoint(tiny_llama, tmp_pa
                                "3": {"input": "normed", "rank": width, "add": True}}
     assert section["shapes"]["num_key_value_heads"] == [1, 2, 2, 1]
     assert cfg["attention_bias"] is True
+    plan = json.loads((out / "plan.json").read_text(), parse_constant=lambda c: pytest.fail(
+        f"plan.json is not strict JSON: {c}"))  # no per-layer damage measured: no prediction
+    assert plan["predicted_kl"] is None and plan["measured_kl"] >= 0
+    assert "predicted - (explicit layout)" in res.output
     spec = PruningSpec.from_config(cfg)
     assert spec.kv_heads(cfg["num_hidden_layers"], cfg["num_key_value_heads"]) == [1, 0, 0, 1]
     _logits_equal_reference(out, tiny_llama, layout)

@@ -137,7 +137,9 @@ def register(app: typer.Typer) -> None:
         if "kv_saving_served" in c:
             typer.echo(f"as vLLM allocates it (blocks of {c['kv_block_size']}, its grouping "
                        f"of window sizes): saving {c['kv_saving_served']:.3f}")
-        typer.echo(f"calibration KL predicted {result['predicted_kl']:.4f}, measured "
+        pred = result["predicted_kl"]
+        typer.echo(f"calibration KL predicted "
+                   f"{'- (explicit layout)' if pred is None else f'{pred:.4f}'}, measured "
                    f"{result['measured_kl']:.4f}")
         if result.get("ppl") is not None:
             typer.echo(f"WikiText-2 test perplexity: dense {result['ppl_dense']:.4f} -> "

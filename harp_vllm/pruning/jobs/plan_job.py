@@ -58,11 +58,13 @@ def _record(s: Session, layout: dict[int, Choice], progress: bool, budget: Budge
             **extra: Any) -> dict:
     cfg = s.cfg
     per_layer = [layout.get(j, KEEP).name for j in range(cfg.num_hidden_layers)]
-    predicted = sum(s.stats.damage.get(j, {}).get(c.name, float("nan"))
-                    for j, c in layout.items())
+    # an explicit --layout measures no per-layer damage: no prediction (null, not NaN, which
+    # is not JSON)
+    known = [s.stats.damage.get(j, {}).get(c.name) for j, c in layout.items()]
+    predicted = None if None in known else round(sum(known), 5)  # type: ignore[arg-type]
     rec = {"layout": layout_text(layout), "per_layer": per_layer,
            "budget": None if budget is None else vars(budget),
-           "predicted_kl": round(predicted, 5), **extra,
+           "predicted_kl": predicted, **extra,
            "costs": layout_summary(cfg, layout, (4096, 7168, s.opts.context),
                                    context=s.opts.context),
            "ppl": _ppl(s, layout, progress)}
