@@ -28,7 +28,7 @@ from harp_vllm.evaluation.tasks.passkey import build_trials
 from harp_vllm.pruning.calibration.logits import normed_head_logits
 from harp_vllm.pruning.calibration.recall_probe import plant_recall
 from harp_vllm.pruning.calibration.windows import load_calibration_text, unused_long_windows
-from harp_vllm.pruning.reference import decoder_layers, load_model
+from harp_vllm.pruning.reference import decoder_layers, load_model, window_mask
 
 
 def copy_sources(tok, ids: list[int], picks: list[int]) -> list[int]:
@@ -85,16 +85,21 @@ def copy_mass(model, tok, seq_len: int, repeat: int, windows: int = 2) -> torch.
     return (total / len(long)).view(cfg.num_hidden_layers, hkv, h // hkv).amax(-1)
 
 
+def sink_window_mask(window: int, sinks: int, t: int, dtype: torch.dtype) -> torch.Tensor:
+    """``window_mask`` over ``t`` tokens with the first ``sinks`` keys also seen by every
+    later query."""
+    mask = window_mask(window, t, t, dtype)
+    rows, cols = torch.arange(t)[:, None], torch.arange(min(sinks, t))[None, :]
+    mask[0, 0, :, :cols.shape[1]] = torch.where(cols <= rows, 0.0, torch.finfo(dtype).min)
+    return mask
+
+
 def sink_window_hook(window: int, sinks: int):
     """A pre-hook: sliding-window causal attention that also keeps the first ``sinks``
     tokens."""
     def hook(attn, args, kwargs):
-        t = kwargs["hidden_states"].shape[1]
-        i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
-        seen = (j <= i) & ((i - j < window) | (j < sinks))
-        dtype = kwargs["hidden_states"].dtype
-        mask = torch.zeros(t, t, dtype=dtype).masked_fill_(~seen, torch.finfo(dtype).min)
-        kwargs["attention_mask"] = mask[None, None]
+        x = kwargs["hidden_states"]
+        kwargs["attention_mask"] = sink_window_mask(window, sinks, x.shape[1], x.dtype)
         return args, kwargs
     return hook
 
