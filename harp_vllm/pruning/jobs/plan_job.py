@@ -60,8 +60,11 @@ def _record(s: Session, layout: dict[int, Choice], progress: bool, budget: Budge
     per_layer = [layout.get(j, KEEP).name for j in range(cfg.num_hidden_layers)]
     # an explicit --layout measures no per-layer damage: no prediction (null, not NaN, which
     # is not JSON)
-    known = [s.stats.damage.get(j, {}).get(c.name) for j, c in layout.items()]
-    predicted = None if None in known else round(sum(known), 5)  # type: ignore[arg-type]
+    try:
+        predicted: float | None = round(sum(s.stats.damage[j][c.name]
+                                            for j, c in layout.items()), 5)
+    except KeyError:
+        predicted = None
     rec = {"layout": layout_text(layout), "per_layer": per_layer,
            "budget": None if budget is None else vars(budget),
            "predicted_kl": predicted, **extra,
