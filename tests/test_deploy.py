@@ -387,8 +387,9 @@ def test_native_plan_translates_the_compose_file(tmp_path):
                                                             profiles=["loadtest"]).services}
 
 
-# A server that starts a worker ignoring SIGTERM, and an orphan ignoring it too (its parent exits
-# at once) that stays in the process group but leaves the tree; ``harp-vllm stack down`` must stop all three.
+# A server that starts a worker ignoring SIGTERM, and an orphan ignoring it too (its parent
+# exits at once) that stays in the process group but leaves the tree; ``harp-vllm stack down``
+# must stop all three.
 STUBBORN = """
 import os, signal, subprocess, sys, time
 IGNORE = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"
