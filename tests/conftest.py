@@ -305,15 +305,20 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     (``TINY_ALPHAS``); ``flap`` (FLAP, heads only) and ``flap_mlp`` (heads and MLP), both
     leaving layers of 1 and 2 KV heads; ``linear`` (maps of both ranks and inputs,
     ``TINY_MAP_GROUPS``; layer 0 raw: the first layer has no residual yet) beside HARP layers
-    (alpha 0.5 and 0)."""
+    (alpha 0.5 and 0); ``gemma3_linear``, the same maps in a tiny Gemma 3 (post-norm: each
+    map sits before the post-attention norm) beside a HARP layer (alpha 0.5) and a dense
+    one (3)."""
     base = tmp_path_factory.mktemp("tiny-hd32")
     dense = make_tiny("llama", base / "dense")
     windows = torch.randint(0, 300, (8, 64), generator=torch.Generator().manual_seed(0))
+    gemma = make_tiny("gemma3_text", base / "gemma3-dense")
     return {"dense": dense, "harp": save(dense, base / "harp", TINY_ALPHAS),
             "flap": head_pruned(dense, base / "flap", "flap", 0.25, 0.0, "global"),
             "flap_mlp": head_pruned(dense, base / "flap-mlp", "flap", 0.25, 0.25, "global"),
             "linear": save_linear(dense, base / "linear", TINY_MAP_GROUPS, windows,
-                                  alphas={1: 0.5, 3: 0.0})}
+                                  alphas={1: 0.5, 3: 0.0}),
+            "gemma3_linear": save_linear(gemma, base / "gemma3-linear", TINY_MAP_GROUPS,
+                                         windows, alphas={1: 0.5})}
 
 
 class Engines:

@@ -701,6 +701,20 @@ def test_tiny_linear_maps_match_reference(tiny_linear, tiny_engines):
     assert_matches(result, reference(tiny_linear, TINY_PROMPTS))
 
 
+@vllm
+@pytest.mark.timeout(900)
+def test_tiny_gemma3_linear_maps_match_reference(tiny_checkpoints, tiny_engines):
+    """Gemma 3 (post-norm): maps of both ranks and inputs before the post-attention norm
+    (layer 0 raw, on the first layer's embeddings) beside a HARP layer (alpha 0.5): only the
+    dense layer 3 holds a KV cache."""
+    pruned = tiny_checkpoints["gemma3_linear"]
+    result, log = tiny_engines(pruned, TINY_PROMPTS)
+    assert result["ok"], result.get("error", "") + log[-3000:]
+    assert result["architectures"] == ["HarpGemma3ForCausalLM"]
+    assert_matches(result, reference(pruned, TINY_PROMPTS))
+    assert sum(g["layers"] for g in result["kv_groups"]) == 1, result["kv_groups"]
+
+
 @pytest.fixture(scope="session")
 def smol_linear(smollm2_dir, smol_prompts, tmp_path_factory) -> Path:
     """SmolLM2 with its top 8 layers replaced by linear maps, every rank/input combination
