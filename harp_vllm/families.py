@@ -72,9 +72,11 @@ FAMILIES: tuple[Family, ...] = (
            f"{_PLUGIN}.gemma:HarpGemma2ForCausalLM",
            post_norm=True, heads=False, linear_maps=True, compensation=False,
            biases=_gemma_biases, windows=True),
+    # heads: one KV head (270M) is cut by query heads (``pruning/heads.py``); no o_proj /
+    # down_proj biases in vLLM's Gemma code, so FLAP without its compensation
     Family("Gemma3ForCausalLM", ("gemma3_text",), "HarpGemma3ForCausalLM",
            f"{_PLUGIN}.gemma:HarpGemma3ForCausalLM",
-           post_norm=True, heads=False, linear_maps=True, compensation=False,
+           post_norm=True, heads=True, linear_maps=True, compensation=False,
            biases=_gemma_biases, windows=True),
 )
 

@@ -242,9 +242,10 @@ def own_model_type(family) -> str:
                 if MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(mt) == family.hf_architecture)
 
 
-def make_tiny(family: str, out: Path, layers: int = 6) -> Path:
+def make_tiny(family: str, out: Path, layers: int = 6, kv_heads: int = 2) -> Path:
     """A tiny random model of HF ``model_type`` ``family`` (``AutoConfig`` knows its config
-    class) that vLLM's CPU attention accepts (head_dim 32; ``make_tiny_model``'s is 16)."""
+    class) that vLLM's CPU attention accepts (head_dim 32; ``make_tiny_model``'s is 16), with
+    4 query heads and ``kv_heads`` KV heads."""
     import transformers
 
     gemma = family.startswith("gemma")  # Gemma's attention scaling, set for the tiny size
@@ -252,7 +253,8 @@ def make_tiny(family: str, out: Path, layers: int = 6) -> Path:
     tok = tiny_tokenizer()
     cfg = transformers.AutoConfig.for_model(
         family, vocab_size=len(tok), hidden_size=128, intermediate_size=256,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
+        head_dim=32,
         max_position_embeddings=512, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.eos_token_id,
         tie_word_embeddings=gemma,  # vLLM's Gemma2 always ties lm_head to the embeddings

@@ -43,6 +43,12 @@ def tiny_gemma3(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_gemma3_one_kv(tmp_path_factory):
+    """A tiny Gemma 3 of one KV head (as the 270M): heads are cut one query head at a time."""
+    return make_tiny("gemma3_text", tmp_path_factory.mktemp("g3kv1") / "dense", kv_heads=1)
+
+
 def _windows(n: int = 8, t: int = 64) -> torch.Tensor:
     return torch.randint(0, 300, (n, t), generator=torch.Generator().manual_seed(0))
 
@@ -131,11 +137,11 @@ def test_plan_context_default_is_the_models_own():
     assert models.kv_context("./some-dir") == models.DEFAULT_KV_CONTEXT == 7168
 
 
-def test_plan_cli_on_gemma3_offers_no_kv_group_cut(tiny_gemma3, tmp_path):
-    """``harp-vllm plan`` on a Gemma 3 under a KV budget: maps and removals only, the
-    checkpoint reloads with the plan's layers, the budget at the default context."""
+def test_plan_cli_on_gemma3_offers_no_kv_group_cut(tiny_gemma3_one_kv, tmp_path):
+    """``harp-vllm plan`` on a Gemma 3 of one KV head under a KV budget: maps and removals
+    only, the checkpoint reloads with the plan's layers, the budget at the default context."""
     res = CliRunner().invoke(app, [
-        "plan", str(tiny_gemma3), "--kv-saving", "0.3", "--out", str(tmp_path / "p"),
+        "plan", str(tiny_gemma3_one_kv), "--kv-saving", "0.3", "--out", str(tmp_path / "p"),
         "--calib-samples", "8", "--calib-seq-len", "64", "--damage-windows", "2",
         "--rescore-windows", "2", "--eval-windows", "0", "--no-cache", "--top-k", "2"])
     assert res.exit_code == 0, res.output
@@ -148,3 +154,44 @@ def test_plan_cli_on_gemma3_offers_no_kv_group_cut(tiny_gemma3, tmp_path):
     assert changed and all(
         isinstance(decoder_layers(model)[j].self_attn, LinearAttention)
         == (plan["per_layer"][j] == "linearfull") for j in changed)
+
+
+@pytest.mark.parametrize("method", ["amp", "flap", "wanda-sp"])
+def test_head_methods_cut_query_heads_of_a_single_kv_head(tiny_gemma3_one_kv, tmp_path,
+                                                          method):
+    """With one KV head the unit is a query head: the cut model equals the dense one with the
+    removed heads' o_proj columns and MLP channels' down_proj columns zeroed (the KV head,
+    QK norms and 1/sqrt(query_pre_attn_scalar) scaling untouched), and the saved checkpoint
+    reloads to the same logits."""
+    from harp_vllm.pruning.jobs.checkpoint import save_pruned
+    from harp_vllm.pruning.methods.structured import prune_structured, shapes_of
+    from harp_vllm.spec import PruningSpec
+
+    model, zeroed = load_model(tiny_gemma3_one_kv), load_model(tiny_gemma3_one_kv)
+    res = prune_structured(model, _windows(), method, 0.25, 0.25, "uniform",
+                           bias_compensation=False, progress=False)
+    shapes = shapes_of(model.config, res)
+    assert shapes["num_attention_heads"] == [3] * 6 and shapes["num_key_value_heads"] == [1] * 6
+    for layer, heads, chans in zip(decoder_layers(zeroed), res.kept_groups, res.kept_channels,
+                                   strict=True):
+        with torch.no_grad():
+            for h in set(range(4)) - set(heads):
+                layer.self_attn.o_proj.weight[:, h * 32:(h + 1) * 32] = 0
+            gone = sorted(set(range(256)) - set(chans))
+            layer.mlp.down_proj.weight[:, gone] = 0
+    x = torch.tensor([list(range(20, 84))])
+    with torch.no_grad():
+        cut = model(x).logits
+        assert torch.allclose(cut, zeroed(x).logits, atol=1e-4)
+    spec = PruningSpec(layers={}, method=method, shapes=shapes)
+    out = save_pruned(model, spec, tiny_gemma3_one_kv, tmp_path / "cut")
+    with torch.no_grad():
+        assert torch.equal(load_model(out)(x).logits, cut)
+
+
+def test_flap_compensation_is_refused_for_gemma3(tiny_gemma3_one_kv):
+    from harp_vllm.pruning.methods.structured import prune_structured
+
+    with pytest.raises(UserError, match="use --no-bias-compensation"):
+        prune_structured(load_model(tiny_gemma3_one_kv), _windows(), "flap", 0.25,
+                         progress=False)

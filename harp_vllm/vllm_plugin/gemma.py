@@ -19,8 +19,8 @@ from vllm.model_executor.models.gemma2 import Gemma2DecoderLayer, Gemma2ForCausa
 from vllm.model_executor.models.gemma3 import Gemma3DecoderLayer, Gemma3ForCausalLM
 
 from ..families import family_of
-from .checkpoint_spec import layer_alpha, layer_map
-from .factories import linear_map_factory, token_local_factory
+from .checkpoint_spec import layer_alpha, layer_config, layer_map
+from .factories import linear_map_factory, token_local_factory, with_group_map
 from .mixins import HarpModelMixin, add_norm
 from .version import swapped_global
 
@@ -66,11 +66,17 @@ class HarpPostNormDecoderLayerMixin:
 def _init_layer(layer, parent, module, attn_name, config, cache_config, quant_config, prefix):
     alpha = layer_alpha(config, prefix)
     linear_map = layer_map(config, prefix)
+    # the layer's own head counts and MLP width (head pruning) and sliding window (windows)
+    config = layer_config(config, prefix)
     if alpha is None and linear_map is None:
         parent.__init__(layer, config, cache_config, quant_config, prefix=prefix)
     else:  # the parent layer builds its attention by the module-level name
-        attn = (token_local_factory(alpha, family_of(config)) if alpha is not None
-                else linear_map_factory(linear_map["rank"]))
+        if alpha is not None:
+            attn = token_local_factory(alpha, family_of(config))
+        elif linear_map is not None and linear_map.get("add"):  # KV groups cut, a map added
+            attn = with_group_map(getattr(module, attn_name), linear_map["rank"])
+        else:
+            attn = linear_map_factory(linear_map["rank"])
         with swapped_global(module, attn_name, attn):
             parent.__init__(layer, config, cache_config, quant_config, prefix=prefix)
     layer.harp_alpha = alpha
