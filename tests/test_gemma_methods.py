@@ -20,6 +20,7 @@ from harp_vllm.pruning.calibration.damage import record_dense, suffix_kl
 from harp_vllm.pruning.jobs.plan_options import PlanOptions, parse_kinds
 from harp_vllm.pruning.methods.linear import fit_linear
 from harp_vllm.pruning.planner.choices import KEEP, Choice, candidates, parse_layout
+from harp_vllm.pruning.planner.layouts import layout_summary
 from harp_vllm.pruning.planner.solve import Budget, solve_layouts
 from harp_vllm.pruning.reference import LinearAttention, decoder_layers, load_model
 
@@ -129,6 +130,9 @@ def test_planner_sees_the_global_layers_hold_the_kv_at_long_context():
     assert sorted(short) == sorted(j for j in range(18) if j not in GLOBAL)[:9]
     assert costs.kv_bytes(GEMMA3, KEEP.shape(GEMMA3, 5), context=32768) == 64 * costs.kv_bytes(
         GEMMA3, KEEP.shape(GEMMA3, 0), context=32768)
+    # the summary's saving compares both at the context: one global layer of 3 + 15/64
+    s = layout_summary(GEMMA3, {17: Choice("linear", rank=None)}, context=32768)
+    assert s["kv_saving"] == pytest.approx(1 / (3 + 15 / 64), abs=1e-6)
 
 
 def test_plan_context_default_is_the_models_own():
