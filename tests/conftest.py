@@ -242,9 +242,10 @@ def own_model_type(family) -> str:
                 if MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(mt) == family.hf_architecture)
 
 
-def make_tiny(family: str, out: Path, layers: int = 6) -> Path:
+def make_tiny(family: str, out: Path, layers: int = 6, kv_heads: int = 2) -> Path:
     """A tiny random model of HF ``model_type`` ``family`` (``AutoConfig`` knows its config
-    class) that vLLM's CPU attention accepts (head_dim 32; ``make_tiny_model``'s is 16)."""
+    class) that vLLM's CPU attention accepts (head_dim 32; ``make_tiny_model``'s is 16), with
+    4 query heads and ``kv_heads`` KV heads."""
     import transformers
 
     gemma = family.startswith("gemma")  # Gemma's attention scaling, set for the tiny size
@@ -252,7 +253,8 @@ def make_tiny(family: str, out: Path, layers: int = 6) -> Path:
     tok = tiny_tokenizer()
     cfg = transformers.AutoConfig.for_model(
         family, vocab_size=len(tok), hidden_size=128, intermediate_size=256,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=kv_heads,
+        head_dim=32,
         max_position_embeddings=512, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.eos_token_id,
         tie_word_embeddings=gemma,  # vLLM's Gemma2 always ties lm_head to the embeddings
@@ -305,15 +307,20 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     (``TINY_ALPHAS``); ``flap`` (FLAP, heads only) and ``flap_mlp`` (heads and MLP), both
     leaving layers of 1 and 2 KV heads; ``linear`` (maps of both ranks and inputs,
     ``TINY_MAP_GROUPS``; layer 0 raw: the first layer has no residual yet) beside HARP layers
-    (alpha 0.5 and 0)."""
+    (alpha 0.5 and 0); ``gemma3_linear``, the same maps in a tiny Gemma 3 (post-norm: each
+    map sits before the post-attention norm) beside a HARP layer (alpha 0.5) and a dense
+    one (3)."""
     base = tmp_path_factory.mktemp("tiny-hd32")
     dense = make_tiny("llama", base / "dense")
     windows = torch.randint(0, 300, (8, 64), generator=torch.Generator().manual_seed(0))
+    gemma = make_tiny("gemma3_text", base / "gemma3-dense")
     return {"dense": dense, "harp": save(dense, base / "harp", TINY_ALPHAS),
             "flap": head_pruned(dense, base / "flap", "flap", 0.25, 0.0, "global"),
             "flap_mlp": head_pruned(dense, base / "flap-mlp", "flap", 0.25, 0.25, "global"),
             "linear": save_linear(dense, base / "linear", TINY_MAP_GROUPS, windows,
-                                  alphas={1: 0.5, 3: 0.0})}
+                                  alphas={1: 0.5, 3: 0.0}),
+            "gemma3_linear": save_linear(gemma, base / "gemma3-linear", TINY_MAP_GROUPS,
+                                         windows, alphas={1: 0.5})}
 
 
 class Engines:

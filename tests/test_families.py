@@ -32,9 +32,12 @@ def test_family_of_and_post_norm_read_the_model_type():
 
 def test_derived_model_type_lists():
     assert families.model_types() == ("llama", "mistral", "qwen2", "gemma2", "gemma3_text")
-    assert families.model_types(lambda f: f.heads) == ("llama", "mistral", "qwen2")
-    assert families.model_types(lambda f: f.heads and not f.compensation) == ("qwen2",)
-    assert families.model_types(lambda f: f.linear_maps) == ("llama", "mistral")
+    assert families.model_types(lambda f: f.heads) == ("llama", "mistral", "qwen2",
+                                                       "gemma3_text")
+    assert families.model_types(lambda f: f.heads and not f.compensation) == ("qwen2",
+                                                                              "gemma3_text")
+    assert families.model_types(lambda f: f.linear_maps) == ("llama", "mistral", "gemma2",
+                                                             "gemma3_text")
 
 
 def test_head_dim_prefers_the_explicit_value():

@@ -11,7 +11,8 @@ from conftest import greedy_without_cache
 from harp_vllm.errors import UserError
 from harp_vllm.spec import PruningSpec
 
-SMOL = SimpleNamespace(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+SMOL = SimpleNamespace(model_type="llama", hidden_size=576, num_attention_heads=9,
+                       num_key_value_heads=3,
                        head_dim=64, intermediate_size=1536, num_hidden_layers=30,
                        vocab_size=49152, max_position_embeddings=8192)
 

@@ -20,7 +20,8 @@ from harp_vllm.pruning.planner.solve import Budget, solve_layouts
 from harp_vllm.pruning.reference import load_model
 from harp_vllm.spec import PruningSpec
 
-SMOL = SimpleNamespace(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+SMOL = SimpleNamespace(model_type="llama", hidden_size=576, num_attention_heads=9,
+                       num_key_value_heads=3,
                        head_dim=64, intermediate_size=1536, num_hidden_layers=30,
                        vocab_size=49152)
 runner = CliRunner()
@@ -166,7 +167,8 @@ def test_plan_cli_writes_a_mixed_checkpoint_that_reloads_identically(tiny_llama,
     assert len(plan["tried"]) == 3 and plan["measured_kl"] == min(
         t["measured_kl"] for t in plan["tried"])
     assert plan["per_layer"].count("keep") == 4 - len(parse_layout(
-        plan["layout"], SimpleNamespace(num_key_value_heads=2, hidden_size=64,
+        plan["layout"], SimpleNamespace(model_type="llama", num_key_value_heads=2,
+                                        hidden_size=64,
                                         num_hidden_layers=4)))
     _logits_equal_reference(out, tiny_llama, plan["layout"])
     # The load-test report's cost-model line reads the served checkpoint's shapes.

@@ -569,7 +569,7 @@ def test_error_unsupported_family(refused):
 def test_error_head_shapes_on_a_family_without_per_layer_heads(refused):
     expect_refused(refused, "head_shapes_on_a_family_without_per_layer_heads",
                    "per-layer head counts",
-                   "served for llama, mistral, qwen2 models only, not 'gemma2'")
+                   "served for llama, mistral, qwen2, gemma3_text models only, not 'gemma2'")
 
 
 @vllm
@@ -682,6 +682,22 @@ def test_tiny_qwen2_with_per_layer_heads_matches_reference(tmp_path):
     assert_matches(result, reference(pruned, prompts))
 
 
+@vllm
+@pytest.mark.timeout(900)
+def test_tiny_gemma3_query_heads_cut_matches_reference(tmp_path):
+    """Gemma 3 of one KV head cut by AMP into layers of 3 query heads (the KV head stays)
+    and 3/4 of the MLP: vLLM builds each layer from its own head count and MLP width."""
+    dense = make_tiny("gemma3_text", tmp_path / "dense", kv_heads=1)
+    pruned = head_pruned(dense, tmp_path / "amp", "amp", 0.25, 0.25, "uniform")
+    shapes = json.loads((pruned / "config.json").read_text())["harp_pruning"]["shapes"]
+    assert shapes["num_attention_heads"] == [3] * 6 and shapes["intermediate_size"] == [192] * 6
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], list(range(20, 120))]
+    result, log = run_probe(pruned, tmp_path / "run", prompts, max_model_len=512)
+    assert result["ok"], result.get("error", "") + log[-3000:]
+    assert result["architectures"] == ["HarpGemma3ForCausalLM"]
+    assert_matches(result, reference(pruned, prompts))
+
+
 # ---------------------------------------------------------------------------- linear maps
 # (--method linear: attention replaced by fitted affine maps; issue 18)
 
@@ -699,6 +715,20 @@ def test_tiny_linear_maps_match_reference(tiny_linear, tiny_engines):
     result, log = tiny_engines(tiny_linear, TINY_PROMPTS)
     assert result["ok"], result.get("error", "") + log[-3000:]
     assert_matches(result, reference(tiny_linear, TINY_PROMPTS))
+
+
+@vllm
+@pytest.mark.timeout(900)
+def test_tiny_gemma3_linear_maps_match_reference(tiny_checkpoints, tiny_engines):
+    """Gemma 3 (post-norm): maps of both ranks and inputs before the post-attention norm
+    (layer 0 raw, on the first layer's embeddings) beside a HARP layer (alpha 0.5): only the
+    dense layer 3 holds a KV cache."""
+    pruned = tiny_checkpoints["gemma3_linear"]
+    result, log = tiny_engines(pruned, TINY_PROMPTS)
+    assert result["ok"], result.get("error", "") + log[-3000:]
+    assert result["architectures"] == ["HarpGemma3ForCausalLM"]
+    assert_matches(result, reference(pruned, TINY_PROMPTS))
+    assert sum(g["layers"] for g in result["kv_groups"]) == 1, result["kv_groups"]
 
 
 @pytest.fixture(scope="session")
@@ -777,6 +807,31 @@ def test_tiny_planned_mixture_matches_reference_and_sizes_kv(tiny_checkpoints, t
     assert base["ok"], base.get("error", "") + base_log[-3000:]
     # KV heads per layer: 1, 0, 0, 1, 0, 1 = 3 of the dense 12.
     assert result["kv_cache_tokens"] / base["kv_cache_tokens"] == pytest.approx(4.0, rel=0.01)
+
+
+@vllm
+@pytest.mark.timeout(900)
+def test_tiny_gemma3_planned_layout_matches_reference(tmp_path):
+    """A planned Gemma 3 (post-norm; this one has 2 KV heads, so a KV-group cut is offered):
+    maps of both ranks (one on the global layer 5), a KV group cut with a map in its place,
+    a removed sublayer and a sliding window on a local layer; only layers 1 (one KV head),
+    3 (windowed) and 4 keep a KV cache."""
+    dense = make_tiny("gemma3_text", tmp_path / "dense")
+    pruned = planned(dense, tmp_path / "plan",
+                     "0:linearfull,1:drop1lin,2:remove,3:win16,5:linear32")
+    section = json.loads((pruned / "config.json").read_text())["harp_pruning"]
+    assert set(section["maps"]) == {"0", "1", "5"} and section["layers"] == {"2": 0.0}
+    assert section["windows"] == {"3": 16} and section["maps"]["1"]["add"] is True
+    assert section["shapes"]["num_key_value_heads"] == [2, 1, 2, 2, 2, 2]
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], list(range(20, 120)), [40] * 30]
+    result, log = run_probe(pruned, tmp_path / "run", prompts, max_model_len=512)
+    assert result["ok"], result.get("error", "") + log[-3000:]
+    assert result["architectures"] == ["HarpGemma3ForCausalLM"]
+    assert_matches(result, reference(pruned, prompts))
+    by_window: dict = {}
+    for g in result["kv_groups"]:
+        by_window[g["sliding_window"]] = by_window.get(g["sliding_window"], 0) + g["layers"]
+    assert by_window[16] == 1 and sum(by_window.values()) == 3, result["kv_groups"]
 
 
 # The layout `harp-vllm plan smollm2-135m --kv-saving 0.27` chose (docs/results.md section 10):

@@ -23,7 +23,8 @@ from harp_vllm.pruning.reference import load_model, pruned, window_mask, windowe
 from harp_vllm.spec import PruningSpec
 
 runner = CliRunner()
-SMOL = SimpleNamespace(hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+SMOL = SimpleNamespace(model_type="llama", hidden_size=576, num_attention_heads=9,
+                       num_key_value_heads=3,
                        head_dim=64, intermediate_size=1536, num_hidden_layers=30,
                        vocab_size=49152, max_position_embeddings=8192)
 

@@ -21,9 +21,10 @@ def register(app: typer.Typer) -> None:
         speedup: Annotated[float | None, typer.Option(
             help="also a predicted prefill speed-up of at least this at --context tokens "
                  "(cost model)")] = None,
-        context: Annotated[int, typer.Option(
+        context: Annotated[int | None, typer.Option(
             help="context length the budgets are stated at (KV bytes of windowed layers, "
-                 "the speed budget)")] = 7168,
+                 "the speed budget); default the model's own (harp-vllm models list: "
+                 "32,768 for gemma3-270m, 7,168 for smollm2-135m and any other model)")] = None,
         layout: Annotated[str | None, typer.Option(
             help="no search: an explicit layout, e.g. 7:linear192,28-29:remove,3:drop1 (the "
                  "'layout' of a plan.json)")] = None,
@@ -127,13 +128,12 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"wrote {result['out']}/frontier.md, frontier.png, layouts.png, "
                        f"frontier.json")
             return
-        c = result["costs"]
+        c, n = result["costs"], result["context"]
         typer.echo(f"layout: {result['layout']}")
         at = f" at {c['kv_context']:,} tokens" if "kv_context" in c else ""
         typer.echo(f"KV bytes/token (bf16){at} {c['kv_bytes_per_token_dense']:,.0f} -> "
                    f"{c['kv_bytes_per_token']:,.0f} (saving {c['kv_saving']:.3f}); predicted "
-                   f"prefill speed-up at {context}: "
-                   f"{c['predicted_speedup'][f'prefill@{context}']:.3f}")
+                   f"prefill speed-up at {n}: {c['predicted_speedup'][f'prefill@{n}']:.3f}")
         if "kv_saving_served" in c:
             typer.echo(f"as vLLM allocates it (blocks of {c['kv_block_size']}, its grouping "
                        f"of window sizes): saving {c['kv_saving_served']:.3f}")

@@ -239,7 +239,8 @@ def summary(cfg: Any, shapes: list[LayerShape], contexts: tuple[int, ...] = (409
     at = context or contexts[-1]
     kv_full = kv_bytes_per_token(cfg, shapes, dtype_bytes)  # no window binding
     kv = kv_bytes_per_token(cfg, shapes, dtype_bytes, at)
-    kv_dense = kv_bytes_per_token(cfg, dense, dtype_bytes)
+    # at the same context: a model's own windows (Gemma's local layers) count in the dense too
+    kv_dense = kv_bytes_per_token(cfg, dense, dtype_bytes, at)
     windowed = any(s.window is not None for s in shapes)
     shared = sum(s.shares is not None for s in shapes)
     return {

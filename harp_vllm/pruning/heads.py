@@ -1,9 +1,12 @@
-"""Head- and MLP-channel surgery on Hugging Face decoder layers (Llama, Mistral, Qwen2).
+"""Head- and MLP-channel surgery on Hugging Face decoder layers (Llama, Mistral, Qwen2,
+Gemma 2/3).
 
 Attention is cut by whole GQA groups: group g is KV head g and the ``r`` query heads
 ``g*r .. g*r+r-1`` that read it, so every kept layer keeps the model's group size and the KV
-cache shrinks with each group removed. MLP layers are cut by intermediate channels (rows of
-gate/up, columns of down). Biases of the cut rows go with them.
+cache shrinks with each group removed. A model with a single KV head (Gemma 3 270M) has no
+group to remove: its unit is one query head (q_proj rows, o_proj columns; the KV head, and
+the per-head QK norms, stay), so its KV cache does not shrink. MLP layers are cut by
+intermediate channels (rows of gate/up, columns of down). Biases of the cut rows go with them.
 """
 
 from __future__ import annotations
@@ -35,6 +38,28 @@ def check_family(config) -> None:
 
 def group_size(config) -> int:
     return config.num_attention_heads // config.num_key_value_heads
+
+
+def head_units(config) -> bool:
+    """Whether attention is cut by single query heads (one KV head: no group to remove)."""
+    return int(config.num_key_value_heads) == 1
+
+
+def unit_size(config) -> int:
+    """Query heads per unit of attention pruning: the group size, or 1 (``head_units``)."""
+    return 1 if head_units(config) else group_size(config)
+
+
+def unit_count(config) -> int:
+    """Units of attention pruning per dense layer: KV groups, or query heads."""
+    return int(config.num_attention_heads if head_units(config)
+               else config.num_key_value_heads)
+
+
+def unit_heads(config, units: list[int]) -> list[int]:
+    """The query heads of ``units`` (of a dense layer)."""
+    r = unit_size(config)
+    return [u * r + j for u in units for j in range(r)]
 
 
 def _linear(old: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
@@ -73,6 +98,24 @@ def keep_groups(attn: Any, config, groups: list[int]) -> None:
     attn.o_proj = _linear(attn.o_proj, cols=q_ch)
 
 
+def keep_query_heads(attn: Any, config, heads: list[int]) -> None:
+    """Keep only the query ``heads`` (sorted indices) of one single-KV-head attention module,
+    in place (its k/v and QK norms stay; ``num_key_value_groups`` follows, for repeat_kv)."""
+    ch = channels_of(heads, head_dim(config))
+    attn.q_proj = _linear(attn.q_proj, rows=ch)
+    attn.o_proj = _linear(attn.o_proj, cols=ch)
+    if hasattr(attn, "num_key_value_groups"):
+        attn.num_key_value_groups = len(heads)
+
+
+def keep_units(attn: Any, config, units: list[int]) -> None:
+    """Keep only the pruning ``units`` (groups, or query heads: ``head_units``), in place."""
+    if head_units(config):
+        keep_query_heads(attn, config, units)
+    else:
+        keep_groups(attn, config, units)
+
+
 def keep_channels(mlp: Any, channels: list[int]) -> None:
     """Keep only the intermediate ``channels`` (sorted indices) of one MLP, in place."""
     idx = torch.as_tensor(channels, dtype=torch.long)
@@ -88,14 +131,16 @@ def resize_layer(layer: Any, config, num_attention_heads: int, num_key_value_hea
     """Give one freshly built layer the shapes of a pruned checkpoint's layer (the weights
     are whatever the first groups/channels held until the checkpoint is loaded over them)."""
     heads, kv = num_attention_heads, num_key_value_heads
-    if heads // kv != group_size(config):
+    if head_units(config) and kv != 1:
+        raise UserError(f"a layer with {kv} KV heads in a model of one KV head")
+    if not head_units(config) and heads // kv != group_size(config):
         raise UserError(f"a layer with {heads} heads and {kv} KV heads changes the model's "
                         f"group size {group_size(config)}")
     if getattr(config, ATTENTION_BIAS, False):
         add_biases(layer.self_attn, (*ATTENTION_PROJECTIONS, "o_proj"))
     if getattr(config, MLP_BIAS, False):
         add_biases(layer.mlp, (*MLP_PROJECTIONS, "down_proj"))
-    keep_groups(layer.self_attn, config, list(range(kv)))
+    keep_units(layer.self_attn, config, list(range(heads if head_units(config) else kv)))
     keep_channels(layer.mlp, list(range(intermediate_size)))
 
 

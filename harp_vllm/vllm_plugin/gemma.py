@@ -2,7 +2,9 @@
 
 Gemma normalizes the attention output (post_attention_layernorm) before the residual add, so
 alpha is applied after that norm: the fold uses alpha = 1 and the layer scales the normed
-output.
+output. A fitted linear map (``maps``) takes the attention's place before that norm, which
+stays: ``h + post_norm(map(x))`` with ``x`` the normed input, or the residual stream itself
+(``raw``: no input norm).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from vllm.model_executor.models.gemma2 import Gemma2DecoderLayer, Gemma2ForCausa
 from vllm.model_executor.models.gemma3 import Gemma3DecoderLayer, Gemma3ForCausalLM
 
 from ..families import family_of
-from .checkpoint_spec import layer_alpha
-from .factories import token_local_factory
+from .checkpoint_spec import layer_alpha, layer_config, layer_map
+from .factories import linear_map_factory, token_local_factory, with_group_map
 from .mixins import HarpModelMixin, add_norm
 from .version import swapped_global
 
@@ -27,18 +29,26 @@ class HarpPostNormDecoderLayerMixin:
     """The pruned-layer forward of a Gemma decoder layer (listed before vLLM's class). Dense
     layers (``harp_alpha`` None) run the parent's forward; a pruned layer scales the normed
     attention output by alpha here (its token-local path was folded with alpha = 1); alpha = 0
-    skips the attention branch and runs only the MLP half."""
+    skips the attention branch and runs only the MLP half. A layer whose map reads the
+    residual stream (``harp_raw_input``) has no input norm: the residual add vLLM fuses into
+    that norm is done here."""
 
     harp_alpha: float | None = None
+    harp_raw_input: bool = False
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 residual: torch.Tensor | None, **kwargs: Any
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         alpha = self.harp_alpha
-        if alpha is None:
-            return super().forward(positions, hidden_states, residual, **kwargs)  # type: ignore[misc]
         layer: Any = self
-        if alpha == 0.0:
+        if self.harp_raw_input:  # a map on the residual stream, then the post-attention norm
+            residual = hidden_states if residual is None else hidden_states + residual
+            hidden_states = layer.self_attn(positions=positions, hidden_states=residual)
+            hidden_states = layer.post_attention_layernorm(hidden_states)
+            hidden_states, residual = layer.pre_feedforward_layernorm(hidden_states, residual)
+        elif alpha is None:  # dense, or a map on the normed input (the parent's forward)
+            return super().forward(positions, hidden_states, residual, **kwargs)  # type: ignore[misc]
+        elif alpha == 0.0:
             hidden_states, residual = add_norm(layer.pre_feedforward_layernorm, hidden_states,
                                                residual)
         else:
@@ -55,13 +65,24 @@ class HarpPostNormDecoderLayerMixin:
 
 def _init_layer(layer, parent, module, attn_name, config, cache_config, quant_config, prefix):
     alpha = layer_alpha(config, prefix)
-    if alpha is None:
+    linear_map = layer_map(config, prefix)
+    # the layer's own head counts and MLP width (head pruning) and sliding window (windows)
+    config = layer_config(config, prefix)
+    if alpha is None and linear_map is None:
         parent.__init__(layer, config, cache_config, quant_config, prefix=prefix)
     else:  # the parent layer builds its attention by the module-level name
-        attn = token_local_factory(alpha, family_of(config))
+        if alpha is not None:
+            attn = token_local_factory(alpha, family_of(config))
+        elif linear_map is not None and linear_map.get("add"):  # KV groups cut, a map added
+            attn = with_group_map(getattr(module, attn_name), linear_map["rank"])
+        else:
+            attn = linear_map_factory(linear_map["rank"])
         with swapped_global(module, attn_name, attn):
             parent.__init__(layer, config, cache_config, quant_config, prefix=prefix)
     layer.harp_alpha = alpha
+    layer.harp_raw_input = linear_map is not None and linear_map["input"] == "raw"
+    if layer.harp_raw_input:  # the map reads the residual stream: no input norm
+        del layer.input_layernorm
 
 
 class HarpGemma2DecoderLayer(HarpPostNormDecoderLayerMixin, Gemma2DecoderLayer):

@@ -1,10 +1,11 @@
 """Damage of changing layers, measured on calibration text: KL(dense || changed) per token.
 
-One dense pass records every chosen layer's input hidden states, the layers' keyword
-arguments (mask, rotary), sampled token positions and the dense next-token log-probabilities
-there. A change to layer ``j`` (or to several layers from ``j`` up) is then scored by running
-only layers ``j..L-1`` from the recorded input, so scoring every layer costs about half a model
-forward per layer. Used by ``--method linear --select damage`` and by the planner.
+One dense pass records every chosen layer's input hidden states, every layer's keyword
+arguments (mask, rotary: per layer, as Gemma 3's sliding and global layers get different
+ones), sampled token positions and the dense next-token log-probabilities there. A change to
+layer ``j`` (or to several layers from ``j`` up) is then scored by running only layers
+``j..L-1`` from the recorded input, so scoring every layer costs about half a model forward
+per layer. Used by ``--method linear --select damage`` and by the planner.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class DenseRecord:
     """The dense model's view of the damage windows (see the module docstring)."""
 
     inputs: dict[int, list[torch.Tensor]]  # layer -> its input hidden states, per batch
-    kwargs: dict
+    kwargs: dict[int, dict]  # layer -> its keyword arguments (every layer of the model)
     picks: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     teacher: list[torch.Tensor] = field(default_factory=list)  # dense log-probs at the picks
     groups: list[str] = field(default_factory=list)  # per batch: which part of the objective
@@ -39,6 +40,22 @@ class DenseRecord:
 def run_layer(layer, h: torch.Tensor, kw: dict) -> torch.Tensor:
     out = layer(h, **kw)
     return out[0] if isinstance(out, tuple) else out
+
+
+def kwargs_hooks(layers, kwargs: dict[int, dict], start: int = 0) -> list:
+    """Forward pre-hooks that keep each layer's (from ``start`` up) first keyword arguments
+    (all but the hidden states) in ``kwargs``: a family whose layers differ in mask or rotary
+    embedding (Gemma 3's sliding and global layers) is run layer by layer with each one's
+    own. The caller removes the returned handles."""
+
+    def hook_for(j):
+        def hook(module, args, kw):
+            if j not in kwargs:
+                kwargs[j] = {k: v for k, v in kw.items() if k != "hidden_states"}
+        return hook
+
+    return [layers[j].register_forward_pre_hook(hook_for(j), with_kwargs=True)
+            for j in range(start, len(layers))]
 
 
 def merge_records(text: DenseRecord, probe: DenseRecord, weight: float) -> DenseRecord:
@@ -69,13 +86,11 @@ def record_dense(model, windows: torch.Tensor, layers: list[int], batch: int = 8
     def hook_for(j):
         def hook(module, args, kw):
             rec.inputs[j].append(args[0] if args else kw["hidden_states"])
-            if not rec.kwargs:
-                rec.kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
         return hook
 
     g = torch.Generator().manual_seed(seed)
     handles = [all_layers[j].register_forward_pre_hook(hook_for(j), with_kwargs=True)
-               for j in layers]
+               for j in layers] + kwargs_hooks(all_layers, rec.kwargs)
     try:
         for i in range(0, len(windows), batch):
             w = windows[i:i + batch]
@@ -106,7 +121,7 @@ def suffix_kl_parts(model, rec: DenseRecord, start: int) -> dict[str, float]:
     count: dict[str, int] = {}
     for b, (h, group) in enumerate(zip(rec.inputs[start], rec.batch_groups(), strict=True)):
         for k in range(start, len(all_layers)):
-            h = run_layer(all_layers[k], h, rec.kwargs)
+            h = run_layer(all_layers[k], h, rec.kwargs[k])
         logp = torch.log_softmax(head_logits(model, h[rec.picks[b]]).float(), -1)
         t = rec.teacher[b]
         kl[group] = kl.get(group, 0.0) + float((t.exp() * (t - logp)).sum())

@@ -67,9 +67,9 @@ def _record(s: Session, layout: dict[int, Choice], progress: bool, budget: Budge
         predicted = None
     rec = {"layout": layout_text(layout), "per_layer": per_layer,
            "budget": None if budget is None else vars(budget),
-           "predicted_kl": predicted, **extra,
-           "costs": layout_summary(cfg, layout, (4096, 7168, s.opts.context),
-                                   context=s.opts.context),
+           "predicted_kl": predicted, **extra, "context": s.context,
+           "costs": layout_summary(cfg, layout, (4096, 7168, s.context),
+                                   context=s.context),
            "ppl": _ppl(s, layout, progress)}
     if "measured_kl" not in rec:
         rec["measured_kl"] = round(layout_kl(s.model, layout, s.stats, s.held_out), 5)
@@ -105,7 +105,7 @@ def run_plan(opts: PlanOptions, progress: bool = True) -> dict:
         record = _record(s, layout, progress, budget=None)
     else:
         assert opts.kv_saving is not None
-        budget = Budget(opts.kv_saving, opts.speedup, opts.context, _served_block(s))
+        budget = Budget(opts.kv_saving, opts.speedup, s.context, _served_block(s))
         record = plan_budget(s, budget, progress)
         layout = parse_layout(record["layout"], s.cfg) if record["layout"] else {}
     if not layout:
@@ -136,7 +136,8 @@ def run_frontier(opts: PlanOptions, progress: bool = True) -> dict:
     rows = []
     for b in tqdm(opts.budgets, disable=not progress, desc="frontier", unit="budget"):
         t0 = time.perf_counter()
-        rec = plan_budget(s, Budget(b, opts.speedup, opts.context, _served_block(s)), progress)
+        rec = plan_budget(s, Budget(b, opts.speedup, s.context, _served_block(s)),
+                          progress)
         rec["seconds"] = round(time.perf_counter() - t0, 2)
         rows.append(rec)
     report = {"model": opts.model, "ppl_dense": _ppl(s, {}, progress),

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import UserError
-from ..planner.choices import DEFAULT_WINDOWS, KINDS, check_window
+from ..planner.choices import DEFAULT_WINDOWS, KINDS, check_window, served_kinds
 from .prune_options import parse_rank
 
 DEFAULT_BUDGETS = (0.1, 0.2, 0.27, 0.3, 0.4, 0.5)
@@ -20,7 +20,7 @@ class PlanOptions:
     out: Path
     kv_saving: float | None = None
     speedup: float | None = None
-    context: int = 7168
+    context: int | None = None  # None: the model's own (``models.kv_context``)
     layout: str | None = None  # explicit layout: no search
     frontier: bool = False
     budgets: tuple[float, ...] = DEFAULT_BUDGETS
@@ -65,7 +65,7 @@ def check_options(opts: PlanOptions) -> None:
     if opts.speedup is not None and opts.speedup <= 1:
         raise UserError(f"--speedup must be > 1 (a predicted prefill speed-up), got "
                         f"{opts.speedup}")
-    if opts.context < 1:
+    if opts.context is not None and opts.context < 1:
         raise UserError(f"--context must be >= 1, got {opts.context}")
     if opts.top_k < 1 or opts.rounds < 1:
         raise UserError(f"--top-k and --rounds must be >= 1, got {opts.top_k}, {opts.rounds}")
@@ -94,10 +94,12 @@ def default_kinds(speedup: float | None) -> tuple[str, ...]:
             else ("droplin", "linear", "remove"))
 
 
-def parse_kinds(opts: PlanOptions) -> tuple[str, ...]:
+def parse_kinds(opts: PlanOptions, cfg: Any) -> tuple[str, ...]:
+    """The candidate kinds offered: ``--candidates``, or the defaults the model's family
+    serves (no KV-group cut for a single KV head or a family without per-layer heads)."""
     if opts.candidates is None:
         kinds = default_kinds(opts.speedup)
-        return (*kinds, "window") if opts.windows else kinds
+        return served_kinds((*kinds, "window") if opts.windows else kinds, cfg)
     kinds = tuple(dict.fromkeys(k.strip() for k in opts.candidates.split(",") if k.strip()))
     if not kinds:
         raise UserError(f"--candidates is empty (give some of {', '.join(KINDS)})")

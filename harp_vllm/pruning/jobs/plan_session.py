@@ -45,6 +45,7 @@ class Session:
     cache: Path | None
     eval_text: str | None
     seconds: float
+    context: int  # the context length budgets are stated at (``--context`` or the model's)
     long: dict | None = None  # the long windows' settings (windows offered)
 
 
@@ -54,22 +55,24 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
 
     check_options(opts)
     src = models.resolve(opts.model)
+    # budgets are stated at --context, default the model's own
+    context = opts.context or models.kv_context(opts.model, src)
     cfg = AutoConfig.from_pretrained(src)
     if getattr(cfg, "harp_pruning", None):
         raise UserError(f"{opts.model} is already a pruned checkpoint; plan its source model")
-    # maps, KV-group cuts and FLAP's bias in one checkpoint: all three served
-    served = model_types(lambda f: f.linear_maps and f.heads and f.compensation)
+    # every layout has maps; KV-group cuts only where the family serves them (``unserved``)
+    served = model_types(lambda f: f.linear_maps)
     if cfg.model_type not in served:
         raise UserError(f"harp-vllm plan serves {', '.join(served)} models (linear maps "
-                        f"and KV-group cuts in one checkpoint), not {cfg.model_type!r}")
+                        f"and its other choices in one checkpoint), not {cfg.model_type!r}")
     ranks = parse_ranks(opts.ranks, cfg, opts.speedup)
-    kinds = parse_kinds(opts)
+    kinds = parse_kinds(opts, cfg)
     layout = parse_layout(opts.layout, cfg) if opts.layout else None
     # long windows (damage + re-scoring) when a sliding window is offered or in the layout
     use_long = "window" in kinds if layout is None else any(
         c.kind == "window" for c in layout.values())
     n_long = opts.long_damage_windows + opts.long_rescore_windows if use_long else 0
-    long_len = opts.long_seq_len or opts.context
+    long_len = opts.long_seq_len or context
     t0 = time.perf_counter()
     tok = models.load_tokenizer(src)
     # the fits (maps, statistics, damage) read the first calib_samples windows; the layouts
@@ -119,7 +122,7 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
                                 positions=opts.calib_seq_len, seed=opts.seed)
     eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
     return Session(opts, src, cfg, tok, model, stats, rec, held_out, choices, cache, eval_text,
-                   time.perf_counter() - t0, long)
+                   time.perf_counter() - t0, context, long)
 
 
 SHARE_FIT_LOGITS = 2**22  # at most this many query-key pairs per head in a sharing refit

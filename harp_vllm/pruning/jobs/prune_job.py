@@ -21,7 +21,7 @@ from ... import models
 from ...errors import UserError
 from ...evaluation import data as data_mod
 from ...evaluation.perplexity import evaluate_perplexity
-from ...families import harp_architecture, model_types
+from ...families import family_of, harp_architecture, model_types
 from ...spec import PruningSpec
 from ..calibration.windows import calibration_windows, load_calibration_text
 from ..costs import kv_bytes_per_token, model_shapes
@@ -238,7 +238,8 @@ def run_linear(opts: PruneOptions, src: Path, hf_cfg, out: Path, progress: bool)
     if opts.refine_steps < 0:
         raise UserError(f"--refine-steps must be >= 0, got {opts.refine_steps}")
     rank = parse_rank(opts.rank, hf_cfg)
-    check_options(hf_cfg.hidden_size, rank, opts.map_input, opts.fit_order, opts.ridge)
+    check_options(hf_cfg.hidden_size, rank, opts.map_input, opts.fit_order, opts.ridge,
+                  family_of(hf_cfg).post_norm)
     explicit = opts.layer_list is not None or opts.position != "top"
     select = opts.select or ("top" if explicit else "damage")
     if select not in ("top", "damage"):

@@ -21,7 +21,12 @@ The target ``t`` and the inputs depend on the fitting ``order``:
 - ``residual``: bottom-up like ``sequential``, but ``t`` = what brings the residual
   stream back to the dense model's: ``h_dense + attn(norm(h_dense)) - h``, where ``h_dense`` is
   the dense model's hidden state at that layer. Each map also repairs the drift the replaced
-  layers below it left in the residual stream.
+  layers below it left in the residual stream. Not for post-norm families.
+
+Post-norm families (Gemma 2/3: ``h + post_norm(attn(norm(h)))``): the map replaces
+``attn`` only and the post-attention norm stays, so the map's output is normalized like the
+attention's was, and the fit targets the attention output that norm reads (where HARP's
+token-local path sits too, its alpha applied after the norm).
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from tqdm.auto import tqdm
 
 from ...errors import UserError
 from ...families import head_dim
-from ..calibration.damage import record_dense, run_layer, suffix_kl
+from ...families import post_norm as family_post_norm
+from ..calibration.damage import kwargs_hooks, record_dense, run_layer, suffix_kl
 from ..calibration.logits import head_logits
 from ..costs import LayerShape, layer_params
 from ..reference import LinearAttention, decoder_layers, install_map
@@ -78,10 +84,11 @@ class FitResult:
     seconds: float = 0.0
     tokens: int = 0
     stats: dict[int, dict] = field(default_factory=dict)  # per layer: relative residual etc.
-    # For ``refine``: the dense hidden states entering the lowest replaced layer and that
-    # layer's call arguments, and (``teacher=True``) the dense last-layer outputs, per batch.
+    # For ``refine``: the dense hidden states entering the lowest replaced layer and the call
+    # arguments of it and every layer above (per layer), and (``teacher=True``) the dense
+    # last-layer outputs, per batch.
     inputs: list[torch.Tensor] = field(default_factory=list)
-    kwargs: dict = field(default_factory=dict)
+    kwargs: dict[int, dict] = field(default_factory=dict)
     teacher: list[torch.Tensor] | None = None
 
 
@@ -148,7 +155,8 @@ def map_cost(config, rank: int | None) -> dict[str, int]:
             "dense_projections": layer_params(config, attention)}
 
 
-def check_options(d: int, rank: int | None, input_kind: str, order: str, ridge: float) -> None:
+def check_options(d: int, rank: int | None, input_kind: str, order: str, ridge: float,
+                  post_norm: bool = False) -> None:
     if rank is not None and not 1 <= rank <= d:
         raise UserError(f"--rank {rank} is out of range: a map of the hidden size d = {d} has "
                         f"rank 1..{d} (or 'full')")
@@ -158,6 +166,10 @@ def check_options(d: int, rank: int | None, input_kind: str, order: str, ridge: 
         raise UserError(f"--fit-order must be one of {', '.join(ORDERS)}, got {order!r}")
     if not ridge >= 0:
         raise UserError(f"--ridge must be >= 0, got {ridge}")
+    if order == "residual" and post_norm:
+        raise UserError("--fit-order residual fits what the residual stream needs added, but a "
+                        "post-norm family (Gemma) normalizes the map's output before adding it: "
+                        "use dense or sequential")
 
 
 @torch.no_grad()
@@ -172,7 +184,7 @@ def fit_linear(model, windows: torch.Tensor, layers: list[int], rank: int | None
     """
     start = time.perf_counter()
     d = model.config.hidden_size
-    check_options(d, rank, input_kind, order, ridge)
+    check_options(d, rank, input_kind, order, ridge, family_post_norm(model.config))
     all_layers = decoder_layers(model)
     chosen = sorted(set(layers))
     if not chosen:
@@ -185,7 +197,7 @@ def fit_linear(model, windows: torch.Tensor, layers: list[int], rank: int | None
         result.teacher = []
         for h in hidden:
             for j in range(first, len(all_layers)):
-                h = run_layer(all_layers[j], h, kwargs)
+                h = run_layer(all_layers[j], h, kwargs[j])
             result.teacher.append(h)
     dense = list(hidden) if order == "residual" else None
     bar = tqdm(total=(last - first + 1) * len(hidden), disable=not progress,
@@ -195,10 +207,10 @@ def fit_linear(model, windows: torch.Tensor, layers: list[int], rank: int | None
         if j in chosen:
             m = Moments(d)
             for b, h in enumerate(hidden):
-                x_norm, attn_out = _attention_io(layer, h, kwargs)
+                x_norm, attn_out = _attention_io(layer, h, kwargs[j])
                 if dense is not None:
                     hd = dense[b]
-                    target = hd + _attention_io(layer, hd, kwargs)[1] - h
+                    target = hd + _attention_io(layer, hd, kwargs[j])[1] - h
                 else:
                     target = attn_out
                 m.add(x_norm if input_kind == "normed" else h, target)
@@ -209,11 +221,11 @@ def fit_linear(model, windows: torch.Tensor, layers: list[int], rank: int | None
             bar.update(len(hidden))
             break
         if dense is not None:  # the dense stream goes through the dense layer j
-            dense = [run_layer(layer, hd, kwargs) for hd in dense]
+            dense = [run_layer(layer, hd, kwargs[j]) for hd in dense]
         if j in chosen and order != "dense":
             install_map(layer, result.maps[j].module(), input_kind)
         for b in range(len(hidden)):
-            hidden[b] = run_layer(layer, hidden[b], kwargs)
+            hidden[b] = run_layer(layer, hidden[b], kwargs[j])
             bar.update()
     for j, lm in result.maps.items():
         if not isinstance(all_layers[j].self_attn, LinearAttention):
@@ -224,25 +236,27 @@ def fit_linear(model, windows: torch.Tensor, layers: list[int], rank: int | None
 
 
 def _capture_inputs(model, windows: torch.Tensor, first: int, batch: int
-                    ) -> tuple[list[torch.Tensor], dict]:
-    """Dense hidden states entering layer ``first`` (in batches) and that layer's kwargs."""
-    layer = decoder_layers(model)[first]
+                    ) -> tuple[list[torch.Tensor], dict[int, dict]]:
+    """Dense hidden states entering layer ``first`` (in batches) and the kwargs of that layer
+    and every layer above (the first batch runs the whole model, the rest stop at ``first``)."""
+    layers = decoder_layers(model)
     hidden: list[torch.Tensor] = []
-    kwargs: dict = {}
+    kwargs: dict[int, dict] = {}
 
     def hook(module, args, kw):
         hidden.append(args[0] if args else kw["hidden_states"])
-        if not kwargs:
-            kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _Stop
+        if len(hidden) > 1:
+            raise _Stop
 
-    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [layers[first].register_forward_pre_hook(hook, with_kwargs=True),
+               *kwargs_hooks(layers, kwargs, first)]
     try:
         for i in range(0, len(windows), batch):
             with contextlib.suppress(_Stop):
                 model.model(input_ids=windows[i:i + batch], use_cache=False)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     sizes = {h.shape[0] for h in hidden}
     if len(sizes) > 1:  # the kwargs (mask, rotary) were captured for the first batch's size
         raise UserError(f"--calib-samples must be a multiple of the fit batch ({batch})")
@@ -294,7 +308,7 @@ def refine(model, fit: FitResult, steps: int, lr: float = 2e-4, positions: int =
         rows = torch.arange(nb)[:, None]
         h = fit.inputs[b]
         for j in range(first, len(all_layers)):
-            h = run_layer(all_layers[j], h, fit.kwargs)
+            h = run_layer(all_layers[j], h, fit.kwargs[j])
         student = torch.log_softmax(head_logits(model, h[rows, pos]).float(), -1)
         with torch.no_grad():
             target = torch.log_softmax(head_logits(model, fit.teacher[b][rows, pos]).float(),
@@ -336,7 +350,7 @@ def layer_damage(model, windows: torch.Tensor, rank: int | None = None,
         layer = all_layers[j]
         m = Moments(d)
         for h in rec.inputs[j]:
-            x, y = _attention_io(layer, h, rec.kwargs)
+            x, y = _attention_io(layer, h, rec.kwargs[j])
             m.add(x if input_kind == "normed" else h, y)
         lm, _ = solve(m, ridge, rank, input_kind)
         saved = (layer.self_attn, layer.input_layernorm)

@@ -15,11 +15,13 @@ Statistics are taken on the inputs of ``o_proj`` (x, one slice per query head) a
 
 GQA: the unit removed is a whole group (KV head + its query heads; group score = sum of its
 heads' scores, mean for FLAP's standardised scores), so the KV cache shrinks with the head
-count. Allocation is ``uniform`` (the same count in every layer: AMP rounds, Wanda-sp and
-FLAP's UL-UM truncate) or ``global`` (the lowest scores over all layers: FLAP's adaptive
-structure with separate head and MLP ratios, AL-MM). Every layer keeps at least one group and
-one MLP channel. Wanda-sp with uniform allocation prunes layer by layer, re-running the
-calibration batch through each pruned layer; the others score the unpruned model in one pass.
+count; with a single KV head (Gemma 3 270M) the unit is one query head
+(``heads.head_units``: the KV head stays). Allocation is ``uniform`` (the same count in every
+layer: AMP rounds, Wanda-sp and FLAP's UL-UM truncate) or ``global`` (the lowest scores over
+all layers: FLAP's adaptive structure with separate head and MLP ratios, AL-MM). Every layer
+keeps at least one unit and one MLP channel. Wanda-sp with uniform allocation prunes layer by
+layer, re-running the calibration batch through each pruned layer; the others score the
+unpruned model in one pass.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ...errors import UserError
 from ...families import head_dim, model_types
+from ..calibration.damage import kwargs_hooks
 from ..heads import (
     ATTENTION_PROJECTIONS,
     MLP_PROJECTIONS,
@@ -42,9 +45,12 @@ from ..heads import (
     add_biases,
     channels_of,
     declare_biases,
-    group_size,
+    head_units,
     keep_channels,
-    keep_groups,
+    keep_units,
+    unit_count,
+    unit_heads,
+    unit_size,
 )
 
 METHODS = ("amp", "flap", "wanda-sp")
@@ -177,22 +183,35 @@ class _Stop(Exception):
     pass
 
 
-def layer_inputs(model, windows: torch.Tensor, batch_size: int
+def layer_inputs(model, windows: torch.Tensor, batch_size: int,
+                 every: list[dict[int, dict]] | None = None
                  ) -> list[tuple[torch.Tensor, dict]]:
-    """The first decoder layer's inputs (hidden states, keyword arguments) per batch."""
+    """The first decoder layer's inputs (hidden states, keyword arguments) per batch. With
+    ``every``, the whole model runs and each batch's keyword arguments of every layer are
+    appended to it (layer -> kwargs: Gemma 3's sliding and global layers differ)."""
     captured: list[tuple[torch.Tensor, dict]] = []
 
     def grab(module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         captured.append((hidden.detach(), dict(kwargs)))
-        raise _Stop
+        if every is None:
+            raise _Stop
 
-    hook = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    layers = model.model.layers
+    hook = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
             for batch in windows.split(batch_size):
-                with contextlib.suppress(_Stop):
-                    model.model(input_ids=batch, use_cache=False)
+                kws: dict[int, dict] = {}
+                handles = [] if every is None else kwargs_hooks(layers, kws)
+                try:
+                    with contextlib.suppress(_Stop):
+                        model.model(input_ids=batch, use_cache=False)
+                finally:
+                    for h in handles:
+                        h.remove()
+                if every is not None:
+                    every.append(kws)
     finally:
         hook.remove()
     return captured
@@ -218,10 +237,13 @@ def layer_stats(layer: Any, d: int, inputs: list[tuple[torch.Tensor, dict]]
     return stats
 
 
-def forward_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]]
-                  ) -> list[tuple[torch.Tensor, dict]]:
+def forward_layer(layer: nn.Module, inputs: list[tuple[torch.Tensor, dict]],
+                  next_kwargs: list[dict] | None = None) -> list[tuple[torch.Tensor, dict]]:
+    """``layer`` run on every batch: the next layer's inputs, with ``next_kwargs`` (per batch)
+    as its keyword arguments, or this layer's."""
     with torch.no_grad():
-        return [(layer(hidden, **kw), kw) for hidden, kw in inputs]
+        return [(layer(hidden, **kw), kw if next_kwargs is None else next_kwargs[b])
+                for b, (hidden, kw) in enumerate(inputs)]
 
 
 @dataclass
@@ -245,7 +267,7 @@ def _prune_layer(layer: Any, config, groups: list[int], channels: list[int],
         down_bias = mlp.down_proj.weight.data.double()[:, gone_ch] @ stats.mlp_mean()[gone_ch]
         mlp.down_proj = add_bias(mlp.down_proj, down_bias)
         add_biases(mlp, MLP_PROJECTIONS)
-    keep_groups(attn, config, groups)
+    keep_units(attn, config, groups)
     keep_channels(mlp, channels)
 
 
@@ -253,12 +275,11 @@ def compensate_attention(attn: Any, config, groups: list[int], attn_mean: torch.
                          ) -> None:
     """FLAP's bias compensation for keeping only ``groups``: o_proj gets a bias holding the
     removed heads' calibration-mean contribution (``attn_mean``: the mean o_proj input), and
-    q/k/v get zero biases (the checkpoint is a biased Llama). The cut itself is
-    ``keep_groups``."""
-    d, r = head_dim(config), group_size(config)
+    q/k/v get zero biases (the checkpoint is a biased Llama). ``groups`` are the kept pruning
+    units (query heads for a single-KV-head model); the cut itself is ``keep_units``."""
     kept = set(groups)
-    gone = [g for g in range(attn.k_proj.out_features // d) if g not in kept]
-    cols = channels_of([g * r + j for g in gone for j in range(r)], d)
+    gone = [g for g in range(unit_count(config)) if g not in kept]
+    cols = channels_of(unit_heads(config, gone), head_dim(config))
     o_bias = attn.o_proj.weight.data.double()[:, cols] @ attn_mean[cols]
     attn.o_proj = add_bias(attn.o_proj, o_bias)
     add_biases(attn, ATTENTION_PROJECTIONS)
@@ -284,16 +305,17 @@ def prune_structured(model, windows: torch.Tensor, method: str, ratio: float,
     if compensate and getattr(config, "model_type", None) in no_bias:
         raise UserError(f"bias compensation needs o_proj and down_proj biases, which vLLM's "
                         f"{config.model_type} code has not; use --no-bias-compensation")
-    d, r = head_dim(config), group_size(config)
+    d, r = head_dim(config), unit_size(config)
     layers = model.model.layers
-    n_groups = config.num_key_value_heads
+    n_groups = unit_count(config)
     if allocation == "uniform" and ratio > 0 and uniform_count(method, ratio, n_groups) == 0:
         raise UserError(f"--ratio {ratio} removes no attention group with uniform allocation "
                         f"({method}: {ratio} x {n_groups} groups per layer rounds to 0); use "
                         f"--ratio >= {1 / n_groups:.4f} or --allocation global")
     sequential = method == "wanda-sp" and allocation == "uniform"
     start = time.perf_counter()
-    inputs = layer_inputs(model, windows, batch_size)
+    every: list[dict[int, dict]] = []  # per batch: every layer's own kwargs
+    inputs = layer_inputs(model, windows, batch_size, every)
     all_stats: list[LayerStats] = []
     g_scores: list[torch.Tensor] = []
     c_scores: list[torch.Tensor] = []
@@ -312,7 +334,7 @@ def prune_structured(model, windows: torch.Tensor, method: str, ratio: float,
             _prune_layer(layer, config, kept_g[-1], kept_c[-1],
                          stats if compensate else None)
         if idx + 1 < len(layers):
-            inputs = forward_layer(layer, inputs)
+            inputs = forward_layer(layer, inputs, [kws[idx + 1] for kws in every])
     if not sequential:
         kept_g = allocate(g_scores, ratio, allocation, method)
         kept_c = allocate(c_scores, mlp_ratio, allocation, method)
@@ -328,7 +350,7 @@ def prune_structured(model, windows: torch.Tensor, method: str, ratio: float,
 
 def shapes_of(config, result: StructuredResult) -> dict[str, list[int]]:
     """The per-layer ``shapes`` section of the pruning spec for ``result``."""
-    r = group_size(config)
+    r, one_kv = unit_size(config), head_units(config)
     return {"num_attention_heads": [len(g) * r for g in result.kept_groups],
-            "num_key_value_heads": [len(g) for g in result.kept_groups],
+            "num_key_value_heads": [1 if one_kv else len(g) for g in result.kept_groups],
             "intermediate_size": [len(c) for c in result.kept_channels]}

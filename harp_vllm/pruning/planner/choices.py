@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import UserError
-from ...families import head_dim
+from ...families import family_of, head_dim
 from .. import costs
 from ..heads import group_size
 from ..selection import parse_layer_list
@@ -46,27 +46,72 @@ class Choice:
             return f"share{self.target}"
         return self.kind
 
-    def shape(self, cfg: Any) -> costs.LayerShape:
-        """The layer's ``LayerShape`` under this choice (MLP untouched)."""
+    def shape(self, cfg: Any, idx: int | None = None) -> costs.LayerShape:
+        """Layer ``idx``'s ``LayerShape`` under this choice (MLP untouched). A layer that
+        keeps attention keeps its own sliding window (Gemma's local layers; ``idx`` None: no
+        native window), a window choice never widens it."""
         inter, r = cfg.intermediate_size, group_size(cfg)
         if self.kind == "linear":
             return costs.LayerShape("linear", rank=self.rank, intermediate=inter)
         if self.kind == "remove":
             return costs.LayerShape("removed", intermediate=inter)
+        native = None if idx is None else costs.native_window(cfg, idx)
+        window = native if self.window is None else min(self.window, native or self.window)
         if self.kind in ("window", "share"):
             return costs.LayerShape("dense", cfg.num_attention_heads, cfg.num_key_value_heads,
-                                    None, inter, window=self.window, shares=self.target)
+                                    None, inter, window=window, shares=self.target)
         kv = cfg.num_key_value_heads - self.groups
         added = self.groups * r * head_dim(cfg) if self.kind == "droplin" else 0
-        return costs.LayerShape("dense", kv * r, kv, None, inter, added_rank=added)
+        return costs.LayerShape("dense", kv * r, kv, None, inter, added_rank=added,
+                                window=window)
 
 
 KEEP = Choice("keep")
 
 
+def unserved(kind: str, cfg: Any) -> str | None:
+    """Why the model's family cannot serve candidates of ``kind`` (None: it can). A KV-group
+    cut needs per-layer head counts (the family's ``heads``) and a layer of more than one KV
+    head (Gemma 3 has one: no cut), FLAP's bias-only cut also o_proj biases
+    (``compensation``); sliding windows and KV sharing need the family's ``windows`` and
+    ``kv_sharing``."""
+    family = family_of(cfg)
+    if kind in ("drop", "droplin"):
+        if cfg.num_key_value_heads < 2:
+            return "the model has a single KV head per layer: no KV group to cut"
+        if not family.heads:
+            return f"KV-group cuts are not served for {cfg.model_type!r} models"
+        if kind == "drop" and not family.compensation:
+            return f"FLAP's bias compensation is not served for {cfg.model_type!r} models"
+    if kind == "window" and not family.windows:
+        return f"per-layer sliding windows are not served for {cfg.model_type!r} models"
+    if kind == "share" and not family.kv_sharing:
+        return f"cross-layer KV sharing is not served for {cfg.model_type!r} models"
+    return None
+
+
+def served_kinds(kinds: tuple[str, ...], cfg: Any) -> tuple[str, ...]:
+    """``kinds`` without those the model's family cannot serve (the default candidate set
+    follows the family)."""
+    return tuple(k for k in kinds if unserved(k, cfg) is None)
+
+
+
+
 def parse_choice(text: str, cfg: Any) -> Choice:
     """``keep``, ``dropK``, ``dropKlin``, ``linearR`` / ``linearfull``, ``remove``, ``winW``
     -> ``Choice``."""
+    t = text.strip().lower()
+    kind = next((k for k, pre in (("droplin", "drop"), ("drop", "drop"), ("window", "win"),
+                                  ("share", "share"))
+                 if t.startswith(pre) and (k != "droplin" or t.endswith("lin"))), None)
+    why = None if kind is None else unserved(kind, cfg)
+    if why is not None:
+        raise UserError(f"{text!r}: {why}")
+    return _parse_choice(t, cfg)
+
+
+def _parse_choice(text: str, cfg: Any) -> Choice:
     t = text.strip().lower()
     if t in ("keep", "remove"):
         return Choice(t)
@@ -145,6 +190,10 @@ def candidates(cfg: Any, ranks: list[int | None], kinds: tuple[str, ...] = KINDS
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise UserError(f"unknown candidate kind {unknown[0]!r}: use {', '.join(KINDS)}")
+    for kind in kinds:
+        why = unserved(kind, cfg)
+        if why is not None:
+            raise UserError(f"candidate kind {kind!r}: {why}")
     out = [KEEP]
     for kind in ("drop", "droplin"):
         if kind in kinds:

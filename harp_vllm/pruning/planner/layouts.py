@@ -134,7 +134,7 @@ def apply_layout(model, layout: dict[int, Choice], stats: PlanStats):
 def layout_summary(cfg: Any, layout: dict[int, Choice], contexts=(4096, 7168),
                    context: int | None = None) -> dict:
     """The cost model's summary of ``layout`` (KV bytes at ``context`` when windowed)."""
-    shapes = [layout.get(j, KEEP).shape(cfg) for j in range(cfg.num_hidden_layers)]
+    shapes = [layout.get(j, KEEP).shape(cfg, j) for j in range(cfg.num_hidden_layers)]
     return costs.summary(cfg, shapes, contexts, context=context)
 
 

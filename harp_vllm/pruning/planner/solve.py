@@ -39,10 +39,11 @@ def solve_layouts(cfg: Any, damage: dict[int, dict[str, float]], choices: list[C
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     n_layers, n_c = cfg.num_hidden_layers, len(choices)
-    shapes = [c.shape(cfg) for c in choices]
+    # each layer's own shapes: a natively windowed layer (Gemma's local ones) keeps its window
+    shapes = [c.shape(cfg, j) for j in range(n_layers) for c in choices]
     # KV bytes per token at the budget's context (a windowed layer keeps min(context, W);
     # served: in whole blocks)
-    kv = np.array([_layer_kv(cfg, s, budget) for s in shapes] * n_layers, dtype=float)
+    kv = np.array([_layer_kv(cfg, s, budget) for s in shapes], dtype=float)
     cost = np.array([0.0 if c == KEEP else damage[j][c.name]
                      for j in range(n_layers) for c in choices])
     rows: list[Any] = [np.kron(np.eye(n_layers), np.ones(n_c))]
@@ -54,7 +55,7 @@ def solve_layouts(cfg: Any, damage: dict[int, dict[str, float]], choices: list[C
     lo.append([-np.inf])
     hi.append([kv_limit + 1e-6])
     if budget.speedup is not None:
-        macs = np.array([costs.layer_macs(cfg, s, budget.context) for s in shapes] * n_layers)
+        macs = np.array([costs.layer_macs(cfg, s, budget.context) for s in shapes])
         head = cfg.hidden_size * cfg.vocab_size / budget.context
         limit = costs.model_macs(cfg, costs.dense_shapes(cfg), budget.context) / budget.speedup
         rows.append(macs[None])
@@ -95,7 +96,7 @@ def served_saving(cfg: Any, layout: dict[int, Choice], budget: Budget) -> float:
     """The KV saving of ``layout`` at the budget's context as vLLM allocates it (blocks and
     the grouping's padding layers; blocks alone where the grouping is not modelled)."""
     assert budget.served_block is not None
-    shapes = [layout.get(j, KEEP).shape(cfg) for j in range(cfg.num_hidden_layers)]
+    shapes = [layout.get(j, KEEP).shape(cfg, j) for j in range(cfg.num_hidden_layers)]
     dense = costs.dense_shapes(cfg)
     n, block = budget.context, budget.served_block
     got = costs.served_kv_bytes_per_sequence(cfg, shapes, n, block)

@@ -56,11 +56,17 @@ def _applies_own_window(attn: Any) -> bool:
     return bool(getattr(attn, "applies_own_window", False))
 
 
-def attach_window(attn: Any, window: int) -> None:
-    """Make ``attn`` (an HF attention module) attend to the last ``window`` tokens only (a
-    natively windowed layer, e.g. Gemma's, never gets a wider window than its own)."""
+def within_native(attn: Any, window: int) -> int:
+    """``window``, or ``attn``'s own sliding window if that is narrower (a natively windowed
+    layer, e.g. Gemma's local ones, never gets a wider window than its own)."""
     native = getattr(attn, "sliding_window", None)
-    window = min(window, int(native)) if isinstance(native, int) and native > 0 else window
+    return min(window, int(native)) if isinstance(native, int) and native > 0 else window
+
+
+def attach_window(attn: Any, window: int) -> None:
+    """Make ``attn`` (an HF attention module) attend to the last ``window`` tokens only (never
+    wider than its own window: ``within_native``)."""
+    window = within_native(attn, window)
     if getattr(attn, "harp_window", None) is not None or _applies_own_window(attn):
         attn.harp_window = window
         return
@@ -74,7 +80,7 @@ class WindowedAttention(nn.Module):
 
     def __init__(self, attn: nn.Module, window: int):
         super().__init__()
-        self.attn, self.harp_window = attn, window
+        self.attn, self.harp_window = attn, within_native(attn, window)
         self.layer_idx = getattr(attn, "layer_idx", None)
 
     def forward(self, *args, **kwargs):
@@ -90,7 +96,7 @@ def windowed(model, windows: Mapping[int, int]) -> Iterator[None]:
     try:
         for idx, w in windows.items():
             attn: Any = decoder_layers(model)[idx].self_attn
-            attn.harp_window = w
+            attn.harp_window = within_native(attn, w)
             hook = None if _applies_own_window(attn) else \
                 attn.register_forward_pre_hook(_window_hook, with_kwargs=True)
             handles.append((attn, hook))
