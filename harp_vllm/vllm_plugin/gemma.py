@@ -17,9 +17,10 @@ from vllm.model_executor.models.gemma2 import Gemma2DecoderLayer, Gemma2ForCausa
 from vllm.model_executor.models.gemma3 import Gemma3DecoderLayer, Gemma3ForCausalLM
 
 from ..families import family_of
-from .checkpoint_spec import layer_alpha
+from .checkpoint_spec import layer_alpha, layer_sharing
 from .factories import token_local_factory
 from .mixins import HarpModelMixin, add_norm
+from .sharing import SharedKVGemma3Attention, shared_kv_factory
 from .version import swapped_global
 
 
@@ -53,12 +54,20 @@ class HarpPostNormDecoderLayerMixin:
         return hidden_states, residual
 
 
-def _init_layer(layer, parent, module, attn_name, config, cache_config, quant_config, prefix):
+def _init_layer(layer, parent, module, attn_name, config, cache_config, quant_config, prefix,
+                shared_cls: type | None = None):
     alpha = layer_alpha(config, prefix)
-    if alpha is None:
+    target = layer_sharing(config, prefix)
+    attn = None
+    if target is not None:  # "model.layers.5" -> "model.layers.2.self_attn.attn"
+        assert shared_cls is not None, "kv_sharing is refused for this family at load"
+        attn = shared_kv_factory(f"{prefix.rsplit('.', 1)[0]}.{target}.self_attn.attn",
+                                 shared_cls)
+    elif alpha is not None:
+        attn = token_local_factory(alpha, family_of(config))
+    if attn is None:
         parent.__init__(layer, config, cache_config, quant_config, prefix=prefix)
     else:  # the parent layer builds its attention by the module-level name
-        attn = token_local_factory(alpha, family_of(config))
         with swapped_global(module, attn_name, attn):
             parent.__init__(layer, config, cache_config, quant_config, prefix=prefix)
     layer.harp_alpha = alpha
@@ -73,7 +82,7 @@ class HarpGemma2DecoderLayer(HarpPostNormDecoderLayerMixin, Gemma2DecoderLayer):
 class HarpGemma3DecoderLayer(HarpPostNormDecoderLayerMixin, Gemma3DecoderLayer):
     def __init__(self, config, cache_config=None, quant_config=None, prefix: str = "") -> None:
         _init_layer(self, Gemma3DecoderLayer, vllm_gemma3, "Gemma3Attention", config,
-                    cache_config, quant_config, prefix)
+                    cache_config, quant_config, prefix, shared_cls=SharedKVGemma3Attention)
 
 
 class HarpGemma2ForCausalLM(HarpModelMixin, Gemma2ForCausalLM):
