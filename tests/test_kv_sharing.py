@@ -426,3 +426,38 @@ def test_plan_layout_with_sharing_refits_and_writes_a_checkpoint(tiny_llama, tmp
     assert fit["output_error"]["q+o"] < fit["output_error"]["shared"]
     assert torch.isfinite(torch.tensor(plan["measured_kl"]))
     _logits_equal_reference(out, tiny_llama, layout)
+
+
+def test_fit_with_qk_norm_refits_o_only_and_its_errors_are_the_references(tmp_path):
+    """Gemma 3 (QK-norm): the refit keeps q_proj, fits o_proj, lowers the attention-output
+    error of the sharing layer, and the errors it reports are what the reference model's
+    sharing attention gives before and after the fitted o_proj is written in."""
+    import torch
+
+    from harp_vllm.pruning.methods.share_fit import apply_fit, fit_shared
+    from harp_vllm.pruning.reference import decoder_layers, load_model, shared
+
+    model = load_model(make_tiny_model("gemma3_text", tmp_path / "dense", layers=4))
+    ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    attn = decoder_layers(model)[3].self_attn
+    fit = fit_shared(model, 3, 1, ids)
+    assert torch.equal(fit.q_weight, attn.q_proj.weight)
+    assert fit.output_error["o"] < 0.8 * fit.output_error["shared"]
+    got: dict = {}
+    with torch.no_grad():
+        hook = attn.register_forward_hook(lambda m, a, out: got.__setitem__("dense", out[0]))
+        model(input_ids=ids)
+        hook.remove()
+        saved = attn.o_proj.weight.clone()
+        for name in ("shared", "o"):
+            if name == "o":
+                apply_fit(model, 3, fit)
+            with shared(model, {3: 1}):
+                h = decoder_layers(model)[3].self_attn.register_forward_hook(
+                    lambda m, a, out, name=name: got.__setitem__(name, out[0]))
+                model(input_ids=ids)
+                h.remove()
+        attn.o_proj.weight.copy_(saved)
+    for name in ("shared", "o"):
+        err = float((got[name] - got["dense"]).norm() / got["dense"].norm())
+        assert err == pytest.approx(fit.output_error[name], rel=1e-3)

@@ -13,6 +13,10 @@ Closed-form and local, on calibration activations of the dense model:
 - then ``o_proj`` by ridge least squares from the new attention's per-head outputs (softmax
   over ``K^j``, values ``V^j``) to the layer's original attention output.
 
+With QK-norm (Gemma 3: ``q_norm`` on each query head) the logits are not linear in
+``q_proj``, so only ``o_proj`` is refitted there (``fit_output``: the same ridge least squares,
+from the sharing attention's per-head outputs with the layer's own queries).
+
 ``fit_shared`` returns the new weights and the relative errors before and after.
 """
 
@@ -105,7 +109,9 @@ def fit_shared(model: Any, idx: int, target: int, ids: torch.Tensor,
                window: int | None = None, steps: int = 40, ridge: float = 1e-4) -> SharedFit:
     """Layer ``idx``'s ``q_proj`` and ``o_proj`` refitted to layer ``target``'s keys and values
     on the calibration token windows ``ids`` [b, T] (the dense model's activations; ``window``:
-    the layer's sliding window). The model is not changed."""
+    the layer's sliding window). The model is not changed. With QK-norm, ``fit_output``."""
+    if getattr(decoder_layers(model)[idx].self_attn, "q_norm", None) is not None:
+        return fit_output(model, idx, target, ids, ridge)
     acts = _activations(model, ids, idx, target)
     attn: Any = decoder_layers(model)[idx].self_attn
     w_q = attn.q_proj.weight.detach().double()
@@ -164,6 +170,53 @@ def fit_shared(model: Any, idx: int, target: int, ids: torch.Tensor,
         output_error={"shared": rel(z_old @ w_o.T + o_bias, y),
                       "q": rel(z_new @ w_o.T + o_bias, y),
                       "q+o": rel(z_new @ new_o.T + o_bias, y)})
+
+
+@torch.no_grad()
+def fit_output(model: Any, idx: int, target: int, ids: torch.Tensor,
+               ridge: float = 1e-4) -> SharedFit:
+    """Layer ``idx``'s ``o_proj`` refitted by ridge least squares from its per-head outputs
+    when it shares ``target``'s keys and values (its own queries, the model's own sharing
+    reference, so QK-norm and native windows are as served) to its dense attention output, on
+    ``ids`` [b, T] one window at a time; ``q_proj`` is kept. The model is not changed."""
+    from ..reference import shared
+
+    attn: Any = decoder_layers(model)[idx].self_attn
+    dense: list[torch.Tensor] = []
+    heads: list[torch.Tensor] = []
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, x.shape[-1]).double()
+
+    hook = attn.register_forward_hook(lambda m, a, out: dense.append(flat(out[0])))
+    try:
+        for row in ids:
+            model(input_ids=row[None], use_cache=False)
+    finally:
+        hook.remove()
+    with shared(model, {idx: target}):
+        o_proj: Any = decoder_layers(model)[idx].self_attn.o_proj  # type: ignore[union-attr]
+        hook = o_proj.register_forward_pre_hook(lambda m, a: heads.append(flat(a[0])))
+        try:
+            for row in ids:
+                model(input_ids=row[None], use_cache=False)
+        finally:
+            hook.remove()
+    z, y = torch.cat(heads), torch.cat(dense)
+    w_o = attn.o_proj.weight.detach().double()
+    o_bias = attn.o_proj.bias.detach().double() if attn.o_proj.bias is not None else 0
+    gram_z = z.T @ z
+    lam = ridge * gram_z.diagonal().mean()
+    new_o = torch.linalg.solve(gram_z + lam * torch.eye(gram_z.shape[0], dtype=gram_z.dtype),
+                               z.T @ (y - o_bias)).T
+
+    def rel(a: torch.Tensor) -> float:
+        return float((a - y).norm() / y.norm())
+
+    return SharedFit(q_weight=attn.q_proj.weight.detach().clone(),
+                     o_weight=new_o.to(attn.o_proj.weight.dtype), logit_error={},
+                     output_error={"shared": rel(z @ w_o.T + o_bias),
+                                   "o": rel(z @ new_o.T + o_bias)})
 
 
 def apply_fit(model: Any, idx: int, fit: SharedFit) -> None:
