@@ -429,9 +429,10 @@ def test_plan_layout_with_sharing_refits_and_writes_a_checkpoint(tiny_llama, tmp
 
 
 def test_fit_with_qk_norm_refits_o_only_and_its_errors_are_the_references(tmp_path):
-    """Gemma 3 (QK-norm): the refit keeps q_proj, fits o_proj, lowers the attention-output
-    error of the sharing layer, and the errors it reports are what the reference model's
-    sharing attention gives before and after the fitted o_proj is written in."""
+    """Gemma 3 (QK-norm): the closed-form refit keeps q_proj, fits o_proj, lowers the
+    attention-output error of the sharing layer, and the errors it reports are what the
+    reference model's sharing attention gives before and after the fitted o_proj is written
+    in; Adam steps of local reconstruction on q and o lower it further."""
     import torch
 
     from harp_vllm.pruning.methods.share_fit import apply_fit, fit_shared
@@ -461,3 +462,9 @@ def test_fit_with_qk_norm_refits_o_only_and_its_errors_are_the_references(tmp_pa
     for name in ("shared", "o"):
         err = float((got[name] - got["dense"]).norm() / got["dense"].norm())
         assert err == pytest.approx(fit.output_error[name], rel=1e-3)
+    # local reconstruction steps on q and o lower the error further; the model is unchanged
+    q0 = attn.q_proj.weight.clone()
+    steps = fit_shared(model, 3, 1, ids, local_steps=30, lr=3e-3)
+    assert steps.output_error["q+o"] < 0.8 * steps.output_error["o"]
+    assert not torch.equal(steps.q_weight, q0) and torch.equal(attn.q_proj.weight, q0)
+    assert torch.equal(attn.o_proj.weight, saved)
