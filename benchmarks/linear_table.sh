@@ -32,3 +32,13 @@ row lin8-top-full --method linear --layers 8 --select top --rank full
 row lin8-top-raw --method linear --layers 8 --select top --input raw
 row lin8-c256 --method linear --layers 8 --calib-samples 256
 row lin8-refine --method linear --layers 8 --refine-steps "${REFINE_STEPS:-100}"
+# "What each choice does" (benchmarks/linear_choices_table.py prints it): top 8 with a full-rank
+# map and another calibration, fitting order or refinement; full-rank damage on 32 windows
+row lin8-top-full-c2048 --method linear --layers 8 --select top --rank full \
+  --calib-samples 8 --calib-seq-len 2048
+row lin8-top-full-res --method linear --layers 8 --select top --rank full --fit-order residual
+row lin8-top-res --method linear --layers 8 --select top --fit-order residual
+row lin8-top-full-refine --method linear --layers 8 --select top --rank full --refine-steps 100
+row lin8-full-d32 --method linear --layers 8 --rank full --select-windows 32
+row lin8-full-d32-seq --method linear --layers 8 --rank full --select-windows 32 \
+  --fit-order sequential

@@ -30,9 +30,8 @@ import yaml
 
 from harp_vllm.errors import UserError
 from harp_vllm.ops import compose
-from harp_vllm.ops import stack as native
 from harp_vllm.ops import translate as native_plan
-from harp_vllm.process import ServerProcess, free_port
+from harp_vllm.process import ServerProcess, attach, free_port, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -388,16 +387,69 @@ def test_native_plan_translates_the_compose_file(tmp_path):
                                                             profiles=["loadtest"]).services}
 
 
-def _alive(pids: dict[int, float]) -> list[int]:
+# A server that starts a worker ignoring SIGTERM, and an orphan ignoring it too (its parent
+# exits at once) that stays in the process group but leaves the tree; ``harp-vllm stack down``
+# must stop all three.
+STUBBORN = """
+import os, signal, subprocess, sys, time
+IGNORE = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"
+subprocess.Popen([sys.executable, "-c", IGNORE])
+subprocess.run([sys.executable, "-c",
+                f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {IGNORE!r}])"])
+print("up", flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_detached_process_is_found_again_and_stopped_with_its_group(tmp_path):
+    """The stack's processes: process.ServerProcess started detached (own session, the command
+    in its log), found again by pid and creation time only, stopped by stop_process as another
+    command would (no handle): tree and group, SIGKILL for what ignores SIGTERM."""
     import psutil
 
-    out = []
-    for pid, ctime in pids.items():
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p = psutil.Process(pid)
-            if abs(p.create_time() - ctime) < 0.01 and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(pid)
+    log = tmp_path / "svc.log"
+    log.write_text("earlier run\n")
+    p = ServerProcess([sys.executable, "-c", STUBBORN], None, log_path=log, fresh_log=False,
+                      log_command=True)
+    root = psutil.Process(p.pid)
+    deadline = time.monotonic() + 30
+    while not ("up" in log.read_text().splitlines() and len(_group(p.pid)) == 3):
+        assert time.monotonic() < deadline, (log.read_text(), _group(p.pid))
+        time.sleep(0.1)
+    assert p.healthy()  # no health URL: running is healthy
+    assert os.getsid(p.pid) == p.pid and os.getpgid(p.pid) == p.pid
+    assert log.read_text().startswith("earlier run\n$ ")
+    assert attach(p.pid, p.create_time) is not None
+    assert attach(p.pid, (p.create_time or 0) + 5) is None  # another process with this pid
+    assert stop_process(p.pid, (p.create_time or 0) + 5, timeout=1) == []  # not touched
+    members = _group(p.pid)
+    assert len(root.children(recursive=True)) == 1  # the orphan left the tree
+    t0 = time.monotonic()
+    stopped = stop_process(p.pid, p.create_time, timeout=2)
+    assert time.monotonic() - t0 < 15
+    assert p.pid in stopped and len(stopped) == 2  # the tree; the orphan by its group
+    deadline = time.monotonic() + 10
+    while _alive(members):
+        assert time.monotonic() < deadline, _alive(members)
+        time.sleep(0.1)
+    assert attach(p.pid, p.create_time) is None
+
+
+def _group(pgid: int) -> dict[int, float]:
+    """The live processes of process group ``pgid`` (pid -> creation time)."""
+    import psutil
+
+    out = {}
+    for q in psutil.process_iter(["pid", "create_time", "status"]):
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            if q.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(q.pid) == pgid:
+                out[q.pid] = q.info["create_time"]
     return out
+
+
+def _alive(pids: dict[int, float]) -> list[int]:
+    return [pid for pid, ctime in pids.items() if attach(pid, ctime) is not None]
 
 
 def _stack_pids(state_file: Path) -> dict[int, float]:
@@ -595,7 +647,7 @@ def test_native_stack_end_to_end(tmp_path):
         down = _cli(["down"], env, 180)
         left = _alive(pids)
         for pid in left:  # safety net: never leave a server behind, even after a failure
-            native.stop_tree(pid, pids[pid], timeout=5)
+            stop_process(pid, pids[pid], timeout=5)
     assert down.returncode == 0, down.stdout + down.stderr
     assert len(pids) >= 6  # 2 x (API server, engine core, ...) + gateway + prometheus
     assert left == [], f"processes left after `stack down`: {left}"

@@ -10,11 +10,9 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -30,7 +28,7 @@ from harp_vllm.loadtest.scenario_files import (
 )
 from harp_vllm.loadtest.scenarios import PROFILE_KEYS, Config, plan
 from harp_vllm.ops.translate import build_plan
-from harp_vllm.process import free_port
+from harp_vllm.process import ServerProcess, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = sorted((REPO / "loadtest" / "profiles").glob("*.toml"))
@@ -333,21 +331,14 @@ def test_comparison_reaches_the_endpoints(tmp_path, monkeypatch):
     """A comparison file against two fake OpenAI servers: its URLs and model names are the
     ones checked, its tokenizer the one loaded (a missing one here: the run stops there)."""
     ports = {"dense": free_port(), "pruned": free_port()}
-    procs = [subprocess.Popen([sys.executable, str(REPO / "tests" / "fake_backend.py"),
-                               "--port", str(port), "--model", f"fake-{label}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for label, port in ports.items()]
+    procs: list[ServerProcess] = []
     try:
-        for port in ports.values():
-            deadline = time.time() + 60
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.time() < deadline, "fake backend did not start"
-                time.sleep(0.2)
+        for label, port in ports.items():
+            procs.append(ServerProcess([sys.executable, str(REPO / "tests" / "fake_backend.py"),
+                                        "--port", str(port), "--model", f"fake-{label}"],
+                                       f"http://127.0.0.1:{port}", poll=0.2))
+        for p in procs:
+            p.wait_ready(60)
         path = tmp_path / "fake.toml"
         path.write_text(
             f'profile = "quick"\ntokenizer = "{tmp_path}/no-tokenizer"\n' + "".join(
@@ -369,6 +360,4 @@ def test_comparison_reaches_the_endpoints(tmp_path, monkeypatch):
             "prompt_lens"]
     finally:
         for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(10)
+            p.stop(10)

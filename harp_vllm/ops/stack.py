@@ -20,8 +20,10 @@ one Docker runs: the same services, commands, environment, published ports, heal
   ``restart: "no"``) runs to completion; the others stay up, detached in their own session, with
   their log in ``$HARP_STACK_DIR/logs``. Restart policies and resource limits are Docker's only.
 
-State (pids, ports, URLs) is kept in ``$HARP_STACK_DIR/state.json``; ``down`` stops every process
-it recorded, with its whole process tree (vLLM's engine core and workers), and nothing else.
+Processes are started and stopped by ``harp_vllm.process`` (``ServerProcess``, ``attach``,
+``stop_process``). State (pids with their creation times, ports, URLs) is kept in
+``$HARP_STACK_DIR/state.json``; ``down`` stops every process it recorded, with its whole process
+tree and group (vLLM's engine core and workers), and nothing else.
 """
 
 from __future__ import annotations
@@ -29,70 +31,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shlex
-import signal
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..errors import RunFailure
-from ..process import http_ok, log_tail, port_free
+from ..process import ServerProcess, attach, http_ok, log_tail, port_free, stop_process
 from .compose import STATE_FILE
 from .translate import Plan, Service
-
-# -- processes --------------------------------------------------------------------------------
-
-def _proc(pid: int, create_time: float | None):
-    """The psutil process ``pid`` if it is still the one started (same creation time)."""
-    import psutil
-
-    try:
-        p = psutil.Process(pid)
-        if create_time is not None and abs(p.create_time() - create_time) > 0.01:
-            return None
-        if p.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return p
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-
-
-def stop_tree(pid: int, create_time: float | None, timeout: float = 30.0) -> list[int]:
-    """SIGTERM ``pid``'s process group and process tree, then SIGKILL what is left.
-
-    Returns the pids that were signalled. Only that recorded process (checked by its creation
-    time) and its descendants are touched.
-    """
-    import psutil
-
-    root = _proc(pid, create_time)
-    if root is None:
-        return []
-    try:
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        procs = [root]
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, signal.SIGTERM)
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _gone, alive = psutil.wait_procs(procs, timeout=timeout)
-    if alive:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            # descendants started meanwhile
-            alive += [c for p in alive for c in p.children(recursive=True)]
-        for p in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        psutil.wait_procs(alive, timeout=10)
-    # Reap our own direct child, if we are its parent (a test calling the API in-process).
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
-    return [p.pid for p in procs]
 
 
 class Stack:
@@ -123,7 +70,7 @@ class Stack:
         """Recorded long-running services whose process is still alive."""
         out = {}
         for name, rec in (self.read_state().get("services") or {}).items():
-            if rec.get("pid") and _proc(rec["pid"], rec.get("create_time")) is not None:
+            if rec.get("pid") and attach(rec["pid"], rec.get("create_time")) is not None:
                 out[name] = rec
         return out
 
@@ -146,7 +93,7 @@ class Stack:
                  "services": {}, "skipped": self.plan.skipped}
         self._write_state(state)
         status: dict[str, str] = {}  # pending | started | healthy | completed
-        procs: dict[str, subprocess.Popen] = {}
+        procs: dict[str, ServerProcess] = {}
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -174,8 +121,7 @@ class Stack:
                         raise RunFailure(f"{s.name} exited with code {rc}; log "
                                         f"{state['services'][s.name]['log']}:\n"
                                         f"{log_tail(state['services'][s.name]['log'])}")
-                    if status[s.name] == "started" and not s.oneshot and (
-                            s.health_url is None or http_ok(s.health_url)):
+                    if status[s.name] == "started" and not s.oneshot and p.healthy():
                         status[s.name] = "healthy"
                         self.echo(f"{s.name} healthy")
                 if all(status.get(s.name) in ("healthy", "completed")
@@ -190,10 +136,9 @@ class Stack:
             self.down()
             raise
         finally:
-            for p in procs.values():  # our Popen handles: do not leave zombies behind
+            for p in procs.values():  # our handles: do not leave zombies behind
                 with contextlib.suppress(Exception):
-                    if p.poll() is not None:
-                        p.wait(0)
+                    p.poll()
         return self.status()
 
     @staticmethod
@@ -204,9 +149,7 @@ class Stack:
             return state == "healthy"
         return state == "completed"
 
-    def _start(self, s: Service, logs: Path, state: dict) -> subprocess.Popen:
-        import psutil
-
+    def _start(self, s: Service, logs: Path, state: dict) -> ServerProcess:
         for path, content in s.files.items():
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(content)
@@ -214,18 +157,12 @@ class Stack:
             if a.startswith("--storage.tsdb.path="):
                 Path(a.split("=", 1)[1]).mkdir(parents=True, exist_ok=True)
         log = logs / f"{s.name}.log"
-        env = {**(self.plan.base_env or os.environ), **s.env}
-        with open(log, "ab") as fh:
-            fh.write(f"$ {shlex.join(s.argv)}\n".encode())
-            fh.flush()
-            p = subprocess.Popen(s.argv, cwd=s.cwd, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            ctime = psutil.Process(p.pid).create_time()
-        except psutil.NoSuchProcess:
-            ctime = None
+        # no health URL: healthy once started (the URL only names where it listens)
+        p = ServerProcess(s.argv, None, {**(self.plan.base_env or os.environ), **s.env}, log,
+                          cwd=Path(s.cwd), health_url=s.health_url, fresh_log=False,
+                          log_command=True)
         state["services"][s.name] = {
-            "pid": p.pid, "create_time": ctime, "argv": s.argv, "log": str(log),
+            "pid": p.pid, "create_time": p.create_time, "argv": s.argv, "log": str(log),
             "url": s.url, "health_url": s.health_url, "oneshot": s.oneshot}
         self._write_state(state)
         return p
@@ -236,7 +173,7 @@ class Stack:
         state = self.read_state()
         stopped = []
         for name, rec in reversed(list((state.get("services") or {}).items())):
-            if rec.get("pid") and stop_tree(rec["pid"], rec.get("create_time"), timeout):
+            if rec.get("pid") and stop_process(rec["pid"], rec.get("create_time"), timeout):
                 stopped.append(name)
                 self.echo(f"stopped {name}")
         with contextlib.suppress(FileNotFoundError):
@@ -248,7 +185,7 @@ class Stack:
         state = self.read_state()
         out = {}
         for name, rec in (state.get("services") or {}).items():
-            alive = _proc(rec["pid"], rec.get("create_time")) is not None
+            alive = attach(rec["pid"], rec.get("create_time")) is not None
             if rec.get("oneshot") and not alive:
                 st = "completed" if rec.get("exit_code") == 0 else "exited"
             elif not alive:
