@@ -77,7 +77,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("Gemma3ForCausalLM", ("gemma3_text",), "HarpGemma3ForCausalLM",
            f"{_PLUGIN}.gemma:HarpGemma3ForCausalLM",
            post_norm=True, heads=True, linear_maps=True, compensation=False,
-           biases=_gemma_biases, windows=True),
+           biases=_gemma_biases, windows=True, kv_sharing=True),
 )
 
 # Everything below reads FAMILIES when called (nothing is derived from it at import), so a

@@ -272,12 +272,15 @@ def make_tiny(family: str, out: Path, layers: int = 6, kv_heads: int = 2) -> Pat
     return out
 
 
-def save(src: Path, out: Path, layers: dict[int, float]) -> Path:
+def save(src: Path, out: Path, layers: dict[int, float],
+         kv_sharing: dict[int, int] | None = None) -> Path:
+    """A HARP checkpoint of ``src`` (``layers``: alphas), with layers sharing an earlier
+    layer's KV cache (``kv_sharing``) if given."""
     from harp_vllm.pruning.jobs.checkpoint import save_pruned
     from harp_vllm.spec import PruningSpec
 
-    return save_pruned(load_model(src), PruningSpec(layers=layers, source_model=str(src)),
-                       src, out)
+    spec = PruningSpec(layers=layers, kv_sharing=kv_sharing or {}, source_model=str(src))
+    return save_pruned(load_model(src), spec, src, out)
 
 
 def head_pruned(src: Path, out: Path, method: str, ratio: float, mlp_ratio: float,

@@ -110,8 +110,11 @@ def test_planner_candidates_follow_the_family():
     gemma2 = SimpleNamespace(**{**vars(GEMMA3), "model_type": "gemma2", "num_key_value_heads": 2})
     with pytest.raises(UserError, match="KV-group cuts are not served for 'gemma2'"):
         parse_layout("3:drop1", gemma2)
-    with pytest.raises(UserError, match="KV sharing is not served"):
-        parse_layout("3:share1", GEMMA3)
+    with pytest.raises(UserError, match="KV sharing is not served for 'gemma2'"):
+        parse_layout("3:share1", gemma2)
+    assert parse_layout("17:share11", GEMMA3) == {17: Choice("share", target=11)}  # Gemma 3
+    with pytest.raises(UserError, match="layer 17 has full attention and layer 16 a 512-token"):
+        parse_layout("17:share16", GEMMA3)
 
 
 def test_planner_sees_the_global_layers_hold_the_kv_at_long_context():

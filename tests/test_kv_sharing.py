@@ -6,7 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from conftest import greedy_without_cache
+from conftest import greedy_without_cache, make_tiny_model
 
 from harp_vllm.errors import UserError
 from harp_vllm.spec import PruningSpec
@@ -96,7 +96,7 @@ def test_sharing_of_the_same_kind_is_accepted():
 def test_sharing_on_a_family_without_support_is_refused():
     from harp_vllm.families import model_types
 
-    assert set(model_types(lambda f: f.kv_sharing)) == {"llama", "mistral"}
+    assert set(model_types(lambda f: f.kv_sharing)) == {"llama", "mistral", "gemma3_text"}
 
 
 # ---------------------------------------------------------------------------- the reference
@@ -193,12 +193,78 @@ def test_shared_reference_generates_with_a_kv_cache_like_without(tiny_llama, tmp
     assert cached.tolist() == seq.tolist()
 
 
+def test_gemma3_shared_reference_normalizes_its_queries_and_the_targets_keys(tmp_path):
+    """Gemma 3 (QK-norm, query_pre_attn_scalar): layer 3 sharing layer 1 attends with its own
+    ``q_norm``-ed rotated queries over layer 1's ``k_norm``-ed rotated keys and its values
+    (HF's eager attention, computed here from the layers' inputs); the saved checkpoint keeps
+    the layer's q_proj, q_norm and o_proj only, and generates with a KV cache as without."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers.models.gemma3.modeling_gemma3 import (
+        apply_rotary_pos_emb,
+        eager_attention_forward,
+    )
+
+    from harp_vllm.pruning.jobs.checkpoint import save_pruned
+    from harp_vllm.pruning.reference import decoder_layers, load_model, shared
+
+    src = make_tiny_model("gemma3_text", tmp_path / "dense", layers=4)
+    model = load_model(src)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    layers = decoder_layers(model)
+    i, j = 3, 1
+    seen: dict = {}
+
+    def keep(m, args, kw, k):
+        seen[k] = kw
+
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        with shared(model, {i: j}):
+            assert not hasattr(layers[i].self_attn, "k_proj")
+            hooks = [layers[k].self_attn.register_forward_pre_hook(
+                lambda m, a, kw, k=k: keep(m, a, kw, k), with_kwargs=True) for k in (i, j)]
+            got = {}
+            hooks.append(layers[i].self_attn.register_forward_hook(
+                lambda m, a, out: got.__setitem__("attn", out[0])))
+            out = model(input_ids=ids).logits
+            for h in hooks:
+                h.remove()
+        a_i, a_j = layers[i].self_attn, layers[j].self_attn
+
+        def heads(lin, norm, k):
+            x = seen[k]["hidden_states"]
+            return norm(lin(x).view(2, 24, -1, a_i.head_dim).transpose(1, 2))
+
+        q = heads(a_i.q_proj, a_i.q_norm, i)
+        k = heads(a_j.k_proj, a_j.k_norm, j)
+        v = a_j.v_proj(seen[j]["hidden_states"]).view(2, 24, -1, a_i.head_dim).transpose(1, 2)
+        q, _ = apply_rotary_pos_emb(q, q, *seen[i]["position_embeddings"])
+        _, k = apply_rotary_pos_emb(k, k, *seen[j]["position_embeddings"])
+        causal = torch.full((24, 24), torch.finfo(q.dtype).min).triu(1)[None, None]
+        want, _ = eager_attention_forward(a_i, q, k, v, causal, scaling=a_i.scaling)
+        want = a_i.o_proj(want.reshape(2, 24, -1))
+    assert torch.allclose(got["attn"], want, atol=1e-5)
+    assert (out - dense).abs().max() > 1e-3  # sharing changes the model
+    spec = PruningSpec(layers={}, kv_sharing={i: j}, method="share")
+    saved = save_pruned(load_model(src), spec, src, tmp_path / "share")
+    names = [n for n in load_file(saved / "model.safetensors") if f"layers.{i}.self_attn" in n]
+    assert sorted(n.rsplit("self_attn.", 1)[1] for n in names) == \
+        ["o_proj.weight", "q_norm.weight", "q_proj.weight"]
+    pruned = load_model(saved)
+    with torch.no_grad():
+        assert torch.allclose(pruned(input_ids=ids).logits, out, atol=1e-5)
+        cached = pruned.generate(ids[:1, :14], max_new_tokens=10, do_sample=False)
+        seq = greedy_without_cache(pruned, ids[:1, :14], 10)
+    assert cached.tolist() == seq.tolist()
+
+
 def test_shared_reference_refuses_families_without_support():
     from harp_vllm.pruning.reference import shared
 
     model = SimpleNamespace(config=SimpleNamespace(model_type="gemma2", architectures=None))
-    with pytest.raises(UserError, match="served for llama, mistral models only, not 'gemma2'"), \
-            shared(model, {3: 1}):
+    with pytest.raises(UserError, match="served for llama, mistral, gemma3_text models only, "
+                                        "not 'gemma2'"), shared(model, {3: 1}):
         pass
 
 
@@ -361,3 +427,45 @@ def test_plan_layout_with_sharing_refits_and_writes_a_checkpoint(tiny_llama, tmp
     assert fit["output_error"]["q+o"] < fit["output_error"]["shared"]
     assert torch.isfinite(torch.tensor(plan["measured_kl"]))
     _logits_equal_reference(out, tiny_llama, layout)
+
+
+def test_fit_with_qk_norm_refits_o_only_and_its_errors_are_the_references(tmp_path):
+    """Gemma 3 (QK-norm): the closed-form refit keeps q_proj, fits o_proj, lowers the
+    attention-output error of the sharing layer, and the errors it reports are what the
+    reference model's sharing attention gives before and after the fitted o_proj is written
+    in; Adam steps of local reconstruction on q and o lower it further."""
+    import torch
+
+    from harp_vllm.pruning.methods.share_fit import apply_fit, fit_shared
+    from harp_vllm.pruning.reference import decoder_layers, load_model, shared
+
+    model = load_model(make_tiny_model("gemma3_text", tmp_path / "dense", layers=4))
+    ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    attn = decoder_layers(model)[3].self_attn
+    fit = fit_shared(model, 3, 1, ids)
+    assert torch.equal(fit.q_weight, attn.q_proj.weight)
+    assert fit.output_error["o"] < 0.8 * fit.output_error["shared"]
+    got: dict = {}
+    with torch.no_grad():
+        hook = attn.register_forward_hook(lambda m, a, out: got.__setitem__("dense", out[0]))
+        model(input_ids=ids)
+        hook.remove()
+        saved = attn.o_proj.weight.clone()
+        for name in ("shared", "o"):
+            if name == "o":
+                apply_fit(model, 3, fit)
+            with shared(model, {3: 1}):
+                h = decoder_layers(model)[3].self_attn.register_forward_hook(
+                    lambda m, a, out, name=name: got.__setitem__(name, out[0]))
+                model(input_ids=ids)
+                h.remove()
+        attn.o_proj.weight.copy_(saved)
+    for name in ("shared", "o"):
+        err = float((got[name] - got["dense"]).norm() / got["dense"].norm())
+        assert err == pytest.approx(fit.output_error[name], rel=1e-3)
+    # local reconstruction steps on q and o lower the error further; the model is unchanged
+    q0 = attn.q_proj.weight.clone()
+    steps = fit_shared(model, 3, 1, ids, local_steps=30, lr=3e-3)
+    assert steps.output_error["q+o"] < 0.8 * steps.output_error["o"]
+    assert not torch.equal(steps.q_weight, q0) and torch.equal(attn.q_proj.weight, q0)
+    assert torch.equal(attn.o_proj.weight, saved)

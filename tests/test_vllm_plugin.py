@@ -237,20 +237,25 @@ def test_unpruned_harp_checkpoint_equals_stock_llama(smol_p0, smol_prompts, run_
 
 # Every family's own model type (harp_vllm.families), e.g. "mistral", "gemma3_text".
 TINY_FAMILIES = [own_model_type(f) for f in FAMILIES]
+# In families that serve cross-layer KV sharing, a layer ``TINY_ALPHAS`` leaves dense attends
+# over another's keys and values (Gemma 3: two sliding-window layers, with QK-norm).
+TINY_SHARING = {3: 1}
 
 
 @pytest.fixture(scope="session")
 def tiny_families(engines, tmp_path_factory) -> dict[str, tuple[Path, list[list[int]]]]:
-    """{family: (its tiny model HARP-pruned at ``TINY_ALPHAS``, ``PROMPTS`` in its tokens)}
-    for every family of ``TINY_FAMILIES``, with their single-rank engine runs done in one
-    probe process per distinct tokenization (``engines.batch``; Qwen2's tokenizer splits the
-    long prompt differently)."""
+    """{family: (its tiny model HARP-pruned at ``TINY_ALPHAS``, with ``TINY_SHARING`` where
+    the family serves it, ``PROMPTS`` in its tokens)} for every family of ``TINY_FAMILIES``,
+    with their single-rank engine runs done in one probe process per distinct tokenization
+    (``engines.batch``; Qwen2's tokenizer splits the long prompt differently)."""
     from harp_vllm import models
 
     base = tmp_path_factory.mktemp("tiny-families")
     out = {}
+    sharing = {own_model_type(f): TINY_SHARING for f in FAMILIES if f.kv_sharing}
     for f in TINY_FAMILIES:
-        pruned = save(make_tiny(f, base / f / "dense"), base / f / "pruned", TINY_ALPHAS)
+        pruned = save(make_tiny(f, base / f / "dense"), base / f / "pruned", TINY_ALPHAS,
+                      kv_sharing=sharing.get(f))
         tok = models.load_tokenizer(pruned)
         out[f] = (pruned, [tok(p)["input_ids"] for p in PROMPTS])
     groups: dict[str, list[Path]] = {}

@@ -19,9 +19,10 @@ from vllm.model_executor.models.gemma2 import Gemma2DecoderLayer, Gemma2ForCausa
 from vllm.model_executor.models.gemma3 import Gemma3DecoderLayer, Gemma3ForCausalLM
 
 from ..families import family_of
-from .checkpoint_spec import layer_alpha, layer_config, layer_map
+from .checkpoint_spec import layer_alpha, layer_config, layer_map, layer_sharing
 from .factories import linear_map_factory, token_local_factory, with_group_map
 from .mixins import HarpModelMixin, add_norm
+from .sharing import SharedKVGemma3Attention, shared_kv_factory
 from .version import swapped_global
 
 
@@ -63,20 +64,28 @@ class HarpPostNormDecoderLayerMixin:
         return hidden_states, residual
 
 
-def _init_layer(layer, parent, module, attn_name, config, cache_config, quant_config, prefix):
+def _init_layer(layer, parent, module, attn_name, config, cache_config, quant_config, prefix,
+                shared_cls: type | None = None):
     alpha = layer_alpha(config, prefix)
     linear_map = layer_map(config, prefix)
+    target = layer_sharing(config, prefix)
     # the layer's own head counts and MLP width (head pruning) and sliding window (windows)
     config = layer_config(config, prefix)
-    if alpha is None and linear_map is None:
+    if target is not None:  # "model.layers.5" -> "model.layers.2.self_attn.attn"
+        assert shared_cls is not None, "kv_sharing is refused for this family at load"
+        attn = shared_kv_factory(f"{prefix.rsplit('.', 1)[0]}.{target}.self_attn.attn",
+                                 shared_cls)
+    elif alpha is not None:
+        attn = token_local_factory(alpha, family_of(config))
+    elif linear_map is not None and linear_map.get("add"):  # KV groups cut, a map added
+        attn = with_group_map(getattr(module, attn_name), linear_map["rank"])
+    elif linear_map is not None:
+        attn = linear_map_factory(linear_map["rank"])
+    else:
+        attn = None
+    if attn is None:
         parent.__init__(layer, config, cache_config, quant_config, prefix=prefix)
     else:  # the parent layer builds its attention by the module-level name
-        if alpha is not None:
-            attn = token_local_factory(alpha, family_of(config))
-        elif linear_map is not None and linear_map.get("add"):  # KV groups cut, a map added
-            attn = with_group_map(getattr(module, attn_name), linear_map["rank"])
-        else:
-            attn = linear_map_factory(linear_map["rank"])
         with swapped_global(module, attn_name, attn):
             parent.__init__(layer, config, cache_config, quant_config, prefix=prefix)
     layer.harp_alpha = alpha
@@ -94,7 +103,7 @@ class HarpGemma2DecoderLayer(HarpPostNormDecoderLayerMixin, Gemma2DecoderLayer):
 class HarpGemma3DecoderLayer(HarpPostNormDecoderLayerMixin, Gemma3DecoderLayer):
     def __init__(self, config, cache_config=None, quant_config=None, prefix: str = "") -> None:
         _init_layer(self, Gemma3DecoderLayer, vllm_gemma3, "Gemma3Attention", config,
-                    cache_config, quant_config, prefix)
+                    cache_config, quant_config, prefix, shared_cls=SharedKVGemma3Attention)
 
 
 class HarpGemma2ForCausalLM(HarpModelMixin, Gemma2ForCausalLM):

@@ -13,6 +13,10 @@ Closed-form and local, on calibration activations of the dense model:
 - then ``o_proj`` by ridge least squares from the new attention's per-head outputs (softmax
   over ``K^j``, values ``V^j``) to the layer's original attention output.
 
+With QK-norm (Gemma 3: ``q_norm`` on each query head) the logits are not linear in
+``q_proj``, so only ``o_proj`` is refitted there (``fit_output``: the same ridge least squares,
+from the sharing attention's per-head outputs with the layer's own queries).
+
 ``fit_shared`` returns the new weights and the relative errors before and after.
 """
 
@@ -102,10 +106,14 @@ def _cg(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x: torch
 
 
 def fit_shared(model: Any, idx: int, target: int, ids: torch.Tensor,
-               window: int | None = None, steps: int = 40, ridge: float = 1e-4) -> SharedFit:
+               window: int | None = None, steps: int = 40, ridge: float = 1e-4,
+               local_steps: int = 0, lr: float = 1e-4) -> SharedFit:
     """Layer ``idx``'s ``q_proj`` and ``o_proj`` refitted to layer ``target``'s keys and values
     on the calibration token windows ``ids`` [b, T] (the dense model's activations; ``window``:
-    the layer's sliding window). The model is not changed."""
+    the layer's sliding window). The model is not changed. With QK-norm, ``fit_output``
+    (``local_steps`` Adam steps at ``lr`` on q and o)."""
+    if getattr(decoder_layers(model)[idx].self_attn, "q_norm", None) is not None:
+        return fit_output(model, idx, target, ids, ridge, local_steps, lr)
     acts = _activations(model, ids, idx, target)
     attn: Any = decoder_layers(model)[idx].self_attn
     w_q = attn.q_proj.weight.detach().double()
@@ -164,6 +172,101 @@ def fit_shared(model: Any, idx: int, target: int, ids: torch.Tensor,
         output_error={"shared": rel(z_old @ w_o.T + o_bias, y),
                       "q": rel(z_new @ w_o.T + o_bias, y),
                       "q+o": rel(z_new @ new_o.T + o_bias, y)})
+
+
+def fit_output(model: Any, idx: int, target: int, ids: torch.Tensor, ridge: float = 1e-4,
+               q_steps: int = 0, lr: float = 1e-4) -> SharedFit:
+    """Layer ``idx`` sharing ``target``'s keys and values (the model's own sharing reference,
+    so QK-norm and native windows are as served), fitted to its dense attention output on
+    ``ids`` [b, T]: ``o_proj`` by ridge least squares from the per-head outputs; then, with
+    ``q_steps``, ``q_proj`` and ``o_proj`` by that many Adam steps of local reconstruction
+    (the relative squared error of the attention output over all windows), and ``o_proj`` by
+    least squares again. The model is not changed."""
+    from ..reference import shared
+
+    layers: Any = decoder_layers(model)
+    attn: Any = layers[idx].self_attn
+    q0, o0 = attn.q_proj.weight.detach().clone(), attn.o_proj.weight.detach().clone()
+    dense: list[torch.Tensor] = []
+    with torch.no_grad():
+        hook = attn.register_forward_hook(lambda m, a, out: dense.append(out[0].detach()))
+        try:
+            for row in ids:
+                model(input_ids=row[None], use_cache=False)
+        finally:
+            hook.remove()
+    y = torch.cat([d.reshape(-1, d.shape[-1]) for d in dense]).double()
+    o_bias = attn.o_proj.bias.detach().double() if attn.o_proj.bias is not None else 0
+
+    def rel(a: torch.Tensor) -> float:
+        return float((a - y).norm() / y.norm())
+
+    with shared(model, {idx: target}):
+        module: Any = layers[idx].self_attn
+        kv_owner: Any = layers[target].self_attn
+        calls: list[tuple[dict, Any]] = []  # the module's inputs and its target's, per window
+
+        def keep(m: Any, args: tuple, kw: dict) -> None:
+            calls.append(({k: v for k, v in kw.items() if k != "past_key_values"},
+                          kv_owner.harp_kv_input))
+
+        pre = module.register_forward_pre_hook(keep, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                for row in ids:
+                    model(input_ids=row[None], use_cache=False)
+        finally:
+            pre.remove()
+
+        def heads() -> torch.Tensor:  # [b*T, H*h] the per-head outputs with today's q_proj
+            got: list[torch.Tensor] = []
+            h = module.o_proj.register_forward_pre_hook(lambda m, a: got.append(a[0]))
+            try:
+                with torch.no_grad():
+                    for kw, stash in calls:
+                        kv_owner.harp_kv_input = stash
+                        module(**kw)
+            finally:
+                h.remove()
+            return torch.cat([g.reshape(-1, g.shape[-1]) for g in got]).double()
+
+        def solve_o(z: torch.Tensor) -> torch.Tensor:
+            gram = z.T @ z
+            lam = ridge * gram.diagonal().mean()
+            return torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype),
+                                      z.T @ (y - o_bias)).T
+
+        try:
+            z = heads()
+            errors = {"shared": rel(z @ o0.double().T + o_bias)}
+            new_o = solve_o(z)
+            errors["o"] = rel(z @ new_o.T + o_bias)
+            new_q = q0
+            if q_steps:
+                with torch.no_grad():
+                    module.o_proj.weight.copy_(new_o.to(o0.dtype))
+                params = [module.q_proj.weight, module.o_proj.weight]
+                opt = torch.optim.Adam(params, lr=lr)
+                scale = float(y.pow(2).sum())
+                for _ in range(q_steps):
+                    opt.zero_grad()
+                    loss = torch.zeros((), dtype=torch.float64)
+                    for (kw, stash), want in zip(calls, dense, strict=True):
+                        kv_owner.harp_kv_input = stash
+                        out = module(**kw)[0]
+                        loss = loss + (out - want).double().pow(2).sum() / scale
+                    loss.backward()
+                    opt.step()
+                new_q = module.q_proj.weight.detach().clone()
+                z = heads()
+                new_o = solve_o(z)
+                errors["q+o"] = rel(z @ new_o.T + o_bias)
+        finally:
+            with torch.no_grad():  # the dense layer's own weights back
+                attn.q_proj.weight.copy_(q0)
+                attn.o_proj.weight.copy_(o0)
+    return SharedFit(q_weight=new_q, o_weight=new_o.to(o0.dtype), logit_error={},
+                     output_error=errors)
 
 
 def apply_fit(model: Any, idx: int, fit: SharedFit) -> None:

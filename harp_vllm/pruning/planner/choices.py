@@ -172,6 +172,14 @@ def check_share(j: int, choice: Choice, layout: dict[int, Choice], cfg: Any) -> 
     if layout.get(t, KEEP) != KEEP:
         raise UserError(f"--layout: {j}:{choice.name}: layer {t} is {layout[t].name}; a "
                         f"sharing target keeps its attention whole (keep)")
+    own, its = costs.native_window(cfg, j), costs.native_window(cfg, t)
+    if own != its:  # Gemma 3: a global layer shares a global one, a local one a local one
+
+        def kind(w: int | None) -> str:
+            return "full attention" if w is None else f"a {w}-token sliding window"
+
+        raise UserError(f"--layout: {j}:{choice.name}: layer {j} has {kind(own)} and layer {t} "
+                        f"{kind(its)}; a layer shares the KV cache of one of its own kind")
 
 
 def check_window(window: int, cfg: Any) -> int:

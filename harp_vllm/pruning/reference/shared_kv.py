@@ -25,9 +25,10 @@ def _stash_kv_input(module: Any, args: tuple, kwargs: dict) -> None:
 class SharedKVAttention(nn.Module):
     """Layer ``i``'s attention over an earlier layer's keys and values (``kv_sharing``):
     ``o_proj(softmax(q K_j^T * scale + mask) V_j)`` with ``q`` from layer ``i``'s own
-    ``q_proj`` and rotary embedding, ``K_j``/``V_j`` as layer ``j`` computed them (its
-    ``k_proj``/``v_proj`` on its own normed input, its rotary; with a KV cache, layer ``j``'s
-    cache, which holds the past tokens too). Layer ``i`` keeps no ``k_proj``/``v_proj`` and no
+    ``q_proj`` (and QK-norm, Gemma 3's ``q_norm``) and rotary embedding, ``K_j``/``V_j`` as
+    layer ``j`` computed them (its ``k_proj``/``v_proj`` on its own normed input, its
+    ``k_norm`` if any, its rotary; with a KV cache, layer ``j``'s cache, which holds the past
+    tokens too). Layer ``i`` keeps no ``k_proj``/``v_proj`` and no
     cache. ``harp_window``: the layer's sliding window (its target's), None for full
     attention, applied by this forward (no window hook). Eager attention in the input's dtype
     (the reference's fp32)."""
@@ -37,6 +38,8 @@ class SharedKVAttention(nn.Module):
     def __init__(self, attn: Any, target: Any, target_idx: int):
         super().__init__()
         self.q_proj, self.o_proj = attn.q_proj, attn.o_proj
+        self.q_norm = getattr(attn, "q_norm", None)  # Gemma 3: per-head RMSNorm of q and k
+        self.softcap: float | None = getattr(attn, "attn_logit_softcapping", None)  # Gemma 2
         self.layer_idx, self.kv_layer_idx = getattr(attn, "layer_idx", None), target_idx
         self.head_dim, self.scaling = int(attn.head_dim), float(attn.scaling)
         self.harp_window: int | None = getattr(attn, "harp_window", None)
@@ -61,6 +64,8 @@ class SharedKVAttention(nn.Module):
         target: Any = self._target[0]
         b, q_len, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(b, q_len, -1, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         cos, sin = position_embeddings
         if past_key_values is not None:  # layer j ran first and updated its cache
             cache = past_key_values.layers[self.kv_layer_idx]
@@ -69,13 +74,18 @@ class SharedKVAttention(nn.Module):
             x, (cos_j, sin_j) = target.harp_kv_input
             k = target.k_proj(x).view(b, x.shape[1], -1, self.head_dim).transpose(1, 2)
             v = target.v_proj(x).view(b, x.shape[1], -1, self.head_dim).transpose(1, 2)
+            if getattr(target, "k_norm", None) is not None:
+                k = target.k_norm(k)
             _, k = apply_rotary_pos_emb(k, k, cos_j, sin_j)
         q, _ = apply_rotary_pos_emb(q, q, cos, sin)
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         k_len = k.shape[-2]
         mask = window_mask(self.harp_window or k_len, q_len, k_len, q.dtype, q.device)
-        scores = q @ k.transpose(2, 3) * self.scaling + narrowed(mask, attention_mask)
+        scores = q @ k.transpose(2, 3) * self.scaling
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores + narrowed(mask, attention_mask)
         out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
         return self.o_proj(out.transpose(1, 2).reshape(b, q_len, -1)), None
 
