@@ -1,7 +1,7 @@
 """The A/B load test harness: prompts, metrics parsing, report, and quick runs on real servers.
 
-The servers (a dense SmolLM2 and the session's HARP-pruned SmolLM2, served by the plugin)
-start once per session with a small, equal KV-cache budget.
+The servers are test_serve's shared pool (a dense SmolLM2 and a HARP-pruned SmolLM2 served by
+the plugin, started once per session), with a small, equal KV-cache budget in bytes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import HarpServer
+from test_serve import MAX_LEN, get_vllm_pair, stop_vllm_pair
 
 from harp_vllm.loadtest import outputs, summary
 from harp_vllm.loadtest import server_metrics as prom
@@ -25,8 +25,6 @@ from harp_vllm.loadtest.prompts import PromptFactory
 from harp_vllm.process import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-KV_BYTES = 64 * 2**20  # dense: 22 blocks of 128 tokens; pruned (8 of 30 layers): ~30
-MAX_LEN = 2560
 
 
 def _loadtest(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -141,36 +139,23 @@ def test_bad_options_clear_message(tmp_path):
 
 # ---------------------------------------------------------------------------- real servers
 
-def _server(model: Path, name: str, log: Path) -> HarpServer:
-    """A ``harp-vllm serve`` server with the KV-cache budget in bytes, so both sides get
-    exactly the same (``VLLM_CPU_KVCACHE_SPACE`` would override it: not passed on)."""
-    return HarpServer([str(model), "--served-model-name", name, "--max-model-len", str(MAX_LEN),
-                       "--enforce-eager", "--kv-cache-memory-bytes", str(KV_BYTES)],
-                      port=free_port(), log_path=log, drop_env=("VLLM_CPU_KVCACHE_SPACE",))
-
-
 @pytest.fixture(scope="session")
-def ab_servers(tmp_path_factory, smollm2_dir, smollm2_harp8):
-    """(dense_url, pruned_url): the dense SmolLM2 and the session's HARP P=8 checkpoint, both
-    with the same small KV budget. Without the plugin the pruned server does not start: the
-    comparison fails rather than comparing dense with dense."""
-    base = tmp_path_factory.mktemp("loadtest-servers")
-    dense = _server(smollm2_dir, "smollm2-135m", base / "dense.log")
-    pruned = _server(smollm2_harp8, "smollm2-harp", base / "pruned.log")
-    try:
-        dense.wait_ready(400)
-        pruned.wait_ready(400)
-        yield dense.url, pruned.url
-    finally:
-        dense.stop()
-        pruned.stop()
+def ab_servers(tmp_path_factory, smollm2_dir):
+    """(dense_url, pruned_url, pruned checkpoint): test_serve's pool, the dense SmolLM2 and a
+    HARP P=8 checkpoint (``PRUNED_LAYERS``), both with the same small KV budget in bytes
+    (``KV_BYTES``, binding: the capacity scenario's 4 x 1,040 tokens do not fit). Without the
+    plugin the pruned server does not start: the comparison fails rather than comparing dense
+    with dense."""
+    pool = get_vllm_pair(tmp_path_factory.mktemp("vllm-pair-lt"), smollm2_dir)
+    yield pool["dense"].url, pool["harp"].url, pool["pruned_dir"]
+    stop_vllm_pair()
 
 
 @pytest.mark.vllm
 @pytest.mark.real_model
 @pytest.mark.timeout(900)
-def test_quick_run_real_servers(ab_servers, smollm2_harp8, tmp_path):
-    dense, pruned = ab_servers
+def test_quick_run_real_servers(ab_servers, tmp_path):
+    dense, pruned, pruned_dir = ab_servers
     t0 = time.time()
     r = _loadtest(["--dense-url", dense, "--pruned-url", pruned + "/v1", "--quick",
                    "--out", str(tmp_path), "--no-progress"], timeout=400)
@@ -220,7 +205,7 @@ def test_quick_run_real_servers(ab_servers, smollm2_harp8, tmp_path):
     # the pruned side really is the HARP checkpoint: same KV budget, 22 of 30 layers with
     # attention, so 30/22 times the tokens fit (within a block of 128 tokens either way)
     eps = res["endpoints"]
-    assert eps["pruned"]["root"] == str(smollm2_harp8)
+    assert eps["pruned"]["root"] == str(pruned_dir)
     dense_tokens = int(eps["dense"]["cache_info"]["kv_cache_size_tokens"])
     pruned_tokens = int(eps["pruned"]["cache_info"]["kv_cache_size_tokens"])
     assert abs(pruned_tokens - dense_tokens * 30 / 22) <= 2 * 128, (dense_tokens, pruned_tokens)
@@ -231,7 +216,7 @@ def test_quick_run_real_servers(ab_servers, smollm2_harp8, tmp_path):
 @pytest.mark.real_model
 @pytest.mark.timeout(200)
 def test_wrong_model_name(ab_servers, tmp_path):
-    dense, pruned = ab_servers
+    dense, pruned, _ = ab_servers
     r = _loadtest(["--dense-url", dense, "--pruned-url", pruned, "--model-pruned", "nosuch",
                    "--quick", "--out", str(tmp_path), "--no-progress"], timeout=150)
     assert r.returncode == 1
@@ -277,7 +262,7 @@ class _FailingOpenAI(BaseHTTPRequestHandler):
 @pytest.mark.real_model
 @pytest.mark.timeout(300)
 def test_failing_endpoint_partial_report(ab_servers, smollm2_dir, tmp_path):
-    dense, _ = ab_servers
+    dense, _, _ = ab_servers
     _FailingOpenAI.root = str(smollm2_dir)
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _FailingOpenAI)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -303,7 +288,7 @@ def test_failing_endpoint_partial_report(ab_servers, smollm2_dir, tmp_path):
 @pytest.mark.real_model
 @pytest.mark.timeout(300)
 def test_ctrl_c_writes_partial_report(ab_servers, tmp_path):
-    dense, pruned = ab_servers
+    dense, pruned, _ = ab_servers
     proc = subprocess.Popen(
         [sys.executable, "-m", "harp_vllm.loadtest", "--dense-url", dense, "--pruned-url", pruned,
          "--quick", "--prompt-lens", "512", "--concurrency", "1", "--repeats", "20",

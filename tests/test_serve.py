@@ -1,8 +1,9 @@
 """``harp-vllm serve``: command building, the HARP stat logger, and real vLLM servers.
 
 The real servers (dense SmolLM2 and a HARP-pruned SmolLM2, started in parallel) are started
-ONCE per test session by ``vllm_pair`` and shared with tests/test_gateway.py, which imports
-``vllm_pair`` from here (a process-wide pool, so the two files never start a second pair).
+ONCE per test session by ``vllm_pair`` and shared with tests/test_gateway.py and
+tests/test_loadtest.py, which import ``get_vllm_pair`` from here (a process-wide pool, so the
+files never start a second pair).
 """
 
 from __future__ import annotations
@@ -28,9 +29,16 @@ from harp_vllm.serving.metrics import KVLayout, context_bucket, kv_layout
 # metrics tests need a model that keeps generating for a few tokens on their prompts.
 PRUNED_LAYERS = {22: 0.2, 23: 0.3, 24: 0.4, 25: 0.5, 26: 0.5, 27: 0.6, 28: 0.7, 29: 0.8}
 DENSE_NAME, HARP_NAME = "smollm2-dense", "smollm2-harp"
-SERVER_FLAGS = ["--enforce-eager", "--max-model-len", "2048", "--dtype", "float32",
-                "--disable-uvicorn-access-log"]
-SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+# One small KV-cache budget in bytes, the same for both servers (``VLLM_CPU_KVCACHE_SPACE``
+# would override it: not passed on). tests/test_loadtest.py needs it binding: in bf16, the
+# dense server fits 22 blocks of 128 tokens (2,816), the pruned one (8 of 30 layers without
+# KV) 31. bf16, vLLM's choice for this fp32 checkpoint on a CPU with bf16 support: the load
+# test's run takes over twice as long in fp32 here.
+KV_BYTES = 64 * 2**20
+MAX_LEN = 2560  # the load test's 2,048-token prompts and their output
+SERVER_FLAGS = ["--enforce-eager", "--max-model-len", str(MAX_LEN), "--dtype", "bfloat16",
+                "--kv-cache-memory-bytes", str(KV_BYTES), "--disable-uvicorn-access-log"]
+NO_ENV = ("VLLM_CPU_KVCACHE_SPACE",)
 STARTUP_TIMEOUT = 400  # two engines starting at once on 2 loaded cores
 
 
@@ -111,10 +119,10 @@ def get_vllm_pair(tmp_root: Path, smollm2_dir: Path) -> dict:
         servers = {
             "dense": HarpServer(
                 [str(smollm2_dir), "--served-model-name", DENSE_NAME, *SERVER_FLAGS],
-                port=free_port(), env=SERVER_ENV, log_path=tmp_root / "dense.log"),
+                port=free_port(), drop_env=NO_ENV, log_path=tmp_root / "dense.log"),
             "harp": HarpServer(
                 [str(pruned), "--served-model-name", HARP_NAME, *SERVER_FLAGS],
-                port=free_port(), env=SERVER_ENV, log_path=tmp_root / "harp.log",
+                port=free_port(), drop_env=NO_ENV, log_path=tmp_root / "harp.log",
                 via_cli=True),
         }
         _POOL["servers"] = {**servers, "pruned_dir": pruned}
