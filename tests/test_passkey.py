@@ -72,3 +72,14 @@ def test_passkey_on_marks_each_trial_by_its_answer():
     assert [r["key"] for r in rows] == keys and [r["answer"] for r in rows] == answers
     assert [r["correct"] for r in rows] == [True, False, False, True]
     assert accuracy_by_length(rows, [600]) == {"600": {"trials": 4, "accuracy": 0.5}}
+
+
+def test_a_length_past_the_models_context_is_refused_before_the_engine(tiny_llama):
+    """The tiny model's context is 512 tokens: a 512-token passkey prompt plus its answer
+    does not fit and is refused with the longest length that does; 500 fits."""
+    from harp_vllm.evaluation.tasks.passkey import ANSWER_TOKENS, check_context
+
+    check_context(tiny_llama, [256, 512 - ANSWER_TOKENS - 1])
+    with pytest.raises(UserError, match=f"passkey length 512 does not fit the model's context "
+                                        f"of 512 tokens .* use at most {503}"):
+        check_context(tiny_llama, [256, 512])

@@ -128,6 +128,17 @@ def accuracy_by_length(rows: list[dict], lengths: list[int], items: bool = False
     return out
 
 
+def check_context(path, lengths: list[int]) -> None:
+    """UserError unless the longest prompt and its answer fit the model's context."""
+    from transformers import AutoConfig
+
+    context = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+    if context is not None and max(lengths) + ANSWER_TOKENS + 1 > context:
+        raise UserError(f"passkey length {max(lengths)} does not fit the model's context of "
+                        f"{context} tokens with its {ANSWER_TOKENS}-token answer: use at most "
+                        f"{context - ANSWER_TOKENS - 1}")
+
+
 def run_passkey(model: str, lengths: list[int], trials: int, seed: int = 0,
                 kv_cache_gb: float = 2.0, progress: bool = True) -> dict:
     """Accuracy by length through an in-process vLLM engine (fp32, eager, plugin loaded)."""
@@ -140,6 +151,7 @@ def run_passkey(model: str, lengths: list[int], trials: int, seed: int = 0,
     path = models.resolve(model)
     tok = models.load_tokenizer(path)
     build_trials(tok, lengths, 1, seed)  # refuse bad lengths before the engine starts
+    check_context(path, lengths)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gb:g}")
     from vllm import LLM
 
