@@ -155,9 +155,11 @@ def smollm2_harp8(smollm2_dir, tmp_path_factory) -> Path:
 
 
 def save_linear(src: Path, out: Path, groups: list[tuple[list[int], int | None, str]],
-                windows: torch.Tensor, alphas: dict[int, float] | None = None) -> Path:
+                windows: torch.Tensor, alphas: dict[int, float] | None = None,
+                kv_sharing: dict[int, int] | None = None) -> Path:
     """A ``--method linear`` checkpoint of ``src``: each group (layers, rank, input) fitted in
-    turn on ``windows`` (so one checkpoint can mix ranks and inputs), plus HARP ``alphas``."""
+    turn on ``windows`` (so one checkpoint can mix ranks and inputs), plus HARP ``alphas`` and
+    layers sharing an earlier layer's KV cache (``kv_sharing``, unfitted)."""
     from harp_vllm.pruning.jobs.checkpoint import save_pruned
     from harp_vllm.pruning.methods.linear import fit_linear
     from harp_vllm.spec import PruningSpec
@@ -168,8 +170,8 @@ def save_linear(src: Path, out: Path, groups: list[tuple[list[int], int | None, 
         fit = fit_linear(model, windows, layers, rank=rank, input_kind=input_kind,
                          order="dense", batch=len(windows), progress=False)
         maps.update({k: v.spec() for k, v in fit.maps.items()})
-    spec = PruningSpec(layers=dict(alphas or {}), maps=maps, method="linear",
-                       source_model=str(src))
+    spec = PruningSpec(layers=dict(alphas or {}), maps=maps, kv_sharing=dict(kv_sharing or {}),
+                       method="linear", source_model=str(src))
     return save_pruned(model, spec, src, out)
 
 

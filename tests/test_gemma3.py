@@ -127,9 +127,11 @@ def test_dense_gemma3_engine_matches_reference(gemma3_dir, gemma_prompts, tmp_pa
 
 # Every layer change on the real Gemma 3 in one checkpoint (issue 25): a full-rank map on the
 # normed input of global layer 5 and a rank-256 map on the residual stream of local layer 9
-# (each before its post-attention norm), HARP alpha 0.5 at 16 and a removed sublayer at 13.
+# (each before its post-attention norm), HARP alpha 0.5 at 16, a removed sublayer at 13 and
+# global layer 17 attending over global layer 11's keys and values (QK-norm, no cache).
 GEMMA_MAP_GROUPS = [([5], None, "normed"), ([9], 256, "raw")]
 GEMMA_ALPHAS = {16: 0.5, 13: 0.0}
+GEMMA_SHARING = {17: 11}
 
 
 @pytest.mark.vllm
@@ -137,8 +139,8 @@ GEMMA_ALPHAS = {16: 0.5, 13: 0.0}
 def test_pruned_gemma3_engine_matches_reference(gemma3_dir, gemma_prompts, tmp_path):
     """The combined checkpoint served by the plugin: the reference's greedy tokens and prompt
     logprobs within 1e-3 on the chat prompt and the one past the sliding window (two prompts:
-    the reference's time), and a KV cache only for the 14 layers that keep attention (12
-    local, 2 global)."""
+    the reference's time), and a KV cache only for the 13 layers that keep attention of their
+    own (12 local, 1 global: layer 17 reads layer 11's)."""
     from conftest import save_linear
 
     from harp_vllm.evaluation.data import load_text
@@ -147,7 +149,7 @@ def test_pruned_gemma3_engine_matches_reference(gemma3_dir, gemma_prompts, tmp_p
     windows = calibration_windows(models.load_tokenizer(gemma3_dir),
                                   load_text("wikitext2", "validation"), 8, 128)
     pruned = save_linear(gemma3_dir, tmp_path / "pruned", GEMMA_MAP_GROUPS, windows,
-                         alphas=GEMMA_ALPHAS)
+                         alphas=GEMMA_ALPHAS, kv_sharing=GEMMA_SHARING)
     prompts = [gemma_prompts[3], gemma_prompts[-1]]
     result, log = run_probe(pruned, tmp_path / "run", prompts, max_tokens=MAX_TOKENS,
                             max_model_len=2048)
@@ -163,4 +165,4 @@ def test_pruned_gemma3_engine_matches_reference(gemma3_dir, gemma_prompts, tmp_p
     by_window: dict = {}
     for g in result["kv_groups"]:
         by_window[g["sliding_window"]] = by_window.get(g["sliding_window"], 0) + g["layers"]
-    assert by_window == {512: 12, None: 2}, result["kv_groups"]
+    assert by_window == {512: 12, None: 1}, result["kv_groups"]
