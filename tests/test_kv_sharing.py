@@ -313,8 +313,8 @@ def test_fit_refits_q_and_o_to_the_targets_keys(tiny_llama):
     fitting a layer to its own keys gives back its own q_proj."""
     import torch
 
-    from harp_vllm.pruning.methods.share_fit import apply_fit, fit_shared
-    from harp_vllm.pruning.reference import decoder_layers, load_model, shared
+    from harp_vllm.pruning.methods.share_fit import fit_shared
+    from harp_vllm.pruning.reference import decoder_layers, load_model
 
     model = load_model(tiny_llama)
     ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -327,12 +327,27 @@ def test_fit_refits_q_and_o_to_the_targets_keys(tiny_llama):
     assert fit.output_error["q+o"] < fit.output_error["q"]
     assert fit.output_error["q+o"] < fit.output_error["shared"]
     # the same errors from the reference model's own sharing attention
+    errors = _reference_errors(model, ids, {"shared": None, "q+o": fit})
+    for name in ("shared", "q+o"):
+        assert errors[name] == pytest.approx(fit.output_error[name], rel=1e-3)
+
+
+def _reference_errors(model, ids, fits: dict) -> dict[str, float]:
+    """Per name: the relative error of layer 3's attention output when it shares layer 1's
+    keys and values, with that fit's q/o written in (None: the dense weights), against its
+    dense output; the dense weights are back afterwards."""
+    import torch
+
+    from harp_vllm.pruning.methods.share_fit import apply_fit
+    from harp_vllm.pruning.reference import decoder_layers, shared
+
+    attn = decoder_layers(model)[3].self_attn
     got: dict = {}
     with torch.no_grad():
         hook = attn.register_forward_hook(lambda m, a, out: got.__setitem__("dense", out[0]))
         model(input_ids=ids)
         hook.remove()
-        for name, weights in (("shared", None), ("q+o", fit)):
+        for name, weights in fits.items():
             saved = attn.q_proj.weight.clone(), attn.o_proj.weight.clone()
             if weights is not None:
                 apply_fit(model, 3, weights)
@@ -344,9 +359,8 @@ def test_fit_refits_q_and_o_to_the_targets_keys(tiny_llama):
                 h.remove()
             attn.q_proj.weight.copy_(saved[0])
             attn.o_proj.weight.copy_(saved[1])
-    for name in ("shared", "q+o"):
-        err = float((got[name] - got["dense"]).norm() / got["dense"].norm())
-        assert err == pytest.approx(fit.output_error[name], rel=1e-3)
+    return {name: float((got[name] - got["dense"]).norm() / got["dense"].norm())
+            for name in fits}
 
 
 def test_serving_metrics_count_a_sharing_layer_as_holding_no_kv():
@@ -436,8 +450,8 @@ def test_fit_with_qk_norm_refits_o_only_and_its_errors_are_the_references(tmp_pa
     in; Adam steps of local reconstruction on q and o lower it further."""
     import torch
 
-    from harp_vllm.pruning.methods.share_fit import apply_fit, fit_shared
-    from harp_vllm.pruning.reference import decoder_layers, load_model, shared
+    from harp_vllm.pruning.methods.share_fit import fit_shared
+    from harp_vllm.pruning.reference import decoder_layers, load_model
 
     model = load_model(make_tiny_model("gemma3_text", tmp_path / "dense", layers=4))
     ids = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -445,24 +459,10 @@ def test_fit_with_qk_norm_refits_o_only_and_its_errors_are_the_references(tmp_pa
     fit = fit_shared(model, 3, 1, ids)
     assert torch.equal(fit.q_weight, attn.q_proj.weight)
     assert fit.output_error["o"] < 0.8 * fit.output_error["shared"]
-    got: dict = {}
-    with torch.no_grad():
-        hook = attn.register_forward_hook(lambda m, a, out: got.__setitem__("dense", out[0]))
-        model(input_ids=ids)
-        hook.remove()
-        saved = attn.o_proj.weight.clone()
-        for name in ("shared", "o"):
-            if name == "o":
-                apply_fit(model, 3, fit)
-            with shared(model, {3: 1}):
-                h = decoder_layers(model)[3].self_attn.register_forward_hook(
-                    lambda m, a, out, name=name: got.__setitem__(name, out[0]))
-                model(input_ids=ids)
-                h.remove()
-        attn.o_proj.weight.copy_(saved)
+    saved = attn.o_proj.weight.clone()
+    errors = _reference_errors(model, ids, {"shared": None, "o": fit})
     for name in ("shared", "o"):
-        err = float((got[name] - got["dense"]).norm() / got["dense"].norm())
-        assert err == pytest.approx(fit.output_error[name], rel=1e-3)
+        assert errors[name] == pytest.approx(fit.output_error[name], rel=1e-3)
     # local reconstruction steps on q and o lower the error further; the model is unchanged
     q0 = attn.q_proj.weight.clone()
     steps = fit_shared(model, 3, 1, ids, local_steps=30, lr=3e-3)

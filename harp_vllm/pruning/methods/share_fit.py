@@ -105,6 +105,15 @@ def _cg(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x: torch
     return x
 
 
+def _ridge_o(z: torch.Tensor, target: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``o_proj``'s weight [d, H*h] by ridge least squares from per-head outputs ``z``
+    [n, H*h] to ``target`` [n, d] (the ridge scaled by the Gram matrix's mean diagonal)."""
+    gram = z.T @ z
+    lam = ridge * gram.diagonal().mean()
+    return torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype),
+                              z.T @ target).T
+
+
 def fit_shared(model: Any, idx: int, target: int, ids: torch.Tensor,
                window: int | None = None, steps: int = 40, ridge: float = 1e-4,
                local_steps: int = 0, lr: float = 1e-4) -> SharedFit:
@@ -160,10 +169,7 @@ def fit_shared(model: Any, idx: int, target: int, ids: torch.Tensor,
     y = acts.y_i.double().reshape(b * t, -1)
     o_bias = attn.o_proj.bias.detach().double() if attn.o_proj.bias is not None else 0
     z_old, z_new = heads_out(w_q), heads_out(new_q)
-    gram_z = z_new.T @ z_new
-    lam = ridge * gram_z.diagonal().mean()
-    new_o = torch.linalg.solve(gram_z + lam * torch.eye(gram_z.shape[0], dtype=gram_z.dtype),
-                               z_new.T @ (y - o_bias)).T
+    new_o = _ridge_o(z_new, y - o_bias, ridge)
     return SharedFit(
         q_weight=new_q.to(attn.q_proj.weight.dtype),
         o_weight=new_o.to(attn.o_proj.weight.dtype),
@@ -230,16 +236,10 @@ def fit_output(model: Any, idx: int, target: int, ids: torch.Tensor, ridge: floa
                 h.remove()
             return torch.cat([g.reshape(-1, g.shape[-1]) for g in got]).double()
 
-        def solve_o(z: torch.Tensor) -> torch.Tensor:
-            gram = z.T @ z
-            lam = ridge * gram.diagonal().mean()
-            return torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype),
-                                      z.T @ (y - o_bias)).T
-
         try:
             z = heads()
             errors = {"shared": rel(z @ o0.double().T + o_bias)}
-            new_o = solve_o(z)
+            new_o = _ridge_o(z, y - o_bias, ridge)
             errors["o"] = rel(z @ new_o.T + o_bias)
             new_q = q0
             if q_steps:
@@ -259,7 +259,7 @@ def fit_output(model: Any, idx: int, target: int, ids: torch.Tensor, ridge: floa
                     opt.step()
                 new_q = module.q_proj.weight.detach().clone()
                 z = heads()
-                new_o = solve_o(z)
+                new_o = _ridge_o(z, y - o_bias, ridge)
                 errors["q+o"] = rel(z @ new_o.T + o_bias)
         finally:
             with torch.no_grad():  # the dense layer's own weights back
