@@ -1,6 +1,7 @@
 """Attention "classes" for a family's decoder layer to build in place of its own attention:
 HARP's token-local path (or none), a fitted linear map, or the family's attention with a
-group map added. Each takes the family attention's keyword arguments.
+group map added. Each takes the family attention's keyword arguments. ``layer_attention``
+picks a layer's from its pruning status.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..families import Family, head_dim
+from ..families import Family, family_of, head_dim
 from .attention import FoldedTokenLocalAttention, RemovedAttention, TokenLocalLinear
+from .checkpoint_spec import layer_alpha, layer_map, layer_sharing
+from .sharing import shared_kv_factory
 
 
 def linear_map_factory(rank: int | None):
@@ -65,3 +68,25 @@ def token_local_factory(alpha: float, family: Family):
                                          quant_config=kw.get("quant_config"))
 
     return make
+
+
+def layer_attention(config: Any, prefix: str, base: type, shared_cls: type | None = None):
+    """The attention "class" the decoder layer ``prefix`` builds under ``config``'s pruning
+    section: ``shared_cls`` over its target's KV cache (``kv_sharing``), HARP's token-local
+    path (``layers``), ``base`` with a group map added or a linear map (``maps``), else
+    ``base`` itself (``base``: the family's attention class; ``shared_cls``: its sharing
+    attention, None where the family serves no sharing: refused at load before this)."""
+    target = layer_sharing(config, prefix)
+    alpha = layer_alpha(config, prefix)
+    linear_map = layer_map(config, prefix)
+    if target is not None:  # "model.layers.5" -> "model.layers.2.self_attn.attn"
+        assert shared_cls is not None, "kv_sharing is refused for this family at load"
+        return shared_kv_factory(f"{prefix.rsplit('.', 1)[0]}.{target}.self_attn.attn",
+                                 shared_cls)
+    if alpha is not None:
+        return token_local_factory(alpha, family_of(config))
+    if linear_map is not None and linear_map.get("add"):  # KV groups cut, a map added
+        return with_group_map(base, linear_map["rank"])
+    if linear_map is not None:
+        return linear_map_factory(linear_map["rank"])
+    return base

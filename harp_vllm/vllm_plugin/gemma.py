@@ -18,11 +18,10 @@ from vllm.model_executor.models import gemma3 as vllm_gemma3
 from vllm.model_executor.models.gemma2 import Gemma2DecoderLayer, Gemma2ForCausalLM
 from vllm.model_executor.models.gemma3 import Gemma3DecoderLayer, Gemma3ForCausalLM
 
-from ..families import family_of
-from .checkpoint_spec import layer_alpha, layer_config, layer_map, layer_sharing
-from .factories import linear_map_factory, token_local_factory, with_group_map
+from .checkpoint_spec import layer_alpha, layer_config, layer_map
+from .factories import layer_attention
 from .mixins import HarpModelMixin, add_norm
-from .sharing import SharedKVGemma3Attention, shared_kv_factory
+from .sharing import SharedKVGemma3Attention
 from .version import swapped_global
 
 
@@ -68,26 +67,12 @@ def _init_layer(layer, parent, module, attn_name, config, cache_config, quant_co
                 shared_cls: type | None = None):
     alpha = layer_alpha(config, prefix)
     linear_map = layer_map(config, prefix)
-    target = layer_sharing(config, prefix)
+    attn = layer_attention(config, prefix, getattr(module, attn_name), shared_cls)
     # the layer's own head counts and MLP width (head pruning) and sliding window (windows)
     config = layer_config(config, prefix)
-    if target is not None:  # "model.layers.5" -> "model.layers.2.self_attn.attn"
-        assert shared_cls is not None, "kv_sharing is refused for this family at load"
-        attn = shared_kv_factory(f"{prefix.rsplit('.', 1)[0]}.{target}.self_attn.attn",
-                                 shared_cls)
-    elif alpha is not None:
-        attn = token_local_factory(alpha, family_of(config))
-    elif linear_map is not None and linear_map.get("add"):  # KV groups cut, a map added
-        attn = with_group_map(getattr(module, attn_name), linear_map["rank"])
-    elif linear_map is not None:
-        attn = linear_map_factory(linear_map["rank"])
-    else:
-        attn = None
-    if attn is None:
+    # the parent layer builds its attention by the module-level name (dense: its own)
+    with swapped_global(module, attn_name, attn):
         parent.__init__(layer, config, cache_config, quant_config, prefix=prefix)
-    else:  # the parent layer builds its attention by the module-level name
-        with swapped_global(module, attn_name, attn):
-            parent.__init__(layer, config, cache_config, quant_config, prefix=prefix)
     layer.harp_alpha = alpha
     layer.harp_raw_input = linear_map is not None and linear_map["input"] == "raw"
     if layer.harp_raw_input:  # the map reads the residual stream: no input norm

@@ -10,16 +10,14 @@ from vllm.model_executor.models.llama import (
     LlamaForCausalLM,
 )
 
-from ..families import family_of
 from .checkpoint_spec import (
     layer_alpha,
     layer_config,
     layer_map,
-    layer_sharing,
 )
-from .factories import linear_map_factory, token_local_factory, with_group_map
+from .factories import layer_attention
 from .mixins import HarpDecoderLayerMixin, HarpModelMixin
-from .sharing import shared_kv_factory
+from .sharing import SharedKVLlamaAttention
 
 
 class HarpLlamaDecoderLayer(HarpDecoderLayerMixin, LlamaDecoderLayer):
@@ -33,17 +31,9 @@ class HarpLlamaDecoderLayer(HarpDecoderLayerMixin, LlamaDecoderLayer):
         config = config or vllm_config.model_config.hf_config
         alpha = layer_alpha(config, prefix)
         linear_map = layer_map(config, prefix)
-        target = layer_sharing(config, prefix)
+        attn_layer_type = layer_attention(config, prefix, attn_layer_type,
+                                          SharedKVLlamaAttention)
         config = layer_config(config, prefix)
-        if target is not None:  # "model.layers.5" -> "model.layers.2.self_attn.attn"
-            attn_layer_type = shared_kv_factory(
-                f"{prefix.rsplit('.', 1)[0]}.{target}.self_attn.attn")
-        elif alpha is not None:
-            attn_layer_type = token_local_factory(alpha, family_of(config))
-        elif linear_map is not None and linear_map.get("add"):
-            attn_layer_type = with_group_map(attn_layer_type, linear_map["rank"])
-        elif linear_map is not None:
-            attn_layer_type = linear_map_factory(linear_map["rank"])
         super().__init__(vllm_config=vllm_config, prefix=prefix, config=config,
                          attn_layer_type=attn_layer_type)
         self.harp_alpha = alpha

@@ -152,7 +152,7 @@ class SharedKVGemma3Attention(SharedWeightsMixin, nn.Module):
         return out
 
 
-def shared_kv_factory(target_prefix: str, cls: type = SharedKVLlamaAttention):
+def shared_kv_factory(target_prefix: str, cls: type):
     """An attention "class" for a layer sharing the KV cache of the attention ``target_prefix``
     (``model.layers.J.self_attn.attn``); takes the family attention's keyword arguments
     (``cls``: the family's sharing attention)."""
