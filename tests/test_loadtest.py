@@ -157,7 +157,10 @@ def ab_servers(tmp_path_factory, smollm2_dir):
 def test_quick_run_real_servers(ab_servers, tmp_path):
     dense, pruned, pruned_dir = ab_servers
     t0 = time.time()
+    # the quick profile with shorter prompts and one repeat (explicit options win over a
+    # profile): every scenario and check of the quick run at about half its load
     r = _loadtest(["--dense-url", dense, "--pruned-url", pruned + "/v1", "--quick",
+                   "--prompt-lens", "256,1024", "--repeats", "1",
                    "--out", str(tmp_path), "--no-progress"], timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
@@ -165,6 +168,7 @@ def test_quick_run_real_servers(ab_servers, tmp_path):
     assert res["status"] == "complete"
     cfg = res["config"]
     out_len = cfg["output_len"]
+    assert (cfg["prompt_lens"], cfg["repeats"], cfg["concurrency"]) == ([256, 1024], 1, [1, 4])
     # every (scenario, length, concurrency, repeat) ran on both sides, dense first
     sweep = [x for x in res["runs"] if x["scenario"] == "sweep"]
     assert len(sweep) == 2 * len(cfg["prompt_lens"]) * len(cfg["concurrency"]) * cfg["repeats"]

@@ -936,7 +936,7 @@ def test_smollm2_windows_match_reference_and_kv_equals_the_cost_model(
         smollm2_dir, smol_prompts, run_smol_dense, tmp_path):
     """SmolLM2 with eight windowed layers and three sharing an earlier layer's KV cache:
     greedy tokens and prompt logprobs equal the reference's on the test prompts and on a
-    700-token WikiText passage (longer than every window), and the sequences of 2,048 tokens
+    400-token WikiText passage (longer than every window), and the sequences of 2,048 tokens
     the KV pool holds grow over the dense run's as the cost model's served bytes predict."""
     from harp_vllm import models
     from harp_vllm.evaluation.domains import domain_text
@@ -944,7 +944,7 @@ def test_smollm2_windows_match_reference_and_kv_equals_the_cost_model(
 
     model = _windowed(smollm2_dir, tmp_path / "win", SMOL_WINDOWS, SMOL_SHARING)
     tok = models.load_tokenizer(smollm2_dir)
-    long = tok(domain_text("wikitext", "dev", max_chars=8000))["input_ids"][:700]
+    long = tok(domain_text("wikitext", "dev", max_chars=8000))["input_ids"][:400]
     prompts = [*smol_prompts, long]
     result, log = run_probe(model, tmp_path / "run", prompts)
     assert result["ok"], result.get("error", "") + log[-3000:]
