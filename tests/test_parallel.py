@@ -157,14 +157,20 @@ def test_tp2_flap_replicates_one_kv_head_layers(tiny, engines):
 
 @parallel
 def test_tp2_refuses_an_mlp_width_it_cannot_split(tiny, tmp_path):
-    """FLAP with MLP pruning leaves odd MLP widths: TP=2 fails at load with the layer named."""
+    """FLAP with MLP pruning leaves odd MLP widths: TP=2 fails with the layer named, raised by
+    the plugin's config check in the process that builds the engine (the error LLM() raises
+    is the plugin's own, not vLLM's "engine core initialization failed"), before any worker
+    starts."""
     widths = json.loads((tiny["flap_mlp"] / "config.json").read_text())["harp_pruning"][
         "shapes"]["intermediate_size"]
     odd = next(i for i, w in enumerate(widths) if w % 2)
     result, log = run_engine(tiny["flap_mlp"], tmp_path, [[5, 6, 7]], tp=2, timeout=900)
     assert not result["ok"]
-    assert (f"tensor parallel size 2 cannot split layer {odd} of this checkpoint" in log
-            and f"intermediate_size {widths[odd]}" in log), log[-3000:]
+    error = result["error"]
+    assert error.startswith("HarpCheckpointError: "), error + log[-3000:]
+    assert (f"tensor parallel size 2 cannot split layer {odd} of this checkpoint" in error
+            and f"intermediate_size {widths[odd]}" in error), error
+    assert "(EngineCore" not in log and "(Worker" not in log, log[-3000:]
 
 
 # ---------------------------------------------------------------------------- SmolLM2

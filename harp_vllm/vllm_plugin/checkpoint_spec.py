@@ -1,6 +1,8 @@
 """The checkpoint's pruning section as the plugin reads it: validated once per model
-(``pruning_spec``: family, section, per-layer shapes, the tensor-parallel split) and read per
-decoder layer (its alpha, its map, its own head counts and MLP width).
+(``validated_spec``: family, section, per-layer shapes, the tensor- and pipeline-parallel
+split; where vLLM builds its config by ``config_check``, and again in every worker by
+``pruning_spec``) and read per decoder layer (its alpha, its map, its own head counts and MLP
+width).
 
 Imported only by the model modules, i.e. inside vLLM processes (it imports vLLM).
 """
@@ -26,7 +28,16 @@ class HarpCheckpointError(UserError):
 
 
 def pruning_spec(config: Any, family: Family) -> PruningSpec:
-    """The validated pruning section of ``config`` for a model class of ``family``."""
+    """The validated pruning section of ``config`` for a model class of ``family``, checked
+    against this process's tensor- and pipeline-parallel sizes (inside a vLLM worker)."""
+    return validated_spec(config, family, get_tensor_model_parallel_world_size(),
+                          get_pp_group().world_size)
+
+
+def validated_spec(config: Any, family: Family, tp_size: int, pp_size: int) -> PruningSpec:
+    """The pruning section of ``config`` for ``family``, validated (family, section, per-layer
+    shapes, windows and sharing served by the family) and checked against ``tp_size`` and
+    ``pp_size``; HarpCheckpointError naming the first problem."""
     arch = family.harp_architecture
     model_type = getattr(config, "model_type", None)
     if model_type not in family.model_types:
@@ -61,8 +72,8 @@ def pruning_spec(config: Any, family: Family) -> PruningSpec:
             f"invalid '{CONFIG_KEY}' section in config.json: cross-layer KV sharing "
             f"('kv_sharing') is served for {', '.join(model_types(lambda f: f.kv_sharing))} "
             f"models only, not {model_type!r}")
-    check_tensor_parallel(config, spec, get_tensor_model_parallel_world_size())
-    check_pipeline_parallel(config, spec, get_pp_group().world_size)
+    check_tensor_parallel(config, spec, tp_size)
+    check_pipeline_parallel(config, spec, pp_size)
     return spec
 
 
