@@ -166,3 +166,37 @@ def test_pruned_gemma3_engine_matches_reference(gemma3_dir, gemma_prompts, tmp_p
     for g in result["kv_groups"]:
         by_window[g["sliding_window"]] = by_window.get(g["sliding_window"], 0) + g["layers"]
     assert by_window == {512: 12, None: 1}, result["kv_groups"]
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(1200)
+def test_gemma3_30_percent_plan_serves_its_kv_budget(gemma3_dir, tmp_path):
+    """``harp-vllm plan gemma3-270m --kv-saving 0.3`` budgets the KV cache as vLLM allocates
+    it (issue 25): its layout, full-rank maps on local layer 16 and global layer 17, leaves
+    14 local and 2 global layers, which vLLM groups in pairs without padding. The KV pool then
+    holds 1.45x the dense model's 32,768-token sequences, the cost model's served ratio: a
+    saving of at least 0.30 (``17:linearfull`` alone: 0.298, its 15 local layers padded)."""
+    from conftest import save_linear
+
+    from harp_vllm.evaluation.data import load_text
+    from harp_vllm.pruning import costs
+    from harp_vllm.pruning.calibration.windows import calibration_windows
+    from harp_vllm.serving.kv_capacity import sequences_that_fit
+
+    windows = calibration_windows(models.load_tokenizer(gemma3_dir),
+                                  load_text("wikitext2", "validation"), 4, 128)
+    plan = save_linear(gemma3_dir, tmp_path / "plan", [([16, 17], None, "normed")], windows)
+    runs = []
+    for model, name in ((gemma3_dir, "dense"), (plan, "plan")):
+        result, log = run_probe(model, tmp_path / name, None, max_model_len=2048,
+                                prompt_logprobs=False)
+        assert result["ok"], result.get("error", "") + log[-3000:]
+        runs.append(result)
+    assert sorted(g["layers"] for g in runs[1]["kv_groups"]) == [2] * 8  # 7 local, 1 global
+    n, block = 32768, runs[1]["block_size"]
+    got = sequences_that_fit(runs[1], n) / sequences_that_fit(runs[0], n)
+    cfg, shapes = costs.checkpoint_shapes(plan)
+    want = (costs.served_kv_bytes_per_sequence(cfg, costs.dense_shapes(cfg), n, block)
+            / costs.served_kv_bytes_per_sequence(cfg, shapes, n, block))
+    assert got == pytest.approx(want, rel=0.005)
+    assert 1 - 1 / got >= 0.30

@@ -138,6 +138,42 @@ def test_planner_sees_the_global_layers_hold_the_kv_at_long_context():
     assert s["kv_saving"] == pytest.approx(1 / (3 + 15 / 64), abs=1e-6)
 
 
+def test_gemma3_kv_budget_is_counted_as_vllm_serves_it():
+    """Gemma 3's own sliding windows make the plan's KV budget a served one (issue 25): at
+    32k, a map on global layer 17 saves 0.309 of the ideal bytes but 0.298 as vLLM allocates
+    them (5 blocks of 128 per local layer, the 15 local layers padded to 16 in groups of 2,
+    843 -> 592 blocks), so ``--kv-saving 0.3`` also takes a local layer (582 blocks: 14
+    local ones need no padding). A model without windows keeps the ideal budget."""
+    from harp_vllm.pruning.jobs.plan_job import _served_block
+    from harp_vllm.pruning.planner.solve import served_saving, solve_served
+
+    lin = Choice("linear", rank=None)
+    choices = [KEEP, lin, Choice("remove")]
+    # as measured on the 270M: the last global layer's map is the cheapest change
+    damage = {j: {"linearfull": 0.05 if j == 17 else 0.2 + 0.01 * j, "remove": 1.0}
+              for j in range(18)}
+    block = _served_block(SimpleNamespace(cfg=GEMMA3, choices=choices))  # type: ignore[arg-type]
+    assert block == costs.SERVED_BLOCK == 128
+    served = Budget(0.3, context=32768, served_block=block)
+    (ideal, _), = solve_layouts(GEMMA3, damage, choices, Budget(0.3, context=32768))
+    assert ideal == {17: lin}  # the old plan30
+    assert served_saving(GEMMA3, ideal, served) == pytest.approx(1 - 592 / 843, abs=1e-9)
+    found = solve_served(GEMMA3, damage, choices, served, count=3)
+    assert found[0][0] == {0: lin, 17: lin}
+    assert all(served_saving(GEMMA3, lay, served) >= 0.3 for lay, _ in found)
+    # plan.json's costs: both savings, the cost model's and vLLM's
+    s = layout_summary(GEMMA3, found[0][0], context=32768)
+    assert s["kv_saving"] == pytest.approx(1 - (2 + 14 / 64) / (3 + 15 / 64), abs=1e-6)
+    assert s["kv_saving_served"] == pytest.approx(1 - 582 / 843, abs=1e-6)
+    # SmolLM2's shape (no native windows): ideal bytes, unless windows are offered
+    smol = SimpleNamespace(model_type="llama", hidden_size=576, num_attention_heads=9,
+                           num_key_value_heads=3, intermediate_size=1536, num_hidden_layers=30,
+                           vocab_size=49152, max_position_embeddings=8192)
+    assert _served_block(SimpleNamespace(cfg=smol, choices=choices)) is None  # type: ignore[arg-type]
+    windowed = [*choices, Choice("window", window=1024)]
+    assert _served_block(SimpleNamespace(cfg=smol, choices=windowed)) == 128  # type: ignore[arg-type]
+
+
 def test_plan_context_default_is_the_models_own():
     assert models.kv_context("gemma3-270m") == 32768
     assert models.kv_context("smollm2-135m") == 7168
@@ -155,7 +191,9 @@ def test_plan_cli_on_gemma3_offers_no_kv_group_cut(tiny_gemma3_one_kv, tmp_path)
     plan = json.loads((tmp_path / "p" / "plan.json").read_text())
     assert plan["context"] == 7168 and plan["budget"]["context"] == 7168
     assert set(plan["settings"]["candidates"]) == {"keep", "linearfull", "remove"}
-    assert plan["costs"]["kv_saving"] >= 0.3
+    # the model's own windows (4,096 tokens, at 7,168): budgeted as vLLM allocates the KV
+    assert plan["budget"]["served_block"] == 128 and plan["costs"]["kv_saving_served"] >= 0.3
+    assert "kv_saving" in plan["costs"]
     model = load_model(tmp_path / "p")
     changed = [j for j, c in enumerate(plan["per_layer"]) if c != "keep"]
     assert changed and all(

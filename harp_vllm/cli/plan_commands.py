@@ -17,7 +17,9 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option(help="checkpoint directory (a plan) or report "
                                                "directory (--frontier)")],
         kv_saving: Annotated[float | None, typer.Option(
-            help="at least this share of the dense KV bytes per token saved, e.g. 0.27")] = None,
+            help="at least this share of the dense KV bytes per token saved, e.g. 0.27 (at "
+                 "--context as vLLM allocates them when a layer is windowed: the model's own "
+                 "windows or --windows)")] = None,
         speedup: Annotated[float | None, typer.Option(
             help="also a predicted prefill speed-up of at least this at --context tokens "
                  "(cost model)")] = None,

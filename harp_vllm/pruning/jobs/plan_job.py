@@ -11,20 +11,19 @@ from typing import Any
 
 from ...errors import UserError
 from ...evaluation.perplexity import evaluate_perplexity
-from .. import costs
 from ..planner.choices import KEEP, Choice, parse_layout
 from ..planner.layouts import apply_layout, installed, layout_summary, layout_text, share_key
 from ..planner.scoring import layout_kl
-from ..planner.solve import Budget, plan_layout
+from ..planner.solve import Budget, plan_layout, served_block
 from .checkpoint import check_output_dir, save_pruned
 from .plan_options import PlanOptions
 from .plan_session import Session, open_session
 
 
 def _served_block(s: Session) -> int | None:
-    """With window candidates the budget is what vLLM allocates (blocks, padding layers):
-    a window's saving depends on both at the context."""
-    return costs.SERVED_BLOCK if any(c.kind == "window" for c in s.choices) else None
+    """With windows (the model's own or candidates) the budget is what vLLM allocates
+    (blocks, padding layers): a window's saving depends on both at the context."""
+    return served_block(s.cfg, s.choices)
 
 
 def _ppl(s: Session, layout: dict[int, Choice], progress: bool) -> float | None:

@@ -26,8 +26,10 @@ def table(report: dict) -> str:
         sp = c["predicted_speedup"]
         changed = sum(x != "keep" for x in p["per_layer"])
         ppl = "-" if p["ppl"] is None else f"{p['ppl']:.2f}"
+        served = (f" ({c['kv_saving_served']:.3f} served)" if "kv_saving_served" in c
+                  else "")
         lines.append(
-            f"| {p['budget']['kv_saving']:.4g} | {c['kv_saving']:.3f} | {ppl} | "
+            f"| {p['budget']['kv_saving']:.4g} | {c['kv_saving']:.3f}{served} | {ppl} | "
             f"{p['predicted_kl']:.4f} / {p['measured_kl']:.4f} | "
             f"{sp['prefill@4096']:.3f} / {sp['prefill@7168']:.3f} | {changed} | "
             f"`{p['layout']}` |")
