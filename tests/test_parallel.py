@@ -6,8 +6,9 @@ of the two cores. Every parallel engine is compared with the single-rank engine 
 checkpoint: identical greedy tokens (32 per prompt) and prompt logprobs within 1e-4. Each
 engine starts once per session (conftest's ``engines``) and its JSON result (with what every
 rank holds: its layers and the KV-cache spec of each attention layer it registered) is shared
-between the tests; the single-rank runs are the ones test_vllm_plugin.py checks against the
-reference (``tiny_checkpoints``, ``smol_harp8_run``).
+between the tests; the single-rank runs of ``tiny_checkpoints`` are the ones
+test_vllm_plugin.py checks against the reference (``tiny_pp``, the PP checkpoint, is HARP-pruned
+as the ``harp`` one is).
 
 PP on vLLM 0.32's CPU backend in eager mode needs the plugin's workaround for a vLLM bug (a
 later stage's input buffer is never allocated; see ``harp_vllm/vllm_plugin/pp_buffers.py``):
@@ -23,7 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import SMOL_ALPHAS, TINY_PROMPTS
+from conftest import TINY_PROMPTS, save
 from probe import run_engine
 from test_vllm_plugin import max_logprob_diff
 
@@ -176,57 +177,61 @@ def test_tp2_refuses_an_mlp_width_it_cannot_split(tiny, tmp_path):
 # ---------------------------------------------------------------------------- SmolLM2
 
 
-@pytest.fixture(scope="module")
-def smol(smollm2_harp8, smol_harp8_prompts) -> tuple[Path, list[list[int]]]:
-    """SmolLM2 HARP P=8 (the top 8 of 30 layers, fixed alphas incl. two alpha = 0 layers) and
-    the prompts of conftest's ``smol_harp8_run``, its single-rank run."""
-    return smollm2_harp8, smol_harp8_prompts
-
-
 @parallel
 @pytest.mark.real_model
-def test_tp2_on_smollm2_fails_naming_its_head_counts(smol, tmp_path):
-    """SmolLM2 has 9 query heads (3 KV heads): TP=2 cannot split them; vLLM says so."""
-    result, log = run_engine(smol[0], tmp_path, [[5, 6, 7]], tp=2, timeout=600)
+def test_tp2_on_smollm2_fails_naming_its_head_counts(smollm2_harp8, tmp_path):
+    """SmolLM2 has 9 query heads (3 KV heads): TP=2 cannot split them. The plugin's config
+    check says so (naming the first layer and its counts) before vLLM's own check of the
+    config's head count, and before any worker starts."""
+    result, log = run_engine(smollm2_harp8, tmp_path, [[5, 6, 7]], tp=2, timeout=600)
     assert not result["ok"]
-    assert ("Total number of attention heads (9) must be divisible by tensor parallel size "
-            "(2)") in result["error"] + log, log[-3000:]
+    error = result["error"]
+    assert error.startswith("HarpCheckpointError: tensor parallel size 2 cannot split layer 0 "
+                            "of this checkpoint (9 query heads, 3 KV heads"), error
+    assert "num_attention_heads (9) must be divisible by the tensor parallel size (2)" in error
+    assert "(EngineCore" not in log and "(Worker" not in log, log[-3000:]
+
+
+# ---------------------------------------------------------------------------- PP = 2 (tiny)
+# The pipeline split needs no real model: a tiny HARP checkpoint whose top two layers are
+# pruned has stages of unequal attention, as SmolLM2 HARP P = 8 has (docs/results.md).
+
+PP_ALPHAS = {4: 0.5, 5: 0.0}  # stage 1 (layers 3-5) keeps one attention layer of three
+
+
+@pytest.fixture(scope="module")
+def tiny_pp(tiny_checkpoints, tmp_path_factory) -> Path:
+    """The tiny Llama HARP-pruned in its top two layers (token-local at 4, removed at 5)."""
+    return save(tiny_checkpoints["dense"], tmp_path_factory.mktemp("tiny-pp") / "harp-top2",
+                PP_ALPHAS)
 
 
 @parallel
-@pytest.mark.real_model
-def test_pp2_smollm2_harp_matches_single_rank(smol, smol_harp8_run, engines):
-    model, prompts = smol
-    single = smol_harp8_run
-    par = engines(model, prompts, pp=2, max_model_len=2048)
-    worst = assert_same_as_single_rank(par, single, len(prompts))
-    print(f"SmolLM2 HARP P=8: PP=2 vs PP=1 max |d prompt logprob| = {worst:.2e}")
+def test_pp2_harp_matches_single_rank(tiny_pp, engines):
+    single = engines(tiny_pp, TINY_PROMPTS)
+    par = engines(tiny_pp, TINY_PROMPTS, pp=2)
+    worst = assert_same_as_single_rank(par, single, len(TINY_PROMPTS))
+    print(f"tiny HARP top 2: PP=2 vs PP=1 max |d prompt logprob| = {worst:.2e}")
     assert [(r["tp_rank"], r["pp_rank"]) for r in par[0]["ranks"]] == [(0, 0), (0, 1)]
 
 
 @parallel
-@pytest.mark.real_model
-def test_pp2_smollm2_kv_capacity_follows_each_stages_attention_layers(smol, smol_harp8_run,
-                                                                      engines):
-    """Stage 0 builds layers 0-14 (15 with attention), stage 1 layers 15-29 (7 with attention,
-    15-21, and the 8 pruned 22-29). Each stage fits its own layers in its KV-cache memory and
-    the engine takes the smaller: 15 attention layers' worth, 22/15 of the single rank's."""
-    model, prompts = smol
-    single = smol_harp8_run[0]
-    par = engines(model, prompts, pp=2, max_model_len=2048)[0]
+def test_pp2_kv_capacity_follows_each_stages_attention_layers(tiny_pp, engines):
+    """Stage 0 builds layers 0-2 (3 with attention), stage 1 layers 3-5 (attention in 3,
+    token-local 4, removed 5). Each stage fits its own layers in its KV-cache memory and the
+    engine takes the smaller: 3 attention layers' worth, 4/3 of the single rank's 4."""
+    single = engines(tiny_pp, TINY_PROMPTS)[0]
+    par = engines(tiny_pp, TINY_PROMPTS, pp=2)[0]
     assert single["ok"] and par["ok"]
     first, second = par["ranks"]
-    assert (first["start_layer"], first["end_layer"]) == (0, 15)
-    assert (second["start_layer"], second["end_layer"]) == (15, 30)
-    assert sorted(spec_heads(first)) == list(range(0, 15))
-    assert sorted(spec_heads(second)) == list(range(15, 22))
-    assert set(spec_heads(first).values()) == set(spec_heads(second).values()) == {3}
-    assert {second["attention_modules"][str(i)] for i in SMOL_ALPHAS} <= {
-        "FoldedTokenLocalAttention", "RemovedAttention"}
+    assert (first["start_layer"], first["end_layer"]) == (0, 3)
+    assert (second["start_layer"], second["end_layer"]) == (3, 6)
+    assert spec_heads(first) == {0: 2, 1: 2, 2: 2} and spec_heads(second) == {3: 2}
+    assert (second["attention_modules"]["4"], second["attention_modules"]["5"]) == (
+        "FoldedTokenLocalAttention", "RemovedAttention")
     assert rank_blocks(second) > rank_blocks(first)
     for rank in (first, second):
         assert rank["num_blocks"] == par["num_gpu_blocks"] == rank_blocks(first)
     (one,) = single["ranks"]
-    assert len(spec_heads(one)) == 22 and one["num_blocks"] == rank_blocks(one)
-    assert par["kv_cache_tokens"] / single["kv_cache_tokens"] == pytest.approx(22 / 15,
-                                                                               rel=0.01)
+    assert len(spec_heads(one)) == 4 and one["num_blocks"] == rank_blocks(one)
+    assert par["kv_cache_tokens"] / single["kv_cache_tokens"] == pytest.approx(4 / 3, rel=0.01)
