@@ -7,10 +7,10 @@ each; the doc's rows 2-4):
 
 - ``groupmaps-256`` ("+ group maps"): ``--candidates droplin,linear,remove --ranks full``
   with the old 256-token calibration, ``--calib-samples 64 --calib-seq-len 256
-  --damage-windows 8 --positions 64 --rescore-windows 8``. Not exactly the recorded row: the
-  doc's figures (20.36 / 23.47 / 27.52) were measured before the re-scoring windows became
-  disjoint from the fits (commit d330898; they were windows 9-16 of the 64 fit windows, now
-  they are windows 65-72), so a re-run may pick another of the near-equal layouts;
+  --damage-windows 8 --positions 64 --rescore-windows 8``. First measured 20.36 / 23.47 /
+  27.52 before the re-scoring windows became disjoint from the fits (commit d330898; they were
+  windows 9-16 of the 64 fit windows, now they are windows 65-72); this script gave 20.36 /
+  22.77 / 27.52 on 2026-12-05 (at 26.7% a near-tie between re-scored layouts went another way);
 - ``default`` ("+ long calibration windows (the default)"): no extra flags (16 x 1024 fit,
   damage on 4 x 1024 at 128 positions, 4 x 1024 re-scored). The recorded 13.3% / 26.7% / 40%
   figures (19.65 / 21.60 / 25.33) are the frontier's of ``out/plan2/frontier-final``, also
@@ -18,6 +18,7 @@ each; the doc's rows 2-4):
 - ``oldcands-long`` ("previous candidates, long windows"): ``--candidates drop,linear,remove
   --ranks 192,full`` with the default calibration, at 26.7% only (the doc's command said
   ``--kv-saving 0.2666``; at 1/90 of the KV bytes per group the same budget as 0.26666).
+  First measured 22.49, 22.82 by this script (the recorded layout second in a near-tie).
 
 Not reproducible by the current code: the first row, "previous planner (stop 20)" (20.92 /
 23.04 / 29.93), was the planner as it was at stop 20 (FLAP cuts, rank-192 and full maps,
