@@ -176,10 +176,13 @@ def main() -> None:
             (f"gateway ({d})", Path(d).resolve()) for d in args.compare_src]
         for name, tree in trees:
             gport = free_port()
+            # trees before issue 14 (e.g. b2088f3) have no /live: wait on /health there
+            probe = "/live" if '"/live"' in (tree / "harp_vllm/gateway/app.py").read_text() \
+                else "/health"
             gw = start([sys.executable, "-m", "harp_vllm.cli", "gateway", "--port", str(gport),
                         "--backend", f"f=http://127.0.0.1:{bport}", "--api-key", KEY,
                         "--log-level", "warning"],
-                       gport, "/live", tree)
+                       gport, probe, tree)
             procs.append(gw)
             gateways.append((name, gport, gw.pid))
         for _ in range(args.rounds):  # interleaved, so drift in machine load hits all alike
