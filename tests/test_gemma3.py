@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_vllm_plugin import max_logprob_diff, run_probe
+from test_vllm_plugin import max_logprob_diff, run_probe, served_ratio
 
 from harp_vllm import models
 from harp_vllm.pruning.reference import load_model
@@ -111,20 +111,14 @@ def gemma_dense_run(gemma3_dir, gemma_prompts, tmp_path_factory) -> tuple[dict, 
                      max_tokens=MAX_TOKENS, max_model_len=2048)
 
 
-def served_ratio(dense: dict, pruned: dict, pruned_dir: Path, n: int = 32768
-                 ) -> tuple[float, float]:
+def pool_ratio(dense: dict, pruned: dict, pruned_dir: Path, n: int = 32768
+               ) -> tuple[float, float]:
     """(measured, predicted): the pruned over the dense engine's ``n``-token sequences in the
-    KV pool, and the cost model's dense over pruned KV bytes per sequence as vLLM allocates
-    them (its blocks, its grouping of layer kinds)."""
-    from harp_vllm.pruning import costs
+    KV pool, and the cost model's ratio as vLLM allocates the bytes (``served_ratio``)."""
     from harp_vllm.serving.kv_capacity import sequences_that_fit
 
     got = sequences_that_fit(pruned, n) / sequences_that_fit(dense, n)
-    cfg, shapes = costs.checkpoint_shapes(pruned_dir)
-    block = pruned["block_size"]
-    want = (costs.served_kv_bytes_per_sequence(cfg, costs.dense_shapes(cfg), n, block)
-            / costs.served_kv_bytes_per_sequence(cfg, shapes, n, block))
-    return got, want
+    return got, served_ratio(pruned_dir, n, pruned["block_size"])
 
 
 @pytest.mark.vllm
@@ -191,7 +185,7 @@ def test_pruned_gemma3_engine_matches_reference(gemma3_dir, gemma_prompts, gemma
     for g in result["kv_groups"]:
         by_window[g["sliding_window"]] = by_window.get(g["sliding_window"], 0) + g["layers"]
     assert by_window == {512: 12, None: 1}, result["kv_groups"]
-    got, want = served_ratio(gemma_dense_run[0], result, pruned)
+    got, want = pool_ratio(gemma_dense_run[0], result, pruned)
     assert got == pytest.approx(want, rel=0.005), (got, want)
     assert got > 2.0  # the one global layer left holds most of a 32k sequence's KV
 

@@ -883,13 +883,13 @@ def _windowed(src: Path, out: Path, windows: dict[int, int],
     return save_pruned(load_model(src), spec, src, out)
 
 
-def _served_ratio(model: Path, context: int, block: int) -> float:
+def served_ratio(model: Path, context: int, block: int) -> float:
     """Dense over windowed (and shared) KV bytes per ``context``-token sequence, as vLLM
-    allocates them."""
+    allocates them (the dense model's own sliding windows included, Gemma's)."""
     from harp_vllm.pruning import costs
 
     cfg, shapes = costs.checkpoint_shapes(model)
-    dense = [costs.dense_shape(cfg)] * cfg.num_hidden_layers
+    dense = costs.dense_shapes(cfg)
     served = costs.served_kv_bytes_per_sequence(cfg, shapes, context, block)
     return costs.served_kv_bytes_per_sequence(cfg, dense, context, block) / served
 
@@ -920,7 +920,7 @@ def test_tiny_windows_and_sharing_match_reference_past_the_window_and_size_kv(tm
     base, _ = run_probe(dense, tmp_path / "run-dense", None, max_model_len=512,
                         prompt_logprobs=False)
     got = sequences_that_fit(result, 512) / sequences_that_fit(base, 512)
-    assert got == pytest.approx(_served_ratio(model, 512, result["block_size"]), rel=0.01)
+    assert got == pytest.approx(served_ratio(model, 512, result["block_size"]), rel=0.01)
 
 
 # Layers of several depths windowed, some shorter than most test prompts; three layers share
@@ -951,4 +951,4 @@ def test_smollm2_windows_match_reference_and_kv_equals_the_cost_model(
     assert_matches(result, reference(model, prompts))
     dense = run_smol_dense[0]
     got = sequences_that_fit(result, 2048) / sequences_that_fit(dense, 2048)
-    assert got == pytest.approx(_served_ratio(model, 2048, result["block_size"]), rel=0.01)
+    assert got == pytest.approx(served_ratio(model, 2048, result["block_size"]), rel=0.01)
