@@ -144,15 +144,14 @@ def test_gemma3_kv_budget_is_counted_as_vllm_serves_it():
     them (5 blocks of 128 per local layer, the 15 local layers padded to 16 in groups of 2,
     843 -> 592 blocks), so ``--kv-saving 0.3`` also takes a local layer (582 blocks: 14
     local ones need no padding). A model without windows keeps the ideal budget."""
-    from harp_vllm.pruning.jobs.plan_job import _served_block
-    from harp_vllm.pruning.planner.solve import served_saving, solve_served
+    from harp_vllm.pruning.planner.solve import served_block, served_saving, solve_served
 
     lin = Choice("linear", rank=None)
     choices = [KEEP, lin, Choice("remove")]
     # as measured on the 270M: the last global layer's map is the cheapest change
     damage = {j: {"linearfull": 0.05 if j == 17 else 0.2 + 0.01 * j, "remove": 1.0}
               for j in range(18)}
-    block = _served_block(SimpleNamespace(cfg=GEMMA3, choices=choices))  # type: ignore[arg-type]
+    block = served_block(GEMMA3, choices)
     assert block == costs.SERVED_BLOCK == 128
     served = Budget(0.3, context=32768, served_block=block)
     (ideal, _), = solve_layouts(GEMMA3, damage, choices, Budget(0.3, context=32768))
@@ -169,9 +168,9 @@ def test_gemma3_kv_budget_is_counted_as_vllm_serves_it():
     smol = SimpleNamespace(model_type="llama", hidden_size=576, num_attention_heads=9,
                            num_key_value_heads=3, intermediate_size=1536, num_hidden_layers=30,
                            vocab_size=49152, max_position_embeddings=8192)
-    assert _served_block(SimpleNamespace(cfg=smol, choices=choices)) is None  # type: ignore[arg-type]
+    assert served_block(smol, choices) is None
     windowed = [*choices, Choice("window", window=1024)]
-    assert _served_block(SimpleNamespace(cfg=smol, choices=windowed)) == 128  # type: ignore[arg-type]
+    assert served_block(smol, windowed) == 128
 
 
 def test_plan_context_default_is_the_models_own():

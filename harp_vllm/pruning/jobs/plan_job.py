@@ -20,12 +20,6 @@ from .plan_options import PlanOptions
 from .plan_session import Session, open_session
 
 
-def _served_block(s: Session) -> int | None:
-    """With windows (the model's own or candidates) the budget is what vLLM allocates
-    (blocks, padding layers): a window's saving depends on both at the context."""
-    return served_block(s.cfg, s.choices)
-
-
 def _ppl(s: Session, layout: dict[int, Choice], progress: bool) -> float | None:
     if s.eval_text is None:
         return None
@@ -104,7 +98,7 @@ def run_plan(opts: PlanOptions, progress: bool = True) -> dict:
         record = _record(s, layout, progress, budget=None)
     else:
         assert opts.kv_saving is not None
-        budget = Budget(opts.kv_saving, opts.speedup, s.context, _served_block(s))
+        budget = Budget(opts.kv_saving, opts.speedup, s.context, served_block(s.cfg, s.choices))
         record = plan_budget(s, budget, progress)
         layout = parse_layout(record["layout"], s.cfg) if record["layout"] else {}
     if not layout:
@@ -135,7 +129,7 @@ def run_frontier(opts: PlanOptions, progress: bool = True) -> dict:
     rows = []
     for b in tqdm(opts.budgets, disable=not progress, desc="frontier", unit="budget"):
         t0 = time.perf_counter()
-        rec = plan_budget(s, Budget(b, opts.speedup, s.context, _served_block(s)),
+        rec = plan_budget(s, Budget(b, opts.speedup, s.context, served_block(s.cfg, s.choices)),
                           progress)
         rec["seconds"] = round(time.perf_counter() - t0, 2)
         rows.append(rec)
