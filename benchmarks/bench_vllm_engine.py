@@ -1,4 +1,5 @@
-"""Dense vs HARP-pruned SmolLM2-135M in vLLM's offline engine (CPU).
+"""Dense vs pruned (SmolLM2-135M by default, or ``--dense gemma3-270m``) in vLLM's offline
+engine (CPU).
 
 Measures, per engine run: the KV-cache capacity in tokens (from the engine), single-prompt
 prefill throughput at several prompt lengths, and decode throughput with 16 concurrent
@@ -9,6 +10,10 @@ the same VLLM_CPU_KVCACHE_SPACE; the table reports the median over rounds.
     # a windowed plan at 7k: prefill 7k, decode 16 x 7k (prompts cached), capacity at 7k
     .venv/bin/python benchmarks/bench_vllm_engine.py --pruned out/smollm2-wplan27 \
         --prefill 7168 --decode-prompt 7040 --capacity-context 7168 --kv-space 6 --rounds 1
+    # Gemma 3 270M's 30% plan at long contexts
+    .venv/bin/python benchmarks/bench_vllm_engine.py --dense gemma3-270m --pruned PLAN \
+        --prefill 8192,16384,32704 --decode-requests 4 --decode-prompt 16256 \
+        --capacity-context 32768 --kv-space 4 --rounds 1
 
 With ``--capacity-context N`` the engines run in process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
 so the scheduler's KV groups are readable) and the table gains the sequences of N tokens the
@@ -100,14 +105,19 @@ def worker(args: argparse.Namespace) -> None:
     Path(args.worker_out).write_text(json.dumps(res))
 
 
-def ensure_models(pruned: Path | None) -> tuple[Path, Path]:
+def ensure_models(pruned: Path | None, dense_name: str = "smollm2-135m"
+                  ) -> tuple[Path, Path]:
+    """The dense model (a known model, prepared if needed) and the pruned checkpoint (default:
+    SmolLM2 HARP P = 8 with fixed alphas, written to the cache)."""
     from harp_vllm import models
     from harp_vllm.paths import cache_dir
     from harp_vllm.pruning.jobs.checkpoint import save_pruned
     from harp_vllm.spec import PruningSpec
 
-    dense = models.prepare("smollm2-135m", progress=False)
+    dense = models.prepare(dense_name, progress=False)
     if pruned is None:
+        if dense_name != "smollm2-135m":
+            raise SystemExit(f"--pruned is required with --dense {dense_name}")
         pruned = cache_dir() / "bench" / "smollm2-135m-harp-p8-fixed"
         if not (pruned / "config.json").is_file():
             save_pruned(load_model(dense), PruningSpec(
@@ -141,6 +151,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 round, 1k prefill, short decode")
     ap.add_argument("--rounds", type=int, help="alternating dense/pruned rounds")
     ap.add_argument("--kv-space", default="2", help="VLLM_CPU_KVCACHE_SPACE in GiB (both)")
+    ap.add_argument("--dense", default="smollm2-135m",
+                    help="the dense model, a known model name (default smollm2-135m)")
     ap.add_argument("--pruned", type=Path, help="pruned checkpoint (default: P = 8, fixed "
                     "alphas, written to the cache)")
     ap.add_argument("--prefill", help="prompt lengths to prefill, comma list (default: the "
@@ -168,7 +180,7 @@ def main() -> None:
     for key in ("decode_prompt", "decode_tokens", "decode_requests", "capacity_context"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    dense, pruned = ensure_models(args.pruned)
+    dense, pruned = ensure_models(args.pruned, args.dense)
     env = engine_env(args.kv_space)
     if args.capacity_context:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -197,7 +209,7 @@ def main() -> None:
     rows.append((f"decode, {cfg['decode_requests']} concurrent requests (tok/s)",
                  lambda x: x["decode_tok_s"], "{:.1f}"))
     table = []
-    print(f"\nSmolLM2-135M fp32, vLLM {_vllm_version()} CPU, VLLM_CPU_KVCACHE_SPACE="
+    print(f"\n{args.dense} fp32, vLLM {_vllm_version()} CPU, VLLM_CPU_KVCACHE_SPACE="
           f"{args.kv_space} GiB, VLLM_CPU_OMP_THREADS_BIND={bind}, enforce_eager, "
           f"median of {cfg['rounds']} alternating round(s)")
     print(f"{'metric':48s} {'dense':>12s} {'pruned':>12s} {'ratio':>7s} {'predicted':>9s}")
@@ -210,7 +222,8 @@ def main() -> None:
               f"{'' if want is None else f'{want:9.3f}'}")
     args.out.write_text(json.dumps({
         "config": cfg, "kv_space_gib": args.kv_space, "threads_bind": bind,
-        "dense_model": str(dense), "pruned_model": str(pruned), "alphas": ALPHAS,
+        "dense_model": str(dense), "pruned_model": str(pruned),
+        "alphas": ALPHAS if args.pruned is None else None,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "table": table, "runs": runs}, indent=2))
     print(f"\nwrote {args.out}")
