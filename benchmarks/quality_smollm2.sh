@@ -2,7 +2,8 @@
 # The long-context quality report of docs/results.md section 11 (issue 23): dense SmolLM2,
 # the planner's 27% and 40% plans calibrated on WikiText-2 validation alone and on a mix of
 # four domains' dev parts (--calib-mix), and linear maps at P = 8, all through vLLM with the
-# plugin; wplan27/wplan50 are plans with sliding windows offered (issue 24, --windows).
+# plugin; wplan27/wplan50 are plans with sliding windows offered (issue 24, --windows);
+# wplan27s is wplan27's layout with fitted sink logits on its windows (--window-sinks).
 # Resumable: checkpoints and per-model runs (out/quality-$PRESET/runs) are reused.
 #   bash benchmarks/quality_smollm2.sh            # PRESET=quick (default) or full
 #   MODELS="plan27 plan27-mix lin8" bash benchmarks/quality_smollm2.sh   # a subset
@@ -24,6 +25,9 @@ build() {
     plan40-mix) run $H plan smollm2-135m --out "$out" --kv-saving 0.40 --calib-mix "$MIX" ;;
     lin8) run $H prune smollm2-135m --out "$out" --method linear --layers 8 ;;
     wplan27) run $H plan smollm2-135m --out "$out" --kv-saving 0.27 --windows "$WINDOWS" ;;
+    wplan27s) build wplan27
+      layout=$(.venv/bin/python -c "import json; print(json.load(open('out/smollm2-wplan27/plan.json'))['layout'])")
+      run $H plan smollm2-135m --out "$out" --layout "$layout" --window-sinks ;;
     wplan50) run $H plan smollm2-135m --out "$out" --kv-saving 0.50 --windows "$WINDOWS" --top-k 4 ;;
     *) echo "unknown model $1" >&2; exit 2 ;;
   esac

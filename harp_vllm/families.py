@@ -51,6 +51,9 @@ class Family:
     # cross-layer KV sharing is served: the plugin's sharing attention (q/o only, vLLM's
     # ``kv_sharing_target_layer_name``) is written for the family's attention
     kv_sharing: bool = False
+    # a windowed layer's per-head sink logits are served (``sinks``: Llama-like attention, no
+    # QK norm; the reference's ``window_sinks.py`` and the plugin's ``with_sinks``)
+    window_sinks: bool = False
 
 
 _PLUGIN = "harp_vllm.vllm_plugin"
@@ -58,12 +61,12 @@ FAMILIES: tuple[Family, ...] = (
     Family("LlamaForCausalLM", ("llama", "mistral"), "HarpLlamaForCausalLM",
            f"{_PLUGIN}.llama:HarpLlamaForCausalLM",
            post_norm=False, heads=True, linear_maps=True, compensation=True,
-           biases=_llama_biases, windows=True, kv_sharing=True),
+           biases=_llama_biases, windows=True, kv_sharing=True, window_sinks=True),
     # HF-format Mistral checkpoints run on vLLM's Llama code.
     Family("MistralForCausalLM", ("llama", "mistral"), "HarpMistralForCausalLM",
            f"{_PLUGIN}.llama:HarpMistralForCausalLM",
            post_norm=False, heads=True, linear_maps=True, compensation=True,
-           biases=_llama_biases, windows=True, kv_sharing=True),
+           biases=_llama_biases, windows=True, kv_sharing=True, window_sinks=True),
     Family("Qwen2ForCausalLM", ("qwen2",), "HarpQwen2ForCausalLM",
            f"{_PLUGIN}.qwen2:HarpQwen2ForCausalLM",
            post_norm=False, heads=True, linear_maps=False, compensation=False,

@@ -1,10 +1,10 @@
 """The pruning section a pruned checkpoint carries in its config.json.
 
-Format (version 4 when a layer shares another's KV cache, 3 when a layer is windowed, else 2;
-every older version still loads)::
+Format (version 5 with window sinks, 4 when a layer shares another's KV cache, 3 when a layer
+is windowed, else 2; every older version still loads)::
 
     "harp_pruning": {
-      "version": 4,
+      "version": 5,
       "method": "harp",                    # harp | gate-norm | hybrid | linear | ...
       "layers": {"22": 0.3, "29": 0.8},    # pruned layer index -> alpha (0 = sublayer removed)
       "maps": {                            # optional: attention replaced by a fitted linear map
@@ -18,8 +18,10 @@ every older version still loads)::
         "intermediate_size": [1536, ...]
       },
       "windows": {"12": 1024},             # optional (version 3): sliding-window attention
-      "kv_sharing": {"14": 12}             # optional (version 4): layer -> earlier layer whose
-    }                                      #   keys and values it attends over
+      "kv_sharing": {"14": 12},            # optional (version 4): layer -> earlier layer whose
+                                           #   keys and values it attends over
+      "sinks": [12]                        # optional (version 5): windowed layers with sink
+    }                                      #   logits (``self_attn.sinks`` [heads])
 
 A pruned layer has no q/k projections and computes ``h + alpha * o_proj(repeat_kv(v_proj(
 input_layernorm(h))))``; with alpha = 0 it has no v/o projections either. ``shapes`` gives
@@ -45,7 +47,9 @@ A layer in ``windows`` keeps its attention and weights, but each token attends o
 last ``W`` tokens (itself included: key ``j`` is seen by query ``i`` when ``0 <= i - j < W``),
 so its KV cache holds at most ``W`` tokens of a sequence (vLLM frees the blocks outside the
 window). ``W`` is smaller than the model's context (``max_position_embeddings``); a windowed
-layer is not in ``layers`` or a replacing map (it has attention).
+layer is not in ``layers`` or a replacing map (it has attention). A windowed layer in ``sinks``
+adds one logit per query head to every softmax, a key with no value (vLLM's ``sinks``), in
+place of the first tokens the window drops (``pruning/reference/window_sinks.py``).
 
 A layer ``i`` in ``kv_sharing`` (cross-layer KV sharing, KVSharer/CLA) attends with its own
 queries over the keys and values layer ``j = kv_sharing[i]`` computed (after ``j``'s
@@ -67,7 +71,8 @@ CONFIG_KEY = "harp_pruning"
 SPEC_VERSION = 2  # written when no layer is windowed (older harp-vllm reads it)
 WINDOWS_VERSION = 3  # written when ``windows`` is set
 SHARING_VERSION = 4  # written when ``kv_sharing`` is set
-READABLE_VERSIONS = (1, 2, 3, 4)
+SINKS_VERSION = 5  # written when ``sinks`` is set
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 MAP_INPUTS = ("normed", "raw")
 SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
@@ -85,6 +90,7 @@ class PruningSpec:
     maps: dict[int, dict[str, Any]] = field(default_factory=dict)  # layer -> input, rank
     windows: dict[int, int] = field(default_factory=dict)  # layer -> sliding window (tokens)
     kv_sharing: dict[int, int] = field(default_factory=dict)  # layer -> earlier KV target
+    sinks: list[int] = field(default_factory=list)  # windowed layers with sink logits
     version: int = SPEC_VERSION
 
     @property
@@ -117,11 +123,9 @@ class PruningSpec:
         return {k: self.shapes[k][idx] for k in SHAPE_KEYS}
 
     def to_dict(self) -> dict[str, Any]:
-        version = self.version
-        if self.windows:
-            version = max(version, WINDOWS_VERSION)
-        if self.kv_sharing:
-            version = max(version, SHARING_VERSION)
+        version = max(self.version, WINDOWS_VERSION if self.windows else 0,
+                      SHARING_VERSION if self.kv_sharing else 0,
+                      SINKS_VERSION if self.sinks else 0)
         return {
             "version": version,
             "method": self.method,
@@ -138,6 +142,7 @@ class PruningSpec:
                if self.windows else {}),
             **({"kv_sharing": {str(k): int(v) for k, v in sorted(self.kv_sharing.items())}}
                if self.kv_sharing else {}),
+            **({"sinks": sorted(self.sinks)} if self.sinks else {}),
         }
 
     @classmethod
@@ -155,16 +160,9 @@ class PruningSpec:
                             "alpha")
         layers: dict[int, float] = {}
         for k, v in raw.items():
-            try:
-                idx = int(k)
-            except (TypeError, ValueError):
-                raise UserError(f"'{CONFIG_KEY}.layers' has a non-integer layer index {k!r}"
-                                ) from None
+            idx = _layer_index(k, f"'{CONFIG_KEY}.layers'", num_layers)
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise UserError(f"'{CONFIG_KEY}.layers[{k}]' alpha must be a number, got {v!r}")
-            if num_layers is not None and not 0 <= idx < num_layers:
-                raise UserError(f"'{CONFIG_KEY}.layers' has layer index {idx} out of range "
-                                f"(the model has {num_layers} layers: 0..{num_layers - 1})")
             layers[idx] = float(v)
         shapes = _parse_shapes(d.get("shapes"), num_layers)
         maps = _parse_maps(d.get("maps"), layers, num_layers, version)
@@ -175,6 +173,7 @@ class PruningSpec:
                    calibration=dict(d.get("calibration") or {}), shapes=shapes, maps=maps,
                    windows=windows, version=version)
         spec.kv_sharing = _parse_sharing(d.get("kv_sharing"), spec, num_layers)
+        spec.sinks = _parse_sinks(d.get("sinks"), spec, num_layers)
         return spec
 
     @classmethod
@@ -289,6 +288,24 @@ def _parse_windows(raw: Any, layers: dict[int, float], maps: dict[int, dict[str,
                             f"'{CONFIG_KEY}.{'layers' if idx in layers else 'maps'}')")
         windows[idx] = v
     return windows
+
+
+def _parse_sinks(raw: Any, spec: PruningSpec, num_layers: int | None) -> list[int]:
+    """Validate the optional window sinks: a list of windowed layers' indices."""
+    if raw is None:
+        return []
+    where = f"'{CONFIG_KEY}.sinks'"
+    if spec.version < SINKS_VERSION:
+        raise UserError(f"{where} needs '{CONFIG_KEY}.version' {SINKS_VERSION}, the file says "
+                        f"{spec.version}")
+    if not isinstance(raw, list):
+        raise UserError(f"{where} must be a list of windowed layers' indices")
+    sinks = [_layer_index(k, where, num_layers) for k in raw]
+    for idx in sinks:
+        if idx not in spec.windows or idx in spec.kv_sharing:
+            raise UserError(f"layer {idx} is in {where} but is not a windowed layer with its own "
+                            f"KV cache (a sink logit stands in for what a window drops)")
+    return sorted(set(sinks))
 
 
 def _parse_sharing(raw: Any, spec: PruningSpec, num_layers: int | None) -> dict[int, int]:

@@ -29,7 +29,7 @@ from conftest import (
 from probe import engine_env, launch
 
 from harp_vllm.families import FAMILIES
-from harp_vllm.pruning.reference import load_model
+from harp_vllm.pruning.reference import decoder_layers, load_model
 from harp_vllm.vllm_plugin.fold import fold_o, fold_v, rank_heads
 
 REPO = Path(__file__).resolve().parents[1]
@@ -874,13 +874,21 @@ def test_smollm2_plan27_matches_reference_and_kv_equals_plan(smollm2_dir, smol_p
 
 
 def _windowed(src: Path, out: Path, windows: dict[int, int],
-              kv_sharing: dict[int, int] | None = None) -> Path:
+              kv_sharing: dict[int, int] | None = None,
+              sinks: dict[int, torch.Tensor] | None = None) -> Path:
     from harp_vllm.pruning.jobs.checkpoint import save_pruned
+    from harp_vllm.pruning.reference.sliding_windows import attach_window
+    from harp_vllm.pruning.reference.window_sinks import attach_sinks
     from harp_vllm.spec import PruningSpec
 
+    model = load_model(src)
+    for j, values in (sinks or {}).items():  # windowed layers with these sink logits
+        attn = decoder_layers(model)[j].self_attn
+        attach_window(attn, windows[j])
+        attach_sinks(attn, values)
     spec = PruningSpec(layers={}, windows=windows, kv_sharing=kv_sharing or {},
-                       method="window", source_model=str(src))
-    return save_pruned(load_model(src), spec, src, out)
+                       sinks=sorted(sinks or {}), method="window", source_model=str(src))
+    return save_pruned(model, spec, src, out)
 
 
 def served_ratio(model: Path, context: int, block: int) -> float:
@@ -897,23 +905,29 @@ def served_ratio(model: Path, context: int, block: int) -> float:
 @vllm
 @pytest.mark.timeout(900)
 def test_tiny_windows_and_sharing_match_reference_past_the_window_and_size_kv(tmp_path):
-    """Windowed layers (of three sizes) through vLLM's sliding-window attention, and two layers
-    sharing an earlier layer's KV cache (one full, one windowed: ``kv_sharing_target_layer_
-    name``): prompts longer than every window give the reference's greedy tokens and prompt
-    logprobs, each windowed layer with its own cache gets a sliding-window KV group, the
-    sharing layers none, and the sequences the KV pool holds at 512 tokens grow over dense as
-    the cost model's served bytes say."""
+    """Windowed layers (of three sizes) through vLLM's sliding-window attention, two of them
+    with sink logits (vLLM's ``sinks``), and two layers sharing an earlier layer's KV cache
+    (one full, one windowed: ``kv_sharing_target_layer_name``): prompts longer than every
+    window give the reference's greedy tokens and prompt logprobs, each windowed layer with
+    its own cache gets a sliding-window KV group, the sharing layers none, and the sequences
+    the KV pool holds at 512 tokens grow over dense as the cost model's served bytes say."""
     from harp_vllm.serving.kv_capacity import sequences_that_fit
 
     dense = make_tiny("llama", tmp_path / "dense", layers=8)
+    sinks = {j: torch.randn(4, generator=torch.Generator().manual_seed(j)) * 3 for j in (1, 3)}
     model = _windowed(dense, tmp_path / "win", {1: 16, 3: 40, 5: 16, 7: 16},
-                      kv_sharing={6: 2, 7: 5})
+                      kv_sharing={6: 2, 7: 5}, sinks=sinks)
     g = torch.Generator().manual_seed(0)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12], torch.randint(3, 250, (120,), generator=g).tolist(),
                [40] * 30 + torch.randint(3, 250, (100,), generator=g).tolist()]
     result, log = run_probe(model, tmp_path / "run", prompts, max_model_len=512)
     assert result["ok"], result.get("error", "") + log[-3000:]
-    assert_matches(result, reference(model, prompts))
+    want = reference(model, prompts)
+    assert_matches(result, want)
+    # the sinks change the model: served without them, the logprobs would not match
+    plain = _windowed(dense, tmp_path / "plain", {1: 16, 3: 40, 5: 16, 7: 16}, {6: 2, 7: 5})
+    assert max_logprob_diff(reference(plain, prompts[1:2], 1)[0]["prompt_logprobs"],
+                            want[1]["prompt_logprobs"]) > 1e-2
     windows = sorted(grp["sliding_window"] or 0 for grp in result["kv_groups"])
     assert windows == [0, 0, 0, 16, 16, 40]  # own caches: full 0, 2, 4; 16: 1, 5; 40: 3
     assert sum(grp["layers"] for grp in result["kv_groups"]) == 6  # 6 and 7 share

@@ -48,6 +48,10 @@ def register(app: typer.Typer) -> None:
         windows: Annotated[str | None, typer.Option(
             help="offer sliding windows of these sizes (tokens), e.g. 512,1024,2048: each "
                  "candidate is then priced on --long-seq-len windows")] = None,
+        window_sinks: Annotated[bool, typer.Option(
+            help="give every windowed layer of the plan per-head sink logits (vLLM's sinks), "
+                 "fitted in closed form on the first long window, in place of the first "
+                 "tokens the window drops (Llama family)")] = False,
         long_seq_len: Annotated[int | None, typer.Option(
             help="with windows: tokens per long window (default --context), cut from the "
                  "calibration text between the fits' windows")] = None,
@@ -111,7 +115,7 @@ def register(app: typer.Typer) -> None:
                 model=model, out=out, kv_saving=kv_saving, speedup=speedup, context=context,
                 layout=layout, frontier=frontier, budgets=sweep, compare=compare, ranks=ranks,
                 calib_file=calib_file, calib_mix=calib_mix, candidates=candidates,
-                windows=windows, long_seq_len=long_seq_len,
+                windows=windows, window_sinks=window_sinks, long_seq_len=long_seq_len,
                 long_damage_windows=long_damage_windows,
                 long_rescore_windows=long_rescore_windows, long_positions=long_positions,
                 calib_samples=calib_samples,

@@ -56,22 +56,17 @@ def validated_spec(config: Any, family: Family, tp_size: int, pp_size: int) -> P
         raise HarpCheckpointError(f"invalid '{CONFIG_KEY}' section in config.json: {e}"
                                   ) from None
     assert spec is not None
-    if spec.shapes is not None and model_type not in model_types(lambda f: f.heads):
-        raise HarpCheckpointError(
-            f"invalid '{CONFIG_KEY}' section in config.json: per-layer head counts "
-            f"('shapes', method {spec.method}) are served for "
-            f"{', '.join(model_types(lambda f: f.heads))} "
-            f"models only, not {model_type!r}")
-    if spec.windows and model_type not in model_types(lambda f: f.windows):
-        raise HarpCheckpointError(
-            f"invalid '{CONFIG_KEY}' section in config.json: sliding windows ('windows') are "
-            f"served for {', '.join(model_types(lambda f: f.windows))} models only, not "
-            f"{model_type!r}")
-    if spec.kv_sharing and model_type not in model_types(lambda f: f.kv_sharing):
-        raise HarpCheckpointError(
-            f"invalid '{CONFIG_KEY}' section in config.json: cross-layer KV sharing "
-            f"('kv_sharing') is served for {', '.join(model_types(lambda f: f.kv_sharing))} "
-            f"models only, not {model_type!r}")
+    for served, present, what in (  # each kind of change: the families that serve it
+            (lambda f: f.heads, spec.shapes is not None,
+             f"per-layer head counts ('shapes', method {spec.method}) are"),
+            (lambda f: f.windows, bool(spec.windows), "sliding windows ('windows') are"),
+            (lambda f: f.kv_sharing, bool(spec.kv_sharing),
+             "cross-layer KV sharing ('kv_sharing') is"),
+            (lambda f: f.window_sinks, bool(spec.sinks), "window sink logits ('sinks') are")):
+        if present and model_type not in model_types(served):
+            raise HarpCheckpointError(
+                f"invalid '{CONFIG_KEY}' section in config.json: {what} served for "
+                f"{', '.join(model_types(served))} models only, not {model_type!r}")
     check_tensor_parallel(config, spec, tp_size)
     check_pipeline_parallel(config, spec, pp_size)
     return spec
@@ -178,6 +173,12 @@ def layer_map(config: Any, prefix: str) -> dict[str, Any] | None:
     """The linear-map description of decoder layer ``prefix``, None if it has none."""
     spec = PruningSpec.from_config(config)
     return None if spec is None else spec.maps.get(extract_layer_index(prefix))
+
+
+def layer_sinks(config: Any, prefix: str) -> bool:
+    """Whether windowed decoder layer ``prefix`` has sink logits (``sinks``)."""
+    spec = PruningSpec.from_config(config)
+    return spec is not None and extract_layer_index(prefix) in spec.sinks
 
 
 def layer_sharing(config: Any, prefix: str) -> int | None:

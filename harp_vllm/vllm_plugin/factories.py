@@ -1,7 +1,7 @@
 """Attention "classes" for a family's decoder layer to build in place of its own attention:
-HARP's token-local path (or none), a fitted linear map, or the family's attention with a
-group map added. Each takes the family attention's keyword arguments. ``layer_attention``
-picks a layer's from its pruning status.
+HARP's token-local path (or none), a fitted linear map, the family's attention with a group
+map added, or with sink logits (a windowed layer in ``sinks``). Each takes the family
+attention's keyword arguments. ``layer_attention`` picks a layer's from its pruning status.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 
 from ..families import Family, family_of, head_dim
 from .attention import FoldedTokenLocalAttention, RemovedAttention, TokenLocalLinear
-from .checkpoint_spec import layer_alpha, layer_map, layer_sharing
+from .checkpoint_spec import layer_alpha, layer_map, layer_sharing, layer_sinks
 from .sharing import shared_kv_factory
 
 
@@ -50,6 +50,30 @@ def with_group_map(base: type, rank: int) -> type:
     return AttentionWithGroupMap
 
 
+def with_sinks(base: type) -> type:
+    """An attention class for a windowed layer with sink logits (``sinks``): the family's
+    attention ``base`` (its window from ``layer_config``) whose vLLM attention adds the
+    parameter ``self_attn.sinks`` (this rank's query heads) to every softmax as a key with no
+    value (vLLM's ``sinks``, which its CPU attention applies natively)."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    class AttentionWithSinks(base):
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(**kw)
+            n, rank = self.num_heads, get_tensor_model_parallel_rank()
+
+            def load(param: nn.Parameter, weight: torch.Tensor) -> None:
+                param.data.copy_(weight[rank * n:(rank + 1) * n].to(param.dtype))
+
+            self.sinks = nn.Parameter(torch.zeros(n, dtype=torch.float32),
+                                      requires_grad=False)
+            self.sinks.weight_loader = load  # type: ignore[attr-defined]
+            self.attn.impl.sinks = self.sinks  # read at every forward, after loading
+            self.attn.has_sink = True
+
+    return AttentionWithSinks
+
+
 def token_local_factory(alpha: float, family: Family):
     """An attention "class" for a pruned layer of ``family``; takes the family attention's
     keyword args (``family.biases(kwargs)`` gives v_bias, o_bias from them)."""
@@ -73,9 +97,10 @@ def token_local_factory(alpha: float, family: Family):
 def layer_attention(config: Any, prefix: str, base: type, shared_cls: type | None = None):
     """The attention "class" the decoder layer ``prefix`` builds under ``config``'s pruning
     section: ``shared_cls`` over its target's KV cache (``kv_sharing``), HARP's token-local
-    path (``layers``), ``base`` with a group map added or a linear map (``maps``), else
-    ``base`` itself (``base``: the family's attention class; ``shared_cls``: its sharing
-    attention, None where the family serves no sharing: refused at load before this)."""
+    path (``layers``), ``base`` with a group map added or a linear map (``maps``), ``base``
+    with sink logits (``sinks``), else ``base`` itself (``base``: the family's attention
+    class; ``shared_cls``: its sharing attention, None where the family serves no sharing:
+    refused at load before this)."""
     target = layer_sharing(config, prefix)
     alpha = layer_alpha(config, prefix)
     linear_map = layer_map(config, prefix)
@@ -89,4 +114,6 @@ def layer_attention(config: Any, prefix: str, base: type, shared_cls: type | Non
         return with_group_map(base, linear_map["rank"])
     if linear_map is not None:
         return linear_map_factory(linear_map["rank"])
+    if layer_sinks(config, prefix):
+        return with_sinks(base)
     return base

@@ -54,6 +54,7 @@ def check_attention_weights(model: nn.Module, layers: nn.ModuleList, start: int,
                     f"place: {spec.maps[idx]}): {', '.join(group_map.missing())} not in the "
                     f"checkpoint")
             need = [f"{base}.{p}_proj.weight" for p in ("q", "k", "v", "o")]
+            need += [f"{base}.sinks"] if idx in spec.sinks else []
             missing = [n for n in need if n not in seen]
             if missing:
                 raise HarpCheckpointError(

@@ -15,6 +15,7 @@ from ..planner.choices import KEEP, Choice, parse_layout
 from ..planner.layouts import apply_layout, installed, layout_summary, layout_text, share_key
 from ..planner.scoring import layout_kl
 from ..planner.solve import Budget, plan_layout, served_block
+from ..reference.window_sinks import SINK_TOKENS, sinks_added
 from .checkpoint import check_output_dir, save_pruned
 from .plan_options import PlanOptions
 from .plan_session import Session, open_session
@@ -80,6 +81,7 @@ def _settings_record(s: Session) -> dict:
             "fit_seq_len": o.calib_seq_len, "damage_windows": o.damage_windows,
             "positions": o.positions, "rescore_windows": o.rescore_windows, "ridge": o.ridge,
             **({"long": s.long} if s.long else {}),
+            **({"window_sinks": True} if o.window_sinks else {}),
             "top_k": o.top_k, "rounds": o.rounds, "seed": o.seed,
             "candidates": [c.name for c in s.choices],
             "eval": {"dataset": "wikitext2", "split": "test", "windows": o.eval_windows,
@@ -103,11 +105,24 @@ def run_plan(opts: PlanOptions, progress: bool = True) -> dict:
         layout = parse_layout(record["layout"], s.cfg) if record["layout"] else {}
     if not layout:
         raise UserError("the plan keeps every layer as it is; nothing to write")
+    sinks = _fit_window_sinks(s, layout) if opts.window_sinks else {}
+    if sinks:  # measured again with the sinks (the layout was chosen without them)
+        with sinks_added(s.model, sinks):
+            with_sinks = _record(s, layout, progress, budget=None)
+        record["window_sinks"] = {
+            "fit": f"median log-sum-exp of the first {SINK_TOKENS} keys' logits, queries past "
+                   f"the window, 1 x {s.long_windows.shape[1]} calibration tokens",
+            "logits": {str(j): [round(float(x), 4) for x in v] for j, v in sinks.items()},
+            "without_sinks": {k: record[k] for k in ("ppl", "measured_kl")}}
+        record.update(ppl=with_sinks["ppl"], measured_kl=with_sinks["measured_kl"])
     record.update(model=opts.model, source_dir=str(s.src),
                   ppl_dense=_ppl(s, {}, progress), settings=_settings_record(s),
                   seconds={"load_and_statistics": round(s.seconds, 2),
                            "total": round(time.perf_counter() - start, 2)})
     spec = apply_layout(s.model, layout, s.stats)
+    if sinks:  # the windows with their fitted sinks, for good
+        _attach_window_sinks(s.model, layout, sinks)
+        spec.sinks = sorted(sinks)
     spec.source_model = opts.model
     spec.calibration = {"plan": {k: record[k] for k in ("layout", "budget", "predicted_kl",
                                                         "measured_kl", "ppl", "ppl_dense")},
@@ -116,6 +131,31 @@ def run_plan(opts: PlanOptions, progress: bool = True) -> dict:
     save_pruned(s.model, spec, s.src, out, force=opts.force, extra_files={"plan.json": plan_json})
     record["out"] = str(out)
     return record
+
+
+def _fit_window_sinks(s: Session, layout: dict[int, Choice]) -> dict[int, Any]:
+    """The windowed layers' sink logits, fitted on the dense model (``window_sinks.py``)."""
+    from ..reference.window_sinks import fit_sinks
+
+    windows = {j: int(c.window) for j, c in layout.items()
+               if c.kind == "window" and c.window is not None}
+    if not windows:
+        raise UserError("--window-sinks: the plan has no windowed layer")
+    if s.long_windows is None:
+        raise UserError("--window-sinks needs the long calibration windows (a plan with "
+                        "windows)")
+    return fit_sinks(s.model, windows, s.long_windows[:1])
+
+
+def _attach_window_sinks(model: Any, layout: dict[int, Choice], sinks: dict[int, Any]) -> None:
+    from ..reference import decoder_layers
+    from ..reference.sliding_windows import attach_window
+    from ..reference.window_sinks import attach_sinks
+
+    for j, values in sinks.items():
+        attn: Any = decoder_layers(model)[j].self_attn
+        attach_window(attn, int(layout[j].window))  # type: ignore[arg-type]
+        attach_sinks(attn, values)
 
 
 def run_frontier(opts: PlanOptions, progress: bool = True) -> dict:

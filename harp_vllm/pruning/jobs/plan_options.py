@@ -28,6 +28,7 @@ class PlanOptions:
     ranks: str | None = None  # None: full (KV budget), 192,full (with a speed budget)
     candidates: str | None = None  # kinds offered; None: see default_kinds
     windows: str | None = None  # sliding windows offered (tokens, comma list): adds "window"
+    window_sinks: bool = False  # the plan's windowed layers get fitted sink logits
     long_seq_len: int | None = None  # with windows: long windows' length (None: --context)
     long_damage_windows: int = 1
     long_rescore_windows: int = 2
@@ -80,6 +81,9 @@ def check_options(opts: PlanOptions) -> None:
             or opts.long_damage_windows < 1 or opts.long_rescore_windows < 0):
         raise UserError("--long-seq-len must be >= 2, --long-damage-windows >= 1 and "
                         "--long-rescore-windows >= 0")
+    if opts.window_sinks and opts.frontier:
+        raise UserError("--window-sinks applies to one plan (--kv-saving or --layout), not "
+                        "--frontier")
     if opts.calib_samples % 8:
         raise UserError(f"--calib-samples must be a multiple of 8 (the batch), got "
                         f"{opts.calib_samples}")

@@ -16,6 +16,7 @@ from .model_layers import check_layers, decoder_layers
 from .shared_kv import SharedKVAttention, check_sharing_family, share_kv
 from .sliding_windows import attach_window
 from .token_local import prune_layers
+from .window_sinks import attach_sinks, check_sinks_family
 
 
 def apply_pruning(model, spec: PruningSpec):
@@ -45,6 +46,10 @@ def apply_pruning(model, spec: PruningSpec):
     for idx, w in spec.windows.items():
         windowed_layer: Any = decoder_layers(model)[idx]
         attach_window(windowed_layer.self_attn, w)
+    if spec.sinks:
+        check_sinks_family(model)
+    for idx in spec.sinks:  # fitted sink logits already in place are kept
+        attach_sinks(decoder_layers(model)[idx].self_attn)
     model.config.harp_pruning = spec.to_dict()
     return model
 

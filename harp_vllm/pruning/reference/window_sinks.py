@@ -1,0 +1,149 @@
+"""Sink logits of windowed layers: one logit per query head that every query of a windowed
+layer adds to its softmax as one more key with no value (vLLM's ``sinks``, served beside a
+sliding window by stock vLLM), standing in for the first tokens the window drops (the
+attention sink: StreamingLLM). Without it a window changes a layer's output at every position
+past the window even where the distant text itself does not matter (docs/results.md, sections
+11-12).
+
+Fitted in closed form (``fit_sinks``): a head's logit is the median, over the calibration
+queries past the window, of the log-sum-exp of their logits on the first ``SINK_TOKENS`` keys
+(the dense model's own sink mass). Served for the families whose record says ``window_sinks``
+(Llama-like attention: q/k/v/o and rotary, no QK norm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import UserError
+from ...families import family_of, model_types
+from .model_layers import decoder_layers
+
+SINK_TOKENS = 4
+
+
+def _heads(attn: Any) -> int:
+    return attn.q_proj.out_features // attn.head_dim
+
+
+def _qkv(attn: Any, hidden_states: torch.Tensor, position_embeddings: Any
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
+    q = attn.q_proj(hidden_states).view(shape).transpose(1, 2)
+    k = attn.k_proj(hidden_states).view(shape).transpose(1, 2)
+    v = attn.v_proj(hidden_states).view(shape).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+    return q, k, v
+
+
+def _sink_forward(self: Any, hidden_states: torch.Tensor, position_embeddings: Any = None,
+                  attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
+                  **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The windowed attention (``attention_mask`` is the window's, set by the window hook)
+    with the sink as one more key: q' = [q, 1], k_sink = [0, s_h / scale], v_sink = 0."""
+    q, k, v = _qkv(self, hidden_states, position_embeddings)
+    if past_key_values is not None:
+        cos, sin = position_embeddings
+        k, v = past_key_values.update(k, v, self.layer_idx, {"sin": sin, "cos": cos})
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    b, h, t, d = q.shape
+    q = torch.cat([q, q.new_ones(b, h, t, 1)], -1)
+    sink = torch.zeros(b, h, 1, d + 1, dtype=k.dtype)
+    sink[..., -1] = (self.sinks.to(k.dtype) / self.scaling).view(1, h, 1)
+    k = torch.cat([torch.cat([k, k.new_zeros(*k.shape[:3], 1)], -1), sink], 2)
+    v = torch.cat([v, v.new_zeros(b, h, 1, d)], 2)
+    mask = attention_mask
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], 1)], -1)
+    out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                     is_causal=mask is None,
+                                                     scale=self.scaling)
+    return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
+
+
+def check_sinks_family(model: Any) -> None:
+    if not family_of(model.config).window_sinks:
+        raise UserError(f"window sinks are served for "
+                        f"{', '.join(model_types(lambda f: f.window_sinks))} models only, not "
+                        f"{model.config.model_type!r}")
+
+
+def attach_sinks(attn: Any, sinks: torch.Tensor | None = None) -> None:
+    """Give a windowed HF attention module (``attach_window`` first) sink logits
+    ``self_attn.sinks`` [heads] (zeros to be loaded, if None) and the forward that adds them."""
+    if getattr(attn, "harp_window", None) is None:
+        raise UserError("a sink logit needs a windowed layer (in 'windows')")
+    n = _heads(attn)
+    have = isinstance(getattr(attn, "sinks", None), nn.Parameter)
+    if have and sinks is None:  # fitted already: kept
+        return
+    value = torch.zeros(n) if sinks is None else sinks.detach().float().reshape(-1)
+    if value.numel() != n:
+        raise UserError(f"sink logits: {value.numel()} values for {n} query heads")
+    if have:
+        attn.sinks.data.copy_(value)
+        return
+    attn.sinks = nn.Parameter(value.clone(), requires_grad=False)  # self_attn.sinks
+    attn.forward = types.MethodType(_sink_forward, attn)
+
+
+@contextlib.contextmanager
+def sinks_added(model: Any, sinks: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Temporarily give layers' attention modules sink logits; each layer's window comes
+    from elsewhere while they are in place (the planner's ``WindowedAttention`` around the
+    module, or ``windowed``), which hands the sink forward the window's mask."""
+    layers: Any = decoder_layers(model)
+    mods: list[Any] = [layers[j].self_attn for j in sinks]
+    try:
+        for attn, values in zip(mods, sinks.values(), strict=True):
+            attn.sinks = nn.Parameter(values.detach().float().clone(), requires_grad=False)
+            attn.forward = types.MethodType(_sink_forward, attn)
+        yield
+    finally:
+        for attn in mods:
+            attn.__dict__.pop("forward", None)
+            if "sinks" in attn._parameters:
+                del attn.sinks
+
+
+@torch.no_grad()
+def fit_sinks(model: Any, windows: dict[int, int], ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Per windowed layer, each query head's sink logit from the dense model on ``ids``
+    [n, T] (see the module docstring); run with every layer dense."""
+    check_sinks_family(model)
+    layers: Any = decoder_layers(model)
+    seen: dict[int, list[torch.Tensor]] = {j: [] for j in windows}
+
+    def hook_for(j: int):
+        def hook(attn, args, kw):
+            q, k, _ = _qkv(attn, kw["hidden_states"], kw["position_embeddings"])
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)[:, :, :SINK_TOKENS]
+            past = q[:, :, windows[j]:]  # the queries whose window drops the first tokens
+            if past.shape[2]:
+                lse = (past @ k.transpose(-1, -2) * attn.scaling).logsumexp(-1)  # b, h, t
+                seen[j].append(lse.transpose(0, 1).reshape(lse.shape[1], -1))
+        return hook
+
+    handles = [layers[j].self_attn.register_forward_pre_hook(hook_for(j), with_kwargs=True)
+               for j in windows]
+    try:
+        model.model(input_ids=ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    short = [j for j, v in seen.items() if not v]
+    if short:
+        raise UserError(f"sink fit: the calibration windows ({ids.shape[1]} tokens) are not "
+                        f"longer than the windows of layers {short}")
+    return {j: torch.cat(v, -1).median(-1).values for j, v in seen.items()}

@@ -1,0 +1,186 @@
+"""Sink logits of windowed layers (issues 23, 24): the pruning section's ``sinks``, the HF
+reference (a per-head logit added to every softmax as a key with no value), the closed-form
+fit and the checkpoint round trip. The plugin serving them is checked against this reference
+in ``tests/test_vllm_plugin.py`` (the tiny windows engine test)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from harp_vllm.errors import UserError
+from harp_vllm.pruning.jobs.checkpoint import save_pruned
+from harp_vllm.pruning.reference import decoder_layers, load_model, pruned, windowed
+from harp_vllm.pruning.reference.sliding_windows import attach_window
+from harp_vllm.pruning.reference.window_sinks import SINK_TOKENS, attach_sinks, fit_sinks
+from harp_vllm.spec import PruningSpec
+
+
+def test_sinks_round_trip_version_and_refusals():
+    spec = PruningSpec(layers={}, windows={1: 16, 3: 8}, sinks=[3])
+    d = spec.to_dict()
+    assert d["version"] == 5 and d["sinks"] == [3]
+    assert PruningSpec.from_dict(d, 8).sinks == [3]
+    for sinks, message in (([2], "not a windowed layer"), ([9], "out of range"),
+                           ("3", "must be a list")):
+        with pytest.raises(UserError, match=message):
+            PruningSpec.from_dict({**d, "sinks": sinks}, 8)
+    with pytest.raises(UserError, match="needs 'harp_pruning.version' 5"):
+        PruningSpec.from_dict({**d, "version": 4}, 8)
+
+
+def _sinked(model, layer: int, window: int, value: float) -> None:
+    attn = decoder_layers(model)[layer].self_attn
+    attach_window(attn, window)
+    attach_sinks(attn, torch.full((attn.q_proj.out_features // attn.head_dim,), value))
+
+
+def test_reference_sink_logit_is_a_key_with_no_value(tmp_path):
+    """A very low sink logit leaves the window as it is; a very high one takes all of the
+    softmax, so the layer's attention outputs nothing (as if removed); a finite one scales
+    every attention weight by 1 / (1 + exp(s) / Z), computed here directly."""
+    src = make_tiny("llama", tmp_path / "tiny", layers=4)
+    ids = torch.randint(3, 250, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = load_model(src)
+        with windowed(base, {1: 8}):
+            win = base(input_ids=ids).logits
+        with pruned(base, {1: 0.0}):
+            removed = base(input_ids=ids).logits
+        low, high, mid = load_model(src), load_model(src), load_model(src)
+        _sinked(low, 1, 8, -1e4)
+        _sinked(high, 1, 8, 1e4)
+        _sinked(mid, 1, 8, 0.5)
+        assert torch.allclose(low(input_ids=ids).logits, win, atol=1e-5)
+        assert torch.allclose(high(input_ids=ids).logits, removed, atol=1e-4)
+        # the direct computation of layer 1's attention output with the sink
+        attn = decoder_layers(mid)[1].self_attn
+        got: dict = {}
+
+        def grab(module, args, kwargs, out):
+            got["x"], got["pe"], got["out"] = (kwargs["hidden_states"],
+                                               kwargs["position_embeddings"], out[0])
+
+        h = attn.register_forward_hook(grab, with_kwargs=True)
+        mid(input_ids=ids)
+        h.remove()
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    x, (cos, sin) = got["x"], got["pe"]
+    b, t, _ = x.shape
+    q = attn.q_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    logits = q @ k.transpose(-1, -2) * attn.scaling
+    i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    logits = logits.masked_fill(~((j <= i) & (i - j < 8)), -math.inf)
+    w = logits.exp() / (logits.exp().sum(-1, keepdim=True) + math.exp(0.5))
+    want = attn.o_proj((w @ v).transpose(1, 2).reshape(b, t, -1))
+    assert torch.allclose(got["out"], want, atol=1e-5)
+
+
+def test_fit_is_the_median_first_token_log_sum_exp_and_refuses_short_windows(tmp_path):
+    """The fitted logit of a head is the median, over the queries past the window, of the
+    log-sum-exp of its logits on the first SINK_TOKENS keys (computed here directly from the
+    layer's input); windows not shorter than the calibration text are refused."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    src = make_tiny("llama", tmp_path / "tiny", layers=4)
+    model = load_model(src).eval()
+    ids = torch.randint(3, 250, (2, 48), generator=torch.Generator().manual_seed(1))
+    fitted = fit_sinks(model, {2: 16}, ids)
+    attn = decoder_layers(model)[2].self_attn
+    got: dict = {}
+
+    def grab(module, args, kwargs):
+        got["x"], got["pe"] = kwargs["hidden_states"], kwargs["position_embeddings"]
+
+    h = attn.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+        h.remove()
+        x, (cos, sin) = got["x"], got["pe"]
+        b, t, _ = x.shape
+        q = attn.q_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, t, -1, attn.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+        logits = q[:, :, 16:] @ k[:, :, :SINK_TOKENS].transpose(-1, -2) * attn.scaling
+    lse = torch.log(logits.exp().sum(-1))  # batch, heads, queries past the window
+    want = lse.transpose(0, 1).reshape(lse.shape[1], -1).median(-1).values
+    assert fitted[2].shape == (q.shape[1],)
+    assert torch.allclose(fitted[2], want, atol=1e-5)
+    with pytest.raises(UserError, match="not longer than the windows of layers"):
+        fit_sinks(model, {1: 48}, ids)
+
+
+def test_checkpoint_with_sinks_round_trips_and_refuses_other_families(tmp_path):
+    src = make_tiny("llama", tmp_path / "tiny", layers=4)
+    model = load_model(src)
+    _sinked(model, 2, 8, 0.0)
+    values = torch.linspace(-2, 2, decoder_layers(model)[2].self_attn.sinks.numel())
+    attach_sinks(decoder_layers(model)[2].self_attn, values)
+    ids = torch.randint(3, 250, (1, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    out = save_pruned(model, PruningSpec(layers={}, windows={2: 8}, sinks=[2]), src,
+                      tmp_path / "sinks")
+    assert json.loads((out / "config.json").read_text())["harp_pruning"]["sinks"] == [2]
+    again = load_model(out)
+    assert torch.equal(decoder_layers(again)[2].self_attn.sinks.data, values)
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=ids).logits, before, atol=1e-6)
+    gemma = make_tiny("gemma3_text", tmp_path / "gemma", layers=4)
+    g = load_model(gemma)
+    with pytest.raises(UserError, match="window sinks are served for"):
+        save_pruned(g, PruningSpec(layers={}, windows={1: 8}, sinks=[1]), gemma,
+                    tmp_path / "gemma-sinks")
+    assert not (tmp_path / "gemma-sinks").exists()
+
+
+def test_plan_window_sinks_writes_fitted_sinks_that_reload_and_refuses_without_windows(
+        tiny_llama, tmp_path, monkeypatch):
+    """``harp-vllm plan --layout ... --window-sinks``: every windowed layer gets the sink
+    logits ``fit_sinks`` gives on the first long window (recorded in plan.json), the
+    checkpoint (version 5) reloads to the model the plan measured (its perplexity differs from
+    the plan without sinks), and a plan with no windowed layer is refused."""
+    from test_plan import _calib
+    from typer.testing import CliRunner
+
+    from harp_vllm.cli import app
+
+    monkeypatch.setenv("HARP_VLLM_CACHE", str(tmp_path / "cache"))
+    args = ["plan", str(tiny_llama), "--calib-file", str(_calib(tmp_path)), "--calib-samples",
+            "8", "--calib-seq-len", "32", "--positions", "16", "--eval-windows", "2",
+            "--eval-seq-len", "96", "--long-positions", "64", "--context", "256"]
+    out = tmp_path / "plan"
+    res = CliRunner().invoke(app, [*args, "--layout", "1:win16,2:win48", "--window-sinks",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    plan = json.loads((out / "plan.json").read_text())
+    section = json.loads((out / "config.json").read_text())["harp_pruning"]
+    assert section["version"] == 5 and section["sinks"] == [1, 2]
+    model = load_model(out)
+    for j in (1, 2):
+        got = decoder_layers(model)[j].self_attn.sinks.data
+        assert torch.allclose(got, torch.tensor(plan["window_sinks"]["logits"][str(j)]),
+                              atol=1e-4)
+    assert plan["ppl"] != plan["window_sinks"]["without_sinks"]["ppl"]
+    from harp_vllm import models
+    from harp_vllm.evaluation import data
+    from harp_vllm.evaluation.perplexity import evaluate_perplexity
+
+    again = evaluate_perplexity(model, models.load_tokenizer(out),
+                                data.load_text("wikitext2", "test"), 96, 2, progress=False)
+    assert again.perplexity == pytest.approx(plan["ppl"], rel=1e-4)  # what the plan measured
+    res = CliRunner().invoke(app, [*args, "--layout", "1:remove", "--window-sinks", "--out",
+                                   str(tmp_path / "none")])
+    assert res.exit_code != 0 and "has no windowed layer" in res.output
+    assert not (tmp_path / "none").exists()
