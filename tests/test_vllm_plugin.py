@@ -948,15 +948,17 @@ SMOL_SHARING = {11: 10, 17: 16, 26: 25}
 @pytest.mark.timeout(1200)
 def test_smollm2_windows_match_reference_and_kv_equals_the_cost_model(
         smollm2_dir, smol_prompts, run_smol_dense, tmp_path):
-    """SmolLM2 with eight windowed layers and three sharing an earlier layer's KV cache:
-    greedy tokens and prompt logprobs equal the reference's on the test prompts and on a
-    400-token WikiText passage (longer than every window), and the sequences of 2,048 tokens
-    the KV pool holds grow over the dense run's as the cost model's served bytes predict."""
+    """SmolLM2 with eight windowed layers (two with sink logits) and three sharing an earlier
+    layer's KV cache: greedy tokens and prompt logprobs equal the reference's on the test
+    prompts and on a 400-token WikiText passage (longer than every window), and the sequences
+    of 2,048 tokens the KV pool holds grow over the dense run's as the cost model's served
+    bytes predict."""
     from harp_vllm import models
     from harp_vllm.evaluation.domains import domain_text
     from harp_vllm.serving.kv_capacity import sequences_that_fit
 
-    model = _windowed(smollm2_dir, tmp_path / "win", SMOL_WINDOWS, SMOL_SHARING)
+    sinks = {j: torch.randn(9, generator=torch.Generator().manual_seed(j)) * 3 for j in (2, 20)}
+    model = _windowed(smollm2_dir, tmp_path / "win", SMOL_WINDOWS, SMOL_SHARING, sinks)
     tok = models.load_tokenizer(smollm2_dir)
     long = tok(domain_text("wikitext", "dev", max_chars=8000))["input_ids"][:400]
     prompts = [*smol_prompts, long]
