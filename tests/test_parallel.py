@@ -86,6 +86,11 @@ def test_tp_split_check_names_the_layer_and_its_counts():
     harp = PruningSpec(layers={1: 0.0})  # alpha = 0: layer 1 has no attention to split
     with pytest.raises(HarpCheckpointError, match=r"layer 0 .*9 query heads, 3 KV heads"):
         check_tensor_parallel(smol, harp, 2)
+    sinks = PruningSpec(layers={}, windows={1: 16}, sinks=[1])  # the split is not served yet
+    check_tensor_parallel(cfg, sinks, 1)
+    with pytest.raises(HarpCheckpointError, match=r"sink logits of layers \[1\] are not "
+                       r"served with tensor parallelism"):
+        check_tensor_parallel(cfg, sinks, 2)
 
 
 # ---------------------------------------------------------------------------- TP = 2 (tiny)

@@ -101,6 +101,11 @@ def check_tensor_parallel(config: Any, spec: PruningSpec, tp_size: int) -> None:
     only the config's head count, and would fail on a pruned layer with a bare assertion)."""
     if tp_size <= 1:
         return
+    if spec.sinks:
+        raise HarpCheckpointError(
+            f"tensor parallel size {tp_size}: the window sink logits of layers {spec.sinks} "
+            f"are not served with tensor parallelism yet; serve this checkpoint with "
+            f"--pipeline-parallel-size instead (layers are not split)")
     for idx in range(int(config.num_hidden_layers)):
         shape = spec.layer_shape(idx) or {
             "num_attention_heads": config.num_attention_heads,

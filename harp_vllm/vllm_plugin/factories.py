@@ -53,21 +53,15 @@ def with_group_map(base: type, rank: int) -> type:
 def with_sinks(base: type) -> type:
     """An attention class for a windowed layer with sink logits (``sinks``): the family's
     attention ``base`` (its window from ``layer_config``) whose vLLM attention adds the
-    parameter ``self_attn.sinks`` (this rank's query heads) to every softmax as a key with no
-    value (vLLM's ``sinks``, which its CPU attention applies natively)."""
-    from vllm.distributed import get_tensor_model_parallel_rank
+    parameter ``self_attn.sinks`` (one per query head; tensor parallelism is refused for
+    such checkpoints) to every softmax as a key with no value (vLLM's ``sinks``, which its
+    CPU attention applies natively)."""
 
     class AttentionWithSinks(base):
         def __init__(self, **kw: Any) -> None:
             super().__init__(**kw)
-            n, rank = self.num_heads, get_tensor_model_parallel_rank()
-
-            def load(param: nn.Parameter, weight: torch.Tensor) -> None:
-                param.data.copy_(weight[rank * n:(rank + 1) * n].to(param.dtype))
-
-            self.sinks = nn.Parameter(torch.zeros(n, dtype=torch.float32),
+            self.sinks = nn.Parameter(torch.zeros(self.num_heads, dtype=torch.float32),
                                       requires_grad=False)
-            self.sinks.weight_loader = load  # type: ignore[attr-defined]
             self.attn.impl.sinks = self.sinks  # read at every forward, after loading
             self.attn.has_sink = True
 
