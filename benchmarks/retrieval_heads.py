@@ -112,22 +112,29 @@ def passkey_nll(model, tok, windows: dict[int, int], sinks: int, length: int, tr
     handles = [layers[j].self_attn.register_forward_pre_hook(sink_window_hook(w, sinks),
                                                                with_kwargs=True)
                for j, w in windows.items()]
-    nll = right = n = 0.0
     try:
-        for t in build_trials(tok, [length], trials, seed):
-            ids = torch.tensor(t.prompt_ids + tok(" " + t.key, add_special_tokens=False)[
-                "input_ids"])
-            picks = torch.arange(len(t.prompt_ids) - 1, len(ids) - 1)
-            hid = model.model(input_ids=ids[None], use_cache=False).last_hidden_state
-            lp = torch.log_softmax(normed_head_logits(model, hid[0, picks]).float(), -1)
-            target = ids[picks + 1]
-            nll += float(-lp[torch.arange(len(picks)), target].sum())
-            right += float((lp.argmax(-1) == target).all())
-            n += len(picks)
+        return key_nll(model, tok, build_trials(tok, [length], trials, seed))
     finally:
         for handle in handles:
             handle.remove()
-    return nll / n, right / trials
+
+
+@torch.no_grad()
+def key_nll(model, tok, trials: list) -> tuple[float, float]:
+    """The model as it is on passkey ``trials``: (NLL per token of " " + key, fraction of
+    trials with every one of them argmax)."""
+    nll = right = n = 0.0
+    for t in trials:
+        ids = torch.tensor(t.prompt_ids + tok(" " + t.key, add_special_tokens=False)[
+            "input_ids"])
+        picks = torch.arange(len(t.prompt_ids) - 1, len(ids) - 1)
+        hid = model.model(input_ids=ids[None], use_cache=False).last_hidden_state
+        lp = torch.log_softmax(normed_head_logits(model, hid[0, picks]).float(), -1)
+        target = ids[picks + 1]
+        nll += float(-lp[torch.arange(len(picks)), target].sum())
+        right += float((lp.argmax(-1) == target).all())
+        n += len(picks)
+    return nll / n, right / len(trials)
 
 
 def main() -> None:

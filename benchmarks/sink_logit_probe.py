@@ -25,6 +25,7 @@ import time
 
 import torch
 from recall_probe import parse
+from retrieval_heads import key_nll
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from harp_vllm import models
@@ -133,17 +134,7 @@ def main() -> None:
             a.window = windows.get(j)
             a.sink = None if sink is None else sink[j]
             layers[j].self_attn.forward = a if j in windows else original[j]
-        nll = right = n = 0.0
-        for t in trials:
-            ids = torch.tensor(t.prompt_ids + tok(" " + t.key, add_special_tokens=False)[
-                "input_ids"])
-            picks = torch.arange(len(t.prompt_ids) - 1, len(ids) - 1)
-            hid = model.model(input_ids=ids[None], use_cache=False).last_hidden_state
-            lp = torch.log_softmax(normed_head_logits(model, hid[0, picks]).float(), -1)
-            target = ids[picks + 1]
-            nll += float(-lp[torch.arange(len(picks)), target].sum())
-            right += float((lp.argmax(-1) == target).all())
-            n += len(picks)
+        nll, right = key_nll(model, tok, trials)
         tok_nll = []
         for w in evals:
             hid = model.model(input_ids=w[None], use_cache=False).last_hidden_state[0, :-1]
@@ -151,8 +142,8 @@ def main() -> None:
             tok_nll.append(-lp[torch.arange(len(w) - 1), w[1:]])
         allnll = torch.stack(tok_nll).mean(0)
         ppl = math.exp(float(torch.cat(tok_nll).mean()))
-        print(f"{label:28s} passkey NLL/token {nll / n:.3f}, all key tokens argmax "
-              f"{right / len(trials):.2f}; validation ppl {ppl:.3f} by position "
+        print(f"{label:28s} passkey NLL/token {nll:.3f}, all key tokens argmax "
+              f"{right:.2f}; validation ppl {ppl:.3f} by position "
               + " / ".join(f"{p:.2f}" for p in bucket_ppl(allnll))
               + f" ({time.perf_counter() - t1:.0f} s)", flush=True)
 
