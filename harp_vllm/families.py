@@ -94,6 +94,14 @@ def model_types(served: Callable[[Family], bool] = lambda f: True) -> tuple[str,
     return tuple(dict.fromkeys(mt for f in FAMILIES if served(f) for mt in f.model_types))
 
 
+def check_served(config: Any, served: Callable[[Family], bool], what: str) -> None:
+    """UserError unless ``config``'s family serves a kind of change (``served`` reads its
+    record); ``what`` names it with its verb, e.g. "linear maps are"."""
+    if not served(family_of(config)):
+        raise UserError(f"{what} served for {', '.join(model_types(served))} models only, "
+                        f"not {getattr(config, 'model_type', None)!r}")
+
+
 def by_harp_architecture(name: str) -> Family | None:
     """The family whose pruned checkpoints declare architecture ``name`` (None: not HARP's)."""
     return next((f for f in FAMILIES if f.harp_architecture == name), None)

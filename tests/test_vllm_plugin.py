@@ -29,7 +29,7 @@ from conftest import (
 from probe import engine_env, launch
 
 from harp_vllm.families import FAMILIES
-from harp_vllm.pruning.reference import decoder_layers, load_model
+from harp_vllm.pruning.reference import load_model
 from harp_vllm.vllm_plugin.fold import fold_o, fold_v, rank_heads
 
 REPO = Path(__file__).resolve().parents[1]
@@ -877,15 +877,11 @@ def _windowed(src: Path, out: Path, windows: dict[int, int],
               kv_sharing: dict[int, int] | None = None,
               sinks: dict[int, torch.Tensor] | None = None) -> Path:
     from harp_vllm.pruning.jobs.checkpoint import save_pruned
-    from harp_vllm.pruning.reference.sliding_windows import attach_window
-    from harp_vllm.pruning.reference.window_sinks import attach_sinks
+    from harp_vllm.pruning.reference.window_sinks import attach_window_sinks
     from harp_vllm.spec import PruningSpec
 
     model = load_model(src)
-    for j, values in (sinks or {}).items():  # windowed layers with these sink logits
-        attn = decoder_layers(model)[j].self_attn
-        attach_window(attn, windows[j])
-        attach_sinks(attn, values)
+    attach_window_sinks(model, windows, sinks or {})  # windowed layers with these sinks
     spec = PruningSpec(layers={}, windows=windows, kv_sharing=kv_sharing or {},
                        sinks=sorted(sinks or {}), method="window", source_model=str(src))
     return save_pruned(model, spec, src, out)

@@ -15,8 +15,12 @@ from conftest import make_tiny
 from harp_vllm.errors import UserError
 from harp_vllm.pruning.jobs.checkpoint import save_pruned
 from harp_vllm.pruning.reference import decoder_layers, load_model, pruned, windowed
-from harp_vllm.pruning.reference.sliding_windows import attach_window
-from harp_vllm.pruning.reference.window_sinks import SINK_TOKENS, attach_sinks, fit_sinks
+from harp_vllm.pruning.reference.window_sinks import (
+    SINK_TOKENS,
+    attach_sinks,
+    attach_window_sinks,
+    fit_sinks,
+)
 from harp_vllm.spec import PruningSpec
 
 
@@ -34,9 +38,8 @@ def test_sinks_round_trip_version_and_refusals():
 
 
 def _sinked(model, layer: int, window: int, value: float) -> None:
-    attn = decoder_layers(model)[layer].self_attn
-    attach_window(attn, window)
-    attach_sinks(attn, torch.full((attn.q_proj.out_features // attn.head_dim,), value))
+    heads = model.config.num_attention_heads
+    attach_window_sinks(model, {layer: window}, {layer: torch.full((heads,), value)})
 
 
 def test_reference_sink_logit_is_a_key_with_no_value(tmp_path):

@@ -15,7 +15,7 @@ from ..planner.choices import KEEP, Choice, parse_layout
 from ..planner.layouts import apply_layout, installed, layout_summary, layout_text, share_key
 from ..planner.scoring import layout_kl
 from ..planner.solve import Budget, plan_layout, served_block
-from ..reference.window_sinks import SINK_TOKENS, sinks_added
+from ..reference.window_sinks import SINK_TOKENS, attach_window_sinks, sinks_added
 from .checkpoint import check_output_dir, save_pruned
 from .plan_options import PlanOptions
 from .plan_session import Session, open_session
@@ -121,7 +121,7 @@ def run_plan(opts: PlanOptions, progress: bool = True) -> dict:
                            "total": round(time.perf_counter() - start, 2)})
     spec = apply_layout(s.model, layout, s.stats)
     if sinks:  # the windows with their fitted sinks, for good
-        _attach_window_sinks(s.model, layout, sinks)
+        attach_window_sinks(s.model, spec.windows, sinks)
         spec.sinks = sorted(sinks)
     spec.source_model = opts.model
     spec.calibration = {"plan": {k: record[k] for k in ("layout", "budget", "predicted_kl",
@@ -145,17 +145,6 @@ def _fit_window_sinks(s: Session, layout: dict[int, Choice]) -> dict[int, Any]:
         raise UserError("--window-sinks needs the long calibration windows (a plan with "
                         "windows)")
     return fit_sinks(s.model, windows, s.long_windows[:1])
-
-
-def _attach_window_sinks(model: Any, layout: dict[int, Choice], sinks: dict[int, Any]) -> None:
-    from ..reference import decoder_layers
-    from ..reference.sliding_windows import attach_window
-    from ..reference.window_sinks import attach_sinks
-
-    for j, values in sinks.items():
-        attn: Any = decoder_layers(model)[j].self_attn
-        attach_window(attn, int(layout[j].window))  # type: ignore[arg-type]
-        attach_sinks(attn, values)
 
 
 def run_frontier(opts: PlanOptions, progress: bool = True) -> dict:

@@ -9,24 +9,22 @@ from typing import Any
 import torch
 
 from ...errors import UserError
-from ...families import family_of, model_types
+from ...families import check_served, family_of
 from ...spec import PruningSpec
 from .fitted_maps import GroupMap, LinearAttention, attach_group_map, install_map
 from .model_layers import check_layers, decoder_layers
 from .shared_kv import SharedKVAttention, check_sharing_family, share_kv
 from .sliding_windows import attach_window
 from .token_local import prune_layers
-from .window_sinks import attach_sinks, check_sinks_family
+from .window_sinks import attach_sinks
 
 
 def apply_pruning(model, spec: PruningSpec):
     """Prune ``model`` in place for good: q/k (and v/o where alpha = 0) are gone."""
-    family = family_of(model.config)
+    family_of(model.config)  # UserError for an unsupported family
     prune_layers(model, spec.layers)
-    if spec.maps and not family.linear_maps:
-        raise UserError(f"linear maps are served for "
-                        f"{', '.join(model_types(lambda f: f.linear_maps))} models only, not "
-                        f"{model.config.model_type!r}")
+    if spec.maps:
+        check_served(model.config, lambda f: f.linear_maps, "linear maps are")
     check_layers(model, spec.maps)
     for idx, m in spec.replaced.items():  # a fitted map already in place is kept
         layer = decoder_layers(model)[idx]
@@ -47,7 +45,7 @@ def apply_pruning(model, spec: PruningSpec):
         windowed_layer: Any = decoder_layers(model)[idx]
         attach_window(windowed_layer.self_attn, w)
     if spec.sinks:
-        check_sinks_family(model)
+        check_served(model.config, lambda f: f.window_sinks, "window sinks are")
     for idx in spec.sinks:  # fitted sink logits already in place are kept
         attach_sinks(decoder_layers(model)[idx].self_attn)
     model.config.harp_pruning = spec.to_dict()

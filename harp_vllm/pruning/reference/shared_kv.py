@@ -10,8 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import UserError
-from ...families import family_of, model_types
+from ...families import check_served
 from .model_layers import check_layers, decoder_layers
 from .sliding_windows import narrowed, window_mask
 
@@ -92,10 +91,7 @@ class SharedKVAttention(nn.Module):
 
 def check_sharing_family(model) -> None:
     """UserError unless the model's family serves cross-layer KV sharing."""
-    if not family_of(model.config).kv_sharing:
-        raise UserError(f"cross-layer KV sharing is served for "
-                        f"{', '.join(model_types(lambda f: f.kv_sharing))} models only, not "
-                        f"{model.config.model_type!r}")
+    check_served(model.config, lambda f: f.kv_sharing, "cross-layer KV sharing is")
 
 
 def share_kv(model, idx: int, target: int) -> SharedKVAttention:

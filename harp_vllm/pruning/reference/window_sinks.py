@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from ...errors import UserError
-from ...families import family_of, model_types
+from ...families import check_served
 from .model_layers import decoder_layers
+from .sliding_windows import attach_window
 
 SINK_TOKENS = 4
 
@@ -72,11 +73,12 @@ def _sink_forward(self: Any, hidden_states: torch.Tensor, position_embeddings: A
     return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
 
 
-def check_sinks_family(model: Any) -> None:
-    if not family_of(model.config).window_sinks:
-        raise UserError(f"window sinks are served for "
-                        f"{', '.join(model_types(lambda f: f.window_sinks))} models only, not "
-                        f"{model.config.model_type!r}")
+def _install(attn: Any, values: torch.Tensor) -> None:
+    """``attn.sinks`` (a parameter: ``self_attn.sinks`` in the checkpoint) and the forward
+    that adds it."""
+    attn.sinks = nn.Parameter(values.detach().float().clone().reshape(-1),
+                              requires_grad=False)
+    attn.forward = types.MethodType(_sink_forward, attn)
 
 
 def attach_sinks(attn: Any, sinks: torch.Tensor | None = None) -> None:
@@ -94,8 +96,17 @@ def attach_sinks(attn: Any, sinks: torch.Tensor | None = None) -> None:
     if have:
         attn.sinks.data.copy_(value)
         return
-    attn.sinks = nn.Parameter(value.clone(), requires_grad=False)  # self_attn.sinks
-    attn.forward = types.MethodType(_sink_forward, attn)
+    _install(attn, value)
+
+
+def attach_window_sinks(model: Any, windows: dict[int, int],
+                        sinks: dict[int, torch.Tensor]) -> None:
+    """Give each layer of ``sinks`` its window (``windows``) and those sink logits, for good
+    (what ``apply_pruning`` then keeps and the checkpoint writes)."""
+    layers: Any = decoder_layers(model)
+    for j, values in sinks.items():
+        attach_window(layers[j].self_attn, windows[j])
+        attach_sinks(layers[j].self_attn, values)
 
 
 @contextlib.contextmanager
@@ -107,8 +118,7 @@ def sinks_added(model: Any, sinks: dict[int, torch.Tensor]) -> Iterator[None]:
     mods: list[Any] = [layers[j].self_attn for j in sinks]
     try:
         for attn, values in zip(mods, sinks.values(), strict=True):
-            attn.sinks = nn.Parameter(values.detach().float().clone(), requires_grad=False)
-            attn.forward = types.MethodType(_sink_forward, attn)
+            _install(attn, values)
         yield
     finally:
         for attn in mods:
@@ -121,7 +131,7 @@ def sinks_added(model: Any, sinks: dict[int, torch.Tensor]) -> Iterator[None]:
 def fit_sinks(model: Any, windows: dict[int, int], ids: torch.Tensor) -> dict[int, torch.Tensor]:
     """Per windowed layer, each query head's sink logit from the dense model on ``ids``
     [n, T] (see the module docstring); run with every layer dense."""
-    check_sinks_family(model)
+    check_served(model.config, lambda f: f.window_sinks, "window sinks are")
     layers: Any = decoder_layers(model)
     seen: dict[int, list[torch.Tensor]] = {j: [] for j in windows}
 
