@@ -3,7 +3,9 @@
 # the planner's 27% and 40% plans calibrated on WikiText-2 validation alone and on a mix of
 # four domains' dev parts (--calib-mix), and linear maps at P = 8, all through vLLM with the
 # plugin; wplan27/wplan50 are plans with sliding windows offered (issue 24, --windows);
-# wplan27s is wplan27's layout with fitted sink logits on its windows (--window-sinks).
+# wplan27s is wplan27's layout with fitted sink logits on its windows (--window-sinks, the
+# default --sink-offset), wplan27s0 the same with offset 0 (the logits as fitted); wplan40s
+# is a 40% plan with windows offered and sinks fitted on its windows.
 # Resumable: checkpoints and per-model runs (out/quality-$PRESET/runs) are reused.
 #   bash benchmarks/quality_smollm2.sh            # PRESET=quick (default) or full
 #   MODELS="plan27 plan27-mix lin8" bash benchmarks/quality_smollm2.sh   # a subset
@@ -15,6 +17,10 @@ H=.venv/bin/harp-vllm
 MIX=wikitext,python,boolq,gsm8k
 WINDOWS=512,1024,2048
 run() { echo "+ $*"; "$@"; }
+layout_of() {  # a built plan's layout
+  .venv/bin/python -c "import json, sys; print(json.load(open(sys.argv[1]))['layout'])" \
+    "out/smollm2-$1/plan.json"
+}
 build() {
   local out=out/smollm2-$1
   [ -f "$out/config.json" ] && return
@@ -26,8 +32,11 @@ build() {
     lin8) run $H prune smollm2-135m --out "$out" --method linear --layers 8 ;;
     wplan27) run $H plan smollm2-135m --out "$out" --kv-saving 0.27 --windows "$WINDOWS" ;;
     wplan27s) build wplan27
-      layout=$(.venv/bin/python -c "import json; print(json.load(open('out/smollm2-wplan27/plan.json'))['layout'])")
-      run $H plan smollm2-135m --out "$out" --layout "$layout" --window-sinks ;;
+      run $H plan smollm2-135m --out "$out" --layout "$(layout_of wplan27)" --window-sinks ;;
+    wplan27s0) build wplan27
+      run $H plan smollm2-135m --out "$out" --layout "$(layout_of wplan27)" --window-sinks \
+        --sink-offset 0 ;;
+    wplan40s) run $H plan smollm2-135m --out "$out" --kv-saving 0.40 --windows "$WINDOWS" --window-sinks ;;
     wplan50) run $H plan smollm2-135m --out "$out" --kv-saving 0.50 --windows "$WINDOWS" --top-k 4 ;;
     *) echo "unknown model $1" >&2; exit 2 ;;
   esac

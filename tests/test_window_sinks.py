@@ -20,6 +20,7 @@ from harp_vllm.pruning.reference.window_sinks import (
     attach_sinks,
     attach_window_sinks,
     fit_sinks,
+    short_context_costs,
 )
 from harp_vllm.spec import PruningSpec
 
@@ -120,8 +121,28 @@ def test_fit_is_the_median_first_token_log_sum_exp_and_refuses_short_windows(tmp
     want = lse.transpose(0, 1).reshape(lse.shape[1], -1).median(-1).values
     assert fitted[2].shape == (q.shape[1],)
     assert torch.allclose(fitted[2], want, atol=1e-5)
+    lower = fit_sinks(model, {2: 16}, ids, offset=1.5)[2]  # less the offset
+    assert torch.allclose(lower, want - 1.5, atol=1e-5)
     with pytest.raises(UserError, match="not longer than the windows of layers"):
         fit_sinks(model, {1: 48}, ids)
+
+
+def test_short_context_cost_counts_positions_before_the_window_fills(tmp_path):
+    """A sink's short-context cost is the KL to dense over the positions before the window is
+    full (the same on text cut at the window), near 0 for a logit far below every other, and
+    grows with the logit."""
+    src = make_tiny("llama", tmp_path / "tiny", layers=4)
+    model = load_model(src).eval()
+    heads = decoder_layers(model)[2].self_attn.q_proj.out_features // decoder_layers(
+        model)[2].self_attn.head_dim
+    ids = torch.randint(3, 250, (2, 48), generator=torch.Generator().manual_seed(3))
+    sinks = {2: torch.full((heads,), 2.0)}
+    cost = short_context_costs(model, {2: 16}, sinks, ids)[2]
+    assert cost == pytest.approx(short_context_costs(model, {2: 16}, sinks, ids[:, :16])[2],
+                                 rel=1e-4)
+    low = short_context_costs(model, {2: 16}, {2: torch.full((heads,), -30.0)}, ids)[2]
+    high = short_context_costs(model, {2: 16}, {2: torch.full((heads,), 6.0)}, ids)[2]
+    assert low < 1e-6 < cost < high  # (float rounding only, at -30)
 
 
 def test_checkpoint_with_sinks_round_trips_and_refuses_other_families(tmp_path):
@@ -165,9 +186,13 @@ def test_plan_window_sinks_writes_fitted_sinks_that_reload_and_refuses_without_w
             "--eval-seq-len", "96", "--long-positions", "64", "--context", "256"]
     out = tmp_path / "plan"
     res = CliRunner().invoke(app, [*args, "--layout", "1:win16,2:win48", "--window-sinks",
+                                   "--sink-offset", "0.5", "--sink-max-short-kl", "100",
                                    "--out", str(out)])
     assert res.exit_code == 0, res.output
     plan = json.loads((out / "plan.json").read_text())
+    assert plan["window_sinks"]["offset"] == 0.5
+    assert plan["window_sinks"]["layers"] == [1, 2]
+    assert all(v > 0 for v in plan["window_sinks"]["short_kl"].values())
     section = json.loads((out / "config.json").read_text())["harp_pruning"]
     assert section["version"] == 5 and section["sinks"] == [1, 2]
     model = load_model(out)
@@ -187,3 +212,16 @@ def test_plan_window_sinks_writes_fitted_sinks_that_reload_and_refuses_without_w
                                    str(tmp_path / "none")])
     assert res.exit_code != 0 and "has no windowed layer" in res.output
     assert not (tmp_path / "none").exists()
+    res = CliRunner().invoke(app, [*args, "--layout", "1:win16", "--sink-offset", "1", "--out",
+                                   str(tmp_path / "none")])
+    assert res.exit_code != 0 and "give --window-sinks too" in res.output
+    assert not (tmp_path / "none").exists()
+    # a cap below every layer's short-context cost: windows only, no sinks written
+    capped = tmp_path / "capped"
+    res = CliRunner().invoke(app, [*args, "--layout", "1:win16,2:win48", "--window-sinks",
+                                   "--sink-max-short-kl", "0", "--out", str(capped)])
+    assert res.exit_code == 0, res.output
+    plan = json.loads((capped / "plan.json").read_text())
+    assert plan["window_sinks"]["layers"] == [] and plan["window_sinks"]["logits"] == {}
+    section = json.loads((capped / "config.json").read_text())["harp_pruning"]
+    assert not section.get("sinks") and section["windows"] == {"1": 16, "2": 48}

@@ -52,6 +52,15 @@ def register(app: typer.Typer) -> None:
             help="give every windowed layer of the plan per-head sink logits (vLLM's sinks), "
                  "fitted in closed form on the first long window, in place of the first "
                  "tokens the window drops (Llama family)")] = False,
+        sink_offset: Annotated[float | None, typer.Option(
+            help="with --window-sinks: subtract this from every fitted sink logit (vLLM adds "
+                 "the sink also before the window is full, where the real first tokens are "
+                 "still seen; a lower logit changes short contexts less); default "
+                 "0")] = None,
+        sink_max_short_kl: Annotated[float | None, typer.Option(
+            help="with --window-sinks: a layer keeps its sink only if the sink alone changes "
+                 "short contexts (before the window fills; KL per token to dense on the "
+                 "damage windows) by at most this; default 1e-3")] = None,
         long_seq_len: Annotated[int | None, typer.Option(
             help="with windows: tokens per long window (default --context), cut from the "
                  "calibration text between the fits' windows")] = None,
@@ -115,7 +124,9 @@ def register(app: typer.Typer) -> None:
                 model=model, out=out, kv_saving=kv_saving, speedup=speedup, context=context,
                 layout=layout, frontier=frontier, budgets=sweep, compare=compare, ranks=ranks,
                 calib_file=calib_file, calib_mix=calib_mix, candidates=candidates,
-                windows=windows, window_sinks=window_sinks, long_seq_len=long_seq_len,
+                windows=windows, window_sinks=window_sinks, sink_offset=sink_offset,
+                sink_max_short_kl=sink_max_short_kl,
+                long_seq_len=long_seq_len,
                 long_damage_windows=long_damage_windows,
                 long_rescore_windows=long_rescore_windows, long_positions=long_positions,
                 calib_samples=calib_samples,

@@ -15,7 +15,13 @@ from ..planner.choices import KEEP, Choice, parse_layout
 from ..planner.layouts import apply_layout, installed, layout_summary, layout_text, share_key
 from ..planner.scoring import layout_kl
 from ..planner.solve import Budget, plan_layout, served_block
-from ..reference.window_sinks import SINK_TOKENS, attach_window_sinks, sinks_added
+from ..reference.window_sinks import (
+    DEFAULT_SINK_OFFSET,
+    SINK_MAX_SHORT_KL,
+    SINK_TOKENS,
+    attach_window_sinks,
+    sinks_added,
+)
 from .checkpoint import check_output_dir, save_pruned
 from .plan_options import PlanOptions
 from .plan_session import Session, open_session
@@ -82,6 +88,9 @@ def _settings_record(s: Session) -> dict:
             "positions": o.positions, "rescore_windows": o.rescore_windows, "ridge": o.ridge,
             **({"long": s.long} if s.long else {}),
             **({"window_sinks": True} if o.window_sinks else {}),
+            **({"sink_offset": o.sink_offset} if o.sink_offset is not None else {}),
+            **({"sink_max_short_kl": o.sink_max_short_kl}
+               if o.sink_max_short_kl is not None else {}),
             "top_k": o.top_k, "rounds": o.rounds, "seed": o.seed,
             "candidates": [c.name for c in s.choices],
             "eval": {"dataset": "wikitext2", "split": "test", "windows": o.eval_windows,
@@ -105,16 +114,14 @@ def run_plan(opts: PlanOptions, progress: bool = True) -> dict:
         layout = parse_layout(record["layout"], s.cfg) if record["layout"] else {}
     if not layout:
         raise UserError("the plan keeps every layer as it is; nothing to write")
-    sinks = _fit_window_sinks(s, layout) if opts.window_sinks else {}
-    if sinks:  # measured again with the sinks (the layout was chosen without them)
-        with sinks_added(s.model, sinks):
-            with_sinks = _record(s, layout, progress, budget=None)
-        record["window_sinks"] = {
-            "fit": f"median log-sum-exp of the first {SINK_TOKENS} keys' logits, queries past "
-                   f"the window, 1 x {s.long_windows.shape[1]} calibration tokens",
-            "logits": {str(j): [round(float(x), 4) for x in v] for j, v in sinks.items()},
-            "without_sinks": {k: record[k] for k in ("ppl", "measured_kl")}}
-        record.update(ppl=with_sinks["ppl"], measured_kl=with_sinks["measured_kl"])
+    sinks: dict[int, Any] = {}
+    if opts.window_sinks:  # measured again with the sinks (the layout was chosen without)
+        sinks, record["window_sinks"] = _fit_window_sinks(s, layout)
+        record["window_sinks"]["without_sinks"] = {k: record[k] for k in ("ppl", "measured_kl")}
+        if sinks:
+            with sinks_added(s.model, sinks):
+                with_sinks = _record(s, layout, progress, budget=None)
+            record.update(ppl=with_sinks["ppl"], measured_kl=with_sinks["measured_kl"])
     record.update(model=opts.model, source_dir=str(s.src),
                   ppl_dense=_ppl(s, {}, progress), settings=_settings_record(s),
                   seconds={"load_and_statistics": round(s.seconds, 2),
@@ -133,9 +140,12 @@ def run_plan(opts: PlanOptions, progress: bool = True) -> dict:
     return record
 
 
-def _fit_window_sinks(s: Session, layout: dict[int, Choice]) -> dict[int, Any]:
-    """The windowed layers' sink logits, fitted on the dense model (``window_sinks.py``)."""
-    from ..reference.window_sinks import fit_sinks
+def _fit_window_sinks(s: Session, layout: dict[int, Choice]
+                      ) -> tuple[dict[int, Any], dict]:
+    """The windowed layers' sink logits, fitted on the dense model (``window_sinks.py``), for
+    the layers whose sink alone costs at most the cap at short contexts (on the damage
+    windows, before the window fills); with the record of what was fitted and kept."""
+    from ..reference.window_sinks import fit_sinks, short_context_costs
 
     windows = {j: int(c.window) for j, c in layout.items()
                if c.kind == "window" and c.window is not None}
@@ -144,7 +154,19 @@ def _fit_window_sinks(s: Session, layout: dict[int, Choice]) -> dict[int, Any]:
     if s.long_windows is None:
         raise UserError("--window-sinks needs the long calibration windows (a plan with "
                         "windows)")
-    return fit_sinks(s.model, windows, s.long_windows[:1])
+    o = s.opts
+    offset = DEFAULT_SINK_OFFSET if o.sink_offset is None else o.sink_offset
+    cap = SINK_MAX_SHORT_KL if o.sink_max_short_kl is None else o.sink_max_short_kl
+    fitted = fit_sinks(s.model, windows, s.long_windows[:1], offset)
+    costs = short_context_costs(s.model, windows, fitted, s.damage_windows)
+    kept = {j: v for j, v in fitted.items() if costs[j] <= cap}
+    return kept, {
+        "fit": f"median log-sum-exp of the first {SINK_TOKENS} keys' logits, queries past the "
+               f"window, 1 x {s.long_windows.shape[1]} calibration tokens, less the offset",
+        "offset": offset, "max_short_kl": cap,
+        "short_kl": {str(j): round(c, 6) for j, c in costs.items()},
+        "layers": sorted(kept),
+        "logits": {str(j): [round(float(x), 4) for x in v] for j, v in kept.items()}}
 
 
 def run_frontier(opts: PlanOptions, progress: bool = True) -> dict:

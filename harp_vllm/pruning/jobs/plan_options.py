@@ -29,6 +29,9 @@ class PlanOptions:
     candidates: str | None = None  # kinds offered; None: see default_kinds
     windows: str | None = None  # sliding windows offered (tokens, comma list): adds "window"
     window_sinks: bool = False  # the plan's windowed layers get fitted sink logits
+    sink_offset: float | None = None  # subtracted from each fitted logit (None: the default)
+    sink_max_short_kl: float | None = None  # a layer's sink's short-context cost cap (None:
+    # the default)
     long_seq_len: int | None = None  # with windows: long windows' length (None: --context)
     long_damage_windows: int = 1
     long_rescore_windows: int = 2
@@ -84,6 +87,14 @@ def check_options(opts: PlanOptions) -> None:
     if opts.window_sinks and opts.frontier:
         raise UserError("--window-sinks applies to one plan (--kv-saving or --layout), not "
                         "--frontier")
+    if (opts.sink_offset is not None or opts.sink_max_short_kl is not None) \
+            and not opts.window_sinks:
+        raise UserError("--sink-offset and --sink-max-short-kl apply to the fitted sinks: give "
+                        "--window-sinks too")
+    if opts.sink_max_short_kl is not None and opts.sink_max_short_kl < 0:
+        raise UserError(f"--sink-max-short-kl must be >= 0, got {opts.sink_max_short_kl}")
+    if opts.sink_offset is not None and not 0 <= opts.sink_offset < 50:
+        raise UserError(f"--sink-offset must be in [0, 50), got {opts.sink_offset}")
     if opts.calib_samples % 8:
         raise UserError(f"--calib-samples must be a multiple of 8 (the batch), got "
                         f"{opts.calib_samples}")

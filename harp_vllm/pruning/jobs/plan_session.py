@@ -48,6 +48,7 @@ class Session:
     context: int  # the context length budgets are stated at (``--context`` or the model's)
     long: dict | None = None  # the long windows' settings (windows offered)
     long_windows: Any = None  # the long windows' token ids (damage windows first)
+    damage_windows: Any = None  # the short calibration windows damage is measured on
 
 
 def open_session(opts: PlanOptions, progress: bool = True) -> Session:
@@ -123,7 +124,8 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
                                 positions=opts.calib_seq_len, seed=opts.seed)
     eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
     return Session(opts, src, cfg, tok, model, stats, rec, held_out, choices, cache, eval_text,
-                   time.perf_counter() - t0, context, long, long_windows)
+                   time.perf_counter() - t0, context, long, long_windows,
+                   windows[:opts.damage_windows])
 
 
 SHARE_FIT_LOGITS = 2**22  # at most this many query-key pairs per head in a sharing refit

@@ -7,7 +7,12 @@ past the window even where the distant text itself does not matter (docs/results
 
 Fitted in closed form (``fit_sinks``): a head's logit is the median, over the calibration
 queries past the window, of the log-sum-exp of their logits on the first ``SINK_TOKENS`` keys
-(the dense model's own sink mass). Served for the families whose record says ``window_sinks``
+(the dense model's own sink mass), less an optional ``offset``. vLLM adds the logit to every
+query, also before the window is full, where the real first tokens are still in view and the
+sink counts their mass twice. A lower logit is a poor trade for that (docs/results.md, section
+12); nearly all of the short-context change comes from a few layers, so a layer keeps its sink
+only where the sink alone changes short contexts by at most ``SINK_MAX_SHORT_KL``
+(``short_context_costs``). Served for the families whose record says ``window_sinks``
 (Llama-like attention: q/k/v/o and rotary, no QK norm).
 """
 
@@ -27,6 +32,8 @@ from .model_layers import decoder_layers
 from .sliding_windows import attach_window
 
 SINK_TOKENS = 4
+DEFAULT_SINK_OFFSET = 0.0
+SINK_MAX_SHORT_KL = 1e-3  # a layer's sink costing more than this before its window fills: none
 
 
 def _heads(attn: Any) -> int:
@@ -63,12 +70,14 @@ def _sink_forward(self: Any, hidden_states: torch.Tensor, position_embeddings: A
     k = torch.cat([torch.cat([k, k.new_zeros(*k.shape[:3], 1)], -1), sink], 2)
     v = torch.cat([v, v.new_zeros(b, h, 1, d)], 2)
     mask = attention_mask
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
-        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], 1)], -1)
+    if mask is None:  # causal over the cached and new keys (the sink key, last, is seen by all)
+        n = k.shape[2] - 1
+        seen = torch.arange(n)[None, :] <= torch.arange(n - t, n)[:, None]
+        mask = seen[None, None]
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+    mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], 1)], -1)
     out = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                     is_causal=mask is None,
                                                      scale=self.scaling)
     return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
 
@@ -128,9 +137,10 @@ def sinks_added(model: Any, sinks: dict[int, torch.Tensor]) -> Iterator[None]:
 
 
 @torch.no_grad()
-def fit_sinks(model: Any, windows: dict[int, int], ids: torch.Tensor) -> dict[int, torch.Tensor]:
+def fit_sinks(model: Any, windows: dict[int, int], ids: torch.Tensor,
+              offset: float = DEFAULT_SINK_OFFSET) -> dict[int, torch.Tensor]:
     """Per windowed layer, each query head's sink logit from the dense model on ``ids``
-    [n, T] (see the module docstring); run with every layer dense."""
+    [n, T], less ``offset`` (see the module docstring); run with every layer dense."""
     check_served(model.config, lambda f: f.window_sinks, "window sinks are")
     layers: Any = decoder_layers(model)
     seen: dict[int, list[torch.Tensor]] = {j: [] for j in windows}
@@ -156,4 +166,27 @@ def fit_sinks(model: Any, windows: dict[int, int], ids: torch.Tensor) -> dict[in
     if short:
         raise UserError(f"sink fit: the calibration windows ({ids.shape[1]} tokens) are not "
                         f"longer than the windows of layers {short}")
-    return {j: torch.cat(v, -1).median(-1).values for j, v in seen.items()}
+    return {j: torch.cat(v, -1).median(-1).values - offset for j, v in seen.items()}
+
+
+@torch.no_grad()
+def short_context_costs(model: Any, windows: dict[int, int], sinks: dict[int, torch.Tensor],
+                        ids: torch.Tensor) -> dict[int, float]:
+    """Per layer of ``sinks``, KL(dense || dense with that layer's sink alone) per token over
+    the positions of ``ids`` [n, T] before the layer's window is full: what the sink costs
+    where the real first tokens are still in view (vLLM adds it there too)."""
+    def logprobs(row: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(model(input_ids=row[None], use_cache=False).logits[0].float(),
+                                 -1)
+
+    dense = [logprobs(row) for row in ids]
+    costs: dict[int, float] = {}
+    for j, values in sinks.items():
+        n = min(windows[j], ids.shape[1])
+        total = 0.0
+        with sinks_added(model, {j: values}):
+            for row, ref in zip(ids, dense, strict=True):
+                lp = logprobs(row[:n])
+                total += float((ref[:n].exp() * (ref[:n] - lp)).sum(-1)[1:].sum())
+        costs[j] = total / (len(ids) * (n - 1))
+    return costs
