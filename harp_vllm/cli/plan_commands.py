@@ -59,8 +59,8 @@ def register(app: typer.Typer) -> None:
                  "0")] = None,
         sink_max_short_kl: Annotated[float | None, typer.Option(
             help="with --window-sinks: a layer keeps its sink only if the sink alone changes "
-                 "short contexts (before the window fills; KL per token to dense on the "
-                 "damage windows) by at most this; default 1e-3")] = None,
+                 "short prompts (KL per token to dense on the first 256 tokens of the damage "
+                 "windows) by at most this; default 1e-3")] = None,
         long_seq_len: Annotated[int | None, typer.Option(
             help="with windows: tokens per long window (default --context), cut from the "
                  "calibration text between the fits' windows")] = None,

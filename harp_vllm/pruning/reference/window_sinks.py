@@ -11,9 +11,9 @@ queries past the window, of the log-sum-exp of their logits on the first ``SINK_
 query, also before the window is full, where the real first tokens are still in view and the
 sink counts their mass twice. A lower logit is a poor trade for that (docs/results.md, section
 12); nearly all of the short-context change comes from a few layers, so a layer keeps its sink
-only where the sink alone changes short contexts by at most ``SINK_MAX_SHORT_KL``
-(``short_context_costs``). Served for the families whose record says ``window_sinks``
-(Llama-like attention: q/k/v/o and rotary, no QK norm).
+only where the sink alone changes short prompts (the first ``SHORT_CONTEXT`` tokens) by at
+most ``SINK_MAX_SHORT_KL`` (``short_context_costs``). Served for the families whose record
+says ``window_sinks`` (Llama-like attention: q/k/v/o and rotary, no QK norm).
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from .sliding_windows import attach_window
 
 SINK_TOKENS = 4
 DEFAULT_SINK_OFFSET = 0.0
-SINK_MAX_SHORT_KL = 1e-3  # a layer's sink costing more than this before its window fills: none
+SINK_MAX_SHORT_KL = 1e-3  # a layer's sink costing more than this at short contexts: none
+SHORT_CONTEXT = 256  # the positions a sink's short-context cost is measured on
 
 
 def _heads(attn: Any) -> int:
@@ -171,10 +172,13 @@ def fit_sinks(model: Any, windows: dict[int, int], ids: torch.Tensor,
 
 @torch.no_grad()
 def short_context_costs(model: Any, windows: dict[int, int], sinks: dict[int, torch.Tensor],
-                        ids: torch.Tensor) -> dict[int, float]:
+                        ids: torch.Tensor, positions: int = SHORT_CONTEXT
+                        ) -> dict[int, float]:
     """Per layer of ``sinks``, KL(dense || dense with that layer's sink alone) per token over
-    the positions of ``ids`` [n, T] before the layer's window is full: what the sink costs
-    where the real first tokens are still in view (vLLM adds it there too)."""
+    the first ``positions`` positions of ``ids`` [n, T] (never past the layer's window): what
+    the sink costs on short prompts, where the real first tokens are still in view (vLLM adds
+    it there too). Averaged over longer text the cost shrinks (the sink's share of a growing
+    softmax), which would hide what a short prompt pays."""
     def logprobs(row: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(model(input_ids=row[None], use_cache=False).logits[0].float(),
                                  -1)
@@ -182,7 +186,7 @@ def short_context_costs(model: Any, windows: dict[int, int], sinks: dict[int, to
     dense = [logprobs(row) for row in ids]
     costs: dict[int, float] = {}
     for j, values in sinks.items():
-        n = min(windows[j], ids.shape[1])
+        n = min(windows[j], ids.shape[1], positions)
         total = 0.0
         with sinks_added(model, {j: values}):
             for row, ref in zip(ids, dense, strict=True):
