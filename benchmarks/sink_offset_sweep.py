@@ -13,7 +13,10 @@ docs/results.md section 12). This sweeps an offset ``d`` subtracted from every f
 - ``passkey NLL``: NLL per key token on passkey prompts (evaluation text: a diagnosis, never
   the choice).
 
-    python benchmarks/sink_offset_sweep.py out/smollm2-wplan27s --offsets none,0,0.5,1,2
+``--per-layer`` also prints each layer's sink alone's short KL; ``--layers`` keeps the sinks of
+some layers only (the rule ``--sink-max-short-kl`` applies in the planner).
+
+    python benchmarks/sink_offset_sweep.py out/smollm2-wplan27s-all --offsets none,0,0.5,1
 """
 from __future__ import annotations
 
