@@ -40,7 +40,7 @@ from harp_vllm.pruning.calibration.windows import (
 )
 from harp_vllm.pruning.reference import decoder_layers, load_model
 from harp_vllm.pruning.reference.sliding_windows import attach_window
-from harp_vllm.pruning.reference.window_sinks import sinks_added
+from harp_vllm.pruning.reference.window_sinks import short_context_costs, sinks_added
 
 
 @torch.no_grad()
@@ -83,14 +83,11 @@ def main() -> None:
     planted, picks = recall_windows(tok, long, needles=3, seed=7)
     trials = build_trials(tok, [args.length], args.passkey, 123)
 
-    def short_kl(dense_short: torch.Tensor | None) -> tuple[float, torch.Tensor]:
-        lp = torch.cat([logprobs(model, short[i:i + 8]) for i in range(0, len(short), 8)])
-        return (0.0 if dense_short is None else float(
-            (dense_short.exp() * (dense_short - lp)).sum(-1)[:, 1:].mean())), lp
-
     def measure(label: str, dense_short: torch.Tensor | None) -> dict:
         t0 = time.perf_counter()
-        kl, lp = short_kl(dense_short)
+        lp = torch.cat([logprobs(model, short[i:i + 8]) for i in range(0, len(short), 8)])
+        kl = 0.0 if dense_short is None else float(
+            (dense_short.exp() * (dense_short - lp)).sum(-1)[:, 1:].mean())
         nll = []
         for w, p in zip(planted, picks, strict=True):
             lpw = logprobs(model, w[None])[0]
@@ -108,12 +105,11 @@ def main() -> None:
     for j, w in windows.items():
         attach_window(layers[j].self_attn, w)
     rows = [{k: v for k, v in dense.items() if k != "_short"}]
-    if args.per_layer:
+    if args.per_layer:  # the planner's own measure (what --sink-max-short-kl caps)
+        costs = short_context_costs(model, windows, fitted, short, args.short_len)
         for j, s in fitted.items():
-            with sinks_added(model, {j: s}):
-                kl, _ = short_kl(dense["_short"])
             print(json.dumps({"layer": j, "sink_mean": round(float(s.mean()), 3),
-                              "short_kl": round(kl, 5)}), flush=True)
+                              "short_kl": round(costs[j], 5)}), flush=True)
     for off in args.offsets.split(","):
         if off == "none":
             row = measure("none", dense["_short"])

@@ -133,8 +133,7 @@ def test_short_context_cost_counts_positions_before_the_window_fills(tmp_path):
     grows with the logit."""
     src = make_tiny("llama", tmp_path / "tiny", layers=4)
     model = load_model(src).eval()
-    heads = decoder_layers(model)[2].self_attn.q_proj.out_features // decoder_layers(
-        model)[2].self_attn.head_dim
+    heads = model.config.num_attention_heads
     ids = torch.randint(3, 250, (2, 48), generator=torch.Generator().manual_seed(3))
     sinks = {2: torch.full((heads,), 2.0)}
     cost = short_context_costs(model, {2: 16}, sinks, ids)[2]

@@ -20,6 +20,8 @@ from ..reference.window_sinks import (
     SINK_MAX_SHORT_KL,
     SINK_TOKENS,
     attach_window_sinks,
+    fit_sinks,
+    short_context_costs,
     sinks_added,
 )
 from .checkpoint import check_output_dir, save_pruned
@@ -143,10 +145,8 @@ def run_plan(opts: PlanOptions, progress: bool = True) -> dict:
 def _fit_window_sinks(s: Session, layout: dict[int, Choice]
                       ) -> tuple[dict[int, Any], dict]:
     """The windowed layers' sink logits, fitted on the dense model (``window_sinks.py``), for
-    the layers whose sink alone costs at most the cap at short contexts (on the damage
-    windows, before the window fills); with the record of what was fitted and kept."""
-    from ..reference.window_sinks import fit_sinks, short_context_costs
-
+    the layers whose sink alone costs at most the cap on short prompts (the first positions
+    of the damage windows); with the record of what was fitted and kept."""
     windows = {j: int(c.window) for j, c in layout.items()
                if c.kind == "window" and c.window is not None}
     if not windows:

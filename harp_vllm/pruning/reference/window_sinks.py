@@ -183,10 +183,11 @@ def short_context_costs(model: Any, windows: dict[int, int], sinks: dict[int, to
         return torch.log_softmax(model(input_ids=row[None], use_cache=False).logits[0].float(),
                                  -1)
 
+    ids = ids[:, :positions]  # causal: the later positions change nothing before them
     dense = [logprobs(row) for row in ids]
     costs: dict[int, float] = {}
     for j, values in sinks.items():
-        n = min(windows[j], ids.shape[1], positions)
+        n = min(windows[j], ids.shape[1])
         total = 0.0
         with sinks_added(model, {j: values}):
             for row, ref in zip(ids, dense, strict=True):
