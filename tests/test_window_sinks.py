@@ -16,10 +16,13 @@ from harp_vllm.errors import UserError
 from harp_vllm.pruning.jobs.checkpoint import save_pruned
 from harp_vllm.pruning.reference import decoder_layers, load_model, pruned, windowed
 from harp_vllm.pruning.reference.window_sinks import (
+    LOWER_MAX,
+    LOWER_STEPS,
     SINK_TOKENS,
     attach_sinks,
     attach_window_sinks,
     fit_sinks,
+    lower_to_cap,
     short_context_costs,
 )
 from harp_vllm.spec import PruningSpec
@@ -144,6 +147,31 @@ def test_short_context_cost_counts_positions_before_the_window_fills(tmp_path):
     assert low < 1e-6 < cost < high  # (float rounding only, at -30)
 
 
+def test_lower_to_cap_finds_the_smallest_offset_that_meets_the_cap(tmp_path):
+    """A layer over the cap gets the smallest extra offset (to the bisection's step) that
+    brings its sink's short-context cost to at most the cap; a layer under the cap is left
+    alone, and one the largest offset cannot bring under it is left out (no sink)."""
+    src = make_tiny("llama", tmp_path / "tiny", layers=4)
+    model = load_model(src).eval()
+    heads = model.config.num_attention_heads
+    ids = torch.randint(3, 250, (2, 48), generator=torch.Generator().manual_seed(4))
+    windows = {1: 16, 2: 16}
+    sinks = {1: torch.full((heads,), 6.0), 2: torch.full((heads,), -30.0)}
+    costs = short_context_costs(model, windows, sinks, ids)
+    cap = short_context_costs(model, windows, {1: sinks[1] - 3.0}, ids)[1]
+    assert costs[2] < cap < costs[1]
+    offsets, lowered = lower_to_cap(model, windows, sinks, costs, ids, cap)
+    assert set(offsets) == {1}  # layer 2 is under the cap already
+    step = LOWER_MAX / 2 ** LOWER_STEPS
+    assert offsets[1] == pytest.approx(3.0, abs=step)
+    assert lowered[1] <= cap
+    assert lowered[1] == pytest.approx(
+        short_context_costs(model, windows, {1: sinks[1] - offsets[1]}, ids)[1], rel=1e-6)
+    worse = short_context_costs(model, windows, {1: sinks[1] - (offsets[1] - step)}, ids)[1]
+    assert worse > cap  # the smallest such offset, to the step
+    assert lower_to_cap(model, windows, sinks, costs, ids, cap, high=1.0) == ({}, {})
+
+
 def test_checkpoint_with_sinks_round_trips_and_refuses_other_families(tmp_path):
     src = make_tiny("llama", tmp_path / "tiny", layers=4)
     model = load_model(src)
@@ -189,6 +217,7 @@ def test_plan_window_sinks_writes_fitted_sinks_that_reload_and_refuses_without_w
                                    "--out", str(out)])
     assert res.exit_code == 0, res.output
     plan = json.loads((out / "plan.json").read_text())
+    fitted = plan["window_sinks"]["logits"]
     assert plan["window_sinks"]["offset"] == 0.5
     assert plan["window_sinks"]["layers"] == [1, 2]
     assert all(v > 0 for v in plan["window_sinks"]["short_kl"].values())
@@ -224,3 +253,19 @@ def test_plan_window_sinks_writes_fitted_sinks_that_reload_and_refuses_without_w
     assert plan["window_sinks"]["layers"] == [] and plan["window_sinks"]["logits"] == {}
     section = json.loads((capped / "config.json").read_text())["harp_pruning"]
     assert not section.get("sinks") and section["windows"] == {"1": 16, "2": 48}
+    # over the cap, lowered: each layer keeps its fitted logits less its own offset
+    low_cap = min(plan["window_sinks"]["short_kl"].values()) / 4
+    lowered = tmp_path / "lowered"
+    res = CliRunner().invoke(app, [*args, "--layout", "1:win16,2:win48", "--window-sinks",
+                                   "--sink-max-short-kl", str(low_cap), "--sink-over-cap",
+                                   "lower", "--out", str(lowered)])
+    assert res.exit_code == 0, res.output
+    sinks = json.loads((lowered / "plan.json").read_text())["window_sinks"]
+    assert sinks["over_cap"] == "lower" and sinks["layers"] == [1, 2]
+    for j, low in sinks["lowered"].items():
+        assert low["offset"] > 0 and low["short_kl"] <= low_cap
+        want = torch.tensor(fitted[j]) + 0.5 - low["offset"]  # the first run's offset was 0.5
+        assert torch.allclose(torch.tensor(sinks["logits"][j]), want, atol=2e-4)
+    res = CliRunner().invoke(app, [*args, "--layout", "1:win16", "--window-sinks",
+                                   "--sink-over-cap", "keep", "--out", str(tmp_path / "none")])
+    assert res.exit_code != 0 and "--sink-over-cap must be one of drop, lower" in res.output

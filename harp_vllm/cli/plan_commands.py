@@ -61,6 +61,10 @@ def register(app: typer.Typer) -> None:
             help="with --window-sinks: a layer keeps its sink only if the sink alone changes "
                  "short prompts (KL per token to dense on the first 256 tokens of the damage "
                  "windows) by at most this; default 1e-3")] = None,
+        sink_over_cap: Annotated[str | None, typer.Option(
+            help="with --window-sinks: a layer whose sink costs short prompts more than "
+                 "--sink-max-short-kl gets none (drop) or keeps it lowered by the smallest "
+                 "offset that meets the cap (lower); default drop")] = None,
         long_seq_len: Annotated[int | None, typer.Option(
             help="with windows: tokens per long window (default --context), cut from the "
                  "calibration text between the fits' windows")] = None,
@@ -125,7 +129,7 @@ def register(app: typer.Typer) -> None:
                 layout=layout, frontier=frontier, budgets=sweep, compare=compare, ranks=ranks,
                 calib_file=calib_file, calib_mix=calib_mix, candidates=candidates,
                 windows=windows, window_sinks=window_sinks, sink_offset=sink_offset,
-                sink_max_short_kl=sink_max_short_kl,
+                sink_max_short_kl=sink_max_short_kl, sink_over_cap=sink_over_cap,
                 long_seq_len=long_seq_len,
                 long_damage_windows=long_damage_windows,
                 long_rescore_windows=long_rescore_windows, long_positions=long_positions,

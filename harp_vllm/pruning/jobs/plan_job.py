@@ -17,10 +17,12 @@ from ..planner.scoring import layout_kl
 from ..planner.solve import Budget, plan_layout, served_block
 from ..reference.window_sinks import (
     DEFAULT_SINK_OFFSET,
+    DEFAULT_SINK_OVER_CAP,
     SINK_MAX_SHORT_KL,
     SINK_TOKENS,
     attach_window_sinks,
     fit_sinks,
+    lower_to_cap,
     short_context_costs,
     sinks_added,
 )
@@ -93,6 +95,7 @@ def _settings_record(s: Session) -> dict:
             **({"sink_offset": o.sink_offset} if o.sink_offset is not None else {}),
             **({"sink_max_short_kl": o.sink_max_short_kl}
                if o.sink_max_short_kl is not None else {}),
+            **({"sink_over_cap": o.sink_over_cap} if o.sink_over_cap is not None else {}),
             "top_k": o.top_k, "rounds": o.rounds, "seed": o.seed,
             "candidates": [c.name for c in s.choices],
             "eval": {"dataset": "wikitext2", "split": "test", "windows": o.eval_windows,
@@ -144,9 +147,10 @@ def run_plan(opts: PlanOptions, progress: bool = True) -> dict:
 
 def _fit_window_sinks(s: Session, layout: dict[int, Choice]
                       ) -> tuple[dict[int, Any], dict]:
-    """The windowed layers' sink logits, fitted on the dense model (``window_sinks.py``), for
-    the layers whose sink alone costs at most the cap on short prompts (the first positions
-    of the damage windows); with the record of what was fitted and kept."""
+    """The windowed layers' sink logits, fitted on the dense model (``window_sinks.py``):
+    a layer whose sink alone costs more than the cap on short prompts (the first positions
+    of the damage windows) drops it or keeps it lowered to the cap (``--sink-over-cap``);
+    with the record of what was fitted and kept."""
     windows = {j: int(c.window) for j, c in layout.items()
                if c.kind == "window" and c.window is not None}
     if not windows:
@@ -157,14 +161,24 @@ def _fit_window_sinks(s: Session, layout: dict[int, Choice]
     o = s.opts
     offset = DEFAULT_SINK_OFFSET if o.sink_offset is None else o.sink_offset
     cap = SINK_MAX_SHORT_KL if o.sink_max_short_kl is None else o.sink_max_short_kl
+    over_cap = DEFAULT_SINK_OVER_CAP if o.sink_over_cap is None else o.sink_over_cap
     fitted = fit_sinks(s.model, windows, s.long_windows[:1], offset)
     costs = short_context_costs(s.model, windows, fitted, s.damage_windows)
     kept = {j: v for j, v in fitted.items() if costs[j] <= cap}
+    lowered: dict[int, float] = {}
+    lowered_kl: dict[int, float] = {}
+    if over_cap == "lower":
+        lowered, lowered_kl = lower_to_cap(s.model, windows, fitted, costs, s.damage_windows,
+                                           cap)
+        kept.update({j: fitted[j] - d for j, d in lowered.items()})
+    kept = dict(sorted(kept.items()))
     return kept, {
         "fit": f"median log-sum-exp of the first {SINK_TOKENS} keys' logits, queries past the "
                f"window, 1 x {s.long_windows.shape[1]} calibration tokens, less the offset",
-        "offset": offset, "max_short_kl": cap,
+        "offset": offset, "max_short_kl": cap, "over_cap": over_cap,
         "short_kl": {str(j): round(c, 6) for j, c in costs.items()},
+        "lowered": {str(j): {"offset": d, "short_kl": round(lowered_kl[j], 6)}
+                    for j, d in lowered.items()},
         "layers": sorted(kept),
         "logits": {str(j): [round(float(x), 4) for x in v] for j, v in kept.items()}}
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from ...errors import UserError
 from ..planner.choices import DEFAULT_WINDOWS, KINDS, check_window, served_kinds
+from ..reference.window_sinks import SINK_OVER_CAPS
 from .prune_options import parse_rank
 
 DEFAULT_BUDGETS = (0.1, 0.2, 0.27, 0.3, 0.4, 0.5)
@@ -32,6 +33,7 @@ class PlanOptions:
     sink_offset: float | None = None  # subtracted from each fitted logit (None: the default)
     sink_max_short_kl: float | None = None  # a layer's sink's short-context cost cap (None:
     # the default)
+    sink_over_cap: str | None = None  # "drop" or "lower" (None: the default)
     long_seq_len: int | None = None  # with windows: long windows' length (None: --context)
     long_damage_windows: int = 1
     long_rescore_windows: int = 2
@@ -87,10 +89,13 @@ def check_options(opts: PlanOptions) -> None:
     if opts.window_sinks and opts.frontier:
         raise UserError("--window-sinks applies to one plan (--kv-saving or --layout), not "
                         "--frontier")
-    if (opts.sink_offset is not None or opts.sink_max_short_kl is not None) \
-            and not opts.window_sinks:
-        raise UserError("--sink-offset and --sink-max-short-kl apply to the fitted sinks: give "
-                        "--window-sinks too")
+    if (opts.sink_offset is not None or opts.sink_max_short_kl is not None
+            or opts.sink_over_cap is not None) and not opts.window_sinks:
+        raise UserError("--sink-offset, --sink-max-short-kl and --sink-over-cap apply to the "
+                        "fitted sinks: give --window-sinks too")
+    if opts.sink_over_cap is not None and opts.sink_over_cap not in SINK_OVER_CAPS:
+        raise UserError(f"--sink-over-cap must be one of {', '.join(SINK_OVER_CAPS)}, got "
+                        f"{opts.sink_over_cap!r}")
     if opts.sink_max_short_kl is not None and opts.sink_max_short_kl < 0:
         raise UserError(f"--sink-max-short-kl must be >= 0, got {opts.sink_max_short_kl}")
     if opts.sink_offset is not None and not 0 <= opts.sink_offset < 50:

@@ -12,7 +12,9 @@ query, also before the window is full, where the real first tokens are still in 
 sink counts their mass twice. A lower logit is a poor trade for that (docs/results.md, section
 12); nearly all of the short-context change comes from a few layers, so a layer keeps its sink
 only where the sink alone changes short prompts (the first ``SHORT_CONTEXT`` tokens) by at
-most ``SINK_MAX_SHORT_KL`` (``short_context_costs``). Served for the families whose record
+most ``SINK_MAX_SHORT_KL`` (``short_context_costs``); a layer over the cap drops its sink or
+(``SINK_OVER_CAP`` "lower") keeps it lowered by the smallest offset that meets the cap
+(``lower_to_cap``). Served for the families whose record
 says ``window_sinks`` (Llama-like attention: q/k/v/o and rotary, no QK norm).
 """
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -34,7 +36,11 @@ from .sliding_windows import attach_window
 SINK_TOKENS = 4
 DEFAULT_SINK_OFFSET = 0.0
 SINK_MAX_SHORT_KL = 1e-3  # a layer's sink costing more than this at short contexts: none
+SINK_OVER_CAPS = ("drop", "lower")  # what a layer whose sink costs more than the cap gets
+DEFAULT_SINK_OVER_CAP = "drop"
 SHORT_CONTEXT = 256  # the positions a sink's short-context cost is measured on
+LOWER_MAX = 16.0  # the largest extra offset ``lower_to_cap`` tries (e^-16: no sink left)
+LOWER_STEPS = 8  # its bisection's halvings (16 / 2^8 = 0.0625)
 
 
 def _heads(attn: Any) -> int:
@@ -170,28 +176,67 @@ def fit_sinks(model: Any, windows: dict[int, int], ids: torch.Tensor,
     return {j: torch.cat(v, -1).median(-1).values - offset for j, v in seen.items()}
 
 
-@torch.no_grad()
-def short_context_costs(model: Any, windows: dict[int, int], sinks: dict[int, torch.Tensor],
-                        ids: torch.Tensor, positions: int = SHORT_CONTEXT
-                        ) -> dict[int, float]:
-    """Per layer of ``sinks``, KL(dense || dense with that layer's sink alone) per token over
-    the first ``positions`` positions of ``ids`` [n, T] (never past the layer's window): what
-    the sink costs on short prompts, where the real first tokens are still in view (vLLM adds
-    it there too). Averaged over longer text the cost shrinks (the sink's share of a growing
-    softmax), which would hide what a short prompt pays."""
+def short_cost(model: Any, ids: torch.Tensor, positions: int = SHORT_CONTEXT
+               ) -> Callable[[int, int, torch.Tensor], float]:
+    """``cost(j, window, values)``: KL(dense || dense with layer ``j``'s sink ``values``
+    alone) per token over the first ``positions`` positions of ``ids`` [n, T] (never past
+    the layer's window): what the sink costs on short prompts, where the real first tokens
+    are still in view (vLLM adds it there too). Averaged over longer text the cost shrinks
+    (the sink's share of a growing softmax), which would hide what a short prompt pays."""
     def logprobs(row: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(model(input_ids=row[None], use_cache=False).logits[0].float(),
                                  -1)
 
     ids = ids[:, :positions]  # causal: the later positions change nothing before them
-    dense = [logprobs(row) for row in ids]
-    costs: dict[int, float] = {}
-    for j, values in sinks.items():
-        n = min(windows[j], ids.shape[1])
+    with torch.no_grad():
+        dense = [logprobs(row) for row in ids]
+
+    @torch.no_grad()
+    def cost(j: int, window: int, values: torch.Tensor) -> float:
+        n = min(window, ids.shape[1])
         total = 0.0
         with sinks_added(model, {j: values}):
             for row, ref in zip(ids, dense, strict=True):
                 lp = logprobs(row[:n])
                 total += float((ref[:n].exp() * (ref[:n] - lp)).sum(-1)[1:].sum())
-        costs[j] = total / (len(ids) * (n - 1))
-    return costs
+        return total / (len(ids) * (n - 1))
+
+    return cost
+
+
+def short_context_costs(model: Any, windows: dict[int, int], sinks: dict[int, torch.Tensor],
+                        ids: torch.Tensor, positions: int = SHORT_CONTEXT
+                        ) -> dict[int, float]:
+    """Per layer of ``sinks``, its sink's short-context cost alone (``short_cost``)."""
+    cost = short_cost(model, ids, positions)
+    return {j: cost(j, windows[j], values) for j, values in sinks.items()}
+
+
+def lower_to_cap(model: Any, windows: dict[int, int], sinks: dict[int, torch.Tensor],
+                 costs: dict[int, float], ids: torch.Tensor, cap: float,
+                 positions: int = SHORT_CONTEXT, high: float = LOWER_MAX,
+                 steps: int = LOWER_STEPS) -> tuple[dict[int, float], dict[int, float]]:
+    """For each layer whose sink costs more than ``cap`` on short prompts (``costs``), the
+    smallest extra offset in [0, ``high``] (bisection, ``steps`` halvings) that brings its
+    cost to at most ``cap``: a lower sink, in place of none, keeps part of what the sink
+    carries at long range. Returns ``(offset, cost)`` per such layer; a layer still over the
+    cap at ``high`` is left out (no sink)."""
+    cost = short_cost(model, ids, positions)
+    offsets: dict[int, float] = {}
+    lowered: dict[int, float] = {}
+    for j, c in costs.items():
+        if c <= cap:
+            continue
+        hi_cost = cost(j, windows[j], sinks[j] - high)
+        if hi_cost > cap:
+            continue
+        lo, hi = 0.0, high
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            c_mid = cost(j, windows[j], sinks[j] - mid)
+            if c_mid <= cap:
+                hi, hi_cost = mid, c_mid
+            else:
+                lo = mid
+        offsets[j], lowered[j] = hi, hi_cost
+    return offsets, lowered
