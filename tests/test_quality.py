@@ -112,6 +112,35 @@ def test_summary_gives_paired_ratios_and_differences(tmp_path):
         summarize([ref, short])
 
 
+def test_a_result_written_before_a_crash_is_kept_and_none_is_an_error(tmp_path, monkeypatch):
+    """The measuring child writes its result whole (temp file, then rename): an abort after
+    that (vLLM's teardown has exited -6 here) keeps the result, logged; an abort before it is
+    an error naming the exit. The abort is faked: a real one cannot be provoked on demand."""
+    from pathlib import Path
+
+    import harp_vllm.evaluation.quality_report as qr
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    payload = {"schema": qr.MODEL_SCHEMA, "model": str(model), "x": 1}
+    writes = [True]
+
+    def child(cmd: list[str]) -> subprocess.CompletedProcess:
+        if writes[0]:
+            Path(cmd[-1]).write_text(json.dumps(payload))
+        return subprocess.CompletedProcess(cmd, -6)
+
+    monkeypatch.setattr(qr.subprocess, "run", child)
+    logs: list[str] = []
+    got = qr.measure(str(model), "m", QualityOptions(), tmp_path / "runs", False, logs.append)
+    assert got["x"] == 1 and not got["cached"]
+    assert any("exited -6 after writing its result" in m for m in logs)
+    writes[0] = False
+    with pytest.raises(UserError, match=r"measuring m .* failed \(exit -6\)"):
+        qr.measure(str(model), "m", QualityOptions(), tmp_path / "runs", False, logs.append)
+
+
 def test_cli_refuses_bad_settings(tmp_path):
     for args, msg in [(["--preset", "huge"], "unknown --preset"),
                       (["--lambada-limit", "-1"], "must not be negative"),

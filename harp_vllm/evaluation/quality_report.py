@@ -74,9 +74,12 @@ def measure(model: str, label: str, opts: QualityOptions, runs_dir: Path, use_ca
         log(f"{label}: measuring {model}")
         proc = subprocess.run([sys.executable, "-m", "harp_vllm.evaluation.quality", model,
                                str(opts_file), str(out_file)])
-        if proc.returncode != 0 or not out_file.is_file():
+        if not out_file.is_file():  # written whole (temp file, then rename) or not at all
             raise UserError(f"measuring {label} ({model}) failed (exit {proc.returncode}); "
                             "see the log above")
+        if proc.returncode != 0:  # e.g. an abort in vLLM's teardown, after the result
+            log(f"{label}: the measuring process exited {proc.returncode} after writing its "
+                "result; the result is kept")
         payload = json.loads(out_file.read_text())
     payload["run_key"] = key
     tmp_file = cached.with_suffix(".tmp")
