@@ -172,6 +172,26 @@ def check_payload(payload: dict) -> list[str]:
     return problems
 
 
+def test_in_process_engine_env_binds_every_core_unless_set(monkeypatch):
+    """vLLM's "auto" binding would keep one of this machine's two cores for an API server the
+    in-process engine does not have; an explicit setting is left as it is."""
+    import os
+
+    from harp_vllm.evaluation.tasks.backends import engine_env
+
+    for key in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"):
+        monkeypatch.delenv(key, raising=False)
+    engine_env(1.5)
+    cores = sorted(os.sched_getaffinity(0))
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1.5"
+    assert [int(c) for c in os.environ["VLLM_CPU_OMP_THREADS_BIND"].split(",")] == cores
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    engine_env(1.5)
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "4"
+
+
 def test_report_table_and_payload_check():
     from harp_vllm.evaluation.tasks.report import markdown_table
 

@@ -243,7 +243,6 @@ def evaluate_model(model: str, opts: QualityOptions, log: Any = print) -> dict[s
     t0 = time.time()
     path = models.resolve(model)
     tokenizer = models.load_tokenizer(path)
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     lm = backends.make_vllm_lm(str(path), max_model_len=opts.max_model_len(), seed=opts.seed,
                                max_gen_toks=16, kv_cache_gb=opts.kv_cache_gb,
                                extra={"enable_prefix_caching": True})

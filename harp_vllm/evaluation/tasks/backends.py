@@ -83,10 +83,21 @@ def import_lm_eval_vllm():
                         "(pip install -e '.[cpu]')?") from e
 
 
+def engine_env(kv_cache_gb: float) -> None:
+    """The CPU engine's environment for an in-process, single-rank evaluation (unless set):
+    the KV-cache size, and its threads bound to every core this process may use (vLLM's
+    "auto" binding keeps one core for an API server, which an in-process engine has not:
+    on a 2-core machine it would compute on one)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gb:g}")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
+                          ",".join(str(c) for c in sorted(os.sched_getaffinity(0))))
+
+
 def make_vllm_lm(model_path: str, *, max_model_len: int | None, seed: int, max_gen_toks: int,
                  kv_cache_gb: float, extra: dict[str, Any] | None = None):
-    """lm-eval's VLLM model on ``model_path``: fp32, eager, the given KV-cache size (CPU)."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gb:g}")
+    """lm-eval's VLLM model on ``model_path``: fp32, eager, the given KV-cache size (CPU),
+    one rank on every core (``engine_env``)."""
+    engine_env(kv_cache_gb)
     mod = import_lm_eval_vllm()
     kwargs: dict[str, Any] = dict(
         pretrained=model_path, dtype="float32", enforce_eager=True, seed=seed,

@@ -142,7 +142,6 @@ def check_context(path, lengths: list[int]) -> None:
 def run_passkey(model: str, lengths: list[int], trials: int, seed: int = 0,
                 kv_cache_gb: float = 2.0, progress: bool = True) -> dict:
     """Accuracy by length through an in-process vLLM engine (fp32, eager, plugin loaded)."""
-    import os
 
     from ... import models
 
@@ -152,8 +151,11 @@ def run_passkey(model: str, lengths: list[int], trials: int, seed: int = 0,
     tok = models.load_tokenizer(path)
     build_trials(tok, lengths, 1, seed)  # refuse bad lengths before the engine starts
     check_context(path, lengths)
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gb:g}")
     from vllm import LLM
+
+    from .backends import engine_env
+
+    engine_env(kv_cache_gb)
 
     start = time.perf_counter()
     llm = LLM(model=str(path), dtype="float32", enforce_eager=True, seed=seed,
