@@ -24,6 +24,7 @@ from harp_vllm.pruning.reference.window_sinks import (
     fit_sinks,
     lower_to_cap,
     short_context_costs,
+    short_cost,
 )
 from harp_vllm.spec import PruningSpec
 
@@ -160,7 +161,8 @@ def test_lower_to_cap_finds_the_smallest_offset_that_meets_the_cap(tmp_path):
     costs = short_context_costs(model, windows, sinks, ids)
     cap = short_context_costs(model, windows, {1: sinks[1] - 3.0}, ids)[1]
     assert costs[2] < cap < costs[1]
-    offsets, lowered = lower_to_cap(model, windows, sinks, costs, ids, cap)
+    cost = short_cost(model, ids)
+    offsets, lowered = lower_to_cap(cost, windows, sinks, costs, cap)
     assert set(offsets) == {1}  # layer 2 is under the cap already
     step = LOWER_MAX / 2 ** LOWER_STEPS
     assert offsets[1] == pytest.approx(3.0, abs=step)
@@ -169,7 +171,7 @@ def test_lower_to_cap_finds_the_smallest_offset_that_meets_the_cap(tmp_path):
         short_context_costs(model, windows, {1: sinks[1] - offsets[1]}, ids)[1], rel=1e-6)
     worse = short_context_costs(model, windows, {1: sinks[1] - (offsets[1] - step)}, ids)[1]
     assert worse > cap  # the smallest such offset, to the step
-    assert lower_to_cap(model, windows, sinks, costs, ids, cap, high=1.0) == ({}, {})
+    assert lower_to_cap(cost, windows, sinks, costs, cap, high=1.0) == ({}, {})
 
 
 def test_checkpoint_with_sinks_round_trips_and_refuses_other_families(tmp_path):

@@ -142,7 +142,6 @@ def check_context(path, lengths: list[int]) -> None:
 def run_passkey(model: str, lengths: list[int], trials: int, seed: int = 0,
                 kv_cache_gb: float = 2.0, progress: bool = True) -> dict:
     """Accuracy by length through an in-process vLLM engine (fp32, eager, plugin loaded)."""
-
     from ... import models
 
     if trials < 1:

@@ -23,7 +23,7 @@ from ..reference.window_sinks import (
     attach_window_sinks,
     fit_sinks,
     lower_to_cap,
-    short_context_costs,
+    short_cost,
     sinks_added,
 )
 from .checkpoint import check_output_dir, save_pruned
@@ -163,13 +163,13 @@ def _fit_window_sinks(s: Session, layout: dict[int, Choice]
     cap = SINK_MAX_SHORT_KL if o.sink_max_short_kl is None else o.sink_max_short_kl
     over_cap = DEFAULT_SINK_OVER_CAP if o.sink_over_cap is None else o.sink_over_cap
     fitted = fit_sinks(s.model, windows, s.long_windows[:1], offset)
-    costs = short_context_costs(s.model, windows, fitted, s.damage_windows)
+    cost = short_cost(s.model, s.damage_windows)  # the dense reference, computed once
+    costs = {j: cost(j, windows[j], v) for j, v in fitted.items()}
     kept = {j: v for j, v in fitted.items() if costs[j] <= cap}
     lowered: dict[int, float] = {}
     lowered_kl: dict[int, float] = {}
     if over_cap == "lower":
-        lowered, lowered_kl = lower_to_cap(s.model, windows, fitted, costs, s.damage_windows,
-                                           cap)
+        lowered, lowered_kl = lower_to_cap(cost, windows, fitted, costs, cap)
         kept.update({j: fitted[j] - d for j, d in lowered.items()})
     kept = dict(sorted(kept.items()))
     return kept, {

@@ -12,9 +12,9 @@ query, also before the window is full, where the real first tokens are still in 
 sink counts their mass twice. A lower logit is a poor trade for that (docs/results.md, section
 12); nearly all of the short-context change comes from a few layers, so a layer keeps its sink
 only where the sink alone changes short prompts (the first ``SHORT_CONTEXT`` tokens) by at
-most ``SINK_MAX_SHORT_KL`` (``short_context_costs``); a layer over the cap drops its sink or
-(``SINK_OVER_CAP`` "lower") keeps it lowered by the smallest offset that meets the cap
-(``lower_to_cap``). Served for the families whose record
+most ``SINK_MAX_SHORT_KL`` (``short_context_costs``); a layer over the cap drops its sink
+("drop", the default) or keeps it lowered by the smallest offset that meets the cap ("lower":
+``lower_to_cap``). Served for the families whose record
 says ``window_sinks`` (Llama-like attention: q/k/v/o and rotary, no QK norm).
 """
 
@@ -212,16 +212,15 @@ def short_context_costs(model: Any, windows: dict[int, int], sinks: dict[int, to
     return {j: cost(j, windows[j], values) for j, values in sinks.items()}
 
 
-def lower_to_cap(model: Any, windows: dict[int, int], sinks: dict[int, torch.Tensor],
-                 costs: dict[int, float], ids: torch.Tensor, cap: float,
-                 positions: int = SHORT_CONTEXT, high: float = LOWER_MAX,
-                 steps: int = LOWER_STEPS) -> tuple[dict[int, float], dict[int, float]]:
-    """For each layer whose sink costs more than ``cap`` on short prompts (``costs``), the
-    smallest extra offset in [0, ``high``] (bisection, ``steps`` halvings) that brings its
-    cost to at most ``cap``: a lower sink, in place of none, keeps part of what the sink
-    carries at long range. Returns ``(offset, cost)`` per such layer; a layer still over the
-    cap at ``high`` is left out (no sink)."""
-    cost = short_cost(model, ids, positions)
+def lower_to_cap(cost: Callable[[int, int, torch.Tensor], float], windows: dict[int, int],
+                 sinks: dict[int, torch.Tensor], costs: dict[int, float], cap: float,
+                 high: float = LOWER_MAX, steps: int = LOWER_STEPS
+                 ) -> tuple[dict[int, float], dict[int, float]]:
+    """For each layer whose sink costs more than ``cap`` on short prompts (``costs``, by the
+    same ``cost`` from ``short_cost``), the smallest extra offset in [0, ``high``]
+    (bisection, ``steps`` halvings) that brings its cost to at most ``cap``: a lower sink, in
+    place of none, keeps part of what the sink carries at long range. Returns ``(offset,
+    cost)`` per such layer; a layer still over the cap at ``high`` is left out (no sink)."""
     offsets: dict[int, float] = {}
     lowered: dict[int, float] = {}
     for j, c in costs.items():
