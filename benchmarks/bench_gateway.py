@@ -1,6 +1,6 @@
 """Gateway overhead: the same zero-delay fake backend asked directly and through the gateway.
 
-    flock /tmp/harp-cpu.lock .venv/bin/python benchmarks/bench_gateway.py \
+    flock /tmp/harp-heavy.lock .venv/bin/python benchmarks/bench_gateway.py \
         [--requests 5000] [--concurrency 50] [--compare-src /path/to/old/checkout] [--stream]
 
 One fake backend (``tests/fake_backend.py``, no token delay) and one gateway process

@@ -7,7 +7,7 @@ tests/probe.py's, started by path (nothing is imported from tests/). Reports cap
 many greedy tokens the fp8 run shares with the same model at full precision (the common
 prefix: after the first difference the continuations are different texts).
 
-    flock /tmp/harp-cpu.lock .venv/bin/python benchmarks/bench_kv_fp8.py --out out/kv_fp8.json
+    flock /tmp/harp-heavy.lock .venv/bin/python benchmarks/bench_kv_fp8.py --out out/kv_fp8.json
 """
 
 from __future__ import annotations

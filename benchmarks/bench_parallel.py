@@ -11,7 +11,7 @@ variants alternating for ``--rounds`` rounds; medians. Variants (threads as set 
 * ``pp2-balanced``: the same with ``VLLM_PP_LAYER_PARTITION=11,19``: 11 attention layers per
   stage (stage 1 also holds the 8 pruned layers).
 
-    flock /tmp/harp-cpu.lock .venv/bin/python benchmarks/bench_parallel.py --out out/pp.json
+    flock /tmp/harp-heavy.lock .venv/bin/python benchmarks/bench_parallel.py --out out/pp.json
 """
 
 from __future__ import annotations

