@@ -55,12 +55,12 @@ def test_cost_model_counts_by_hand():
     assert s["predicted_speedup"]["prefill@7168"] > s["predicted_speedup"]["prefill@4096"] > 1
 
 
-def _brute_force(cfg, damage, choices, budget):
+def _brute_force(cfg, damage, choices, budget, forbidden=frozenset()):
     limit = (1 - budget.kv_saving) * costs.kv_bytes(cfg, costs.dense_shape(cfg)) * len(damage)
     best = None
     for combo in itertools.product(choices, repeat=len(damage)):
         kv = sum(costs.kv_bytes(cfg, c.shape(cfg)) for c in combo)
-        if kv > limit + 1e-6:
+        if kv > limit + 1e-6 or any((j, c.name) in forbidden for j, c in enumerate(combo)):
             continue
         val = sum(0.0 if c == KEEP else damage[j][c.name] for j, c in enumerate(combo))
         if best is None or val < best[0] - 1e-12:
@@ -87,6 +87,14 @@ def test_solver_is_exact_and_k_best_are_distinct_and_ordered():
             for layout, _ in found:
                 kv = sum(costs.kv_bytes(cfg, layout.get(j, KEEP).shape(cfg)) for j in range(5))
                 assert kv <= (1 - saving) * 768 * 5 + 1e-6
+    # Pairs not offered (``forbidden``): the best layout without them, exactly; the pick
+    # changes when the unconstrained best uses one.
+    best = found[0][0]
+    forbidden = frozenset((j, c.name) for j, c in best.items())
+    (other, val), = solve_layouts(cfg, damage, choices, budget, forbidden=forbidden)
+    assert not forbidden & {(j, c.name) for j, c in other.items()}
+    assert val == pytest.approx(_brute_force(cfg, damage, choices, budget, forbidden)[0],
+                                abs=1e-9)
     # A speed budget the candidates cannot meet is refused clearly.
     with pytest.raises(UserError, match="no layout meets the budget"):
         solve_layouts(cfg, damage, choices, Budget(0.1, speedup=50.0, context=7168))

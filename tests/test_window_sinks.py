@@ -270,4 +270,63 @@ def test_plan_window_sinks_writes_fitted_sinks_that_reload_and_refuses_without_w
         assert torch.allclose(torch.tensor(sinks["logits"][j]), want, atol=2e-4)
     res = CliRunner().invoke(app, [*args, "--layout", "1:win16", "--window-sinks",
                                    "--sink-over-cap", "keep", "--out", str(tmp_path / "none")])
-    assert res.exit_code != 0 and "--sink-over-cap must be one of drop, lower" in res.output
+    assert res.exit_code != 0
+    assert "--sink-over-cap must be one of drop, lower, no-window" in res.output
+
+
+def test_plan_no_window_offers_a_window_only_where_its_sink_is_affordable(
+        tiny_llama, tmp_path, monkeypatch):
+    """``--sink-over-cap no-window``: every (layer, window) is priced by its fitted sink's
+    short-prompt cost before the solve, and the pairs over the cap are not offered. With the
+    cap at the dearest pair of the unconstrained plan, the plan uses only pairs under it and
+    every windowed layer keeps its sink; with the cap just under it, that pair is not offered
+    (on this tiny model the other layers' sinks cost more, so no layout is left: the budget is
+    refused). With ``--layout`` the option is refused."""
+    from test_plan import _calib
+    from typer.testing import CliRunner
+
+    from harp_vllm.cli import app
+
+    monkeypatch.setenv("HARP_VLLM_CACHE", str(tmp_path / "cache"))
+    args = ["plan", str(tiny_llama), "--calib-file", str(_calib(tmp_path)), "--calib-samples",
+            "8", "--calib-seq-len", "32", "--positions", "16", "--eval-windows", "0",
+            "--top-k", "2", "--candidates", "window", "--windows", "16,48",
+            "--long-positions", "64", "--context", "512", "--kv-saving", "0.2",
+            "--window-sinks", "--sink-over-cap", "no-window"]
+
+    def plan(cap: float, name: str):
+        return CliRunner().invoke(app, [*args, "--sink-max-short-kl", str(cap), "--out",
+                                        str(tmp_path / name)])
+
+    res = plan(1e9, "free")
+    assert res.exit_code == 0, res.output
+    free = json.loads((tmp_path / "free" / "plan.json").read_text())
+    costs = free["window_sinks"]["offered"]["short_kl"]
+    assert len(costs) == 4 * 2 and all(c > 0 for c in costs.values())
+    assert free["window_sinks"]["offered"]["not_offered"] == []
+    picked = [f"{j}:{c}" for j, c in enumerate(free["per_layer"]) if c.startswith("win")]
+    assert picked
+    dearest = max(picked, key=costs.__getitem__)
+    cap = costs[dearest] * (1 + 1e-5)  # the record keeps 6 significant digits
+    res = plan(cap, "capped")
+    assert res.exit_code == 0, res.output
+    capped = json.loads((tmp_path / "capped" / "plan.json").read_text())
+    offered = capped["window_sinks"]["offered"]
+    assert offered["short_kl"] == costs  # the same fits, the same costs
+    assert offered["not_offered"]
+    assert sorted(offered["not_offered"]) == sorted(k for k, c in costs.items() if c > cap)
+    now = [f"{j}:{c}" for j, c in enumerate(capped["per_layer"]) if c.startswith("win")]
+    assert now and all(costs[k] <= cap for k in now)
+    assert capped["window_sinks"]["layers"] == [int(k.split(":")[0]) for k in now]
+    res = plan(costs[dearest] * (1 - 1e-5), "under")
+    if res.exit_code == 0:  # a layout without the dearest pair
+        under = json.loads((tmp_path / "under" / "plan.json").read_text())
+        assert dearest not in [f"{j}:{c}" for j, c in enumerate(under["per_layer"])]
+    else:
+        assert "no layout meets the budget" in res.output
+        assert not (tmp_path / "under").exists()
+    res = CliRunner().invoke(app, ["plan", str(tiny_llama), "--layout", "1:win16",
+                                   "--window-sinks", "--sink-over-cap", "no-window", "--out",
+                                   str(tmp_path / "none")])
+    assert res.exit_code != 0 and "not to a given --layout" in res.output
+    assert not (tmp_path / "none").exists()

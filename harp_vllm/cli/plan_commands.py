@@ -63,8 +63,10 @@ def register(app: typer.Typer) -> None:
                  "windows) by at most this; default 1e-3")] = None,
         sink_over_cap: Annotated[str | None, typer.Option(
             help="with --window-sinks: a layer whose sink costs short prompts more than "
-                 "--sink-max-short-kl gets none (drop) or keeps it lowered by the smallest "
-                 "offset that meets the cap (lower); default drop")] = None,
+                 "--sink-max-short-kl gets none (drop), keeps it lowered by the smallest "
+                 "offset that meets the cap (lower), or, with --kv-saving, is not offered "
+                 "that window at all (no-window: every layer's sink priced before the "
+                 "solve); default drop")] = None,
         long_seq_len: Annotated[int | None, typer.Option(
             help="with windows: tokens per long window (default --context), cut from the "
                  "calibration text between the fits' windows")] = None,

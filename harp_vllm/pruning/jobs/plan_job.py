@@ -24,6 +24,7 @@ from ..reference.window_sinks import (
     fit_sinks,
     lower_to_cap,
     short_cost,
+    sink_costs_by_window,
     sinks_added,
 )
 from .checkpoint import check_output_dir, save_pruned
@@ -47,11 +48,13 @@ def _ppl(s: Session, layout: dict[int, Choice], progress: bool) -> float | None:
     return res.perplexity
 
 
-def plan_budget(s: Session, budget: Budget, progress: bool = True) -> dict:
-    """Plan one budget and measure it; the plan record (no checkpoint written)."""
+def plan_budget(s: Session, budget: Budget, progress: bool = True,
+                forbidden: frozenset[tuple[int, str]] = frozenset()) -> dict:
+    """Plan one budget and measure it; the plan record (no checkpoint written).
+    ``forbidden``: (layer, choice name) pairs the solver does not offer."""
     t0 = time.perf_counter()
     found = plan_layout(s.model, s.stats, s.held_out, s.choices, budget, s.opts.top_k,
-                        s.opts.rounds, progress)
+                        s.opts.rounds, progress, forbidden)
     solve_seconds = time.perf_counter() - t0
     return _record(s, found.layout, progress, budget=budget,
                    measured_kl=round(found.measured_kl, 5), tried=found.tried,
@@ -109,19 +112,24 @@ def run_plan(opts: PlanOptions, progress: bool = True) -> dict:
     check_output_dir(out, opts.force)
     start = time.perf_counter()
     s = open_session(opts, progress)
+    priced = None  # --sink-over-cap no-window: the windows not offered, and every cost
     if opts.layout:
         layout = parse_layout(opts.layout, s.cfg)
         record = _record(s, layout, progress, budget=None)
     else:
         assert opts.kv_saving is not None
         budget = Budget(opts.kv_saving, opts.speedup, s.context, served_block(s.cfg, s.choices))
-        record = plan_budget(s, budget, progress)
+        priced = _unaffordable_windows(s) if opts.sink_over_cap == "no-window" else None
+        record = plan_budget(s, budget, progress,
+                             frozenset() if priced is None else priced[0])
         layout = parse_layout(record["layout"], s.cfg) if record["layout"] else {}
     if not layout:
         raise UserError("the plan keeps every layer as it is; nothing to write")
     sinks: dict[int, Any] = {}
     if opts.window_sinks:  # measured again with the sinks (the layout was chosen without)
         sinks, record["window_sinks"] = _fit_window_sinks(s, layout)
+        if priced is not None:
+            record["window_sinks"]["offered"] = priced[1]
         record["window_sinks"]["without_sinks"] = {k: record[k] for k in ("ppl", "measured_kl")}
         if sinks:
             with sinks_added(s.model, sinks):
@@ -143,6 +151,28 @@ def run_plan(opts: PlanOptions, progress: bool = True) -> dict:
     save_pruned(s.model, spec, s.src, out, force=opts.force, extra_files={"plan.json": plan_json})
     record["out"] = str(out)
     return record
+
+
+def _unaffordable_windows(s: Session) -> tuple[frozenset[tuple[int, str]], dict]:
+    """``--sink-over-cap no-window``: every (layer, window size) the planner offers priced by
+    the short-prompt cost of the sink it would get (``sink_costs_by_window``, calibration
+    text); the pairs over the cap are not offered. Returns them and the record of costs."""
+    if s.long_windows is None:
+        raise UserError("--sink-over-cap no-window needs window candidates (--windows)")
+    o = s.opts
+    offset = DEFAULT_SINK_OFFSET if o.sink_offset is None else o.sink_offset
+    cap = SINK_MAX_SHORT_KL if o.sink_max_short_kl is None else o.sink_max_short_kl
+    sizes = sorted({int(c.window) for c in s.choices
+                    if c.kind == "window" and c.window is not None})
+    layers = list(range(s.cfg.num_hidden_layers))
+    costs = sink_costs_by_window(s.model, layers, sizes, s.long_windows[:1],
+                                 short_cost(s.model, s.damage_windows), offset)
+    forbidden = frozenset((j, f"win{w}") for (j, w), c in costs.items() if c > cap)
+    return forbidden, {
+        "rule": "a window is offered only where its fitted sink costs short prompts at most "
+                "the cap",
+        "short_kl": {f"{j}:win{w}": float(f"{c:.6g}") for (j, w), c in sorted(costs.items())},
+        "not_offered": sorted(f"{j}:{name}" for j, name in forbidden)}
 
 
 def _fit_window_sinks(s: Session, layout: dict[int, Choice]

@@ -33,7 +33,7 @@ class PlanOptions:
     sink_offset: float | None = None  # subtracted from each fitted logit (None: the default)
     sink_max_short_kl: float | None = None  # a layer's sink's short-context cost cap (None:
     # the default)
-    sink_over_cap: str | None = None  # "drop" or "lower" (None: the default)
+    sink_over_cap: str | None = None  # "drop", "lower" or "no-window" (None: the default)
     long_seq_len: int | None = None  # with windows: long windows' length (None: --context)
     long_damage_windows: int = 1
     long_rescore_windows: int = 2
@@ -96,6 +96,9 @@ def check_options(opts: PlanOptions) -> None:
     if opts.sink_over_cap is not None and opts.sink_over_cap not in SINK_OVER_CAPS:
         raise UserError(f"--sink-over-cap must be one of {', '.join(SINK_OVER_CAPS)}, got "
                         f"{opts.sink_over_cap!r}")
+    if opts.sink_over_cap == "no-window" and opts.layout:
+        raise UserError("--sink-over-cap no-window prices the windows the planner offers: it "
+                        "applies to --kv-saving, not to a given --layout")
     if opts.sink_max_short_kl is not None and opts.sink_max_short_kl < 0:
         raise UserError(f"--sink-max-short-kl must be >= 0, got {opts.sink_max_short_kl}")
     if opts.sink_offset is not None and not 0 <= opts.sink_offset < 50:

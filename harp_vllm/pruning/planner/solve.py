@@ -29,7 +29,9 @@ class Budget:
 
 
 def solve_layouts(cfg: Any, damage: dict[int, dict[str, float]], choices: list[Choice],
-                  budget: Budget, count: int = 1) -> list[tuple[dict[int, Choice], float]]:
+                  budget: Budget, count: int = 1,
+                  forbidden: frozenset[tuple[int, str]] = frozenset()
+                  ) -> list[tuple[dict[int, Choice], float]]:
     """The ``count`` best layouts by summed damage under ``budget`` (multiple-choice knapsack,
     exact MILP by HiGHS; each next layout is excluded from the following solves by a no-good
     cut). A candidate another one of its layer beats on every budgeted cost and on damage is
@@ -62,7 +64,9 @@ def solve_layouts(cfg: Any, damage: dict[int, dict[str, float]], choices: list[C
         lo.append([-np.inf])
         hi.append([limit - head])
     budgeted = [kv] + ([macs] if budget.speedup is not None else [])
-    upper = _undominated(cost, budgeted, n_c).astype(float)
+    offered = np.array([(i // n_c, choices[i % n_c].name) not in forbidden
+                        for i in range(len(cost))])
+    upper = (_undominated(cost, budgeted, n_c, offered) & offered).astype(float)
     out: list[tuple[dict[int, Choice], float]] = []
     for _ in range(count):
         res = milp(cost, integrality=np.ones_like(cost), bounds=Bounds(0, upper),
@@ -120,7 +124,8 @@ def served_saving(cfg: Any, layout: dict[int, Choice], budget: Budget) -> float:
 
 
 def solve_served(cfg: Any, damage: dict[int, dict[str, float]], choices: list[Choice],
-                 budget: Budget, count: int = 1, attempts: int = 6
+                 budget: Budget, count: int = 1,
+                 forbidden: frozenset[tuple[int, str]] = frozenset(), attempts: int = 6
                  ) -> list[tuple[dict[int, Choice], float]]:
     """``solve_layouts`` under a served budget: the MILP counts whole blocks per layer
     (linear), the grouping's padding layers are not linear, so layouts short of the budget
@@ -129,7 +134,7 @@ def solve_served(cfg: Any, damage: dict[int, dict[str, float]], choices: list[Ch
     target = budget.kv_saving
     for _ in range(attempts):
         found = solve_layouts(cfg, damage, choices, Budget(
-            target, budget.speedup, budget.context, budget.served_block), count)
+            target, budget.speedup, budget.context, budget.served_block), count, forbidden)
         savings = [served_saving(cfg, layout, budget) for layout, _ in found]
         ok = [f for f, sv in zip(found, savings, strict=True) if sv >= budget.kv_saving - 1e-9]
         if ok:
@@ -139,14 +144,15 @@ def solve_served(cfg: Any, damage: dict[int, dict[str, float]], choices: list[Ch
                     f"the KV cache (blocks of {budget.served_block}, padding layers)")
 
 
-def _undominated(cost: np.ndarray, budgeted: list[np.ndarray], n_c: int) -> np.ndarray:
-    """Per variable: False if another choice of the same layer is no worse on damage and
-    every budgeted cost and better on one (ties: the first listed stays)."""
+def _undominated(cost: np.ndarray, budgeted: list[np.ndarray], n_c: int,
+                 offered: np.ndarray) -> np.ndarray:
+    """Per variable: False if another offered choice of the same layer is no worse on damage
+    and every budgeted cost and better on one (ties: the first listed stays)."""
     keep = np.ones_like(cost, dtype=bool)
     for base in range(0, len(cost), n_c):
         for a in range(base, base + n_c):
             for b in range(base, base + n_c):
-                if a == b:
+                if a == b or not offered[b]:
                     continue
                 vals_a = [cost[a], *(c[a] for c in budgeted)]
                 vals_b = [cost[b], *(c[b] for c in budgeted)]
@@ -171,8 +177,8 @@ class Planned:
 
 
 def plan_layout(model, stats: PlanStats, rec: DenseRecord, choices: list[Choice],
-                budget: Budget, top_k: int = 8, rounds: int = 1, progress: bool = True
-                ) -> Planned:
+                budget: Budget, top_k: int = 8, rounds: int = 1, progress: bool = True,
+                forbidden: frozenset[tuple[int, str]] = frozenset()) -> Planned:
     """Solve, then re-score the ``top_k`` best layouts as whole models on ``rec`` (held-out
     calibration windows, so the pick is not fitted to the damage windows' noise). Each further
     round corrects the estimates of the best layout's changed layers to their in-context marginal
@@ -184,7 +190,7 @@ def plan_layout(model, stats: PlanStats, rec: DenseRecord, choices: list[Choice]
     seen: dict[str, tuple[dict[int, Choice], float]] = {}
     solve = solve_layouts if budget.served_block is None else solve_served
     for r in range(rounds):
-        found = solve(cfg, damage, choices, budget, top_k)
+        found = solve(cfg, damage, choices, budget, top_k, forbidden)
         for layout, predicted in tqdm(found, disable=not progress, unit="layout",
                                       desc=f"re-score layouts (round {r + 1}/{rounds})"):
             key = layout_text(layout)

@@ -14,7 +14,9 @@ sink counts their mass twice. A lower logit is a poor trade for that (docs/resul
 only where the sink alone changes short prompts (the first ``SHORT_CONTEXT`` tokens) by at
 most ``SINK_MAX_SHORT_KL`` (``short_context_costs``); a layer over the cap drops its sink
 ("drop", the default) or keeps it lowered by the smallest offset that meets the cap ("lower":
-``lower_to_cap``). Served for the families whose record
+``lower_to_cap``), or, when the planner picks the layout, is not offered that window at all
+("no-window": ``sink_costs_by_window``, priced before the solve). Served for the families
+whose record
 says ``window_sinks`` (Llama-like attention: q/k/v/o and rotary, no QK norm).
 """
 
@@ -36,7 +38,8 @@ from .sliding_windows import attach_window
 SINK_TOKENS = 4
 DEFAULT_SINK_OFFSET = 0.0
 SINK_MAX_SHORT_KL = 1e-3  # a layer's sink costing more than this at short contexts: none
-SINK_OVER_CAPS = ("drop", "lower")  # what a layer whose sink costs more than the cap gets
+# what a layer whose sink costs more than the cap gets
+SINK_OVER_CAPS = ("drop", "lower", "no-window")
 DEFAULT_SINK_OVER_CAP = "drop"
 SHORT_CONTEXT = 256  # the positions a sink's short-context cost is measured on
 LOWER_MAX = 16.0  # the largest extra offset ``lower_to_cap`` tries (e^-16: no sink left)
@@ -239,3 +242,16 @@ def lower_to_cap(cost: Callable[[int, int, torch.Tensor], float], windows: dict[
                 lo = mid
         offsets[j], lowered[j] = hi, hi_cost
     return offsets, lowered
+
+
+def sink_costs_by_window(model: Any, layers: list[int], sizes: list[int], ids: torch.Tensor,
+                         cost: Callable[[int, int, torch.Tensor], float],
+                         offset: float = DEFAULT_SINK_OFFSET) -> dict[tuple[int, int], float]:
+    """Per (layer, window size): the short-prompt cost (``cost``, from ``short_cost``) of the
+    sink that layer would get under that window (``fit_sinks`` on ``ids``, one dense forward
+    per size), so a planner can offer a window only where its sink is affordable."""
+    out: dict[tuple[int, int], float] = {}
+    for w in sizes:
+        fitted = fit_sinks(model, {j: w for j in layers}, ids, offset)
+        out.update({(j, w): cost(j, w, v) for j, v in fitted.items()})
+    return out
