@@ -119,7 +119,8 @@ def run_plan(opts: PlanOptions, progress: bool = True) -> dict:
     else:
         assert opts.kv_saving is not None
         budget = Budget(opts.kv_saving, opts.speedup, s.context, served_block(s.cfg, s.choices))
-        priced = _unaffordable_windows(s) if opts.sink_over_cap == "no-window" else None
+        if opts.sink_over_cap == "no-window":
+            priced = _unaffordable_windows(s, progress)
         record = plan_budget(s, budget, progress,
                              frozenset() if priced is None else priced[0])
         layout = parse_layout(record["layout"], s.cfg) if record["layout"] else {}
@@ -153,7 +154,8 @@ def run_plan(opts: PlanOptions, progress: bool = True) -> dict:
     return record
 
 
-def _unaffordable_windows(s: Session) -> tuple[frozenset[tuple[int, str]], dict]:
+def _unaffordable_windows(s: Session, progress: bool
+                          ) -> tuple[frozenset[tuple[int, str]], dict]:
     """``--sink-over-cap no-window``: every (layer, window size) the planner offers priced by
     the short-prompt cost of the sink it would get (``sink_costs_by_window``, calibration
     text); the pairs over the cap are not offered. Returns them and the record of costs."""
@@ -166,7 +168,7 @@ def _unaffordable_windows(s: Session) -> tuple[frozenset[tuple[int, str]], dict]
                     if c.kind == "window" and c.window is not None})
     layers = list(range(s.cfg.num_hidden_layers))
     costs = sink_costs_by_window(s.model, layers, sizes, s.long_windows[:1],
-                                 short_cost(s.model, s.damage_windows), offset)
+                                 short_cost(s.model, s.damage_windows), offset, progress)
     forbidden = frozenset((j, f"win{w}") for (j, w), c in costs.items() if c > cap)
     return forbidden, {
         "rule": "a window is offered only where its fitted sink costs short prompts at most "

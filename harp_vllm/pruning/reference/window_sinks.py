@@ -246,12 +246,19 @@ def lower_to_cap(cost: Callable[[int, int, torch.Tensor], float], windows: dict[
 
 def sink_costs_by_window(model: Any, layers: list[int], sizes: list[int], ids: torch.Tensor,
                          cost: Callable[[int, int, torch.Tensor], float],
-                         offset: float = DEFAULT_SINK_OFFSET) -> dict[tuple[int, int], float]:
+                         offset: float = DEFAULT_SINK_OFFSET, progress: bool = False
+                         ) -> dict[tuple[int, int], float]:
     """Per (layer, window size): the short-prompt cost (``cost``, from ``short_cost``) of the
     sink that layer would get under that window (``fit_sinks`` on ``ids``, one dense forward
     per size), so a planner can offer a window only where its sink is affordable."""
+    from tqdm.auto import tqdm
+
     out: dict[tuple[int, int], float] = {}
-    for w in sizes:
-        fitted = fit_sinks(model, {j: w for j in layers}, ids, offset)
-        out.update({(j, w): cost(j, w, v) for j, v in fitted.items()})
+    with tqdm(total=len(layers) * len(sizes), disable=not progress, unit="window",
+              desc="sink cost per layer and window") as bar:
+        for w in sizes:
+            fitted = fit_sinks(model, {j: w for j in layers}, ids, offset)
+            for j, v in fitted.items():
+                out[(j, w)] = cost(j, w, v)
+                bar.update()
     return out
