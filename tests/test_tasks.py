@@ -173,21 +173,27 @@ def check_payload(payload: dict) -> list[str]:
 
 
 def test_in_process_engine_env_binds_every_core_unless_set(monkeypatch):
-    """vLLM's "auto" binding would keep one of this machine's two cores for an API server the
-    in-process engine does not have; an explicit setting is left as it is."""
+    """The engine runs in this process; vLLM's "auto" binding would keep one of this
+    machine's two cores for an API server the in-process engine does not have; an explicit
+    setting is left as it is."""
     import os
 
     from harp_vllm.evaluation.tasks.backends import engine_env
 
-    for key in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"):
+    keys = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND",
+            "VLLM_ENABLE_V1_MULTIPROCESSING")
+    for key in keys:
         monkeypatch.delenv(key, raising=False)
     engine_env(1.5)
     cores = sorted(os.sched_getaffinity(0))
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1.5"
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # the engine in this process
     assert [int(c) for c in os.environ["VLLM_CPU_OMP_THREADS_BIND"].split(",")] == cores
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     engine_env(1.5)
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0"
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "4"
 
@@ -255,12 +261,14 @@ def test_eval_tasks_end_to_end_on_pruned_checkpoint(pruned_smollm2, tmp_path):
 @pytest.mark.vllm
 @pytest.mark.timeout(600)
 def test_sigterm_stops_the_in_process_engine_too(smollm2_dir, tmp_path):
-    """SIGTERM to `eval tasks` must not leave vLLM's EngineCore/Worker processes behind."""
+    """SIGTERM to `eval tasks` must not leave vLLM's EngineCore/Worker processes behind
+    (the multi-process engine a user may choose with VLLM_ENABLE_V1_MULTIPROCESSING=1; by
+    default the engine runs in the command's own process)."""
     import signal
 
     import psutil
 
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "harp_vllm.cli", "eval", "tasks", "--model", str(smollm2_dir),
          "--tasks", "arc_easy", "--limit", "400", "--max-model-len", "1024"],

@@ -85,9 +85,12 @@ def import_lm_eval_vllm():
 
 def engine_env(kv_cache_gb: float) -> None:
     """The CPU engine's environment for an in-process, single-rank evaluation (unless set):
-    the KV-cache size, and its threads bound to every core this process may use (vLLM's
-    "auto" binding keeps one core for an API server, which an in-process engine has not:
-    on a 2-core machine it would compute on one)."""
+    the KV-cache size; the engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: no
+    engine-core and worker processes, each importing vLLM again: ready in 6 s instead of 30,
+    the same answers and speed, docs/results.md section 12); its threads bound to every core
+    this process may use (vLLM's "auto" binding keeps one core for an API server, which an
+    in-process engine has not: on a 2-core machine it would compute on one)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gb:g}")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND",
                           ",".join(str(c) for c in sorted(os.sched_getaffinity(0))))
