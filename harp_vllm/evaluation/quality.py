@@ -262,7 +262,8 @@ def evaluate_model(model: str, opts: QualityOptions, log: Any = print) -> dict[s
     return {"schema": SCHEMA, "model": model, "path": str(path), "options": opts.to_dict(),
             "vllm_kv_cache_tokens": kv_tokens, "env": {
                 k: os.environ.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND",
-                                               "VLLM_CPU_KVCACHE_SPACE")},
+                                               "VLLM_CPU_KVCACHE_SPACE",
+                                               "VLLM_ENABLE_V1_MULTIPROCESSING")},
             "perplexity": short, "positions": long, "tasks": tasks, "passkey": passkey,
             "seconds": time.time() - t0, "seconds_engine_start": started}
 
