@@ -154,6 +154,21 @@ def run_plan(opts: PlanOptions, progress: bool = True) -> dict:
     return record
 
 
+def _sink_settings(s: Session) -> tuple[float, float]:
+    """The sinks' offset and short-prompt cost cap (the options, else the defaults)."""
+    o = s.opts
+    return (DEFAULT_SINK_OFFSET if o.sink_offset is None else o.sink_offset,
+            SINK_MAX_SHORT_KL if o.sink_max_short_kl is None else o.sink_max_short_kl)
+
+
+def _sink_cost(s: Session) -> Any:
+    """The session's ``short_cost`` on its damage windows (the dense reference computed once,
+    shared by the pricing before the solve and the fit after it)."""
+    if s.sink_cost is None:
+        s.sink_cost = short_cost(s.model, s.damage_windows)
+    return s.sink_cost
+
+
 def _unaffordable_windows(s: Session, progress: bool
                           ) -> tuple[frozenset[tuple[int, str]], dict]:
     """``--sink-over-cap no-window``: every (layer, window size) the planner offers priced by
@@ -161,14 +176,12 @@ def _unaffordable_windows(s: Session, progress: bool
     text); the pairs over the cap are not offered. Returns them and the record of costs."""
     if s.long_windows is None:
         raise UserError("--sink-over-cap no-window needs window candidates (--windows)")
-    o = s.opts
-    offset = DEFAULT_SINK_OFFSET if o.sink_offset is None else o.sink_offset
-    cap = SINK_MAX_SHORT_KL if o.sink_max_short_kl is None else o.sink_max_short_kl
+    offset, cap = _sink_settings(s)
     sizes = sorted({int(c.window) for c in s.choices
                     if c.kind == "window" and c.window is not None})
     layers = list(range(s.cfg.num_hidden_layers))
-    costs = sink_costs_by_window(s.model, layers, sizes, s.long_windows[:1],
-                                 short_cost(s.model, s.damage_windows), offset, progress)
+    costs = sink_costs_by_window(s.model, layers, sizes, s.long_windows[:1], _sink_cost(s),
+                                 offset, progress)
     forbidden = frozenset((j, f"win{w}") for (j, w), c in costs.items() if c > cap)
     return forbidden, {
         "rule": "a window is offered only where its fitted sink costs short prompts at most "
@@ -190,12 +203,10 @@ def _fit_window_sinks(s: Session, layout: dict[int, Choice]
     if s.long_windows is None:
         raise UserError("--window-sinks needs the long calibration windows (a plan with "
                         "windows)")
-    o = s.opts
-    offset = DEFAULT_SINK_OFFSET if o.sink_offset is None else o.sink_offset
-    cap = SINK_MAX_SHORT_KL if o.sink_max_short_kl is None else o.sink_max_short_kl
-    over_cap = DEFAULT_SINK_OVER_CAP if o.sink_over_cap is None else o.sink_over_cap
+    offset, cap = _sink_settings(s)
+    over_cap = DEFAULT_SINK_OVER_CAP if s.opts.sink_over_cap is None else s.opts.sink_over_cap
     fitted = fit_sinks(s.model, windows, s.long_windows[:1], offset)
-    cost = short_cost(s.model, s.damage_windows)  # the dense reference, computed once
+    cost = _sink_cost(s)
     costs = {j: cost(j, windows[j], v) for j, v in fitted.items()}
     kept = {j: v for j, v in fitted.items() if costs[j] <= cap}
     lowered: dict[int, float] = {}

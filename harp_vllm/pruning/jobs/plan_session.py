@@ -49,6 +49,7 @@ class Session:
     long: dict | None = None  # the long windows' settings (windows offered)
     long_windows: Any = None  # the long windows' token ids (damage windows first)
     damage_windows: Any = None  # the short calibration windows damage is measured on
+    sink_cost: Any = None  # window sinks' short-prompt cost (``short_cost``), built once
 
 
 def open_session(opts: PlanOptions, progress: bool = True) -> Session:
