@@ -108,4 +108,4 @@ def test_a_sixth_family_is_one_record_and_one_small_plugin_class(monkeypatch, tm
     assert {kinds[str(i)] for i in TINY_ALPHAS if TINY_ALPHAS[i]} == {
         "FoldedTokenLocalAttention"}
     assert kinds["2"] == "RemovedAttention" and kinds["1"] == "Qwen3Attention"
-    assert_matches(result, reference(pruned, TINY_PROMPTS))
+    assert_matches(result, reference(pruned, TINY_PROMPTS, result))

@@ -11,11 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from test_vllm_plugin import max_logprob_diff, run_probe, served_ratio
+from test_vllm_plugin import max_logprob_diff, reference, run_probe, served_ratio
 
 from harp_vllm import models
-from harp_vllm.pruning.reference import load_model
 
 GEMMA_PROMPTS = [
     "The capital of France is",
@@ -77,32 +75,6 @@ def gemma_prompts(gemma3_dir) -> list[list[int]]:
     return prompts + [val[:LONG_TOKENS]]
 
 
-def gemma_reference(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> list[dict]:
-    """Greedy tokens and prompt logprobs from the HF reference (eager attention: the
-    sliding-window mask of HF's own Gemma 3; prompt logprobs without a cache, generation with
-    HF's cache, a fraction of the time of re-running the whole sequence per token)."""
-    model = load_model(model_dir)
-    model.set_attn_implementation("eager")
-    out = []
-    with torch.no_grad():
-        for ids in prompts:
-            x = torch.tensor([ids])
-            logp = torch.log_softmax(model(x, use_cache=False).logits[0].double(), -1)
-            lps = [None] + [logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0]
-            del logp
-            # greedy with HF's own cache (its sliding layers keep their last 512 tokens), the
-            # end-of-text token not special (the probe ignores it too)
-            step = model(x, use_cache=True, logits_to_keep=1)
-            new: list[int] = []
-            for _ in range(max_tokens):
-                nxt = step.logits[0, -1].argmax()
-                new.append(int(nxt))
-                step = model(nxt.view(1, 1), past_key_values=step.past_key_values,
-                             use_cache=True)
-            out.append({"token_ids": new, "prompt_logprobs": lps})
-    return out
-
-
 @pytest.fixture(scope="session")
 def gemma_dense_run(gemma3_dir, gemma_prompts, tmp_path_factory) -> tuple[dict, str]:
     """The dense model's engine run on ``gemma_prompts`` (its KV pool is the pruned tests'
@@ -127,7 +99,7 @@ def test_dense_gemma3_engine_matches_reference(gemma3_dir, gemma_prompts, gemma_
     result, log = gemma_dense_run
     assert result["ok"], result.get("error", "") + log[-3000:]
     assert result["architectures"] == ["Gemma3ForCausalLM"]
-    ref = gemma_reference(gemma3_dir, gemma_prompts, MAX_TOKENS)
+    ref = reference(gemma3_dir, gemma_prompts, result, MAX_TOKENS)
     assert len(result["results"]) == len(ref)
     assert len(result["results"][-1]["prompt_token_ids"]) == LONG_TOKENS
     diffs = [max_logprob_diff(g["prompt_logprobs"], w["prompt_logprobs"])
@@ -174,7 +146,7 @@ def test_pruned_gemma3_engine_matches_reference(gemma3_dir, gemma_prompts, gemma
                             max_model_len=2048)
     assert result["ok"], result.get("error", "") + log[-3000:]
     assert result["architectures"] == ["HarpGemma3ForCausalLM"]
-    ref = gemma_reference(pruned, prompts, MAX_TOKENS)
+    ref = reference(pruned, prompts, result, MAX_TOKENS)
     diffs = [max_logprob_diff(g["prompt_logprobs"], w["prompt_logprobs"])
              for g, w in zip(result["results"], ref, strict=True)]
     print(f"max |prompt logprob difference| per prompt: {diffs}")  # shown with -s

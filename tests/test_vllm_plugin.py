@@ -20,7 +20,6 @@ from conftest import (
     PROMPTS,
     TINY_ALPHAS,
     TINY_PROMPTS,
-    greedy_without_cache,
     head_pruned,
     make_tiny,
     own_model_type,
@@ -56,19 +55,31 @@ def run_probe(model: Path, workdir: Path, prompts: list | None = None, *,
     return launch(flags, workdir, engine_env(not multiprocessing, env), timeout)
 
 
-def reference(model_dir: Path, prompts: list[list[int]], max_tokens: int = 32) -> list[dict]:
-    """Greedy tokens and prompt logprobs from the HF reference (no KV cache, eager attention)."""
-
+def reference(model_dir: Path, prompts: list[list[int]], result: dict | None = None,
+              max_tokens: int = 32) -> list[dict]:
+    """The HF reference (eager attention, no KV cache) along the engine's own sequences: one
+    forward over each prompt and the tokens ``result`` generated for it gives the prompt
+    logprobs and, at every generated position, the reference's greedy token after the
+    engine's tokens before it. Equal token lists mean the engine generated the reference's
+    greedy sequence (by induction from the first token: ``greedy_without_cache``'s sequence,
+    checked with one forward instead of one per token). Without ``result``: prompt logprobs
+    only (``token_ids`` None)."""
+    if result is not None:
+        assert result["ok"], result.get("error")
+        generated = [r["token_ids"] for r in result["results"]]
+        assert [len(g) for g in generated] == [max_tokens] * len(prompts), generated
     model = load_model(model_dir)
     model.set_attn_implementation("eager")  # sdpa drops Gemma2's attention softcapping
     out = []
     with torch.no_grad():
-        for ids in prompts:
-            x = torch.tensor([ids])
-            logp = torch.log_softmax(model(x, use_cache=False).logits[0].double(), -1)
+        for k, ids in enumerate(prompts):
+            new = generated[k] if result is not None else []
+            logits = model(torch.tensor([ids + new]), use_cache=False).logits[0]
+            logp = torch.log_softmax(logits[:len(ids)].double(), -1)
             lps = [None] + [logp[i - 1, t].item() for i, t in enumerate(ids) if i > 0]
-            seq = greedy_without_cache(model, x, max_tokens)
-            out.append({"token_ids": seq[0, len(ids):].tolist(), "prompt_logprobs": lps})
+            greedy = logits[len(ids) - 1:len(ids) - 1 + len(new)].argmax(-1).tolist()
+            out.append({"token_ids": greedy if result is not None else None,
+                        "prompt_logprobs": lps})
     return out
 
 
@@ -199,9 +210,9 @@ def test_pruned_smollm2_in_multiprocess_engine_matches_reference(smol_harp8_run,
     assert result["architectures"] == ["HarpLlamaForCausalLM"]
     # vLLM's separate engine-core process built the model (its log lines carry its name)
     assert "(EngineCore pid=" in log
-    ref = reference(smollm2_harp8, smol_prompts)
     assert len(result["results"]) == len(PROMPTS) + 1 and len(PROMPTS) >= 5
     results = result["results"][:len(PROMPTS)]
+    ref = reference(smollm2_harp8, smol_prompts, {**result, "results": results})
     assert [r["prompt_token_ids"] for r in results] == smol_prompts
     diffs = [max_logprob_diff(g["prompt_logprobs"], w["prompt_logprobs"])
              for g, w in zip(results, ref, strict=True)]
@@ -273,7 +284,7 @@ def test_tiny_families_match_reference(family, tiny_families, engines):
     pruned, prompts = tiny_families[family]
     result, log = engines(pruned, prompts)
     assert result["ok"], result.get("error", "") + log[-3000:]
-    assert_matches(result, reference(pruned, prompts))
+    assert_matches(result, reference(pruned, prompts, result))
 
 
 # ---------------------------------------------------------------------------- load-time errors
@@ -307,7 +318,7 @@ def test_tiny_llama_matches_reference(tiny_pruned, tiny_engines):
     """The single-rank run test_parallel compares its TP=2 engine with."""
     result, log = tiny_engines(tiny_pruned, TINY_PROMPTS)
     assert result["ok"], result.get("error", "") + log[-3000:]
-    assert_matches(result, reference(tiny_pruned, TINY_PROMPTS))
+    assert_matches(result, reference(tiny_pruned, TINY_PROMPTS, result))
 
 
 @vllm
@@ -626,7 +637,7 @@ def test_gate_norm_smollm2_matches_reference_and_grows_kv(smollm2_dir, smol_prom
     assert sorted(map(int, layers)) != list(range(22, 30))  # scattered, not the top block
     result, log = run_probe(out, tmp_path / "run", smol_prompts)
     assert result["ok"], result.get("error", "") + log[-3000:]
-    assert_matches(result, reference(out, smol_prompts))
+    assert_matches(result, reference(out, smol_prompts, result))
     dense = run_smol_dense[0]
     assert result["kv_cache_tokens"] / dense["kv_cache_tokens"] == pytest.approx(30 / 22,
                                                                                    rel=0.01)
@@ -647,7 +658,7 @@ def test_tiny_flap_with_per_layer_kv_heads_matches_reference(tiny_checkpoints,
     assert sum(kv) == 9 and set(kv) == {1, 2}  # 12 groups, 3 removed, unevenly
     result, log = tiny_engines(pruned, TINY_PROMPTS)
     assert result["ok"], result.get("error", "") + log[-3000:]
-    assert_matches(result, reference(pruned, TINY_PROMPTS))
+    assert_matches(result, reference(pruned, TINY_PROMPTS, result))
     base, base_log = tiny_engines(tiny_checkpoints["dense"], TINY_PROMPTS)
     assert base["ok"], base.get("error", "") + base_log[-3000:]
     assert result["kv_cache_tokens"] / base["kv_cache_tokens"] == pytest.approx(12 / 9,
@@ -665,7 +676,7 @@ def test_head_pruned_smollm2_matches_reference(smollm2_dir, smol_prompts, run_sm
     result, log = run_probe(pruned, tmp_path / "run", smol_prompts)
     assert result["ok"], result.get("error", "") + log[-3000:]
     assert result["architectures"] == ["HarpLlamaForCausalLM"]
-    assert_matches(result, reference(pruned, smol_prompts))
+    assert_matches(result, reference(pruned, smol_prompts, result))
     dense = run_smol_dense[0]
     assert result["kv_cache_tokens"] / dense["kv_cache_tokens"] == pytest.approx(90 / 66,
                                                                                   rel=0.01)
@@ -684,7 +695,7 @@ def test_tiny_qwen2_with_per_layer_heads_matches_reference(tmp_path):
     result, log = run_probe(pruned, tmp_path / "run", prompts, max_model_len=512)
     assert result["ok"], result.get("error", "") + log[-3000:]
     assert result["architectures"] == ["HarpQwen2ForCausalLM"]
-    assert_matches(result, reference(pruned, prompts))
+    assert_matches(result, reference(pruned, prompts, result))
 
 
 @vllm
@@ -700,7 +711,7 @@ def test_tiny_gemma3_query_heads_cut_matches_reference(tmp_path):
     result, log = run_probe(pruned, tmp_path / "run", prompts, max_model_len=512)
     assert result["ok"], result.get("error", "") + log[-3000:]
     assert result["architectures"] == ["HarpGemma3ForCausalLM"]
-    assert_matches(result, reference(pruned, prompts))
+    assert_matches(result, reference(pruned, prompts, result))
 
 
 # ---------------------------------------------------------------------------- linear maps
@@ -719,7 +730,7 @@ def test_tiny_linear_maps_match_reference(tiny_linear, tiny_engines):
     """The single-rank run test_parallel compares its TP=2 engine with."""
     result, log = tiny_engines(tiny_linear, TINY_PROMPTS)
     assert result["ok"], result.get("error", "") + log[-3000:]
-    assert_matches(result, reference(tiny_linear, TINY_PROMPTS))
+    assert_matches(result, reference(tiny_linear, TINY_PROMPTS, result))
 
 
 @vllm
@@ -732,7 +743,7 @@ def test_tiny_gemma3_linear_maps_match_reference(tiny_checkpoints, tiny_engines)
     result, log = tiny_engines(pruned, TINY_PROMPTS)
     assert result["ok"], result.get("error", "") + log[-3000:]
     assert result["architectures"] == ["HarpGemma3ForCausalLM"]
-    assert_matches(result, reference(pruned, TINY_PROMPTS))
+    assert_matches(result, reference(pruned, TINY_PROMPTS, result))
     assert sum(g["layers"] for g in result["kv_groups"]) == 1, result["kv_groups"]
 
 
@@ -762,7 +773,7 @@ def test_linear_smollm2_matches_reference_and_grows_kv(smol_linear, smol_prompts
                                                        run_smol_dense, tmp_path):
     result, log = run_probe(smol_linear, tmp_path, smol_prompts)
     assert result["ok"], result.get("error", "") + log[-3000:]
-    ref = reference(smol_linear, smol_prompts)
+    ref = reference(smol_linear, smol_prompts, result)
     assert len(result["results"]) == len(PROMPTS) >= 5
     assert all(len(got["token_ids"]) == 32 for got in result["results"])
     assert_matches(result, ref)
@@ -807,7 +818,7 @@ def test_tiny_planned_mixture_matches_reference_and_sizes_kv(tiny_checkpoints, t
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12], list(range(20, 120)), [40] * 30]
     result, log = run_probe(pruned, tmp_path / "run", prompts, max_model_len=512)
     assert result["ok"], result.get("error", "") + log[-3000:]
-    assert_matches(result, reference(pruned, prompts))
+    assert_matches(result, reference(pruned, prompts, result))
     base, base_log = tiny_engines(dense, TINY_PROMPTS)  # shared with the other tiny tests
     assert base["ok"], base.get("error", "") + base_log[-3000:]
     # KV heads per layer: 1, 0, 0, 1, 0, 1 = 3 of the dense 12.
@@ -832,7 +843,7 @@ def test_tiny_gemma3_planned_layout_matches_reference(tmp_path):
     result, log = run_probe(pruned, tmp_path / "run", prompts, max_model_len=512)
     assert result["ok"], result.get("error", "") + log[-3000:]
     assert result["architectures"] == ["HarpGemma3ForCausalLM"]
-    assert_matches(result, reference(pruned, prompts))
+    assert_matches(result, reference(pruned, prompts, result))
     by_window: dict = {}
     for g in result["kv_groups"]:
         by_window[g["sliding_window"]] = by_window.get(g["sliding_window"], 0) + g["layers"]
@@ -863,7 +874,7 @@ def test_smollm2_plan27_matches_reference_and_kv_equals_plan(smollm2_dir, smol_p
     result, log = run_probe(pruned, tmp_path / "run", smol_prompts)
     assert result["ok"], result.get("error", "") + log[-3000:]
     assert result["architectures"] == ["HarpLlamaForCausalLM"]
-    assert_matches(result, reference(pruned, smol_prompts))
+    assert_matches(result, reference(pruned, smol_prompts, result))
     dense = run_smol_dense[0]
     want = summary["kv_bytes_per_token_dense"] / summary["kv_bytes_per_token"]
     rounding = 2 * result["block_size"] / dense["kv_cache_tokens"]  # a block on either side
@@ -918,11 +929,11 @@ def test_tiny_windows_and_sharing_match_reference_past_the_window_and_size_kv(tm
                [40] * 30 + torch.randint(3, 250, (100,), generator=g).tolist()]
     result, log = run_probe(model, tmp_path / "run", prompts, max_model_len=512)
     assert result["ok"], result.get("error", "") + log[-3000:]
-    want = reference(model, prompts)
+    want = reference(model, prompts, result)
     assert_matches(result, want)
     # the sinks change the model: served without them, the logprobs would not match
     plain = _windowed(dense, tmp_path / "plain", {1: 16, 3: 40, 5: 16, 7: 16}, {6: 2, 7: 5})
-    assert max_logprob_diff(reference(plain, prompts[1:2], 1)[0]["prompt_logprobs"],
+    assert max_logprob_diff(reference(plain, prompts[1:2])[0]["prompt_logprobs"],
                             want[1]["prompt_logprobs"]) > 1e-2
     windows = sorted(grp["sliding_window"] or 0 for grp in result["kv_groups"])
     assert windows == [0, 0, 0, 16, 16, 40]  # own caches: full 0, 2, 4; 16: 1, 5; 40: 3
@@ -960,7 +971,7 @@ def test_smollm2_windows_match_reference_and_kv_equals_the_cost_model(
     prompts = [*smol_prompts, long]
     result, log = run_probe(model, tmp_path / "run", prompts)
     assert result["ok"], result.get("error", "") + log[-3000:]
-    assert_matches(result, reference(model, prompts))
+    assert_matches(result, reference(model, prompts, result))
     dense = run_smol_dense[0]
     got = sequences_that_fit(result, 2048) / sequences_that_fit(dense, 2048)
     assert got == pytest.approx(served_ratio(model, 2048, result["block_size"]), rel=0.01)
