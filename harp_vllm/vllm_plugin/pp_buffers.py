@@ -42,6 +42,6 @@ def install() -> bool:
         return original(self, num_tokens, intermediate_tensors, sync_self)
 
     setattr(sync_and_gather_intermediate_tensors, _MARK, True)
-    GPUModelRunner.sync_and_gather_intermediate_tensors = (  # type: ignore[method-assign]
+    GPUModelRunner.sync_and_gather_intermediate_tensors = (
         sync_and_gather_intermediate_tensors)
     return True
