@@ -21,10 +21,11 @@ turn in this one process (single rank, in process), with the same prompts and fl
 writes ``{"ok": true, "runs": [result of each, in order]}``: one vLLM import for many small
 engines.
 
-``launch`` (the tests' way to start vLLM) sends every in-process run
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) to a long-lived probe process (``--serve``: one job per
-line on its standard input) started once per environment and test session, so those runs pay
-for the vLLM import once; its memory is bounded (it exits after a job that leaves it above
+``launch`` (the tests' way to start vLLM) sends every run to a long-lived probe process
+(``--serve``: one job per line on its standard input) started once per environment and test
+session, so runs of the same environment pay for the probe's vLLM import once (a multi-process
+engine's EngineCore and rank workers are still spawned fresh: vLLM's CPU platform spawns);
+its memory is bounded (it exits after a job that leaves it above
 ``WORKER_MAX_RSS``, and the next job starts a new one). ``HARP_PROBE_WORKER=0``: a process
 per run.
 
@@ -42,6 +43,7 @@ import atexit
 import contextlib
 import gc
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -66,6 +68,13 @@ def make_llm(model: str, max_model_len: int, **kw):
     args = dict(dtype="float32", enforce_eager=True, enable_prefix_caching=False, seed=0)
     args.update(kw)
     return LLM(model=model, max_model_len=max_model_len, **args)
+
+
+def shut_down(llm) -> None:
+    """Stop ``llm``'s engine now (its EngineCore and rank workers, if any), not when it is
+    collected: the long-lived probe worker goes on to the next job."""
+    if llm is not None:
+        llm.llm_engine.engine_core.shutdown()
 
 
 def engine_settings(llm) -> dict:
@@ -106,8 +115,6 @@ def worker_info(worker) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
 
     prompts = json.loads(Path(args.prompts).read_text()) if args.prompts else []
     kw: dict = {}
@@ -122,6 +129,17 @@ def run(args: argparse.Namespace) -> dict:
     if args.kv_cache_dtype:
         kw["kv_cache_dtype"] = args.kv_cache_dtype
     llm = make_llm(args.model, args.max_model_len, **kw)
+    try:
+        return _run_on(llm, args, prompts)
+    finally:
+        shut_down(llm)
+
+
+def _run_on(llm, args: argparse.Namespace, prompts: list) -> dict:
+    """``run``'s measurements on the started engine ``llm``."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
     out: dict = {"ok": True, **kv_cache_tokens(llm),
                  "architectures": list(llm.llm_engine.vllm_config.model_config.architectures),
                  "tensor_parallel_size": args.tensor_parallel_size,
@@ -188,6 +206,7 @@ def try_models(args: argparse.Namespace) -> dict:
         except Exception as e:
             traceback.print_exc()
             runs.append({"model": model, "ok": False, "error": f"{type(e).__name__}: {e}"})
+        shut_down(llm)
         del llm
         cleanup_dist_env_and_memory()  # the next engine starts from a clean distributed state
     return {"ok": True, "runs": runs}
@@ -252,6 +271,8 @@ def serve() -> int:
                     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
                     cleanup_dist_env_and_memory()
+                _stop_children(psutil.Process())
+                multiprocessing.active_children()  # reaps the engine's exited processes
                 rss = psutil.Process().memory_info().rss
                 print(f"probe worker: job done (exit {code}), RSS {rss >> 20} MiB",
                       file=sys.stderr)
@@ -265,6 +286,16 @@ def serve() -> int:
         if rss > WORKER_MAX_RSS:
             return 0  # memory that a finished engine left behind: a new worker takes over
     return 0
+
+
+def _stop_children(me) -> None:
+    """Kill what a job left running under this worker (an engine whose shutdown failed), but
+    multiprocessing's resource tracker, which serves every job."""
+    for child in me.children(recursive=True):
+        with _suppress():
+            if "resource_tracker" not in " ".join(child.cmdline()):
+                child.kill()
+                print(f"probe worker: killed a left-over child {child.pid}", file=sys.stderr)
 
 
 def _suppress():
@@ -314,7 +345,7 @@ class Worker:
 
     def stop(self) -> None:
         """End of input: an idle worker exits; one that does not within a second (a job
-        running, or vLLM's exit handlers) is killed (in-process engines: no children)."""
+        running, or vLLM's exit handlers) is killed (every job's engine was shut down after it)."""
         import subprocess
 
         if self.alive():
@@ -346,14 +377,15 @@ def launch(flags: list[str], workdir: Path, env: dict[str, str], timeout: float
            ) -> tuple[dict, str]:
     """Run this probe (the tests' way to start vLLM) with ``flags`` and
     ``--out workdir/result.json``, in ``workdir`` with exactly ``env``; returns (the result
-    JSON, the run's stdout + stderr, also kept in ``workdir/log.txt``). An in-process engine
-    runs in this environment's probe worker (``Worker``), anything else in a new process."""
+    JSON, the run's stdout + stderr, also kept in ``workdir/log.txt``), run in this
+    environment's probe worker (``Worker``; ``HARP_PROBE_WORKER=0``: a new process). A
+    multi-process engine's EngineCore and rank workers are spawned fresh as ever (vLLM's CPU
+    platform spawns), so the worker saves the probe's own vLLM import, also for them."""
     import subprocess
 
     out = workdir / "result.json"
     argv = [*flags, "--out", str(out)]
-    if env.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and \
-            os.environ.get("HARP_PROBE_WORKER", "1") != "0":
+    if os.environ.get("HARP_PROBE_WORKER", "1") != "0":
         key = tuple(sorted((k, v) for k, v in env.items() if k not in _NOT_KEYS))
         if key not in _WORKERS or not _WORKERS[key].alive():
             _WORKERS[key] = Worker(env)
