@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import VLLM_CACHE
 
 from harp_vllm.errors import UserError
 from harp_vllm.ops import compose
@@ -559,6 +560,8 @@ def test_native_stack_end_to_end(tmp_path):
     cache = tmp_path / "models"
     (cache / "models").mkdir(parents=True)
     (cache / "models" / "smollm2-135m").symlink_to(real)  # the prep service finds it prepared
+    if "root" in VLLM_CACHE:  # the servers' vLLM cache (/models/vllm): the session's, as a
+        (cache / "vllm").symlink_to(VLLM_CACHE["root"])  # volume a stack ran with before
     ports = {k: free_port() for k in ("HARP_DENSE_PORT", "HARP_PRUNED_PORT", "HARP_GATEWAY_PORT",
                                       "HARP_PROMETHEUS_PORT", "HARP_GRAFANA_PORT")}
     env = {**os.environ, **{k: str(v) for k, v in ports.items()},
