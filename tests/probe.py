@@ -413,16 +413,12 @@ KV_SPACE_GIB = 1  # VLLM_CPU_KVCACHE_SPACE of every engine the tests start
 
 def engine_env(in_process: bool, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a test's engine run: this process's without the variables a run
-    sets for itself, ``KV_SPACE_GIB`` of KV cache, no tokenizer threads, inductor's compile
-    in process (unless set), the in-process
+    sets for itself, ``KV_SPACE_GIB`` of KV cache, no tokenizer threads, the in-process
     engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) when ``in_process``, then ``extra``."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_PLUGINS",
                         "VLLM_CPU_OMP_THREADS_BIND", "VLLM_PP_LAYER_PARTITION")}
     env.update(VLLM_CPU_KVCACHE_SPACE=str(KV_SPACE_GIB), TOKENIZERS_PARALLELISM="false")
-    # inductor compiles in the engine's process, not in a pool of compile workers: on 2 cores
-    # test_vllm_defaults took 123 s instead of 149 on empty caches (the other engines run eager)
-    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     if in_process:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     env.update(extra or {})
