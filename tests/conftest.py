@@ -49,23 +49,21 @@ def pytest_configure(config):
     config.pluginmanager.register(KillsSharedServerLast(), "harp-kills-shared-server-last")
 
 
-VLLM_CACHE: dict[str, Path] = {}  # "root": vLLM's cache root, once model_info_cache ran
-
-
 @pytest.fixture(scope="session", autouse=True)
-def vllm_model_info_cache(request) -> None:
+def vllm_model_info_cache(request) -> Path | None:
     """Before the first engine of a session with vLLM tests: vLLM's model-info cache filled for
     every architecture the tests serve in one process (``tests/model_info_cache.py``), where
-    each first start would inspect its class in a subprocess of its own (about 15 s each)."""
+    each first start would inspect its class in a subprocess of its own (about 15 s each).
+    Returns vLLM's cache root (None in a session without vLLM tests)."""
     import subprocess
     import sys
 
     if not any(item.get_closest_marker("vllm") for item in request.session.items):
-        return
+        return None
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("model_info_cache.py"))],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    VLLM_CACHE["root"] = Path(proc.stdout.strip().splitlines()[-1])
+    return Path(proc.stdout.strip().splitlines()[-1])
 
 
 def tiny_tokenizer():

@@ -115,7 +115,7 @@ def worker_info(worker) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-
+    """``--model``'s run: one engine on ``args.model``, shut down after its measurements."""
     prompts = json.loads(Path(args.prompts).read_text()) if args.prompts else []
     kw: dict = {}
     if args.tensor_parallel_size > 1 or args.pipeline_parallel_size > 1:

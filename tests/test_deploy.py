@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import VLLM_CACHE
 
 from harp_vllm.errors import UserError
 from harp_vllm.ops import compose
@@ -552,7 +551,7 @@ def _load(gateway: str, models: dict[str, str]) -> None:
 @pytest.mark.vllm
 @pytest.mark.real_model
 @pytest.mark.timeout(1500)
-def test_native_stack_end_to_end(tmp_path):
+def test_native_stack_end_to_end(tmp_path, vllm_model_info_cache):
     """dense + pruned servers, gateway and Prometheus from the compose file; load; PromQL."""
     from harp_vllm import models
 
@@ -560,8 +559,8 @@ def test_native_stack_end_to_end(tmp_path):
     cache = tmp_path / "models"
     (cache / "models").mkdir(parents=True)
     (cache / "models" / "smollm2-135m").symlink_to(real)  # the prep service finds it prepared
-    if "root" in VLLM_CACHE:  # the servers' vLLM cache (/models/vllm): the session's, as a
-        (cache / "vllm").symlink_to(VLLM_CACHE["root"])  # volume a stack ran with before
+    # the servers' vLLM cache (/models/vllm): the session's, as a volume a stack ran with before
+    (cache / "vllm").symlink_to(vllm_model_info_cache)
     ports = {k: free_port() for k in ("HARP_DENSE_PORT", "HARP_PRUNED_PORT", "HARP_GATEWAY_PORT",
                                       "HARP_PROMETHEUS_PORT", "HARP_GRAFANA_PORT")}
     env = {**os.environ, **{k: str(v) for k, v in ports.items()},
