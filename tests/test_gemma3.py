@@ -128,9 +128,10 @@ GEMMA_SHARING = {17: 11}
 def test_pruned_gemma3_engine_matches_reference(gemma3_dir, gemma_prompts, gemma_dense_run,
                                                 tmp_path):
     """The combined checkpoint served by the plugin: the reference's greedy tokens and prompt
-    logprobs within 1e-3 on the chat prompt and the one past the sliding window, a KV cache only for the 13 layers that keep attention of their
-    own (12 local, 1 global: layer 17 reads layer 11's), and a KV pool that holds the cost
-    model's served ratio of the dense engine's 32k sequences."""
+    logprobs within 1e-3 on the chat prompt and the one past the sliding window, a KV cache
+    only for the 13 layers that keep attention of their own (12 local, 1 global: layer 17
+    reads layer 11's), and a KV pool that holds the cost model's served ratio of the dense
+    engine's 32k sequences."""
     from conftest import save_linear
 
     from harp_vllm.evaluation.data import load_text
