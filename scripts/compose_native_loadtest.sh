@@ -15,6 +15,8 @@
 #   HARP_PRUNED_NAME  the pruned model's served name [smollm2-plan27]
 #   HARP_MAX_MODEL_LEN  both servers' context [8192, the compose default]
 #   HARP_LOADTEST_ARGS  the load test's options [--quick --no-progress]
+#   HARP_GATEWAY_READ_TIMEOUT, HARP_GATEWAY_REQUEST_TIMEOUT  the gateway's backend timeouts,
+#                     seconds [300, 600]; queued capacity-bound requests can need more
 #   VLLM_CPU_KVCACHE_SPACE  KV cache per server, GiB [1]
 set -Eeuo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
