@@ -25,12 +25,11 @@ OUT=${2:-$ROOT/out/compose-test/native-loadtest}
 VENV=${VENV:-$ROOT/.venv}
 HV=$VENV/bin/harp-vllm
 SRC_CACHE=${HARP_VLLM_CACHE:-$HOME/.cache/harp-vllm}
-SCRATCH=$(mktemp -d /var/tmp/harp-native-ab.XXXXXX)
-
 [[ -f $CKPT/config.json ]] || { echo "no checkpoint in $CKPT" >&2; exit 2; }
 MODEL=${HARP_MODEL:-smollm2-135m} PRUNED_NAME=${HARP_PRUNED_NAME:-smollm2-plan27}
 [[ -d $SRC_CACHE/models/$MODEL ]] || {
-  echo "prepare $MODEL first (harp-vllm models prepare $MODEL)" >&2; rm -rf "$SCRATCH"; exit 2; }
+  echo "prepare $MODEL first (harp-vllm models prepare $MODEL)" >&2; exit 2; }
+SCRATCH=$(mktemp -d /var/tmp/harp-native-ab.XXXXXX)
 mkdir -p "$SCRATCH/cache/models"
 ln -s "$SRC_CACHE/models/$MODEL" "$SCRATCH/cache/models/$MODEL"
 cp -r "$CKPT" "$SCRATCH/cache/$PRUNED_NAME"
