@@ -32,6 +32,20 @@ def test_trials_have_exact_lengths_and_hide_the_key(smollm2_dir):
         build_trials(tok, [70], trials=1)
 
 
+@pytest.mark.real_model
+def test_the_answer_budget_holds_an_echoed_key(smollm2_dir):
+    """A model may echo the question before the key (Gemma 3 270M answers " the pass key.
+    93941"): the greedy answer's token budget must hold the echo and the whole key, or a
+    right answer is cut to " 939" and scored wrong (it was, with 8 tokens)."""
+    from harp_vllm import models
+    from harp_vllm.evaluation.tasks.passkey import ANSWER_TOKENS
+
+    tok = models.load_tokenizer(smollm2_dir)
+    echoed = tok(" the pass key. 93941.", add_special_tokens=False)["input_ids"]
+    assert len(echoed) <= ANSWER_TOKENS
+    assert score(tok.decode(echoed), "93941")
+
+
 def test_score_and_lengths():
     assert score(" 41273. Remember", "41273")
     assert not score(" 41274", "41273")
@@ -81,5 +95,5 @@ def test_a_length_past_the_models_context_is_refused_before_the_engine(tiny_llam
 
     check_context(tiny_llama, [256, 512 - ANSWER_TOKENS - 1])
     with pytest.raises(UserError, match=f"passkey length 512 does not fit the model's context "
-                                        f"of 512 tokens .* use at most {503}"):
+                                        f"of 512 tokens .* use at most {512 - ANSWER_TOKENS - 1}"):
         check_context(tiny_llama, [256, 512])

@@ -29,7 +29,9 @@ FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. T
           "again. ")
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\nWhat is the pass key? The pass key is"
-ANSWER_TOKENS = 8
+# Room for an echo before the key: " the pass key. 93941." is 11 tokens for SmolLM2 and for
+# Gemma 3 (one per digit); 8 cut Gemma 3's echoed keys short.
+ANSWER_TOKENS = 16
 
 
 @dataclass
