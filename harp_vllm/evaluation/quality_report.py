@@ -30,9 +30,9 @@ from .quality import QualityOptions, check_options
 SCHEMA = "harp-vllm/quality-report/1"
 RUN_KEY_VERSION = 2  # 2: passkey answers of 16 tokens (were 8)
 PRESETS: dict[str, dict[str, Any]] = {
-    # what the issue asks: whole LAMBADA, 50 passkey trials per length (~20 min per model here)
+    # what the issue asks: whole LAMBADA, 50 passkey trials per length (~35 min per model here)
     "full": {},
-    # for iterating (~6 min per model here): the same columns on fewer items
+    # for iterating (~12 min per model here): the same columns on fewer items
     "quick": {"lambada_limit": 1000, "arc_limit": 500, "passkey_trials": 20},
 }
 
