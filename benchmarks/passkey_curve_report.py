@@ -1,0 +1,95 @@
+"""Passkey accuracy by length for several models, from ``harp-vllm eval passkey`` runs, with
+the paired difference to the first model (same seed, so the same prompts) and a plot
+(docs/results.md, Gemma 3 section)::
+
+    .venv/bin/python benchmarks/passkey_curve_report.py \\
+        dense=out/gemma-pk/dense-short.json,out/gemma-pk/dense-16k.json \\
+        plan30s=out/gemma-pk/plan30s-short.json,out/gemma-pk/plan30s-16k.json \\
+        --plot docs/gemma/passkey.png
+
+A model's runs are merged by length; a length measured by every model is compared trial by
+trial, and refused unless the two runs hold the same keys in the same order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from harp_vllm.evaluation.quality_report import difference
+
+
+def load(spec: str) -> tuple[str, dict[int, list[dict]], float]:
+    """``label=a.json,b.json`` -> label, trial rows by length, seconds of all runs."""
+    label, _, files = spec.partition("=")
+    if not files:
+        raise SystemExit(f"bad model {spec!r}: use LABEL=RUN.json[,RUN.json...]")
+    rows: dict[int, list[dict]] = {}
+    seconds = 0.0
+    for f in files.split(","):
+        path = Path(f)
+        if not path.is_file():
+            raise SystemExit(f"missing {path}: make it with harp-vllm eval passkey --out")
+        run = json.loads(path.read_text())
+        seconds += run["seconds"]
+        for r in run["rows"]:
+            rows.setdefault(r["length"], []).append(r)
+    return label, rows, seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+", help="LABEL=RUN.json[,RUN.json...], reference first")
+    ap.add_argument("--plot", type=Path, help="write the accuracy curves here (PNG)")
+    args = ap.parse_args()
+    models = [load(s) for s in args.models]
+    ref_label, ref, _ = models[0]
+    lengths = sorted(ref)
+    head = "| model | " + " | ".join(f"{n:,} tokens" for n in lengths) + " | run time |"
+    print(head)
+    print("|" + " --- |" * (len(lengths) + 2))
+    for label, rows, seconds in models:
+        cells = []
+        for n in lengths:
+            trials = rows.get(n)
+            if not trials:
+                cells.append("")
+                continue
+            hits = [float(r["correct"]) for r in trials]
+            cell = f"{100 * sum(hits) / len(hits):.0f}"
+            if label != ref_label:
+                if [r["key"] for r in trials] != [r["key"] for r in ref[n]]:
+                    raise SystemExit(f"{label} at {n} tokens has other prompts than "
+                                     f"{ref_label}: run both with the same --seed and lengths")
+                d = difference(hits, [float(r["correct"]) for r in ref[n]])
+                cell += f" ({100 * d['diff']:+.0f} ± {100 * (d['se'] or 0):.0f})"
+            cells.append(f"{cell} (n = {len(hits)})" if label == ref_label else cell)
+        print(f"| {label} | " + " | ".join(cells) + f" | {seconds / 60:.0f} min |")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for k, (label, rows, _) in enumerate(models):
+            xs = [n for n in lengths if rows.get(n)]
+            ys = [sum(r["correct"] for r in rows[n]) / len(rows[n]) for n in xs]
+            ax.plot(xs, ys, marker="o", label=label, color="k" if k == 0 else f"C{k - 1}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [f"{n // 1024}k" for n in lengths])
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("passkey accuracy")
+        ax.set_ylim(-0.05, 1.05)
+        ax.legend()
+        ax.set_title("passkey retrieval by context length")
+        fig.tight_layout()
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.plot, dpi=110)
+        plt.close(fig)
+        print(f"\n(plot: {args.plot})")
+
+
+if __name__ == "__main__":
+    main()
