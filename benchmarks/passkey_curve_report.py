@@ -18,10 +18,12 @@ import json
 from pathlib import Path
 
 from harp_vllm.evaluation.quality_report import difference
+from harp_vllm.evaluation.tasks.passkey import accuracy_by_length
 
 
-def load(spec: str) -> tuple[str, dict[int, list[dict]], float]:
-    """``label=a.json,b.json`` -> label, trial rows by length, seconds of all runs."""
+def load(spec: str) -> tuple[str, dict[int, list[dict]], dict[str, dict], float]:
+    """``label=a.json,b.json`` -> label, trial rows by length, their accuracy by length (with
+    each trial's 0/1), seconds of all runs."""
     label, _, files = spec.partition("=")
     if not files:
         raise SystemExit(f"bad model {spec!r}: use LABEL=RUN.json[,RUN.json...]")
@@ -35,7 +37,8 @@ def load(spec: str) -> tuple[str, dict[int, list[dict]], float]:
         seconds += run["seconds"]
         for r in run["rows"]:
             rows.setdefault(r["length"], []).append(r)
-    return label, rows, seconds
+    accuracy = accuracy_by_length([r for t in rows.values() for r in t], sorted(rows), items=True)
+    return label, rows, accuracy, seconds
 
 
 def main() -> None:
@@ -44,25 +47,24 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, help="write the accuracy curves here (PNG)")
     args = ap.parse_args()
     models = [load(s) for s in args.models]
-    ref_label, ref, _ = models[0]
+    ref_label, ref, ref_acc, _ = models[0]
     lengths = sorted(ref)
     head = "| model | " + " | ".join(f"{n:,} tokens" for n in lengths) + " | run time |"
     print(head)
     print("|" + " --- |" * (len(lengths) + 2))
-    for label, rows, seconds in models:
+    for label, rows, acc, seconds in models:
         cells = []
         for n in lengths:
-            trials = rows.get(n)
-            if not trials:
+            if n not in rows:
                 cells.append("")
                 continue
-            hits = [float(r["correct"]) for r in trials]
-            cell = f"{100 * sum(hits) / len(hits):.0f}"
+            hits = acc[str(n)]["items"]
+            cell = f"{100 * acc[str(n)]['accuracy']:.0f}"
             if label != ref_label:
-                if [r["key"] for r in trials] != [r["key"] for r in ref[n]]:
+                if [r["key"] for r in rows[n]] != [r["key"] for r in ref[n]]:
                     raise SystemExit(f"{label} at {n} tokens has other prompts than "
                                      f"{ref_label}: run both with the same --seed and lengths")
-                d = difference(hits, [float(r["correct"]) for r in ref[n]])
+                d = difference(hits, ref_acc[str(n)]["items"])
                 cell += f" ({100 * d['diff']:+.0f} ± {100 * (d['se'] or 0):.0f})"
             cells.append(f"{cell} (n = {len(hits)})" if label == ref_label else cell)
         print(f"| {label} | " + " | ".join(cells) + f" | {seconds / 60:.0f} min |")
@@ -73,9 +75,9 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6.5, 4))
-        for k, (label, rows, _) in enumerate(models):
-            xs = [n for n in lengths if rows.get(n)]
-            ys = [sum(r["correct"] for r in rows[n]) / len(rows[n]) for n in xs]
+        for k, (label, rows, acc, _) in enumerate(models):
+            xs = [n for n in lengths if n in rows]
+            ys = [acc[str(n)]["accuracy"] for n in xs]
             ax.plot(xs, ys, marker="o", label=label, color="k" if k == 0 else f"C{k - 1}")
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [f"{n // 1024}k" for n in lengths])
