@@ -97,3 +97,39 @@ def test_a_length_past_the_models_context_is_refused_before_the_engine(tiny_llam
     with pytest.raises(UserError, match="passkey length 512 does not fit the model's context "
                                         "of 512 tokens .* use at most 495"):
         check_context(tiny_llama, [256, 512])
+
+
+def test_the_warm_up_prompts_are_each_trials_prefix_every_1024_tokens():
+    """The warm-up sends filler prompts of 1,024, 2,048, ... tokens and the longest length,
+    one call each and in that order (a sliding-window model's prefix cache hits only at the
+    end of an earlier prompt), and each is token for token the start of every trial whose key
+    lies beyond it: that is what lets a trial skip its prefix."""
+    from conftest import tiny_tokenizer
+
+    from harp_vllm.evaluation.tasks.passkey import passkey_on, warm_up_lengths
+
+    assert warm_up_lengths(600) == [600]
+    assert warm_up_lengths(2048) == [1024, 2048]
+    assert warm_up_lengths(3000) == [1024, 2048, 3000]
+    tok = tiny_tokenizer()
+    sent: list[list[list[int]]] = []
+
+    class Recording:
+        def generate(self, prompts, params, use_tqdm=False):
+            sent.append([p["prompt_token_ids"] for p in prompts])
+            return [SimpleNamespace(outputs=[SimpleNamespace(text=" 0")]) for _ in prompts]
+
+    from harp_vllm.evaluation.tasks.passkey import NEEDLE
+
+    rows = passkey_on(Recording(), tok, [1500, 3000], trials=6, seed=2, progress=False)
+    warm, trials = sent[:-1], sent[-1]
+    assert [len(c) for c in warm] == [1, 1, 1] and len(trials) == 12
+    assert [len(c[0]) for c in warm] == [1024, 2048, 3000]
+    checked = 0
+    for prompt, row in zip(trials, rows, strict=True):
+        needle = tok(NEEDLE.format(key=row["key"]), add_special_tokens=False)["input_ids"]
+        key_at = next(i for i in range(len(prompt)) if prompt[i:i + len(needle)] == needle)
+        for w in (c[0] for c in warm if len(c[0]) <= key_at):
+            assert prompt[:len(w)] == w
+            checked += 1
+    assert checked >= 6  # keys past 1,024 (and 2,048) tokens were there to check

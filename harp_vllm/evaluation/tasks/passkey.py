@@ -79,6 +79,15 @@ def longest_filler(tokenizer, length: int) -> list[int]:
     return intro + (unit * (room // len(unit) + 1))[:room]
 
 
+WARM_STEP = 1024  # tokens between warm-up prompts (a multiple of vLLM's 128-token blocks)
+
+
+def warm_up_lengths(longest: int) -> list[int]:
+    """The filler warm-up prompts' lengths: every ``WARM_STEP`` tokens, then ``longest``.
+    Together they cost about one prefill of ``longest`` (each hits the one before)."""
+    return [*range(WARM_STEP, longest, WARM_STEP), longest]
+
+
 def score(answer: str, key: str) -> bool:
     """Correct when the first 5-digit number in the answer is the key."""
     m = re.search(r"\d{5}", answer)
@@ -102,12 +111,15 @@ def passkey_on(llm, tokenizer, lengths: list[int], trials: int, seed: int = 0,
     from vllm.inputs import TokensPrompt
 
     cases = build_trials(tokenizer, lengths, trials, seed)
-    # Every prompt starts with the intro and the same filler up to its key: one filler-only
-    # prompt of the longest length puts that prefix in the prefix cache (when the engine has
-    # it on), so each trial computes only the tokens from its key on (about half).
+    # Every prompt starts with the intro and the same filler up to its key: filler-only
+    # prompts put that prefix in the prefix cache (when the engine has it on), so each trial
+    # computes only the tokens from its key on (about half). One per WARM_STEP tokens, each
+    # in its own call so it hits the one before: a sliding-window layer keeps only a prompt's
+    # last window, so a trial hits no further than the longest warm-up prompt before its key.
     warm = longest_filler(tokenizer, max(lengths))
-    llm.generate([{"prompt_token_ids": warm}], SamplingParams(temperature=0.0, max_tokens=1),
-                 use_tqdm=False)
+    for n in warm_up_lengths(len(warm)):
+        llm.generate([{"prompt_token_ids": warm[:n]}],
+                     SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
     params = SamplingParams(temperature=0.0, max_tokens=ANSWER_TOKENS)
     prompts: list[TokensPrompt] = [{"prompt_token_ids": c.prompt_ids} for c in cases]
     outs = llm.generate(prompts, params, use_tqdm=progress)
