@@ -80,7 +80,7 @@ def main() -> None:
             ys = [acc[str(n)]["accuracy"] for n in xs]
             ax.plot(xs, ys, marker="o", label=label, color="k" if k == 0 else f"C{k - 1}")
         ax.set_xscale("log", base=2)
-        ax.set_xticks(lengths, [f"{n // 1024}k" for n in lengths])
+        ax.set_xticks(lengths, [f"{round(n / 1024)}k" for n in lengths])
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel("passkey accuracy")
         ax.set_ylim(-0.05, 1.05)
