@@ -239,3 +239,26 @@ def test_flap_compensation_is_refused_for_gemma3(tiny_gemma3_one_kv):
     with pytest.raises(UserError, match="use --no-bias-compensation"):
         prune_structured(load_model(tiny_gemma3_one_kv), _windows(), "flap", 0.25,
                          progress=False)
+
+
+def test_a_windowed_global_layer_keeps_its_own_rotary_when_served():
+    """vLLM's Gemma 3 attention picks its rotary by the layer's type, and a window makes the
+    layer "sliding_attention" for vLLM: a global layer given a window must keep the global
+    rotary (base 1M, as the HF reference does), a local layer its own, and the model's config
+    must not change (served with the local base 10k, plan30l's windows at 16k changed the
+    model even where they never bind: 1.14x perplexity on tokens 0-1k through vLLM)."""
+    from transformers import Gemma3TextConfig
+
+    from harp_vllm.spec import CONFIG_KEY
+    from harp_vllm.vllm_plugin.checkpoint_spec import layer_config
+
+    cfg = Gemma3TextConfig(num_hidden_layers=6, sliding_window=512)
+    assert cfg.layer_types[5] == "full_attention" and cfg.layer_types[1] == "sliding_attention"
+    setattr(cfg, CONFIG_KEY, {"version": 3, "layers": {}, "windows": {"5": 1024, "1": 256}})
+    glob, loc = layer_config(cfg, "model.layers.5"), layer_config(cfg, "model.layers.1")
+    assert glob.layer_types[5] == "sliding_attention" and glob.sliding_window == 1024
+    assert glob.rope_parameters["sliding_attention"]["rope_theta"] == 1e6
+    assert loc.sliding_window == 256
+    assert loc.rope_parameters["sliding_attention"]["rope_theta"] == 1e4
+    assert cfg.layer_types[5] == "full_attention"
+    assert cfg.rope_parameters["sliding_attention"]["rope_theta"] == 1e4

@@ -162,6 +162,11 @@ def layer_config(config: Any, prefix: str) -> Any:
                      or ["full_attention"] * int(config.num_hidden_layers))
         if types[idx] == "sliding_attention" and getattr(config, "sliding_window", None):
             window = min(window, int(config.sliding_window))  # never wider than its own
+        rope = getattr(config, "rope_parameters", None)
+        if types[idx] != "sliding_attention" and isinstance(rope, dict) and types[idx] in rope:
+            # Gemma 3 picks a layer's rotary by its type: a global layer given a window
+            # keeps its own (base 1M, not the local layers' 10k), as in the HF reference
+            layer_cfg.rope_parameters = {**rope, "sliding_attention": rope[types[idx]]}
         types[idx] = "sliding_attention"
         layer_cfg.layer_types = types
         layer_cfg.sliding_window = window
