@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 from harp_vllm.evaluation.quality import bucket_nll, cut_windows, prompt_nlls
+from harp_vllm.evaluation.quality_report import bucket_perplexity
 
 
 def run(args: argparse.Namespace) -> None:
@@ -58,11 +58,6 @@ def report(specs: list[str]) -> None:
         label, _, file = spec.partition("=")
         runs.append((label, json.loads(Path(file).read_text())))
     ref = runs[0][1]
-
-    def ppl(r: dict, i: int) -> float:
-        s = sum(w[i]["nll_sum"] for w in r["buckets"])
-        return math.exp(s / sum(w[i]["tokens"] for w in r["buckets"]))
-
     for _, r in runs[1:]:
         if (r["len"], r["windows"], r["split"]) != (ref["len"], ref["windows"], ref["split"]):
             raise SystemExit("runs differ in windows: compare runs of the same --len, "
@@ -73,8 +68,9 @@ def report(specs: list[str]) -> None:
     for label, r in runs:
         cells = []
         for i in range(len(edges)):
-            p = ppl(r, i)
-            cells.append(f"{p:.2f}" if r is ref else f"{p:.2f} ({p / ppl(ref, i):.3f}x)")
+            p = bucket_perplexity(r, i)
+            cells.append(f"{p:.2f}" if r is ref
+                         else f"{p:.2f} ({p / bucket_perplexity(ref, i):.3f}x)")
         print(f"| {label} | " + " | ".join(cells) + " |")
     print(f"\n({ref['windows']} windows of {ref['len']:,} tokens of WikiText-2 "
           f"{ref['split']}, BOS first: {ref['bos']})")

@@ -106,7 +106,7 @@ def test_the_warm_up_prompts_are_each_trials_prefix_every_1024_tokens():
     lies beyond it: that is what lets a trial skip its prefix."""
     from conftest import tiny_tokenizer
 
-    from harp_vllm.evaluation.tasks.passkey import passkey_on, warm_up_lengths
+    from harp_vllm.evaluation.tasks.passkey import NEEDLE, passkey_on, warm_up_lengths
 
     assert warm_up_lengths(600) == [600]
     assert warm_up_lengths(2048) == [1024, 2048]
@@ -118,8 +118,6 @@ def test_the_warm_up_prompts_are_each_trials_prefix_every_1024_tokens():
         def generate(self, prompts, params, use_tqdm=False):
             sent.append([p["prompt_token_ids"] for p in prompts])
             return [SimpleNamespace(outputs=[SimpleNamespace(text=" 0")]) for _ in prompts]
-
-    from harp_vllm.evaluation.tasks.passkey import NEEDLE
 
     rows = passkey_on(Recording(), tok, [1500, 3000], trials=6, seed=2, progress=False)
     warm, trials = sent[:-1], sent[-1]

@@ -120,6 +120,13 @@ def _bucket_window_nll(long: dict[str, Any], i: int) -> list[float]:
     return [w[i]["nll_sum"] / w[i]["tokens"] for w in long["buckets"]]
 
 
+def bucket_perplexity(long: dict[str, Any], i: int) -> float:
+    """Perplexity of position bucket ``i`` pooled over a run's long windows (``buckets``:
+    per window, the :func:`~harp_vllm.evaluation.quality.bucket_nll` sums)."""
+    tokens = sum(w[i]["tokens"] for w in long["buckets"])
+    return math.exp(sum(w[i]["nll_sum"] for w in long["buckets"]) / tokens)
+
+
 def summarize(payloads: list[dict[str, Any]]) -> dict[str, Any]:
     """Every column of every model, with ratios/differences to the first (the reference)."""
     ref = payloads[0]
@@ -136,11 +143,10 @@ def summarize(payloads: list[dict[str, Any]]) -> dict[str, Any]:
         for d, col in p["positions"].items():
             buckets = []
             for i, b in enumerate(col["buckets"][0]):
-                nll = _bucket_window_nll(col, i)
-                tok = sum(w[i]["tokens"] for w in col["buckets"])
-                value = math.exp(sum(w[i]["nll_sum"] for w in col["buckets"]) / tok)
-                buckets.append({"start": b["start"], "end": b["end"], "value": value,
-                                **ratio(nll, _bucket_window_nll(ref["positions"][d], i))})
+                buckets.append({"start": b["start"], "end": b["end"],
+                                "value": bucket_perplexity(col, i),
+                                **ratio(_bucket_window_nll(col, i),
+                                        _bucket_window_nll(ref["positions"][d], i))})
             row["positions"][d] = buckets
         for t, col in p["tasks"].items():
             entry: dict[str, Any] = {"n": col["n"]}

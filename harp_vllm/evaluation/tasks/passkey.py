@@ -117,9 +117,9 @@ def passkey_on(llm, tokenizer, lengths: list[int], trials: int, seed: int = 0,
     # in its own call so it hits the one before: a sliding-window layer keeps only a prompt's
     # last window, so a trial hits no further than the longest warm-up prompt before its key.
     warm = longest_filler(tokenizer, max(lengths))
+    one_token = SamplingParams(temperature=0.0, max_tokens=1)
     for n in warm_up_lengths(len(warm)):
-        llm.generate([{"prompt_token_ids": warm[:n]}],
-                     SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+        llm.generate([{"prompt_token_ids": warm[:n]}], one_token, use_tqdm=False)
     params = SamplingParams(temperature=0.0, max_tokens=ANSWER_TOKENS)
     prompts: list[TokensPrompt] = [{"prompt_token_ids": c.prompt_ids} for c in cases]
     outs = llm.generate(prompts, params, use_tqdm=progress)
