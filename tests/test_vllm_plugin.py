@@ -829,15 +829,16 @@ def test_tiny_planned_mixture_matches_reference_and_sizes_kv(tiny_checkpoints, t
 @pytest.mark.timeout(900)
 def test_tiny_gemma3_planned_layout_matches_reference(tmp_path):
     """A planned Gemma 3 (post-norm; this one has 2 KV heads, so a KV-group cut is offered):
-    maps of both ranks (one on the global layer 5), a KV group cut with a map in its place,
-    a removed sublayer and a sliding window on a local layer; only layers 1 (one KV head),
-    3 (windowed) and 4 keep a KV cache."""
+    maps of both ranks, a KV group cut with a map in its place, a removed sublayer, and
+    sliding windows on a local layer (3) and on the global layer 5, which must keep the
+    global rotary (base 1M, not the local layers' 10k) when vLLM serves it as a sliding
+    layer; only layers 1 (one KV head), 3 and 5 keep a KV cache."""
     dense = make_tiny("gemma3_text", tmp_path / "dense")
     pruned = planned(dense, tmp_path / "plan",
-                     "0:linearfull,1:drop1lin,2:remove,3:win16,5:linear32")
+                     "0:linearfull,1:drop1lin,2:remove,3:win16,4:linear32,5:win24")
     section = json.loads((pruned / "config.json").read_text())["harp_pruning"]
-    assert set(section["maps"]) == {"0", "1", "5"} and section["layers"] == {"2": 0.0}
-    assert section["windows"] == {"3": 16} and section["maps"]["1"]["add"] is True
+    assert set(section["maps"]) == {"0", "1", "4"} and section["layers"] == {"2": 0.0}
+    assert section["windows"] == {"3": 16, "5": 24} and section["maps"]["1"]["add"] is True
     assert section["shapes"]["num_key_value_heads"] == [2, 1, 2, 2, 2, 2]
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12], list(range(20, 120)), [40] * 30]
     result, log = run_probe(pruned, tmp_path / "run", prompts, max_model_len=512)
@@ -847,7 +848,8 @@ def test_tiny_gemma3_planned_layout_matches_reference(tmp_path):
     by_window: dict = {}
     for g in result["kv_groups"]:
         by_window[g["sliding_window"]] = by_window.get(g["sliding_window"], 0) + g["layers"]
-    assert by_window[16] == 1 and sum(by_window.values()) == 3, result["kv_groups"]
+    assert by_window[16] == 1 and by_window[24] == 1, result["kv_groups"]
+    assert sum(by_window.values()) == 3, result["kv_groups"]
 
 
 # The layout `harp-vllm plan smollm2-135m --kv-saving 0.27` chose (docs/results.md section 10):
