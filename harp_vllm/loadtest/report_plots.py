@@ -78,11 +78,12 @@ def plot(summary: dict, out_dir: Path) -> dict:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         drawn = False
         for i, c in enumerate(concs):
-            for side, ls in (("dense", "-"), ("pruned", "--")):
+            # a marker per side too: with one prompt length the line styles do not show
+            for side, ls, mk in (("dense", "-", "o"), ("pruned", "--", "s")):
                 xs, ys, err = series(c, lambda p, s=side: (p.get(s) or {}).get("ttft_p50_ms"))
                 if xs:
                     drawn = True
-                    ax.errorbar(xs, ys, yerr=err, marker="o", ls=ls, capsize=3,
+                    ax.errorbar(xs, ys, yerr=err, marker=mk, ls=ls, capsize=3,
                                 color=colors[i % 10], label=f"{side}, concurrency {c}")
         if drawn:
             ax.set_xscale("log", base=2)
