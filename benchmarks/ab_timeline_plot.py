@@ -49,9 +49,10 @@ def main() -> None:
     sides = [s for s in ("dense", "pruned") if s in lines]
     names = {s: res["endpoints"][s].get("model", s) for s in sides}
     end = max(e for s in sides for _, _, e in lines[s])
-    fig, axes = plt.subplots(len(sides), 1, figsize=(8, 1.2 + 0.35 * sum(map(len, lines.values()))),
-                             sharex=True)
-    for ax, side in zip(axes if len(sides) > 1 else [axes], sides, strict=True):
+    fig, grid = plt.subplots(len(sides), 1, figsize=(8, 1.2 + 0.35 * sum(map(len, lines.values()))),
+                             sharex=True, squeeze=False)
+    axes = grid[:, 0]
+    for ax, side in zip(axes, sides, strict=True):
         for i, (s, f, e) in enumerate(sorted(lines[side])):
             ax.barh(i, f - s, left=s, color="#c6dbef", edgecolor="#6baed6")
             ax.barh(i, e - f, left=f, color="#08519c")
@@ -61,7 +62,7 @@ def main() -> None:
         ax.set_ylabel("request")
         ax.set_xlim(0, end * 1.02)
         ax.invert_yaxis()
-    (axes[-1] if len(sides) > 1 else axes).set_xlabel(
+    axes[-1].set_xlabel(
         "seconds from the first request (light: queued + prefill; dark: decode)")
     fig.tight_layout()
     args.png.parent.mkdir(parents=True, exist_ok=True)
