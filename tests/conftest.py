@@ -66,18 +66,24 @@ def vllm_model_info_cache(request) -> Path | None:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer trained in well under a second on a small corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def tiny_tokenizer(bos: bool = False):
+    """A byte-level BPE tokenizer trained in well under a second on a small corpus; with
+    ``bos`` it puts ``<bos>`` before every text, as Gemma's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"],
+    specials = ["<eos>", "<bos>"] if bos else ["<eos>"]
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([CORPUS], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    if not bos:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>")
 
 
 # Gemma's head size and attention scaling are set explicitly (its defaults are for 2B+ models).

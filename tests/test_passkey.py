@@ -46,6 +46,27 @@ def test_the_answer_budget_holds_an_echoed_key(smollm2_dir):
     assert score(tok.decode(echoed), "93941")
 
 
+def test_prompts_start_as_the_tokenizer_starts_a_text():
+    """A tokenizer that puts a BOS before a text (Gemma 3's) gets it at the start of every
+    trial and warm-up prompt, inside the exact length; one that adds none (SmolLM2's, the
+    tiny one) gets none, so its prompts are what they were."""
+    from conftest import tiny_tokenizer
+
+    from harp_vllm.evaluation.tasks.passkey import INTRO, longest_filler, text_start
+
+    plain, with_bos = tiny_tokenizer(), tiny_tokenizer(bos=True)
+    bos = with_bos.bos_token_id
+    assert text_start(plain) == [] and text_start(with_bos) == [bos]
+    for tok, start in ((plain, []), (with_bos, [bos])):
+        intro = start + tok(INTRO, add_special_tokens=False)["input_ids"]
+        for t in build_trials(tok, [300, 600], trials=3, seed=1):
+            assert len(t.prompt_ids) == t.length
+            assert t.prompt_ids[:len(intro)] == intro
+            assert t.prompt_ids.count(bos) == len(start)
+        warm = longest_filler(tok, 600)
+        assert len(warm) == 600 and warm[:len(intro)] == intro
+
+
 def test_score_and_lengths():
     assert score(" 41273. Remember", "41273")
     assert not score(" 41274", "41273")

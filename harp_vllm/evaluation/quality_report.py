@@ -28,7 +28,7 @@ from .quality import SCHEMA as MODEL_SCHEMA
 from .quality import QualityOptions, check_options
 
 SCHEMA = "harp-vllm/quality-report/1"
-RUN_KEY_VERSION = 2  # 2: passkey answers of 16 tokens (were 8)
+RUN_KEY_VERSION = 3  # 2: passkey answers of 16 tokens (were 8); 3: passkey prompts start with BOS
 PRESETS: dict[str, dict[str, Any]] = {
     # what the issue asks: whole LAMBADA, 50 passkey trials per length (~35 min per model here)
     "full": {},
