@@ -8,7 +8,9 @@ the paired difference to the first model (same seed, so the same prompts) and a 
         --plot docs/gemma/passkey.png
 
 A model's runs are merged by length; a length measured by every model is compared trial by
-trial, and refused unless the two runs hold the same keys in the same order.
+trial, and refused unless the two runs hold the same keys in the same order. ``--cued``: the
+table of the answers with their opening cued (``cued_correct``; runs since stop 45), and the
+plot draws those solid and the plain answers dashed.
 """
 
 from __future__ import annotations
@@ -45,8 +47,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+", help="LABEL=RUN.json[,RUN.json...], reference first")
     ap.add_argument("--plot", type=Path, help="write the accuracy curves here (PNG)")
+    ap.add_argument("--cued", action="store_true", help="score the cued answers")
     args = ap.parse_args()
     models = [load(s) for s in args.models]
+    plain = {label: {n: a["accuracy"] for n, a in acc.items()} for label, _, acc, _ in models}
+    if args.cued:
+        for label, _, acc, _ in models:
+            for n, a in acc.items():
+                if "cued_items" not in a:
+                    raise SystemExit(f"{label} at {n} tokens has no cued answers (a run from "
+                                     "before stop 45): run it again")
+                a["items"], a["accuracy"] = a["cued_items"], a["cued_accuracy"]
     ref_label, ref, ref_acc, _ = models[0]
     lengths = sorted(ref)
     head = "| model | " + " | ".join(f"{n:,} tokens" for n in lengths) + " | run time |"
@@ -78,7 +89,12 @@ def main() -> None:
         for k, (label, rows, acc, _) in enumerate(models):
             xs = [n for n in lengths if n in rows]
             ys = [acc[str(n)]["accuracy"] for n in xs]
-            ax.plot(xs, ys, marker="o", label=label, color="k" if k == 0 else f"C{k - 1}")
+            color = "k" if k == 0 else f"C{k - 1}"
+            ax.plot(xs, ys, marker="o", label=f"{label}, answer cued" if args.cued else label,
+                    color=color)
+            if args.cued:
+                ax.plot(xs, [plain[label][str(n)] for n in xs], marker="x", ls="--",
+                        color=color, alpha=0.6, label=f"{label}, plain")
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [f"{round(n / 1024)}k" for n in lengths])
         ax.set_xlabel("prompt tokens")

@@ -109,6 +109,45 @@ def test_passkey_on_marks_each_trial_by_its_answer():
     assert accuracy_by_length(rows, [600]) == {"600": {"trials": 4, "accuracy": 0.5}}
 
 
+def test_the_cued_answer_is_asked_after_the_plain_one_with_the_answers_opening():
+    """With ``cued``, every trial is asked a second time, after all plain trials (so each hits
+    its prompt in the prefix cache), with the prompt plus the tokens of " KEY" before its first
+    digit; ``cued_correct`` comes from that answer (cue included), the plain ``correct`` from
+    the first, and the accuracy by length reports both."""
+    from conftest import tiny_tokenizer
+
+    from harp_vllm.evaluation.tasks.passkey import accuracy_by_length, answer_cue, passkey_on
+
+    tok = tiny_tokenizer()
+    trials = build_trials(tok, [600], trials=3, seed=4)
+    keys = [t.key for t in trials]
+    for k in keys:
+        cue = answer_cue(tok, k)
+        assert not any(ch.isdigit() for ch in tok.decode(cue))
+        assert tok.decode(cue + tok(k, add_special_tokens=False)["input_ids"]).strip() == k
+    def after_cue(text: str, key: str) -> str:  # what the model adds after the cue
+        return text[len(tok.decode(answer_cue(tok, key))):]
+
+    plain = [" the key that opens the door", f" {keys[1]}.", " the key"]
+    cued = [after_cue(f" {keys[0]}. Remember", keys[0]), after_cue(f" {keys[1]}", keys[1]),
+            after_cue(" 12345", keys[2])]
+    sent: list[list[list[int]]] = []
+
+    class Scripted:
+        def generate(self, prompts, params, use_tqdm=False):
+            sent.append([p["prompt_token_ids"] for p in prompts])
+            texts = ["x"] if len(sent) == 1 else plain if len(sent) == 2 else cued
+            return [SimpleNamespace(outputs=[SimpleNamespace(text=t)]) for t in texts]
+
+    rows = passkey_on(Scripted(), tok, [600], trials=3, seed=4, progress=False, cued=True)
+    assert [len(c) for c in sent] == [1, 3, 3]
+    assert sent[2] == [t.prompt_ids + answer_cue(tok, t.key) for t in trials]
+    assert [r["correct"] for r in rows] == [False, True, False]
+    assert [r["cued_correct"] for r in rows] == [True, True, False]
+    acc = accuracy_by_length(rows, [600])["600"]
+    assert acc["accuracy"] == pytest.approx(1 / 3) and acc["cued_accuracy"] == pytest.approx(2 / 3)
+
+
 def test_a_length_past_the_models_context_is_refused_before_the_engine(tiny_llama):
     """The tiny model's context is 512 tokens: a 512-token passkey prompt plus its answer
     does not fit and is refused with the longest length that does; 500 fits."""

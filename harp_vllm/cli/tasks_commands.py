@@ -108,7 +108,8 @@ def register(eval_app: typer.Typer) -> None:
             help="VLLM_CPU_KVCACHE_SPACE in GiB, unless already set")] = 2.0,
         out: Annotated[Path | None, typer.Option(help="write the result JSON here")] = None,
     ) -> None:
-        """Passkey retrieval: a 5-digit key hidden at a random depth, by context length."""
+        """Passkey retrieval: a 5-digit key hidden at a random depth, by context length (the
+        plain greedy answer, and the answer with its opening cued)."""
         from ..evaluation.tasks.passkey import parse_lengths, run_passkey
 
         try:
@@ -116,9 +117,11 @@ def register(eval_app: typer.Typer) -> None:
             payload = run_passkey(model, parse_lengths(lengths), trials, seed, kv_cache_gb)
         except UserError as e:
             fail(str(e), e.exit_code)
-        typer.echo("| tokens | trials | passkey accuracy |\n| --- | --- | --- |")
+        typer.echo("| tokens | trials | passkey accuracy | answer cued |\n"
+                   "| --- | --- | --- | --- |")
         for length, row in payload["accuracy"].items():
-            typer.echo(f"| {length} | {row['trials']} | {row['accuracy']:.2f} |")
+            typer.echo(f"| {length} | {row['trials']} | {row['accuracy']:.2f} | "
+                       f"{row['cued_accuracy']:.2f} |")
         write_json(out, payload)
 
 

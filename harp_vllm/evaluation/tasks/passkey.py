@@ -11,8 +11,13 @@ as the tokenizer starts a text (Gemma 3's BOS; SmolLM2 adds none)::
     What is the pass key? The pass key is
 
 Greedy decoding of a few tokens; a trial is correct when the first 5-digit number in the
-answer is the key. Scored through vLLM with the HARP plugin (``vllm.LLM`` in this process, so
-call it from a CLI process or under ``if __name__ == "__main__":``).
+answer is the key. A small base model often answers in words instead (" the key that is used
+to unlock the door"), which is a choice of format, not a failed retrieval; so each trial is
+also asked once more with the answer's opening cued (the prompt plus the tokens before the
+key's first digit, a space for SmolLM2 and Gemma 3): ``cued_correct`` when the greedy
+digits then are the key, i.e. every digit is the model's top token given the ones before.
+Scored through vLLM with the HARP plugin (``vllm.LLM`` in this process, so call it from a CLI
+process or under ``if __name__ == "__main__":``).
 """
 
 from __future__ import annotations
@@ -118,9 +123,22 @@ def parse_lengths(text: str) -> list[int]:
     return lengths
 
 
+def answer_cue(tokenizer, key: str) -> list[int]:
+    """The tokens of the answer " {key}" before its first digit (a space token for SmolLM2
+    and Gemma 3, which give each digit its own token; empty if a digit starts the answer)."""
+    ids = tokenizer(f" {key}", add_special_tokens=False)["input_ids"]
+    for n, i in enumerate(ids):
+        if any(ch.isdigit() for ch in tokenizer.decode([i])):
+            return ids[:n]
+    return ids
+
+
 def passkey_on(llm, tokenizer, lengths: list[int], trials: int, seed: int = 0,
-               progress: bool = True) -> list[dict]:
-    """Per-trial rows (length, depth, key, answer, correct) from a running ``vllm.LLM``."""
+               progress: bool = True, cued: bool = False) -> list[dict]:
+    """Per-trial rows (length, depth, key, answer, correct) from a running ``vllm.LLM``;
+    with ``cued`` also ``cued_answer`` / ``cued_correct``: the answer to the same prompt with
+    the answer's opening appended (``answer_cue``), asked after every plain trial so that
+    each hits its trial's prompt in the prefix cache."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -142,17 +160,33 @@ def passkey_on(llm, tokenizer, lengths: list[int], trials: int, seed: int = 0,
         answer = o.outputs[0].text
         rows.append({"length": c.length, "depth": round(c.depth, 3), "key": c.key,
                      "answer": answer, "correct": score(answer, c.key)})
+    if cued:
+        cues = [answer_cue(tokenizer, c.key) for c in cases]
+        key_params = SamplingParams(temperature=0.0, max_tokens=8)
+        outs = llm.generate([{"prompt_token_ids": c.prompt_ids + cue}
+                             for c, cue in zip(cases, cues, strict=True)],
+                            key_params, use_tqdm=progress)
+        for row, cue, o in zip(rows, cues, outs, strict=True):
+            answer = tokenizer.decode(cue) + o.outputs[0].text
+            row.update(cued_answer=answer, cued_correct=score(answer, row["key"]))
     return rows
 
 
 def accuracy_by_length(rows: list[dict], lengths: list[int], items: bool = False
                        ) -> dict[str, dict]:
-    """Per length: trials and accuracy (and with ``items`` each trial's 0/1)."""
+    """Per length: trials and accuracy (and with ``items`` each trial's 0/1); the cued
+    accuracy too where the rows have it."""
     out: dict[str, dict] = {}
     for length in lengths:
-        hits = [float(r["correct"]) for r in rows if r["length"] == length]
+        at = [r for r in rows if r["length"] == length]
+        hits = [float(r["correct"]) for r in at]
         out[str(length)] = {"trials": len(hits), "accuracy": sum(hits) / len(hits),
                             **({"items": hits} if items else {})}
+        if at and all("cued_correct" in r for r in at):
+            cued = [float(r["cued_correct"]) for r in at]
+            out[str(length)]["cued_accuracy"] = sum(cued) / len(cued)
+            if items:
+                out[str(length)]["cued_items"] = cued
     return out
 
 
@@ -188,7 +222,7 @@ def run_passkey(model: str, lengths: list[int], trials: int, seed: int = 0,
     llm = LLM(model=str(path), dtype="float32", enforce_eager=True, seed=seed,
               max_model_len=max(lengths) + ANSWER_TOKENS + 1, enable_prefix_caching=True)
     started = time.perf_counter() - start
-    rows = passkey_on(llm, tok, lengths, trials, seed, progress)
+    rows = passkey_on(llm, tok, lengths, trials, seed, progress, cued=True)
     return {"model": model, "path": str(path), "trials_per_length": trials, "seed": seed,
             "accuracy": accuracy_by_length(rows, lengths), "seconds": time.perf_counter() - start,
             "seconds_engine_start": started, "rows": rows}
