@@ -141,11 +141,40 @@ def test_the_cued_answer_is_asked_after_the_plain_one_with_the_answers_opening()
 
     rows = passkey_on(Scripted(), tok, [600], trials=3, seed=4, progress=False, cued=True)
     assert [len(c) for c in sent] == [1, 3, 3]
+    assert sent[1] == [t.prompt_ids for t in trials]
     assert sent[2] == [t.prompt_ids + answer_cue(tok, t.key) for t in trials]
     assert [r["correct"] for r in rows] == [False, True, False]
     assert [r["cued_correct"] for r in rows] == [True, True, False]
     acc = accuracy_by_length(rows, [600])["600"]
     assert acc["accuracy"] == pytest.approx(1 / 3) and acc["cued_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_cued_trials_go_in_groups_each_plain_then_cued(monkeypatch):
+    """Asked twice, trials go in groups of at most CUED_GROUP_TOKENS prompt tokens, each group
+    plain then cued, so a trial's cued copy follows its plain prompt closely enough to hit it
+    in the prefix cache; every trial once in each pass, in order."""
+    from conftest import tiny_tokenizer
+
+    from harp_vllm.evaluation.tasks import passkey
+
+    tok = tiny_tokenizer()
+    monkeypatch.setattr(passkey, "CUED_GROUP_TOKENS", 1300)
+    sent: list[list[list[int]]] = []
+
+    class Recording:
+        def generate(self, prompts, params, use_tqdm=False):
+            sent.append([p["prompt_token_ids"] for p in prompts])
+            return [SimpleNamespace(outputs=[SimpleNamespace(text=" 0")]) for _ in prompts]
+
+    trials = build_trials(tok, [300, 600], trials=3, seed=6)
+    rows = passkey.passkey_on(Recording(), tok, [300, 600], trials=3, seed=6, progress=False,
+                              cued=True)
+    assert [len(c) for c in sent[1:]] == [3, 3, 2, 2, 1, 1]  # 900 + 600 > 1300, 1200, 600
+    for plain, cued in zip(sent[1::2], sent[2::2], strict=True):
+        assert [p + passkey.answer_cue(tok, t.key) for p, t in
+                zip(plain, [t for t in trials if t.prompt_ids in plain], strict=True)] == cued
+    assert [r["key"] for r in rows] == [t.key for t in trials]
+    assert [p for c in sent[1::2] for p in c] == [t.prompt_ids for t in trials]
 
 
 def test_a_length_past_the_models_context_is_refused_before_the_engine(tiny_llama):

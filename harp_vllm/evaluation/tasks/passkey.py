@@ -137,8 +137,9 @@ def passkey_on(llm, tokenizer, lengths: list[int], trials: int, seed: int = 0,
                progress: bool = True, cued: bool = False) -> list[dict]:
     """Per-trial rows (length, depth, key, answer, correct) from a running ``vllm.LLM``;
     with ``cued`` also ``cued_answer`` / ``cued_correct``: the answer to the same prompt with
-    the answer's opening appended (``answer_cue``), asked after every plain trial so that
-    each hits its trial's prompt in the prefix cache."""
+    the answer's opening appended (``answer_cue``), asked right after a small group of plain
+    trials (``trial_groups``) so that each hits its trial's prompt in the prefix cache
+    (``cued_cached_tokens``: how much did)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -153,23 +154,45 @@ def passkey_on(llm, tokenizer, lengths: list[int], trials: int, seed: int = 0,
     for n in warm_up_lengths(len(warm)):
         llm.generate([{"prompt_token_ids": warm[:n]}], one_token, use_tqdm=False)
     params = SamplingParams(temperature=0.0, max_tokens=ANSWER_TOKENS)
-    prompts: list[TokensPrompt] = [{"prompt_token_ids": c.prompt_ids} for c in cases]
-    outs = llm.generate(prompts, params, use_tqdm=progress)
     rows = []
-    for c, o in zip(cases, outs, strict=True):
-        answer = o.outputs[0].text
-        rows.append({"length": c.length, "depth": round(c.depth, 3), "key": c.key,
-                     "answer": answer, "correct": score(answer, c.key)})
-    if cued:
-        cues = [answer_cue(tokenizer, c.key) for c in cases]
-        key_params = SamplingParams(temperature=0.0, max_tokens=8)
-        outs = llm.generate([{"prompt_token_ids": c.prompt_ids + cue}
-                             for c, cue in zip(cases, cues, strict=True)],
-                            key_params, use_tqdm=progress)
-        for row, cue, o in zip(rows, cues, outs, strict=True):
-            answer = tokenizer.decode(cue) + o.outputs[0].text
-            row.update(cued_answer=answer, cued_correct=score(answer, row["key"]))
+    for group in trial_groups(cases, CUED_GROUP_TOKENS if cued else None):
+        prompts: list[TokensPrompt] = [{"prompt_token_ids": c.prompt_ids} for c in group]
+        outs = llm.generate(prompts, params, use_tqdm=progress and not cued)
+        for c, o in zip(group, outs, strict=True):
+            answer = o.outputs[0].text
+            rows.append({"length": c.length, "depth": round(c.depth, 3), "key": c.key,
+                         "answer": answer, "correct": score(answer, c.key)})
+        if cued:
+            cues = [answer_cue(tokenizer, c.key) for c in group]
+            outs = llm.generate([{"prompt_token_ids": c.prompt_ids + cue}
+                                 for c, cue in zip(group, cues, strict=True)],
+                                SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+            for row, cue, o in zip(rows[-len(group):], cues, outs, strict=True):
+                answer = tokenizer.decode(cue) + o.outputs[0].text
+                row.update(cued_answer=answer, cued_correct=score(answer, row["key"]),
+                           cued_cached_tokens=getattr(o, "num_cached_tokens", None))
+            if progress:
+                print(f"passkey: {len(rows)}/{len(cases)} trials", flush=True)
     return rows
+
+
+# Trials per call when each is asked twice: few enough that their prompts are still in the
+# prefix cache when the cued copies come (a sliding-window model caches every layer's blocks,
+# so all 200 trials of 1k-8k at once evicted the first ones: the cued pass cost a plain one).
+CUED_GROUP_TOKENS = 65_536
+
+
+def trial_groups(cases: list[Trial], tokens: int | None) -> list[list[Trial]]:
+    """``cases`` in order, cut into runs of at most ``tokens`` prompt tokens (at least one
+    trial each); all in one run when ``tokens`` is None."""
+    if tokens is None:
+        return [cases]
+    groups: list[list[Trial]] = [[]]
+    for c in cases:
+        if groups[-1] and sum(t.length for t in groups[-1]) + c.length > tokens:
+            groups.append([])
+        groups[-1].append(c)
+    return groups
 
 
 def accuracy_by_length(rows: list[dict], lengths: list[int], items: bool = False
