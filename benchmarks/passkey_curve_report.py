@@ -90,11 +90,12 @@ def main() -> None:
             xs = [n for n in lengths if n in rows]
             ys = [acc[str(n)]["accuracy"] for n in xs]
             color = "k" if k == 0 else f"C{k - 1}"
+            width = 4 if k == 0 else 1.5  # the reference stays visible under equal curves
             ax.plot(xs, ys, marker="o", label=f"{label}, answer cued" if args.cued else label,
-                    color=color)
+                    color=color, lw=width)
             if args.cued:
                 ax.plot(xs, [plain[label][str(n)] for n in xs], marker="x", ls="--",
-                        color=color, alpha=0.6, label=f"{label}, plain")
+                        color=color, alpha=0.6, lw=width / 2, label=f"{label}, plain")
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths, [f"{round(n / 1024)}k" for n in lengths])
         ax.set_xlabel("prompt tokens")
