@@ -50,8 +50,8 @@ class Trial:
 
 def text_start(tokenizer) -> list[int]:
     """The special tokens the tokenizer puts before a text, as a text prompt served by vLLM
-    begins: Gemma 3's ``<bos>``, nothing for SmolLM2. Without its BOS Gemma 3 reads the first
-    word as its attention sink (every passkey figure before stop 45 was measured so)."""
+    begins: Gemma 3's ``<bos>`` (it is trained with it; the Gemma passkey figures before
+    stop 45 were measured without), nothing for SmolLM2."""
     plain = tokenizer(INTRO, add_special_tokens=False)["input_ids"]
     served = tokenizer(INTRO)["input_ids"]
     for n in range(len(served) - len(plain) + 1):
