@@ -79,6 +79,8 @@ def main() -> None:
                 cell += f" ({100 * d['diff']:+.0f} ± {100 * (d['se'] or 0):.0f})"
             cells.append(f"{cell} (n = {len(hits)})" if label == ref_label else cell)
         print(f"| {label} | " + " | ".join(cells) + f" | {seconds / 60:.0f} min |")
+    if args.cued:
+        key_logprob_table(models, lengths)
     if args.plot:
         import matplotlib
 
@@ -108,6 +110,35 @@ def main() -> None:
         fig.savefig(args.plot, dpi=110)
         plt.close(fig)
         print(f"\n(plot: {args.plot})")
+
+
+def key_logprob_table(models: list, lengths: list[int]) -> None:
+    """Mean log-probability of the key's digits (cued, where the answer is the key), and each
+    model's paired difference to the first over the trials both answered: below the
+    accuracy's ceiling, how sure the retrieval is. Runs before the key's log-probability was
+    recorded show as blank."""
+    ref_label, ref = models[0][0], models[0][1]
+    print("\nKey log-probability (nats, all digits; cued answers that are the key):\n")
+    print("| model | " + " | ".join(f"{n:,} tokens" for n in lengths) + " |")
+    print("|" + " --- |" * (len(lengths) + 1))
+    for label, rows, _, _ in models:
+        cells = []
+        for n in lengths:
+            lp = [r.get("cued_key_logprob") for r in rows.get(n, [])]
+            own = [x for x in lp if x is not None]
+            if not own:
+                cells.append("")
+                continue
+            cell = f"{sum(own) / len(own):.3f} (n = {len(own)})"
+            if label != ref_label:
+                pairs = [(a, b.get("cued_key_logprob")) for a, b in zip(lp, ref[n], strict=True)]
+                pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+                if pairs:
+                    d = difference([a for a, _ in pairs], [b for _, b in pairs])
+                    cell = (f"{sum(own) / len(own):.3f} ({d['diff']:+.3f} ± "
+                            f"{d['se'] or 0:.3f}, n = {len(pairs)})")
+            cells.append(cell)
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

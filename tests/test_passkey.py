@@ -177,6 +177,29 @@ def test_cued_trials_go_in_groups_each_plain_then_cued(monkeypatch):
     assert [p for c in sent[1::2] for p in c] == [t.prompt_ids for t in trials]
 
 
+def test_the_key_logprob_sums_the_keys_tokens_only_when_the_answer_is_the_key():
+    """``key_logprob`` adds the engine's log-probabilities of the key's own tokens (after the
+    cue, not of what follows them), and is None for an answer that is not the key or an output
+    without logprobs."""
+    from conftest import tiny_tokenizer
+
+    from harp_vllm.evaluation.tasks.passkey import answer_cue, key_logprob
+
+    tok = tiny_tokenizer()
+    key = "41273"
+    cue = answer_cue(tok, key)
+    key_ids = tok(f" {key}", add_special_tokens=False)["input_ids"][len(cue):]
+    tail = tok(". Remember", add_special_tokens=False)["input_ids"]
+    ids = key_ids + tail
+    steps = [{t: SimpleNamespace(logprob=-0.1 * (i + 1))} for i, t in enumerate(ids)]
+    out = SimpleNamespace(token_ids=ids, logprobs=steps)
+    expected = -0.1 * sum(range(1, len(key_ids) + 1))
+    assert key_logprob(tok, key, cue, out) == pytest.approx(expected)
+    wrong = SimpleNamespace(token_ids=[ids[1], *ids[1:]], logprobs=steps)
+    assert key_logprob(tok, key, cue, wrong) is None
+    assert key_logprob(tok, key, cue, SimpleNamespace(token_ids=ids, logprobs=None)) is None
+
+
 def test_a_length_past_the_models_context_is_refused_before_the_engine(tiny_llama):
     """The tiny model's context is 512 tokens: a 512-token passkey prompt plus its answer
     does not fit and is refused with the longest length that does; 500 fits."""

@@ -139,7 +139,7 @@ def passkey_on(llm, tokenizer, lengths: list[int], trials: int, seed: int = 0,
     with ``cued`` also ``cued_answer`` / ``cued_correct``: the answer to the same prompt with
     the answer's opening appended (``answer_cue``), asked right after a small group of plain
     trials (``trial_groups``) so that each hits its trial's prompt in the prefix cache
-    (``cued_cached_tokens``: how much did)."""
+    (``cued_cached_tokens``: how much did), and ``cued_key_logprob`` (``key_logprob``)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -166,14 +166,27 @@ def passkey_on(llm, tokenizer, lengths: list[int], trials: int, seed: int = 0,
             cues = [answer_cue(tokenizer, c.key) for c in group]
             outs = llm.generate([{"prompt_token_ids": c.prompt_ids + cue}
                                  for c, cue in zip(group, cues, strict=True)],
-                                SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+                                SamplingParams(temperature=0.0, max_tokens=8, logprobs=0),
+                                use_tqdm=False)
             for row, cue, o in zip(rows[-len(group):], cues, outs, strict=True):
                 answer = tokenizer.decode(cue) + o.outputs[0].text
                 row.update(cued_answer=answer, cued_correct=score(answer, row["key"]),
+                           cued_key_logprob=key_logprob(tokenizer, row["key"], cue, o.outputs[0]),
                            cued_cached_tokens=getattr(o, "num_cached_tokens", None))
             if progress:
                 print(f"passkey: {len(rows)}/{len(cases)} trials", flush=True)
     return rows
+
+
+def key_logprob(tokenizer, key: str, cue: list[int], out) -> float | None:
+    """The log-probability of the key's tokens after the cue (nats, summed), when the greedy
+    answer is the key (its tokens are then the key's, each the top token); None otherwise or
+    without the engine's logprobs. Below the accuracy's ceiling: how sure the retrieval is."""
+    key_ids = tokenizer(f" {key}", add_special_tokens=False)["input_ids"][len(cue):]
+    got, logprobs = list(getattr(out, "token_ids", []) or []), getattr(out, "logprobs", None)
+    if not logprobs or got[:len(key_ids)] != key_ids:
+        return None
+    return float(sum(step[t].logprob for step, t in zip(logprobs, key_ids, strict=False)))
 
 
 # Trials per call when each is asked twice: few enough that their prompts are still in the
