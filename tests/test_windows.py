@@ -297,3 +297,32 @@ def test_a_merged_record_weights_the_probe_kl(tiny_llama):
         parts = suffix_kl_parts(model, rec, 0)
         assert set(parts) == {"text", "probe"} and parts["probe"] > 0
         assert suffix_kl(model, rec, 0) == pytest.approx(parts["text"] + 0.5 * parts["probe"])
+
+
+def test_plan_rescores_layouts_with_the_recall_probe(tiny_llama, tmp_path, monkeypatch):
+    """--recall-probe: the layouts are re-scored on the long windows plus the weighted KL at
+    the recalled codes' digits of planted probe windows; plan.json shows both parts, and the
+    measured KL is their weighted sum."""
+    monkeypatch.setenv("HARP_VLLM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "plan"
+    args = ["plan", str(tiny_llama), "--calib-file", str(_calib(tmp_path)), "--calib-samples",
+            "8", "--calib-seq-len", "32", "--positions", "16", "--eval-windows", "0",
+            "--top-k", "3", "--candidates", "linear,remove", "--context", "512",
+            "--long-positions", "64", "--kv-saving", "0.3", "--recall-probe", "2.0",
+            "--out", str(out)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["settings"]["recall_probe"] == {"weight": 2.0, "repeat": 24, "windows": 2}
+    assert plan["settings"]["long"]["seq_len"] == 512  # re-scored on long windows
+    for t in plan["tried"]:
+        parts = t["kl_parts"]
+        assert set(parts) == {"text", "probe"} and parts["probe"] > 0
+        assert t["measured_kl"] == pytest.approx(parts["text"] + 2.0 * parts["probe"],
+                                                 abs=2e-5)
+    best = min(plan["tried"], key=lambda t: t["measured_kl"])
+    assert plan["layout"] == best["layout"]
+    assert plan["measured_kl_parts"]["probe_weight"] == 2.0
+    res = runner.invoke(app, [*args[:-2], "--recall-probe", "-1", "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "--recall-probe must be >= 0" in res.output
+    assert not (tmp_path / "x").exists()

@@ -77,6 +77,16 @@ def register(app: typer.Typer) -> None:
             help="with windows: more long windows the best layouts are re-scored on")] = 2,
         long_positions: Annotated[int, typer.Option(
             help="with windows: sampled positions per long window")] = 1024,
+        recall_probe: Annotated[float, typer.Option(
+            help="re-score the best layouts on long windows (--long-rescore-windows) plus "
+                 "this weight times the KL on a recall probe: facts planted early in more "
+                 "long windows of the calibration text and recalled at their end (0: "
+                 "off)")] = 0.0,
+        recall_repeat: Annotated[int, typer.Option(
+            help="with --recall-probe: every other probe window repeats its first this many "
+                 "tokens (text that says the same thing again and again)")] = 24,
+        recall_windows: Annotated[int, typer.Option(
+            help="with --recall-probe: probe windows")] = 2,
         calib_file: Annotated[Path | None, typer.Option(
             help="calibrate on a text file (default: WikiText-2 validation)")] = None,
         calib_mix: Annotated[str | None, typer.Option(
@@ -135,6 +145,8 @@ def register(app: typer.Typer) -> None:
                 long_seq_len=long_seq_len,
                 long_damage_windows=long_damage_windows,
                 long_rescore_windows=long_rescore_windows, long_positions=long_positions,
+                recall_probe=recall_probe, recall_repeat=recall_repeat,
+                recall_windows=recall_windows,
                 calib_samples=calib_samples,
                 calib_seq_len=calib_seq_len, damage_windows=damage_windows,
                 rescore_windows=rescore_windows,

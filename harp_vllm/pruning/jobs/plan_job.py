@@ -13,7 +13,7 @@ from ...errors import UserError
 from ...evaluation.perplexity import evaluate_perplexity
 from ..planner.choices import KEEP, Choice, parse_layout
 from ..planner.layouts import apply_layout, installed, layout_summary, layout_text, share_key
-from ..planner.scoring import layout_kl
+from ..planner.scoring import layout_kl, layout_kl_parts
 from ..planner.solve import Budget, plan_layout, served_block
 from ..reference.window_sinks import (
     DEFAULT_SINK_OFFSET,
@@ -80,6 +80,14 @@ def _record(s: Session, layout: dict[int, Choice], progress: bool, budget: Budge
            "ppl": _ppl(s, layout, progress)}
     if "measured_kl" not in rec:
         rec["measured_kl"] = round(layout_kl(s.model, layout, s.stats, s.held_out), 5)
+    if "probe" in s.held_out.weights:  # the recall probe's part of the re-scoring KL
+        text = layout_text(layout)
+        parts = next((t.get("kl_parts") for t in rec.get("tried", []) if t["layout"] == text),
+                     None)
+        if parts is None:
+            parts = {g: round(v, 5) for g, v in
+                     layout_kl_parts(s.model, layout, s.stats, s.held_out).items()}
+        rec["measured_kl_parts"] = {**parts, "probe_weight": s.held_out.weights["probe"]}
     shares = {str(j): s.stats.extra["share_fits"][share_key(j, c.target)]
               for j, c in layout.items() if c.kind == "share" and c.target is not None}
     if shares:  # relative errors on the calibration tokens, before and after the refit
@@ -94,6 +102,8 @@ def _settings_record(s: Session) -> dict:
             "fit_seq_len": o.calib_seq_len, "damage_windows": o.damage_windows,
             "positions": o.positions, "rescore_windows": o.rescore_windows, "ridge": o.ridge,
             **({"long": s.long} if s.long else {}),
+            **({"recall_probe": {"weight": o.recall_probe, "repeat": o.recall_repeat,
+                                 "windows": o.recall_windows}} if o.recall_probe else {}),
             **({"window_sinks": True} if o.window_sinks else {}),
             **({"sink_offset": o.sink_offset} if o.sink_offset is not None else {}),
             **({"sink_max_short_kl": o.sink_max_short_kl}

@@ -38,6 +38,9 @@ class PlanOptions:
     long_damage_windows: int = 1
     long_rescore_windows: int = 2
     long_positions: int = 1024
+    recall_probe: float = 0.0  # weight of the recall probe's KL in the layouts' re-scoring
+    recall_repeat: int = 24  # the repetitive probe window's period (tokens)
+    recall_windows: int = 2  # probe windows (every odd one repetitive)
     calib_file: Path | None = None
     calib_mix: str | None = None  # comma list of domains: windows from each one's dev part
     calib_samples: int = 16
@@ -86,6 +89,17 @@ def check_options(opts: PlanOptions) -> None:
             or opts.long_damage_windows < 1 or opts.long_rescore_windows < 0):
         raise UserError("--long-seq-len must be >= 2, --long-damage-windows >= 1 and "
                         "--long-rescore-windows >= 0")
+    if opts.recall_probe < 0 or opts.recall_repeat < 1 or opts.recall_windows < 1:
+        raise UserError(f"--recall-probe must be >= 0, --recall-repeat and --recall-windows "
+                        f">= 1, got {opts.recall_probe}, {opts.recall_repeat}, "
+                        f"{opts.recall_windows}")
+    if opts.recall_probe and opts.long_rescore_windows < 1:
+        raise UserError("--recall-probe is scored beside the long re-scoring windows: give "
+                        "--long-rescore-windows >= 1")
+    if opts.recall_probe and opts.calib_mix is not None:
+        raise UserError("--recall-probe plants its facts in long windows of the calibration "
+                        "text; with --calib-mix those windows are the domains' tails, which "
+                        "the probe does not take yet: give one of the two")
     if opts.window_sinks and opts.frontier:
         raise UserError("--window-sinks applies to one plan (--kv-saving or --layout), not "
                         "--frontier")

@@ -14,7 +14,8 @@ from ...errors import UserError
 from ...evaluation import data as data_mod
 from ...families import model_types
 from ...paths import cache_dir
-from ..calibration.damage import record_dense
+from ..calibration.damage import merge_records, record_dense
+from ..calibration.recall_probe import recall_windows
 from ..calibration.windows import (
     calibration_windows,
     load_calibration_text,
@@ -71,10 +72,13 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     ranks = parse_ranks(opts.ranks, cfg, opts.speedup)
     kinds = parse_kinds(opts, cfg)
     layout = parse_layout(opts.layout, cfg) if opts.layout else None
-    # long windows (damage + re-scoring) when a sliding window is offered or in the layout
+    # long windows (damage + re-scoring) when a sliding window is offered or in the layout,
+    # or the re-scoring takes the recall probe (its windows are long ones too)
     use_long = "window" in kinds if layout is None else any(
         c.kind == "window" for c in layout.values())
+    use_long = use_long or opts.recall_probe > 0
     n_long = opts.long_damage_windows + opts.long_rescore_windows if use_long else 0
+    n_probe = opts.recall_windows if opts.recall_probe > 0 else 0
     long_len = opts.long_seq_len or context
     t0 = time.perf_counter()
     tok = models.load_tokenizer(src)
@@ -82,6 +86,7 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     # are re-scored on rescore_windows more, disjoint from every fit
     n_windows = opts.calib_samples + opts.rescore_windows
     long_windows = None
+    probe_src: Any = None
     if opts.calib_mix is not None:  # long windows from each domain's tail (fits move)
         windows, calib, long_windows = mixed_calibration_windows(
             tok, [d.strip() for d in opts.calib_mix.split(",") if d.strip()], n_windows,
@@ -89,9 +94,10 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     else:  # long windows between the fits' windows (fits, and their cache, unchanged)
         text, calib = load_calibration_text(calib_file=opts.calib_file)
         windows = calibration_windows(tok, text, n_windows, opts.calib_seq_len, opts.seed)
-        if n_long:
+        if n_long:  # the probe's windows after the others (which stay the same)
             long_windows = unused_long_windows(tok, text, n_windows, opts.calib_seq_len,
-                                               opts.seed, n_long, long_len)
+                                               opts.seed, n_long + n_probe, long_len)
+            probe_src, long_windows = long_windows[n_long:], long_windows[:n_long]
     rescore = windows[opts.calib_samples:]
     windows = windows[:opts.calib_samples]
     model = load_model(src)
@@ -123,6 +129,11 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
         held_out = record_dense(model, rescore,
                                 list(range(cfg.num_hidden_layers)),
                                 positions=opts.calib_seq_len, seed=opts.seed)
+    if n_probe:  # facts planted early in the probe windows, recalled at their end
+        ids, picks = recall_windows(tok, probe_src, seed=opts.seed, repeat=opts.recall_repeat)
+        probe = record_dense(model, ids, list(range(cfg.num_hidden_layers)), batch=1,
+                             picks=picks)
+        held_out = merge_records(held_out, probe, opts.recall_probe)
     eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
     return Session(opts, src, cfg, tok, model, stats, rec, held_out, choices, cache, eval_text,
                    time.perf_counter() - t0, context, long, long_windows,

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..calibration.damage import DenseRecord, record_dense, suffix_kl
+from ..calibration.damage import DenseRecord, record_dense, suffix_kl, suffix_kl_parts
 from ..reference import decoder_layers
 from .choices import KEEP, Choice
 from .layouts import installed
@@ -25,6 +25,17 @@ def layout_kl(model, layout: dict[int, Choice], stats: PlanStats, rec: DenseReco
     start = min([*layout, *(c.target for c in layout.values() if c.target is not None)])
     with installed(model, layout, stats):
         return suffix_kl(model, rec, start)
+
+
+def layout_kl_parts(model, layout: dict[int, Choice], stats: PlanStats, rec: DenseRecord
+                    ) -> dict[str, float]:
+    """:func:`layout_kl` per part of the record's objective (``text``, and ``probe`` when a
+    recall probe is merged in), unweighted."""
+    if not layout:
+        return {g: 0.0 for g in dict.fromkeys(rec.batch_groups())}
+    start = min([*layout, *(c.target for c in layout.values() if c.target is not None)])
+    with installed(model, layout, stats):
+        return suffix_kl_parts(model, rec, start)
 
 
 def score_candidates(model, stats: PlanStats, rec: DenseRecord, choices: list[Choice],

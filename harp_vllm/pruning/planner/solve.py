@@ -14,7 +14,7 @@ from .. import costs
 from ..calibration.damage import DenseRecord
 from .choices import KEEP, Choice
 from .layouts import layout_text
-from .scoring import layout_kl
+from .scoring import layout_kl, layout_kl_parts
 from .statistics import PlanStats
 
 
@@ -195,10 +195,13 @@ def plan_layout(model, stats: PlanStats, rec: DenseRecord, choices: list[Choice]
                                       desc=f"re-score layouts (round {r + 1}/{rounds})"):
             key = layout_text(layout)
             if key not in seen:
-                kl = layout_kl(model, layout, stats, rec)
+                parts = layout_kl_parts(model, layout, stats, rec)
+                kl = sum(rec.weights[g] * v for g, v in parts.items())
                 seen[key] = (layout, kl)
                 tried.append({"round": r + 1, "layout": key,
-                              "predicted_kl": round(predicted, 5), "measured_kl": round(kl, 5)})
+                              "predicted_kl": round(predicted, 5), "measured_kl": round(kl, 5),
+                              **({"kl_parts": {g: round(v, 5) for g, v in parts.items()}}
+                                 if len(parts) > 1 else {})})
         best_layout, best_kl = min(seen.values(), key=lambda t: t[1])
         if r + 1 < rounds:  # in-context marginals of the best layout's changes
             for j, c in tqdm(best_layout.items(), disable=not progress, unit="layer",
