@@ -307,7 +307,8 @@ def test_plan_rescores_layouts_with_the_recall_probe(tiny_llama, tmp_path, monke
     out = tmp_path / "plan"
     args = ["plan", str(tiny_llama), "--calib-file", str(_calib(tmp_path)), "--calib-samples",
             "8", "--calib-seq-len", "32", "--positions", "16", "--eval-windows", "0",
-            "--top-k", "3", "--candidates", "linear,remove", "--context", "512",
+            "--top-k", "3", "--candidates", "linear,remove,window", "--windows", "64,128",
+            "--window-sinks", "--sink-max-short-kl", "1e9", "--context", "512",
             "--long-positions", "64", "--kv-saving", "0.3", "--recall-probe", "2.0",
             "--out", str(out)]
     res = runner.invoke(app, args)
@@ -323,6 +324,11 @@ def test_plan_rescores_layouts_with_the_recall_probe(tiny_llama, tmp_path, monke
     best = min(plan["tried"], key=lambda t: t["measured_kl"])
     assert plan["layout"] == best["layout"]
     assert plan["measured_kl_parts"]["probe_weight"] == 2.0
+    # with the fitted sinks (if the plan has windows) both parts are measured again
+    for rec in (plan, plan.get("window_sinks", {}).get("without_sinks", plan)):
+        parts = rec["measured_kl_parts"]
+        assert rec["measured_kl"] == pytest.approx(parts["text"] + 2.0 * parts["probe"],
+                                                   abs=2e-5)
     res = runner.invoke(app, [*args[:-2], "--recall-probe", "-1", "--out", str(tmp_path / "x")])
     assert res.exit_code != 0 and "--recall-probe must be >= 0" in res.output
     assert not (tmp_path / "x").exists()

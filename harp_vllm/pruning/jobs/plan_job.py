@@ -78,16 +78,18 @@ def _record(s: Session, layout: dict[int, Choice], progress: bool, budget: Budge
            "costs": layout_summary(cfg, layout, (4096, 7168, s.context),
                                    context=s.context),
            "ppl": _ppl(s, layout, progress)}
-    if "measured_kl" not in rec:
-        rec["measured_kl"] = round(layout_kl(s.model, layout, s.stats, s.held_out), 5)
-    if "probe" in s.held_out.weights:  # the recall probe's part of the re-scoring KL
+    weights = s.held_out.weights
+    if "probe" in weights:  # the recall probe's part of the re-scoring KL, and the sum
         text = layout_text(layout)
         parts = next((t.get("kl_parts") for t in rec.get("tried", []) if t["layout"] == text),
                      None)
         if parts is None:
             parts = {g: round(v, 5) for g, v in
                      layout_kl_parts(s.model, layout, s.stats, s.held_out).items()}
-        rec["measured_kl_parts"] = {**parts, "probe_weight": s.held_out.weights["probe"]}
+        rec["measured_kl_parts"] = {**parts, "probe_weight": weights["probe"]}
+        rec.setdefault("measured_kl", round(sum(weights[g] * v for g, v in parts.items()), 5))
+    elif "measured_kl" not in rec:
+        rec["measured_kl"] = round(layout_kl(s.model, layout, s.stats, s.held_out), 5)
     shares = {str(j): s.stats.extra["share_fits"][share_key(j, c.target)]
               for j, c in layout.items() if c.kind == "share" and c.target is not None}
     if shares:  # relative errors on the calibration tokens, before and after the refit
@@ -141,11 +143,13 @@ def run_plan(opts: PlanOptions, progress: bool = True) -> dict:
         sinks, record["window_sinks"] = _fit_window_sinks(s, layout)
         if priced is not None:
             record["window_sinks"]["offered"] = priced[1]
-        record["window_sinks"]["without_sinks"] = {k: record[k] for k in ("ppl", "measured_kl")}
+        keys = ("ppl", "measured_kl", *(("measured_kl_parts",)
+                                          if "measured_kl_parts" in record else ()))
+        record["window_sinks"]["without_sinks"] = {k: record[k] for k in keys}
         if sinks:
             with sinks_added(s.model, sinks):
                 with_sinks = _record(s, layout, progress, budget=None)
-            record.update(ppl=with_sinks["ppl"], measured_kl=with_sinks["measured_kl"])
+            record.update({k: with_sinks[k] for k in keys})
     record.update(model=opts.model, source_dir=str(s.src),
                   ppl_dense=_ppl(s, {}, progress), settings=_settings_record(s),
                   seconds={"load_and_statistics": round(s.seconds, 2),
