@@ -8,7 +8,8 @@
 # windowed layer (no cap), wplan27sl the same with the layers over the cap keeping a lowered
 # sink (--sink-over-cap lower); wplan27n a 27% plan offered a window only where its sink is
 # under the cap (--sink-over-cap no-window); wplan40s is a 40% plan with windows and sinks,
-# wplan40s-rp the same with its best layouts re-scored with the recall probe (weight 1).
+# wplan40s-rp the same with its best layouts re-scored with the recall probe (weight 1),
+# wplan40s-rp-all its layout with a sink on every windowed layer.
 # Resumable: checkpoints and per-model runs (out/quality-$PRESET/runs) are reused.
 #   bash benchmarks/quality_smollm2.sh            # PRESET=quick (default) or full
 #   MODELS="plan27 plan27-mix lin8" bash benchmarks/quality_smollm2.sh   # a subset
@@ -47,6 +48,9 @@ build() {
     wplan40s) run $H plan smollm2-135m --out "$out" --kv-saving 0.40 --windows "$WINDOWS" --window-sinks ;;
     wplan40s-rp) run $H plan smollm2-135m --out "$out" --kv-saving 0.40 --windows "$WINDOWS" \
       --window-sinks --recall-probe 1 ;;
+    wplan40s-rp-all) build wplan40s-rp
+      run $H plan smollm2-135m --out "$out" --layout "$(layout_of wplan40s-rp)" --window-sinks \
+        --sink-max-short-kl 1e9 --recall-probe 1 ;;
     wplan50) run $H plan smollm2-135m --out "$out" --kv-saving 0.50 --windows "$WINDOWS" --top-k 4 ;;
     *) echo "unknown model $1" >&2; exit 2 ;;
   esac
