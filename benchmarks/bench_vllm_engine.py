@@ -76,7 +76,9 @@ def worker(args: argparse.Namespace) -> None:
                      use_tqdm=False)
         return time.perf_counter() - t
 
-    timed([prompt_ids(128, vocab, 0)], one)  # warm-up
+    # warm-up: a prompt as long as the shortest timed one (a 128-token warm-up left the first
+    # long prefill of each engine slower than a longer one after it: docs, Gemma 3 pass 4)
+    timed([prompt_ids(cfg.get("warmup") or min(cfg["prefill"], default=128), vocab, 0)], one)
     from harp_vllm.serving.kv_capacity import kv_groups, sequences_that_fit
 
     groups = kv_groups(llm)
@@ -157,6 +159,8 @@ def main() -> None:
                     "alphas, written to the cache)")
     ap.add_argument("--prefill", help="prompt lengths to prefill, comma list (default: the "
                     "preset's)")
+    ap.add_argument("--warmup", type=int, help="warm-up prompt tokens (default: the shortest "
+                    "--prefill length)")
     ap.add_argument("--decode-prompt", type=int, help="prompt tokens of each decode request")
     ap.add_argument("--decode-tokens", type=int, help="tokens decoded per request")
     ap.add_argument("--decode-requests", type=int, help="concurrent decode requests")
@@ -177,7 +181,8 @@ def main() -> None:
         cfg["rounds"] = args.rounds
     if args.prefill:
         cfg["prefill"] = [int(x) for x in args.prefill.split(",") if x.strip()]
-    for key in ("decode_prompt", "decode_tokens", "decode_requests", "capacity_context"):
+    for key in ("decode_prompt", "decode_tokens", "decode_requests", "capacity_context",
+                "warmup"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     dense, pruned = ensure_models(args.pruned, args.dense)
