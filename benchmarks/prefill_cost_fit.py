@@ -29,7 +29,7 @@ def split_macs(cfg, shapes, n: int) -> tuple[float, float]:
     """(weight and LM-head MACs, attention-core MACs) per prompt token of an ``n``-token
     prefill."""
     total = costs.model_macs(cfg, shapes, n, "prefill")
-    attention = sum(costs.layer_macs(cfg, s, n) - costs.layer_params(cfg, s) for s in shapes)
+    attention = sum(costs.attention_core_macs(cfg, s, n) for s in shapes)
     return total - attention, attention
 
 

@@ -67,19 +67,25 @@ def layer_params(cfg: Any, s: LayerShape) -> int:
 
 def layer_macs(cfg: Any, s: LayerShape, context: int, phase: str = "prefill") -> float:
     """Multiply-adds per token of one layer at context ``context`` (prefill or decode)."""
-    h = head_dim(cfg)
-    macs = float(layer_params(cfg, s))  # every weight is one MAC per token
-    if s.attention == "dense":
-        w = s.window
-        n: float
-        if phase == "decode":
-            n = 2 * (context if w is None else min(context, w))
-        elif w is None or context <= w:
-            n = context + 1
-        else:  # tokens 1..W attend to themselves and all before, the rest to W tokens
-            n = 2 * (w * (w + 1) / 2 + (context - w) * w) / context
-        macs += s.q_heads * h * n
-    return macs
+    # every weight is one MAC per token, plus the attention core
+    return float(layer_params(cfg, s)) + attention_core_macs(cfg, s, context, phase)
+
+
+def attention_core_macs(cfg: Any, s: LayerShape, context: int, phase: str = "prefill"
+                        ) -> float:
+    """Multiply-adds per token of one layer's ``QK^T`` and ``AV`` at context ``context`` (0
+    for a layer without attention)."""
+    if s.attention != "dense":
+        return 0.0
+    w = s.window
+    n: float
+    if phase == "decode":
+        n = 2 * (context if w is None else min(context, w))
+    elif w is None or context <= w:
+        n = context + 1
+    else:  # tokens 1..W attend to themselves and all before, the rest to W tokens
+        n = 2 * (w * (w + 1) / 2 + (context - w) * w) / context
+    return float(s.q_heads * head_dim(cfg) * n)
 
 
 def kv_head_bytes(head_size: int, dtype_bytes: int = 2) -> int:

@@ -129,8 +129,12 @@ def suffix_kl_parts(model, rec: DenseRecord, start: int) -> dict[str, float]:
     return {g: kl[g] / count[g] for g in kl}
 
 
-def suffix_kl(model, rec: DenseRecord, start: int) -> float:
-    """The record's objective: each group's KL per token (:func:`suffix_kl_parts`) times its
-    weight, summed (just the KL per token for a record of plain text)."""
-    parts = suffix_kl_parts(model, rec, start)
+def objective(rec: DenseRecord, parts: dict[str, float]) -> float:
+    """The record's objective from its parts' KL per token: each times its group's weight,
+    summed (just the KL per token for a record of plain text)."""
     return sum(rec.weights[g] * v for g, v in parts.items())
+
+
+def suffix_kl(model, rec: DenseRecord, start: int) -> float:
+    """The record's :func:`objective` with layers ``start..L-1`` run (:func:`suffix_kl_parts`)."""
+    return objective(rec, suffix_kl_parts(model, rec, start))

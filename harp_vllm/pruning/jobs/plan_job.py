@@ -11,6 +11,7 @@ from typing import Any
 
 from ...errors import UserError
 from ...evaluation.perplexity import evaluate_perplexity
+from ..calibration.damage import objective
 from ..planner.choices import KEEP, Choice, parse_layout
 from ..planner.layouts import apply_layout, installed, layout_summary, layout_text, share_key
 from ..planner.scoring import layout_kl, layout_kl_parts
@@ -87,7 +88,7 @@ def _record(s: Session, layout: dict[int, Choice], progress: bool, budget: Budge
             parts = {g: round(v, 5) for g, v in
                      layout_kl_parts(s.model, layout, s.stats, s.held_out).items()}
         rec["measured_kl_parts"] = {**parts, "probe_weight": weights["probe"]}
-        rec.setdefault("measured_kl", round(sum(weights[g] * v for g, v in parts.items()), 5))
+        rec.setdefault("measured_kl", round(objective(s.held_out, parts), 5))
     elif "measured_kl" not in rec:
         rec["measured_kl"] = round(layout_kl(s.model, layout, s.stats, s.held_out), 5)
     shares = {str(j): s.stats.extra["share_fits"][share_key(j, c.target)]

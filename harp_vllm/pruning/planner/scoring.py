@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..calibration.damage import DenseRecord, record_dense, suffix_kl, suffix_kl_parts
+from ..calibration.damage import DenseRecord, objective, record_dense, suffix_kl_parts
 from ..reference import decoder_layers
 from .choices import KEEP, Choice
 from .layouts import installed
@@ -18,19 +18,16 @@ from .statistics import PlanStats, fit_statistics
 
 
 def layout_kl(model, layout: dict[int, Choice], stats: PlanStats, rec: DenseRecord) -> float:
-    """Calibration KL(dense || model with the whole ``layout``) (run from its first changed
-    layer, or from an earlier layer a ``shareJ`` layer reads the keys and values of)."""
-    if not layout:
-        return 0.0
-    start = min([*layout, *(c.target for c in layout.values() if c.target is not None)])
-    with installed(model, layout, stats):
-        return suffix_kl(model, rec, start)
+    """Calibration KL(dense || model with the whole ``layout``): the record's objective over
+    :func:`layout_kl_parts`."""
+    return objective(rec, layout_kl_parts(model, layout, stats, rec))
 
 
 def layout_kl_parts(model, layout: dict[int, Choice], stats: PlanStats, rec: DenseRecord
                     ) -> dict[str, float]:
-    """:func:`layout_kl` per part of the record's objective (``text``, and ``probe`` when a
-    recall probe is merged in), unweighted."""
+    """KL per token of each part of the record (``text``, and ``probe`` when a recall probe
+    is merged in), unweighted, with the whole ``layout`` installed (run from its first changed
+    layer, or from an earlier layer a ``shareJ`` layer reads the keys and values of)."""
     if not layout:
         return {g: 0.0 for g in dict.fromkeys(rec.batch_groups())}
     start = min([*layout, *(c.target for c in layout.values() if c.target is not None)])

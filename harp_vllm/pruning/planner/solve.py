@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ...errors import UserError
 from .. import costs
-from ..calibration.damage import DenseRecord
+from ..calibration.damage import DenseRecord, objective
 from .choices import KEEP, Choice
 from .layouts import layout_text
 from .scoring import layout_kl, layout_kl_parts
@@ -196,7 +196,7 @@ def plan_layout(model, stats: PlanStats, rec: DenseRecord, choices: list[Choice]
             key = layout_text(layout)
             if key not in seen:
                 parts = layout_kl_parts(model, layout, stats, rec)
-                kl = sum(rec.weights[g] * v for g, v in parts.items())
+                kl = objective(rec, parts)
                 seen[key] = (layout, kl)
                 tried.append({"round": r + 1, "layout": key,
                               "predicted_kl": round(predicted, 5), "measured_kl": round(kl, 5),
