@@ -21,22 +21,17 @@ from pathlib import Path
 
 
 def side_stats(run: dict) -> dict:
-    """Requests ok / failed, wall time (first start to last end), tokens, peak running."""
-    reqs = run["requests"]
-    ok = [q for q in reqs if q.get("ok")]
-    t0 = min(q["start_time"] for q in reqs)
-    t1 = max(q["start_time"] + (q.get("latency") or 0.0) for q in reqs)
-    prompt = sum(q.get("prompt_tokens") or 0 for q in ok)
-    output = sum(q.get("output_tokens") or 0 for q in ok)
-    peak = (run.get("server") or {}).get("running_peak")
-    return {"ok": len(ok), "failed": len(reqs) - len(ok), "seconds": t1 - t0,
-            "req_per_min": 60.0 * len(ok) / (t1 - t0), "prompt_tokens": prompt,
-            "output_tokens": output, "peak_running": peak}
+    """The harness's own stats of the run (``vllm_bench.summarize_requests``: requests ok /
+    failed, request rate over the run's duration, tokens) and its peak running sequences."""
+    st = run["stats"]
+    return {"ok": st["ok"], "failed": st["failed"], "req_per_min": 60.0 * st["request_rate"],
+            "prompt_tokens": st["prompt_tokens"], "output_tokens": st["output_tokens"],
+            "peak_running": (run.get("server") or {}).get("running_peak")}
 
 
 def summarize(path: Path, capacity_ratio: float) -> dict:
     res = json.loads(path.read_text())
-    sides = {r["endpoint"]: side_stats(r) for r in res["runs"] if r.get("requests")}
+    sides = {r["endpoint"]: side_stats(r) for r in res["runs"] if r.get("stats")}
     if set(sides) != {"dense", "pruned"}:
         raise SystemExit(f"{path}: need one dense and one pruned run, got {sorted(sides)}")
     d, p = sides["dense"], sides["pruned"]
