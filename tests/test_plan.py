@@ -241,7 +241,7 @@ def test_plan_cli_refuses_bad_input_and_leaves_nothing(tiny_llama, tmp_path):
              (["--kv-saving", "0.3", "--rescore-windows", "-1"],
               "--rescore-windows must be >= 0"),
              (["--kv-saving", "0.3", "--calib-mix", "wikitext"],
-              "give --calib-mix or --calib-file, not both")]
+              "give one of --calib-mix, --calib-file and --calib-self")]
     for i, (args, message) in enumerate(cases):
         out = tmp_path / f"bad{i}"
         res = runner.invoke(app, [*base, "--no-cache", *args, "--out", str(out)])
@@ -324,3 +324,63 @@ def test_rescore_windows_are_disjoint_from_the_fit_windows(tiny_llama):
     assert not torch.equal(mixed[1], wiki[0])
     with pytest.raises(UserError, match="--calib-mix is empty"):
         mixed_calibration_windows(tiny_tokenizer, [], 4, 64)
+
+
+def test_self_calibration_samples_seeded_full_length_text_and_caches_it(tiny_llama, tmp_path,
+                                                                        monkeypatch):
+    """Self-calibration: every sequence has its full length with no special token in it, the
+    temperature falls linearly, the seed fixes the text, and the text is cached per settings."""
+    from harp_vllm import models
+    from harp_vllm.pruning.calibration import self_text
+    from harp_vllm.pruning.calibration.self_text import (
+        SelfCalibration,
+        sample_sequences,
+        self_calibration_text,
+        temperatures,
+    )
+
+    tok = models.load_tokenizer(tiny_llama)
+    model = load_model(tiny_llama)
+    spec = SelfCalibration(sequences=3, tokens=12, batch=2)
+    seqs = sample_sequences(model, tok, spec, progress=False)
+    assert [len(s) for s in seqs] == [12, 12, 12]
+    specials = set(tok.all_special_ids)
+    assert not specials & {t for s in seqs for t in s}
+    assert seqs == sample_sequences(model, tok, spec, progress=False)
+    assert seqs != sample_sequences(model, tok, SelfCalibration(3, 12, seed=1, batch=2),
+                                    progress=False)
+    assert len({tuple(s) for s in seqs}) == 3  # sampled, not greedy: the rows differ
+    t = temperatures(spec)
+    assert t[0] == 1.0 and abs(float(t[-1]) - 0.7) < 1e-6 and bool((t[1:] < t[:-1]).all())
+
+    text, calib = self_calibration_text(model, tok, spec, "tiny", tmp_path, progress=False)
+    assert calib["self"]["tokens"] == 12 and calib["self"]["model"] == "tiny"
+    assert len(text.split("\n\n")) == 3
+    (cached,) = tmp_path.glob("self-calibration-*.txt")
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled again")
+
+    monkeypatch.setattr(self_text, "sample_sequences", no_sampling)
+    assert self_calibration_text(model, tok, spec, "tiny", tmp_path)[0] == text
+    with pytest.raises(AssertionError):  # other settings: another text
+        self_calibration_text(model, tok, SelfCalibration(3, 12, seed=2), "tiny", tmp_path)
+    with pytest.raises(UserError, match="at least 1 sequence"):
+        SelfCalibration(0, 12).check()
+
+
+def test_plan_cli_calibrates_on_the_models_own_text(tiny_llama, tmp_path, monkeypatch):
+    """--calib-self: the plan fits and scores on text sampled from the model, recorded in
+    plan.json, and the statistics are cached under that calibration, not the file's."""
+    monkeypatch.setenv("HARP_VLLM_CACHE", str(tmp_path / "cache"))
+    args = [a for a in _tiny_args(tiny_llama, tmp_path)]
+    i = args.index("--calib-file")
+    del args[i:i + 2]
+    out = tmp_path / "self"
+    res = runner.invoke(app, [*args, "--calib-self", "--kv-saving", "0.3", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    plan = json.loads((out / "plan.json").read_text())
+    calib = plan["settings"]["calibration"]
+    assert calib["self"]["tokens"] == 32 and calib["self"]["sequences"] >= 20
+    assert plan["costs"]["kv_saving"] >= 0.3
+    assert len(list((tmp_path / "cache").glob("self-calibration-*.txt"))) == 1

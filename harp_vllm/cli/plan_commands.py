@@ -92,6 +92,9 @@ def register(app: typer.Typer) -> None:
         calib_mix: Annotated[str | None, typer.Option(
             help="calibrate on the dev parts of several domains, e.g. "
                  "wikitext,python,boolq,gsm8k (windows interleaved)")] = None,
+        calib_self: Annotated[bool, typer.Option(
+            help="calibrate on text sampled from the dense model itself (self-calibration, "
+                 "arXiv 2410.17170): no external data; cached")] = False,
         calib_samples: Annotated[int, typer.Option(help="calibration windows for the maps and "
                                                         "FLAP's statistics")] = 16,
         calib_seq_len: Annotated[int, typer.Option(help="tokens per calibration window")] = 1024,
@@ -139,7 +142,8 @@ def register(app: typer.Typer) -> None:
             opts = PlanOptions(
                 model=model, out=out, kv_saving=kv_saving, speedup=speedup, context=context,
                 layout=layout, frontier=frontier, budgets=sweep, compare=compare, ranks=ranks,
-                calib_file=calib_file, calib_mix=calib_mix, candidates=candidates,
+                calib_file=calib_file, calib_mix=calib_mix, calib_self=calib_self,
+                candidates=candidates,
                 windows=windows, window_sinks=window_sinks, sink_offset=sink_offset,
                 sink_max_short_kl=sink_max_short_kl, sink_over_cap=sink_over_cap,
                 long_seq_len=long_seq_len,

@@ -43,6 +43,7 @@ class PlanOptions:
     recall_windows: int = 2  # probe windows (every odd one repetitive)
     calib_file: Path | None = None
     calib_mix: str | None = None  # comma list of domains: windows from each one's dev part
+    calib_self: bool = False  # calibrate on text sampled from the dense model itself
     calib_samples: int = 16
     calib_seq_len: int = 1024  # long windows: 256-token ones misjudge long-range heads
     damage_windows: int = 4
@@ -83,8 +84,8 @@ def check_options(opts: PlanOptions) -> None:
                         f"got {opts.damage_windows}")
     if opts.rescore_windows < 0:
         raise UserError(f"--rescore-windows must be >= 0, got {opts.rescore_windows}")
-    if opts.calib_mix is not None and opts.calib_file is not None:
-        raise UserError("give --calib-mix or --calib-file, not both")
+    if sum([opts.calib_mix is not None, opts.calib_file is not None, opts.calib_self]) > 1:
+        raise UserError("give one of --calib-mix, --calib-file and --calib-self")
     if ((opts.long_seq_len is not None and opts.long_seq_len < 2)
             or opts.long_damage_windows < 1 or opts.long_rescore_windows < 0):
         raise UserError("--long-seq-len must be >= 2, --long-damage-windows >= 1 and "

@@ -16,6 +16,7 @@ from ...families import model_types
 from ...paths import cache_dir
 from ..calibration.damage import merge_records, record_dense
 from ..calibration.recall_probe import recall_windows
+from ..calibration.self_text import SelfCalibration, self_calibration_text
 from ..calibration.windows import (
     calibration_windows,
     load_calibration_text,
@@ -53,6 +54,17 @@ class Session:
     sink_cost: Any = None  # window sinks' short-prompt cost (``short_cost``), built once
 
 
+def self_calibration_spec(opts: PlanOptions, n_windows: int, n_long: int, long_len: int
+                          ) -> SelfCalibration:
+    """Sequences as long as the longest window cut from them, enough of them for the fits'
+    and re-scoring windows side by side and the long windows beside those (10% spare for
+    the text's re-tokenisation)."""
+    length = max(opts.calib_seq_len, long_len if n_long else 0)
+    need = n_windows * opts.calib_seq_len + n_long * (long_len + opts.calib_seq_len)
+    return SelfCalibration(sequences=-(-int(need * 1.1) // length), tokens=length,
+                           seed=opts.seed)
+
+
 def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     """Validate, load the dense model and calibration windows, get the statistics."""
     from transformers import AutoConfig
@@ -82,6 +94,7 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     long_len = opts.long_seq_len or context
     t0 = time.perf_counter()
     tok = models.load_tokenizer(src)
+    model = load_model(src)
     # the fits (maps, statistics, damage) read the first calib_samples windows; the layouts
     # are re-scored on rescore_windows more, disjoint from every fit
     n_windows = opts.calib_samples + opts.rescore_windows
@@ -92,7 +105,12 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
             tok, [d.strip() for d in opts.calib_mix.split(",") if d.strip()], n_windows,
             opts.calib_seq_len, opts.seed, long=(n_long, long_len))
     else:  # long windows between the fits' windows (fits, and their cache, unchanged)
-        text, calib = load_calibration_text(calib_file=opts.calib_file)
+        if opts.calib_self:  # the model's own text, enough for every window cut from it
+            text, calib = self_calibration_text(
+                model, tok, self_calibration_spec(opts, n_windows, n_long + n_probe, long_len),
+                str(src), cache_dir() if opts.use_cache else None, progress)
+        else:
+            text, calib = load_calibration_text(calib_file=opts.calib_file)
         windows = calibration_windows(tok, text, n_windows, opts.calib_seq_len, opts.seed)
         if n_long:  # the probe's windows after the others (which stay the same)
             long_windows = unused_long_windows(tok, text, n_windows, opts.calib_seq_len,
@@ -100,7 +118,6 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
             probe_src, long_windows = long_windows[n_long:], long_windows[:n_long]
     rescore = windows[opts.calib_samples:]
     windows = windows[:opts.calib_samples]
-    model = load_model(src)
     choices = candidates(cfg, ranks, kinds, parse_windows(opts, cfg))
     if layout is not None:  # an explicit layout needs only its own choices' statistics
         choices = [KEEP, *dict.fromkeys(layout.values())]
