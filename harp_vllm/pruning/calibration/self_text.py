@@ -34,7 +34,7 @@ class SelfCalibration:
         if self.sequences < 1 or self.tokens < 2:
             raise UserError(f"self-calibration needs at least 1 sequence of 2 tokens, got "
                             f"{self.sequences} x {self.tokens}")
-        if not (0 < self.t_end and 0 < self.t_start):
+        if self.t_start <= 0 or self.t_end <= 0:
             raise UserError(f"self-calibration temperatures must be > 0, got "
                             f"{self.t_start} -> {self.t_end}")
 
