@@ -9,7 +9,8 @@
 # sink (--sink-over-cap lower); wplan27n a 27% plan offered a window only where its sink is
 # under the cap (--sink-over-cap no-window); wplan40s is a 40% plan with windows and sinks,
 # wplan40s-rp the same with its best layouts re-scored with the recall probe (weight 1),
-# wplan40s-rp-all its layout with a sink on every windowed layer.
+# wplan40s-rp-all its layout with a sink on every windowed layer; plan27-self the 27% plan
+# calibrated on text sampled from the dense model itself (--calib-self, no external data).
 # Resumable: checkpoints and per-model runs (out/quality-$PRESET/runs) are reused.
 #   bash benchmarks/quality_smollm2.sh            # PRESET=quick (default) or full
 #   MODELS="plan27 plan27-mix lin8" bash benchmarks/quality_smollm2.sh   # a subset
@@ -31,6 +32,7 @@ build() {
   case $1 in
     plan27) run $H plan smollm2-135m --out "$out" --kv-saving 0.27 ;;
     plan40) run $H plan smollm2-135m --out "$out" --kv-saving 0.40 ;;
+    plan27-self) run $H plan smollm2-135m --out "$out" --kv-saving 0.27 --calib-self ;;
     plan27-mix) run $H plan smollm2-135m --out "$out" --kv-saving 0.27 --calib-mix "$MIX" ;;
     plan40-mix) run $H plan smollm2-135m --out "$out" --kv-saving 0.40 --calib-mix "$MIX" ;;
     lin8) run $H prune smollm2-135m --out "$out" --method linear --layers 8 ;;
