@@ -371,9 +371,9 @@ def test_self_calibration_samples_seeded_full_length_text_and_caches_it(tiny_lla
 
 def test_plan_cli_calibrates_on_the_models_own_text(tiny_llama, tmp_path, monkeypatch):
     """--calib-self: the plan fits and scores on text sampled from the model, recorded in
-    plan.json, and the statistics are cached under that calibration, not the file's."""
+    plan.json's statistics settings (the statistics cache's key), and that text is cached."""
     monkeypatch.setenv("HARP_VLLM_CACHE", str(tmp_path / "cache"))
-    args = [a for a in _tiny_args(tiny_llama, tmp_path)]
+    args = _tiny_args(tiny_llama, tmp_path)
     i = args.index("--calib-file")
     del args[i:i + 2]
     out = tmp_path / "self"
@@ -384,3 +384,4 @@ def test_plan_cli_calibrates_on_the_models_own_text(tiny_llama, tmp_path, monkey
     assert calib["self"]["tokens"] == 32 and calib["self"]["sequences"] >= 20
     assert plan["costs"]["kv_saving"] >= 0.3
     assert len(list((tmp_path / "cache").glob("self-calibration-*.txt"))) == 1
+    assert len(list((tmp_path / "cache" / "plan-stats").glob("*.pt"))) == 1

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -97,10 +95,9 @@ def self_calibration_text(model: Any, tokenizer: Any, spec: SelfCalibration, sou
         return path.read_text(encoding="utf-8"), calib
     seqs = sample_sequences(model, tokenizer, spec, progress)
     text = "\n\n".join(tokenizer.decode(s, skip_special_tokens=True).strip() for s in seqs)
-    if path is not None:  # written whole or not at all
+    if path is not None:  # written whole or not at all, as PlanStats.save does
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
     return text, calib
