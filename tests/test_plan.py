@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 from harp_vllm.cli import app
 from harp_vllm.errors import UserError
 from harp_vllm.pruning import costs
+from harp_vllm.pruning.methods.held_out import RIDGE_GRID
+from harp_vllm.pruning.planner import scoring
 from harp_vllm.pruning.planner.choices import KEEP, Choice, candidates, parse_layout
 from harp_vllm.pruning.planner.solve import Budget, solve_layouts
 from harp_vllm.pruning.reference import load_model
@@ -385,3 +387,43 @@ def test_plan_cli_calibrates_on_the_models_own_text(tiny_llama, tmp_path, monkey
     assert plan["costs"]["kv_saving"] >= 0.3
     assert len(list((tmp_path / "cache").glob("self-calibration-*.txt"))) == 1
     assert len(list((tmp_path / "cache" / "plan-stats").glob("*.pt"))) == 1
+
+
+def test_plan_chooses_each_maps_ridge_by_held_out_error_and_reuses_window_damage(
+        tiny_llama, tmp_path, monkeypatch):
+    """--ridge held-out: plan.json records every layer's chosen ridge per rank with its
+    curve; the statistics (and the maps) differ from a fixed ridge's; the windows' damage,
+    which no map changes, is measured once and reused; a bad --ridge is refused."""
+    monkeypatch.setenv("HARP_VLLM_CACHE", str(tmp_path / "cache"))
+    scored: list[list[str]] = []
+    real = scoring.score_candidates
+
+    def spy(model, stats, rec, choices, *a, **k):
+        scored.append([c.kind for c in choices])
+        return real(model, stats, rec, choices, *a, **k)
+
+    monkeypatch.setattr(scoring, "score_candidates", spy)
+    base = [*_tiny_args(tiny_llama, tmp_path), "--kv-saving", "0.3", "--windows", "64,128",
+            "--context", "256", "--long-positions", "64"]
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "fixed")])
+    assert res.exit_code == 0, res.output
+    assert sum("window" in kinds for kinds in scored) == 1
+    scored.clear()
+    res = runner.invoke(app, [*base, "--ridge", "held-out", "--out", str(tmp_path / "ho")])
+    assert res.exit_code == 0, res.output
+    assert scored and not any("window" in kinds for kinds in scored)  # reused, not re-measured
+    plan = json.loads((tmp_path / "ho" / "plan.json").read_text())
+    assert plan["settings"]["ridge"] == "held-out"
+    ridges = plan["settings"]["map_ridges"]
+    layers = json.loads((tiny_llama / "config.json").read_text())["num_hidden_layers"]
+    assert set(ridges) == {"16", "full"}
+    for by_layer in ridges.values():
+        assert len(by_layer) == layers
+        for c in by_layer.values():
+            assert c["ridge"] in RIDGE_GRID and len(c["curve"]) == len(RIDGE_GRID)
+            assert c["held_out"] == min(c["curve"].values())
+    assert len(list((tmp_path / "cache" / "plan-stats").glob("[0-9a-f]*.pt"))) == 2
+    assert len(list((tmp_path / "cache" / "plan-stats").glob("windows-*.pt"))) == 1
+    res = runner.invoke(app, [*base, "--ridge", "strong", "--out", str(tmp_path / "bad")])
+    assert res.exit_code != 0 and "--ridge must be a number >= 0 or 'held-out'" in res.output
+    assert not (tmp_path / "bad").exists()

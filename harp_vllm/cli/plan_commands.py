@@ -105,7 +105,10 @@ def register(app: typer.Typer) -> None:
                  "position (0: the damage windows)")] = 4,
         positions: Annotated[int, typer.Option(help="sampled positions per window for the "
                                                     "KL")] = 128,
-        ridge: Annotated[float, typer.Option(help="linear maps' ridge")] = 1e-3,
+        ridge: Annotated[str, typer.Option(
+            help="the linear and group maps' ridge (relative to the mean input variance), or "
+                 "'held-out': each map's from a grid by 4-fold cross-validated error")
+                         ] = "1e-3",
         top_k: Annotated[int, typer.Option(help="best layouts re-scored as whole models")] = 8,
         rounds: Annotated[int, typer.Option(
             help="solve rounds: each corrects the best layout's estimates to their in-context "
@@ -128,7 +131,7 @@ def register(app: typer.Typer) -> None:
 
         from ..errors import UserError
         from ..pruning.jobs.plan_job import run_frontier, run_plan
-        from ..pruning.jobs.plan_options import PlanOptions
+        from ..pruning.jobs.plan_options import PlanOptions, parse_ridge
         from .output import run_guarded
 
         if threads:
@@ -154,7 +157,8 @@ def register(app: typer.Typer) -> None:
                 calib_samples=calib_samples,
                 calib_seq_len=calib_seq_len, damage_windows=damage_windows,
                 rescore_windows=rescore_windows,
-                positions=positions, ridge=ridge, top_k=top_k, rounds=rounds, seed=seed,
+                positions=positions, ridge=parse_ridge(ridge), top_k=top_k, rounds=rounds,
+                seed=seed,
                 eval_windows=eval_windows, eval_seq_len=eval_seq_len, use_cache=cache,
                 force=force)
             return run_frontier(opts) if frontier else run_plan(opts)

@@ -103,7 +103,9 @@ def _settings_record(s: Session) -> dict:
     o = s.opts
     return {"calibration": s.stats.settings["calibration"], "fit_windows": o.calib_samples,
             "fit_seq_len": o.calib_seq_len, "damage_windows": o.damage_windows,
-            "positions": o.positions, "rescore_windows": o.rescore_windows, "ridge": o.ridge,
+            "positions": o.positions, "rescore_windows": o.rescore_windows,
+            "ridge": "held-out" if o.ridge is None else o.ridge,
+            **({"map_ridges": s.stats.extra["ridges"]} if "ridges" in s.stats.extra else {}),
             **({"long": s.long} if s.long else {}),
             **({"recall_probe": {"weight": o.recall_probe, "repeat": o.recall_repeat,
                                  "windows": o.recall_windows}} if o.recall_probe else {}),

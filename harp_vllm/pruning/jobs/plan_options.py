@@ -49,7 +49,7 @@ class PlanOptions:
     damage_windows: int = 4
     rescore_windows: int = 4  # windows disjoint from every fit that layouts are re-scored on
     positions: int = 128
-    ridge: float = 1e-3
+    ridge: float | None = 1e-3  # None: each map's ridge chosen by held-out error
     top_k: int = 8
     rounds: int = 1
     seed: int = 0
@@ -155,6 +155,20 @@ def parse_windows(opts: PlanOptions, cfg: Any) -> tuple[int, ...]:
     if not sizes:
         raise UserError("--windows is empty (give e.g. 512,1024,2048)")
     return tuple(check_window(w, cfg) for w in sizes)
+
+
+def parse_ridge(text: str) -> float | None:
+    """``--ridge``: a number >= 0, or ``held-out`` (None: chosen per map by cross-validated
+    error, ``methods/held_out.py``)."""
+    if text.strip().lower() == "held-out":
+        return None
+    try:
+        ridge = float(text)
+    except ValueError:
+        raise UserError(f"--ridge must be a number >= 0 or 'held-out', got {text!r}") from None
+    if not ridge >= 0:
+        raise UserError(f"--ridge must be >= 0 (or 'held-out'), got {text!r}")
+    return ridge
 
 
 def parse_ranks(text: str | None, cfg: Any, speedup: float | None) -> list[int | None]:

@@ -3,6 +3,7 @@ its layer (filled into the statistics, which are loaded from the cache or fitted
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -50,8 +51,26 @@ def long_key(long: dict) -> str:
     return json.dumps(long, sort_keys=True)
 
 
+def window_damage_path(cache: Path | None, settings: dict, long: dict) -> Path | None:
+    """Where the windows' damage is kept apart from the statistics: a window changes no map,
+    so its damage does not depend on the maps' settings (ridge, ranks) and is reused when
+    only those change."""
+    if cache is None:
+        return None
+    key = {k: v for k, v in settings.items() if k not in ("ridge", "ranks")}
+    digest = hashlib.sha256(json.dumps([key, long], sort_keys=True).encode()).hexdigest()[:16]
+    return cache.with_name(f"windows-{digest}.pt")
+
+
+def save_window_damage(path: Path, store: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(store, tmp)
+    tmp.replace(path)
+
+
 def ensure_statistics(model, windows: torch.Tensor, settings: dict, choices: list[Choice],
-                      ranks: list[int | None], ridge: float, cache: Path | None,
+                      ranks: list[int | None], ridge: float | None, cache: Path | None,
                       progress: bool = True, long_windows: torch.Tensor | None = None,
                       long: dict | None = None) -> tuple[PlanStats, DenseRecord]:
     """Load the cached statistics or compute them (maps, FLAP scores, per-layer damage).
@@ -63,10 +82,10 @@ def ensure_statistics(model, windows: torch.Tensor, settings: dict, choices: lis
     damage_windows = windows[:settings["damage_windows"]]
     if stats is None:
         t0 = time.perf_counter()
-        maps, order, means, fits = fit_statistics(model, windows, ranks, ridge,
-                                                  progress=progress)
-        stats = PlanStats(settings, maps, order, means, fits,
-                          seconds={"fit": round(time.perf_counter() - t0, 2)})
+        fitted = fit_statistics(model, windows, ranks, ridge, progress=progress)
+        stats = PlanStats(settings, fitted.maps, fitted.flap_order, fitted.attn_mean,
+                          fitted.group_fits, seconds={"fit": round(time.perf_counter() - t0, 2)},
+                          extra={"ridges": fitted.ridge_report()} if fitted.ridges else {})
     t0 = time.perf_counter()
     every = list(range(model.config.num_hidden_layers))
     rec = record_dense(model, damage_windows, every, positions=settings["positions"],
@@ -78,6 +97,10 @@ def ensure_statistics(model, windows: torch.Tensor, settings: dict, choices: lis
     windowed = [c for c in choices if c.kind == "window"]
     if windowed and long_windows is not None and long is not None:
         store = stats.extra.setdefault("long_damage", {}).setdefault(long_key(long), {})
+        side = window_damage_path(cache, settings, long)
+        if side is not None and side.is_file():  # measured under other maps' settings
+            for j, by_name in torch.load(side, weights_only=False).items():
+                store.setdefault(j, {}).update(by_name)
         missing = any(c.name not in store.get(j, {}) for j in range(len(decoder_layers(model)))
                       for c in windowed)
         if missing:
@@ -85,6 +108,8 @@ def ensure_statistics(model, windows: torch.Tensor, settings: dict, choices: lis
                                     positions=long["positions"], seed=settings["seed"])
             score_candidates(model, stats, long_rec, [KEEP, *windowed], progress, store)
             long_scored = True
+        if side is not None and (missing or not side.is_file()):
+            save_window_damage(side, store)
         for j, by_name in store.items():
             stats.damage.setdefault(j, {}).update(by_name)
     if long_scored or sum(len(v) for v in stats.damage.values()) > before:

@@ -13,9 +13,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ...errors import UserError
 from ...families import head_dim
 from ..heads import group_size
 from ..methods.group_fit import GroupFit, HeadMoments, fit_groups
+from ..methods.held_out import FOLDS, RidgeChoice, choose_ridge, merged
 from ..methods.linear import LinearMap, Moments, solve
 from ..methods.structured import LayerStats, group_scores
 from ..reference import decoder_layers
@@ -68,26 +70,57 @@ def stats_path(cache_root: Path, settings: dict) -> Path:
     return cache_root / "plan-stats" / f"{digest}.pt"
 
 
+@dataclass
+class Fitted:
+    """What one dense pass fits: the linear maps (rank key -> layer -> map), FLAP's group
+    order and compensation means, the group maps, and (``ridge=None``) each map's ridge
+    chosen by held-out error (rank key -> layer -> choice)."""
+
+    maps: dict[str, dict[int, LinearMap]]
+    flap_order: dict[int, list[int]]
+    attn_mean: dict[int, torch.Tensor]
+    group_fits: dict[int, GroupFit]
+    ridges: dict[str, dict[int, RidgeChoice]] = field(default_factory=dict)
+
+    def ridge_report(self) -> dict:
+        """Per rank and layer: the chosen ridge, its held-out and in-sample error, the curve."""
+        return {rk: {j: c.report() for j, c in by_layer.items()}
+                for rk, by_layer in self.ridges.items()}
+
+
 @torch.no_grad()
-def fit_statistics(model, windows: torch.Tensor, ranks: list[int | None], ridge: float,
-                   batch: int = 8, progress: bool = True
-                   ) -> tuple[dict[str, dict[int, LinearMap]], dict[int, list[int]],
-                              dict[int, torch.Tensor], dict[int, GroupFit]]:
+def fit_statistics(model, windows: torch.Tensor, ranks: list[int | None], ridge: float | None,
+                   batch: int = 8, progress: bool = True) -> Fitted:
     """One dense pass over ``windows``: each layer's attention input/output moments (the
     linear maps, one per rank), its o_proj input statistics (FLAP's group scores and the
-    compensation means) and their cross moments with the input (the group maps)."""
+    compensation means) and their cross moments with the input (the group maps).
+
+    ``ridge=None`` chooses every map's ridge by held-out error (``held_out.py``): the
+    moments are kept per fold of windows (window ``i`` in fold ``i % FOLDS``), each rank's
+    ridge is the one whose maps best predict the fold they were not fitted on, and the group
+    maps take the full-rank map's ridge (they regress the same input on the heads' outputs,
+    whose o_proj image is that map's target)."""
     cfg = model.config
     d, hd, r = cfg.hidden_size, head_dim(cfg), group_size(cfg)
     layers: Any = decoder_layers(model)
-    moments = [Moments(d) for _ in layers]
+    folds = FOLDS if ridge is None else 1
+    if folds > len(windows):
+        raise UserError(f"choosing the ridge by held-out error needs at least {folds} "
+                        f"calibration windows, got {len(windows)}")
+    moments = [[Moments(d) for _ in range(folds)] for _ in layers]
     heads = [HeadMoments(d, cfg.num_attention_heads * hd) for _ in layers]
     flap = [LayerStats() for _ in layers]
     o_inputs: dict[int, torch.Tensor] = {}
+    rows: list[int] = []  # the windows of the batch running (their fold: index % folds)
     handles = []
     for j, layer in enumerate(layers):
         def attn_hook(module, args, kw, out, j=j):  # runs after o_hook (inside the attention)
-            moments[j].add(kw["hidden_states"], out[0])
-            heads[j].add(kw["hidden_states"], o_inputs.pop(j))
+            x, t = kw["hidden_states"], out[0]
+            for f in range(folds):
+                pick = [k for k, w in enumerate(rows) if w % folds == f]
+                if pick:
+                    moments[j][f].add(x[pick], t[pick])
+            heads[j].add(x, o_inputs.pop(j))
 
         def o_hook(module, args, j=j):
             o_inputs[j] = args[0]
@@ -98,23 +131,35 @@ def fit_statistics(model, windows: torch.Tensor, ranks: list[int | None], ridge:
     try:
         for i in tqdm(range(0, len(windows), batch), disable=not progress,
                       desc="plan statistics", unit="batch"):
+            rows[:] = range(i, min(i + batch, len(windows)))
             model.model(input_ids=windows[i:i + batch], use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    maps = {rank_key(rk): {j: solve(m, ridge, rk, "normed")[0] for j, m in enumerate(moments)}
-            for rk in ranks}
+    whole = [merged(m) for m in moments]
+    choices: dict[str, dict[int, RidgeChoice]] = {}
+    if ridge is None:
+        keys = list(dict.fromkeys([*ranks, None]))
+        for rk in tqdm(keys, disable=not progress, desc="ridges by held-out error",
+                       unit="rank"):
+            choices[rank_key(rk)] = {j: choose_ridge(m, rk) for j, m in enumerate(moments)}
+
+    def ridge_of(rk: int | None, j: int) -> float:
+        return ridge if ridge is not None else choices[rank_key(rk)][j].ridge
+
+    maps = {rank_key(rk): {j: solve(m, ridge_of(rk, j), rk, "normed")[0]
+                           for j, m in enumerate(whole)} for rk in ranks}
     order = {j: torch.argsort(group_scores("flap", s, layers[j].self_attn.o_proj.weight.data,
                                            hd, r)).tolist() for j, s in enumerate(flap)}
     means = {j: s.attn_mean() for j, s in enumerate(flap)}
-    fits = {j: fit_groups(moments[j], heads[j], layers[j].self_attn.o_proj.weight.data, hd, r,
-                          ridge) for j in range(len(layers))}
-    return maps, order, means, fits
+    fits = {j: fit_groups(whole[j], heads[j], layers[j].self_attn.o_proj.weight.data, hd, r,
+                          ridge_of(None, j)) for j in range(len(layers))}
+    return Fitted(maps, order, means, fits, choices)
 
 
 def statistics_settings(model_dir: Path, calib: dict, fit_shape: tuple[int, int],
                         damage_windows: int, positions: int, ranks: list[int | None],
-                        ridge: float, seed: int) -> dict:
+                        ridge: float | None, seed: int) -> dict:
     """What the cached statistics depend on (the cache key)."""
     cfg_hash = hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()[:16]
     weights = sorted(Path(model_dir).glob("*.safetensors"))
@@ -122,4 +167,5 @@ def statistics_settings(model_dir: Path, calib: dict, fit_shape: tuple[int, int]
     return {"model_dir": str(Path(model_dir).resolve()), "config": cfg_hash, "weights": sizes,
             "calibration": calib, "fit_samples": fit_shape[0], "fit_seq_len": fit_shape[1],
             "damage_windows": damage_windows, "positions": positions,
-            "ranks": [rank_key(r) for r in ranks], "ridge": ridge, "seed": seed}
+            "ranks": [rank_key(r) for r in ranks],
+            "ridge": "held-out" if ridge is None else ridge, "seed": seed}

@@ -1,0 +1,107 @@
+"""Ridge strengths (and reduced ranks) chosen by held-out error, in closed form.
+
+The calibration windows are split into ``k`` folds (by window, so a fold's tokens never share
+a window with its training tokens). Each fold keeps its own streamed moments
+(:class:`~.linear.Moments`); a map fitted on the other folds' moments (their sum) is scored
+on the fold's tokens without seeing them again, because its squared error is a quadratic form
+of the fold's sums::
+
+    sum_i ||t_i - x_i W - b||^2 = S_tt - 2 tr(W^T S_xt) - 2 b.S_t
+                                  + tr(W^T S_xx W) + 2 (S_x W).b + n b.b
+
+So every ridge of a grid, and every rank cut of each, is scored on every fold for the cost of
+a few ``d x d`` products. The cross-validated error is the folds' held-out squared error over
+the target's total variation (``1 - R^2`` out of sample); the ridge chosen is the grid's
+lowest, ties to the larger ridge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .linear import Moments
+
+RIDGE_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+FOLDS = 4
+
+
+def merged(parts: list[Moments]) -> Moments:
+    """The moments of the union of ``parts``' tokens."""
+    out = Moments(parts[0].sx.shape[0])
+    for p in parts:
+        out.n += p.n
+        out.sx += p.sx
+        out.st += p.st
+        out.sxx += p.sxx
+        out.sxt += p.sxt
+        out.stt += p.stt
+    return out
+
+
+def ridge_fits(train: Moments, ridges: tuple[float, ...], rank: int | None
+          ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(W, b) of ``solve`` for each ridge (one eigendecomposition of C_xx for all of them)."""
+    n = train.n
+    mx, mt = train.sx / n, train.st / n
+    cxx = train.sxx / n - torch.outer(mx, mx)
+    cxt = train.sxt / n - torch.outer(mx, mt)
+    d = cxx.shape[0]
+    evals, q = torch.linalg.eigh(cxx)
+    qt_cxt = q.T @ cxt
+    out = []
+    for ridge in ridges:
+        lam = ridge * torch.trace(cxx) / d
+        w = q @ (qt_cxt / (evals + lam).clamp_min(1e-300)[:, None])
+        if rank is not None and rank < d:
+            _, vecs = torch.linalg.eigh(w.T @ cxx @ w)
+            v = vecs[:, -rank:]
+            w = w @ v @ v.T
+        out.append((w, mt - mx @ w))
+    return out
+
+
+def squared_error(test: Moments, w: torch.Tensor, b: torch.Tensor) -> float:
+    """Sum over ``test``'s tokens of ``||t - x W - b||^2``, from its sums alone."""
+    sxw = test.sx @ w
+    return float(test.stt - 2 * (w * test.sxt).sum() - 2 * b @ test.st
+                 + ((test.sxx @ w) * w).sum() + 2 * sxw @ b + test.n * b @ b)
+
+
+@dataclass
+class RidgeChoice:
+    """One map's ridge chosen by cross-validation, with the curve it was chosen from."""
+
+    ridge: float
+    held_out: dict[float, float]  # ridge -> cross-validated relative error (1 - R^2)
+    in_sample: float  # the chosen ridge's relative error on the tokens it was fitted on
+
+    def report(self) -> dict:
+        return {"ridge": self.ridge, "held_out": round(self.held_out[self.ridge], 5),
+                "in_sample": round(self.in_sample, 5),
+                "curve": {f"{r:g}": round(e, 5) for r, e in self.held_out.items()}}
+
+
+def total_variation(m: Moments) -> float:
+    """Sum over tokens of ``||t - mean(t)||^2``."""
+    return float(m.stt - m.st @ m.st / m.n)
+
+
+def choose_ridge(folds: list[Moments], rank: int | None = None,
+                 grid: tuple[float, ...] = RIDGE_GRID) -> RidgeChoice:
+    """The ridge of ``grid`` whose maps, each fitted without one fold, predict that fold
+    best (summed over folds); ties go to the larger ridge."""
+    if len(folds) < 2 or any(f.n == 0 for f in folds):
+        raise ValueError("cross-validation needs at least two non-empty folds")
+    total = merged(folds)
+    errors = dict.fromkeys(grid, 0.0)
+    for k, fold in enumerate(folds):
+        train = merged([f for i, f in enumerate(folds) if i != k])
+        for ridge, (w, b) in zip(grid, ridge_fits(train, grid, rank), strict=True):
+            errors[ridge] += squared_error(fold, w, b)
+    var = total_variation(total)
+    held_out = {r: e / var for r, e in errors.items()}
+    best = min(reversed(grid), key=lambda r: held_out[r])
+    (w, b), = ridge_fits(total, (best,), rank)
+    return RidgeChoice(best, held_out, squared_error(total, w, b) / var)
