@@ -427,3 +427,64 @@ def test_plan_chooses_each_maps_ridge_by_held_out_error_and_reuses_window_damage
     res = runner.invoke(app, [*base, "--ridge", "strong", "--out", str(tmp_path / "bad")])
     assert res.exit_code != 0 and "--ridge must be a number >= 0 or 'held-out'" in res.output
     assert not (tmp_path / "bad").exists()
+
+
+def test_held_out_damage_maps_are_fitted_without_the_damage_windows(tiny_llama):
+    """``hold``: the damage maps (and group maps) are the maps of the windows after the
+    first ``hold``, while the written maps, and the ridges chosen by held-out error, still
+    come from every window."""
+    from harp_vllm.pruning.planner.statistics import fit_statistics
+
+    model = load_model(tiny_llama)
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, 300, (16, 32), generator=g)
+    held = fit_statistics(model, windows, [None], 1e-3, progress=False, hold=4)
+    rest = fit_statistics(model, windows[4:], [None], 1e-3, progress=False)
+    whole = fit_statistics(model, windows, [None], 1e-3, progress=False)
+    assert held.damage_maps is not None and held.damage_group_fits is not None
+    for j, m in held.damage_maps["full"].items():
+        torch.testing.assert_close(m.out_weight, rest.maps["full"][j].out_weight)
+        torch.testing.assert_close(held.maps["full"][j].out_weight,
+                                   whole.maps["full"][j].out_weight)
+        assert not torch.allclose(m.out_weight, held.maps["full"][j].out_weight)
+        torch.testing.assert_close(held.damage_group_fits[j].weight, rest.group_fits[j].weight)
+    cv_held = fit_statistics(model, windows, [None], None, progress=False, hold=4)
+    cv = fit_statistics(model, windows, [None], None, progress=False)
+    assert cv_held.ridge_report() == cv.ridge_report()
+
+
+def test_plan_measures_map_damage_held_out_when_asked(tiny_llama, tmp_path, monkeypatch):
+    """--held-out-damage: the maps' damage (only) is measured with maps that never saw the
+    damage windows, so a linear map's damage is not flattered by its fit; the statistics'
+    written maps are the same; too few windows is refused."""
+    from harp_vllm.pruning.planner.statistics import PlanStats
+
+    monkeypatch.setenv("HARP_VLLM_CACHE", str(tmp_path / "cache"))
+    base = [*_tiny_args(tiny_llama, tmp_path), "--kv-saving", "0.3"]
+    res = runner.invoke(app, [*base, "--out", str(tmp_path / "in")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, [*base, "--held-out-damage", "--out", str(tmp_path / "ho")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "ho" / "plan.json").read_text())["settings"][
+        "held_out_damage"] is True
+    paths = list((tmp_path / "cache" / "plan-stats").glob("[0-9a-f]*.pt"))
+    raws = [torch.load(f, weights_only=False) for f in paths]
+    assert len(raws) == 2
+    for path, raw in zip(paths, raws, strict=True):  # the damage maps survive the cache
+        loaded = PlanStats.load(path, raw["settings"])
+        assert loaded is not None
+        assert ("damage_fits" in loaded.extra) == (raw["settings"].get("damage_maps")
+                                                   == "held-out")
+    held, plain = sorted(raws, key=lambda r: "damage_fits" in r["extra"], reverse=True)
+    assert "damage_fits" in held["extra"] and "damage_fits" not in plain["extra"]
+    for j, m in held["maps"]["full"].items():
+        torch.testing.assert_close(m["out_weight"], plain["maps"]["full"][j]["out_weight"])
+    lin = [(held["damage"][j]["linearfull"], plain["damage"][j]["linearfull"])
+           for j in held["damage"]]
+    assert sum(h for h, _ in lin) > sum(p for _, p in lin)  # out of sample costs more
+    for j in held["damage"]:  # a removed sublayer has no map: the same damage
+        assert held["damage"][j]["remove"] == pytest.approx(plain["damage"][j]["remove"])
+    res = runner.invoke(app, [*base, "--held-out-damage", "--damage-windows", "16",
+                              "--out", str(tmp_path / "bad")])
+    assert res.exit_code != 0 and "must be fewer than --calib-samples (16)" in res.output
+    assert not (tmp_path / "bad").exists()

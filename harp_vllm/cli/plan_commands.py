@@ -103,6 +103,9 @@ def register(app: typer.Typer) -> None:
         rescore_windows: Annotated[int, typer.Option(
             help="windows disjoint from every fit the best layouts are re-scored on, every "
                  "position (0: the damage windows)")] = 4,
+        held_out_damage: Annotated[bool, typer.Option(
+            help="measure the maps' damage with maps fitted without the damage windows (not "
+                 "flattered by the fit; the written maps use every window)")] = False,
         positions: Annotated[int, typer.Option(help="sampled positions per window for the "
                                                     "KL")] = 128,
         ridge: Annotated[str, typer.Option(
@@ -156,7 +159,7 @@ def register(app: typer.Typer) -> None:
                 recall_windows=recall_windows,
                 calib_samples=calib_samples,
                 calib_seq_len=calib_seq_len, damage_windows=damage_windows,
-                rescore_windows=rescore_windows,
+                rescore_windows=rescore_windows, held_out_damage=held_out_damage,
                 positions=positions, ridge=parse_ridge(ridge), top_k=top_k, rounds=rounds,
                 seed=seed,
                 eval_windows=eval_windows, eval_seq_len=eval_seq_len, use_cache=cache,

@@ -104,6 +104,7 @@ def _settings_record(s: Session) -> dict:
     return {"calibration": s.stats.settings["calibration"], "fit_windows": o.calib_samples,
             "fit_seq_len": o.calib_seq_len, "damage_windows": o.damage_windows,
             "positions": o.positions, "rescore_windows": o.rescore_windows,
+            **({"held_out_damage": True} if o.held_out_damage else {}),
             "ridge": "held-out" if o.ridge is None else o.ridge,
             **({"map_ridges": s.stats.extra["ridges"]} if "ridges" in s.stats.extra else {}),
             **({"long": s.long} if s.long else {}),

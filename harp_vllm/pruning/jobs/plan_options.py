@@ -47,6 +47,7 @@ class PlanOptions:
     calib_samples: int = 16
     calib_seq_len: int = 1024  # long windows: 256-token ones misjudge long-range heads
     damage_windows: int = 4
+    held_out_damage: bool = False  # damage measured with maps fitted without its windows
     rescore_windows: int = 4  # windows disjoint from every fit that layouts are re-scored on
     positions: int = 128
     ridge: float | None = 1e-3  # None: each map's ridge chosen by held-out error
@@ -82,6 +83,10 @@ def check_options(opts: PlanOptions) -> None:
     if not 1 <= opts.damage_windows <= opts.calib_samples:
         raise UserError(f"--damage-windows must be in 1..--calib-samples ({opts.calib_samples}), "
                         f"got {opts.damage_windows}")
+    if opts.held_out_damage and opts.damage_windows >= opts.calib_samples:
+        raise UserError(f"--held-out-damage fits the maps it scores without the damage "
+                        f"windows: --damage-windows ({opts.damage_windows}) must be fewer "
+                        f"than --calib-samples ({opts.calib_samples})")
     if opts.rescore_windows < 0:
         raise UserError(f"--rescore-windows must be >= 0, got {opts.rescore_windows}")
     if sum([opts.calib_mix is not None, opts.calib_file is not None, opts.calib_self]) > 1:

@@ -125,6 +125,8 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     settings = statistics_settings(src, calib, (opts.calib_samples, opts.calib_seq_len),
                                    opts.damage_windows, opts.positions, ranks, opts.ridge,
                                    opts.seed)
+    if opts.held_out_damage:  # the maps' damage measured with maps that never saw it
+        settings["damage_maps"] = "held-out"
     if opts.calib_mix is not None and n_long:  # the fits left the domains' tails: new entry
         settings["long_tails"] = n_long * long_len
     long = None
@@ -135,7 +137,8 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     score = layout is None
     long_damage = None if long_windows is None else long_windows[:opts.long_damage_windows]
     stats, rec = ensure_statistics(model, windows, settings, choices if score else [KEEP],
-                                   ranks, opts.ridge, cache, progress, long_damage, long)
+                                   ranks, opts.ridge, cache, progress, long_damage, long,
+                                   opts.held_out_damage)
     fit_shares(model, stats, layout or {}, windows, cache)
     held_out = rec
     if long_windows is not None and opts.long_rescore_windows:

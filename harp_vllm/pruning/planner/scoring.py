@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -57,7 +58,7 @@ def window_damage_path(cache: Path | None, settings: dict, long: dict) -> Path |
     only those change."""
     if cache is None:
         return None
-    key = {k: v for k, v in settings.items() if k not in ("ridge", "ranks")}
+    key = {k: v for k, v in settings.items() if k not in ("ridge", "ranks", "damage_maps")}
     digest = hashlib.sha256(json.dumps([key, long], sort_keys=True).encode()).hexdigest()[:16]
     return cache.with_name(f"windows-{digest}.pt")
 
@@ -72,20 +73,27 @@ def save_window_damage(path: Path, store: dict) -> None:
 def ensure_statistics(model, windows: torch.Tensor, settings: dict, choices: list[Choice],
                       ranks: list[int | None], ridge: float | None, cache: Path | None,
                       progress: bool = True, long_windows: torch.Tensor | None = None,
-                      long: dict | None = None) -> tuple[PlanStats, DenseRecord]:
+                      long: dict | None = None, held_out_damage: bool = False
+                      ) -> tuple[PlanStats, DenseRecord]:
     """Load the cached statistics or compute them (maps, FLAP scores, per-layer damage).
     The sliding-window candidates' damage is measured on ``long_windows`` (settings
     ``long``): a window shows its damage only on text longer than itself. It is cached beside
-    the rest (``extra["long_damage"]``) and merged into ``stats.damage``. Returns the
+    the rest (``extra["long_damage"]``) and merged into ``stats.damage``. With
+    ``held_out_damage`` the maps' damage is measured with maps fitted without the damage
+    windows (``extra["damage_fits"]``), so it is not flattered by the fit. Returns the
     statistics and the damage record."""
     stats = PlanStats.load(cache, settings) if cache is not None else None
     damage_windows = windows[:settings["damage_windows"]]
     if stats is None:
         t0 = time.perf_counter()
-        fitted = fit_statistics(model, windows, ranks, ridge, progress=progress)
+        hold = settings["damage_windows"] if held_out_damage else 0
+        fitted = fit_statistics(model, windows, ranks, ridge, progress=progress, hold=hold)
         stats = PlanStats(settings, fitted.maps, fitted.flap_order, fitted.attn_mean,
                           fitted.group_fits, seconds={"fit": round(time.perf_counter() - t0, 2)},
                           extra={"ridges": fitted.ridge_report()} if fitted.ridges else {})
+        if fitted.damage_maps is not None:
+            stats.extra["damage_fits"] = {"maps": fitted.damage_maps,
+                                          "group_fits": fitted.damage_group_fits}
     t0 = time.perf_counter()
     every = list(range(model.config.num_hidden_layers))
     rec = record_dense(model, damage_windows, every, positions=settings["positions"],
@@ -93,7 +101,10 @@ def ensure_statistics(model, windows: torch.Tensor, settings: dict, choices: lis
     before = sum(len(v) for v in stats.damage.values())
     long_scored = False
     short = [c for c in choices if c.kind != "window"]
-    score_candidates(model, stats, rec, short, progress)
+    fits = stats.extra.get("damage_fits")
+    scorer = stats if fits is None else replace(stats, maps=fits["maps"],
+                                                group_fits=fits["group_fits"])
+    score_candidates(model, scorer, rec, short, progress, stats.damage)
     windowed = [c for c in choices if c.kind == "window"]
     if windowed and long_windows is not None and long is not None:
         store = stats.extra.setdefault("long_damage", {}).setdefault(long_key(long), {})

@@ -81,6 +81,9 @@ class Fitted:
     attn_mean: dict[int, torch.Tensor]
     group_fits: dict[int, GroupFit]
     ridges: dict[str, dict[int, RidgeChoice]] = field(default_factory=dict)
+    # ``hold > 0``: the maps and group maps fitted without the first ``hold`` windows
+    damage_maps: dict[str, dict[int, LinearMap]] | None = None
+    damage_group_fits: dict[int, GroupFit] | None = None
 
     def ridge_report(self) -> dict:
         """Per rank and layer: the chosen ridge, its held-out and in-sample error, the curve."""
@@ -90,7 +93,7 @@ class Fitted:
 
 @torch.no_grad()
 def fit_statistics(model, windows: torch.Tensor, ranks: list[int | None], ridge: float | None,
-                   batch: int = 8, progress: bool = True) -> Fitted:
+                   batch: int = 8, progress: bool = True, hold: int = 0) -> Fitted:
     """One dense pass over ``windows``: each layer's attention input/output moments (the
     linear maps, one per rank), its o_proj input statistics (FLAP's group scores and the
     compensation means) and their cross moments with the input (the group maps).
@@ -99,7 +102,11 @@ def fit_statistics(model, windows: torch.Tensor, ranks: list[int | None], ridge:
     moments are kept per fold of windows (window ``i`` in fold ``i % FOLDS``), each rank's
     ridge is the one whose maps best predict the fold they were not fitted on, and the group
     maps take the full-rank map's ridge (they regress the same input on the heads' outputs,
-    whose o_proj image is that map's target)."""
+    whose o_proj image is that map's target).
+
+    ``hold > 0`` also fits every map without the first ``hold`` windows (the damage windows),
+    with the same ridges, so a candidate's damage can be measured on tokens its map never
+    saw (``Fitted.damage_maps``, ``damage_group_fits``)."""
     cfg = model.config
     d, hd, r = cfg.hidden_size, head_dim(cfg), group_size(cfg)
     layers: Any = decoder_layers(model)
@@ -107,20 +114,33 @@ def fit_statistics(model, windows: torch.Tensor, ranks: list[int | None], ridge:
     if folds > len(windows):
         raise UserError(f"choosing the ridge by held-out error needs at least {folds} "
                         f"calibration windows, got {len(windows)}")
-    moments = [[Moments(d) for _ in range(folds)] for _ in layers]
-    heads = [HeadMoments(d, cfg.num_attention_heads * hd) for _ in layers]
+    if not 0 <= hold < len(windows):
+        raise UserError(f"the damage windows ({hold}) must leave calibration windows to fit "
+                        f"on (of {len(windows)})")
+    # moments per (fold, held out of the damage maps), and the heads' per held-out flag
+    groups = [(f, h) for f in range(folds) for h in ((False, True) if hold else (False,))]
+    moments = [{g: Moments(d) for g in groups} for _ in layers]
+    heads = [{h: HeadMoments(d, cfg.num_attention_heads * hd)
+              for h in ((False, True) if hold else (False,))} for _ in layers]
     flap = [LayerStats() for _ in layers]
     o_inputs: dict[int, torch.Tensor] = {}
     rows: list[int] = []  # the windows of the batch running (their fold: index % folds)
+
+    def group(w: int) -> tuple[int, bool]:
+        return w % folds, w < hold
+
     handles = []
     for j, layer in enumerate(layers):
         def attn_hook(module, args, kw, out, j=j):  # runs after o_hook (inside the attention)
-            x, t = kw["hidden_states"], out[0]
-            for f in range(folds):
-                pick = [k for k, w in enumerate(rows) if w % folds == f]
+            x, t, z = kw["hidden_states"], out[0], o_inputs.pop(j)
+            for g in groups:
+                pick = [k for k, w in enumerate(rows) if group(w) == g]
                 if pick:
-                    moments[j][f].add(x[pick], t[pick])
-            heads[j].add(x, o_inputs.pop(j))
+                    moments[j][g].add(x[pick], t[pick])
+            for h, hm in heads[j].items():
+                pick = [k for k, w in enumerate(rows) if (w < hold) == h]
+                if pick:
+                    hm.add(x[pick], z[pick])
 
         def o_hook(module, args, j=j):
             o_inputs[j] = args[0]
@@ -136,25 +156,47 @@ def fit_statistics(model, windows: torch.Tensor, ranks: list[int | None], ridge:
     finally:
         for h in handles:
             h.remove()
-    whole = [merged(m) for m in moments]
+    whole = [merged(list(m.values())) for m in moments]
+    all_heads = [_merged_heads(list(h.values())) for h in heads]
     choices: dict[str, dict[int, RidgeChoice]] = {}
     if ridge is None:
         keys = list(dict.fromkeys([*ranks, None]))
+        by_fold = [[merged([m[g] for g in groups if g[0] == f]) for f in range(folds)]
+                   for m in moments]
         for rk in tqdm(keys, disable=not progress, desc="ridges by held-out error",
                        unit="rank"):
-            choices[rank_key(rk)] = {j: choose_ridge(m, rk) for j, m in enumerate(moments)}
+            choices[rank_key(rk)] = {j: choose_ridge(m, rk) for j, m in enumerate(by_fold)}
 
     def ridge_of(rk: int | None, j: int) -> float:
         return ridge if ridge is not None else choices[rank_key(rk)][j].ridge
 
-    maps = {rank_key(rk): {j: solve(m, ridge_of(rk, j), rk, "normed")[0]
-                           for j, m in enumerate(whole)} for rk in ranks}
+    def fit_maps(xs: list[Moments], hs: list[HeadMoments]
+                 ) -> tuple[dict[str, dict[int, LinearMap]], dict[int, GroupFit]]:
+        maps = {rank_key(rk): {j: solve(m, ridge_of(rk, j), rk, "normed")[0]
+                               for j, m in enumerate(xs)} for rk in ranks}
+        fits = {j: fit_groups(xs[j], hs[j], layers[j].self_attn.o_proj.weight.data, hd, r,
+                              ridge_of(None, j)) for j in range(len(layers))}
+        return maps, fits
+
+    maps, fits = fit_maps(whole, all_heads)
     order = {j: torch.argsort(group_scores("flap", s, layers[j].self_attn.o_proj.weight.data,
                                            hd, r)).tolist() for j, s in enumerate(flap)}
     means = {j: s.attn_mean() for j, s in enumerate(flap)}
-    fits = {j: fit_groups(whole[j], heads[j], layers[j].self_attn.o_proj.weight.data, hd, r,
-                          ridge_of(None, j)) for j in range(len(layers))}
-    return Fitted(maps, order, means, fits, choices)
+    fitted = Fitted(maps, order, means, fits, choices)
+    if hold:
+        rest = [merged([m[g] for g in groups if not g[1]]) for m in moments]
+        fitted.damage_maps, fitted.damage_group_fits = fit_maps(rest, [h[False] for h in heads])
+    return fitted
+
+
+def _merged_heads(parts: list[HeadMoments]) -> HeadMoments:
+    out = HeadMoments(parts[0].sxz.shape[0], parts[0].sz.shape[0])
+    for p in parts:
+        out.n += p.n
+        out.sz += p.sz
+        out.szz += p.szz
+        out.sxz += p.sxz
+    return out
 
 
 def statistics_settings(model_dir: Path, calib: dict, fit_shape: tuple[int, int],
