@@ -11,7 +11,8 @@
 # wplan40s-rp the same with its best layouts re-scored with the recall probe (weight 1),
 # wplan40s-rp-all its layout with a sink on every windowed layer; plan27-self the 27% plan
 # calibrated on text sampled from the dense model itself (--calib-self, no external data);
-# the -ho plans are the same with every map's ridge chosen by held-out error (--ridge held-out).
+# the -ho plans are the same with every map's ridge chosen by held-out error (--ridge held-out),
+# the -hod ones also with the maps' damage measured out of sample (--held-out-damage).
 # Resumable: checkpoints and per-model runs (out/quality-$PRESET/runs) are reused.
 #   bash benchmarks/quality_smollm2.sh            # PRESET=quick (default) or full
 #   MODELS="plan27 plan27-mix lin8" bash benchmarks/quality_smollm2.sh   # a subset
@@ -56,11 +57,12 @@ build() {
         --sink-max-short-kl 1e9 --recall-probe 1 ;;
     wplan27-ho) run $H plan smollm2-135m --out "$out" --kv-saving 0.27 --windows "$WINDOWS" \
       --ridge held-out ;;
-    wplan27s-all-ho) build wplan27-ho
-      run $H plan smollm2-135m --out "$out" --layout "$(layout_of wplan27-ho)" --window-sinks \
-        --sink-max-short-kl 1e9 --ridge held-out ;;
     wplan40s-ho) run $H plan smollm2-135m --out "$out" --kv-saving 0.40 --windows "$WINDOWS" \
       --window-sinks --ridge held-out ;;
+    wplan40s-hod) run $H plan smollm2-135m --out "$out" --kv-saving 0.40 --windows "$WINDOWS" \
+      --window-sinks --ridge held-out --held-out-damage ;;
+    plan27-hod) run $H plan smollm2-135m --out "$out" --kv-saving 0.27 --ridge held-out \
+      --held-out-damage ;;
     wplan50) run $H plan smollm2-135m --out "$out" --kv-saving 0.50 --windows "$WINDOWS" --top-k 4 ;;
     *) echo "unknown model $1" >&2; exit 2 ;;
   esac
