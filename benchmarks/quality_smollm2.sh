@@ -64,6 +64,8 @@ build() {
     plan27-hod) run $H plan smollm2-135m --out "$out" --kv-saving 0.27 --ridge held-out \
       --held-out-damage ;;
     wplan50) run $H plan smollm2-135m --out "$out" --kv-saving 0.50 --windows "$WINDOWS" --top-k 4 ;;
+    wplan50-hod) run $H plan smollm2-135m --out "$out" --kv-saving 0.50 --windows "$WINDOWS" \
+      --top-k 4 --ridge held-out --held-out-damage ;;
     *) echo "unknown model $1" >&2; exit 2 ;;
   esac
 }
