@@ -33,12 +33,11 @@ from harp_vllm.pruning.methods.held_out import (
     FOLDS,
     RIDGE_GRID,
     choose_ridge,
-    merged,
     ridge_fits,
     squared_error,
     total_variation,
 )
-from harp_vllm.pruning.methods.linear import Moments
+from harp_vllm.pruning.methods.linear import Moments, merged
 from harp_vllm.pruning.reference import decoder_layers, load_model
 
 OFF_DOMAIN = ("python", "boolq", "gsm8k")

@@ -6,13 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harp_vllm.pruning.methods.held_out import (
-    RIDGE_GRID,
-    choose_ridge,
-    merged,
-    squared_error,
-)
-from harp_vllm.pruning.methods.linear import Moments, solve
+from harp_vllm.pruning.methods.held_out import RIDGE_GRID, choose_ridge, squared_error
+from harp_vllm.pruning.methods.linear import Moments, merged, solve
 
 
 def _moments(x: torch.Tensor, t: torch.Tensor) -> Moments:

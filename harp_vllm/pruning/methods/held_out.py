@@ -10,9 +10,9 @@ of the fold's sums::
                                   + tr(W^T S_xx W) + 2 (S_x W).b + n b.b
 
 So every ridge of a grid, and every rank cut of each, is scored on every fold for the cost of
-a few ``d x d`` products. The cross-validated error is the folds' held-out squared error over
-the target's total variation (``1 - R^2`` out of sample); the ridge chosen is the grid's
-lowest, ties to the larger ridge.
+a few ``d x d`` solves and products (the fits are ``linear.solve``'s, ``affine_fit``). The
+cross-validated error is the folds' held-out squared error over the target's total variation
+(``1 - R^2`` out of sample); the ridge chosen is the grid's lowest, ties to the larger ridge.
 """
 
 from __future__ import annotations
@@ -21,45 +21,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .linear import Moments
+from .linear import Moments, affine_fit, merged
 
 RIDGE_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 FOLDS = 4
 
 
-def merged(parts: list[Moments]) -> Moments:
-    """The moments of the union of ``parts``' tokens."""
-    out = Moments(parts[0].sx.shape[0])
-    for p in parts:
-        out.n += p.n
-        out.sx += p.sx
-        out.st += p.st
-        out.sxx += p.sxx
-        out.sxt += p.sxt
-        out.stt += p.stt
-    return out
-
-
 def ridge_fits(train: Moments, ridges: tuple[float, ...], rank: int | None
-          ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(W, b) of ``solve`` for each ridge (one eigendecomposition of C_xx for all of them)."""
-    n = train.n
-    mx, mt = train.sx / n, train.st / n
-    cxx = train.sxx / n - torch.outer(mx, mx)
-    cxt = train.sxt / n - torch.outer(mx, mt)
-    d = cxx.shape[0]
-    evals, q = torch.linalg.eigh(cxx)
-    qt_cxt = q.T @ cxt
-    out = []
-    for ridge in ridges:
-        lam = ridge * torch.trace(cxx) / d
-        w = q @ (qt_cxt / (evals + lam).clamp_min(1e-300)[:, None])
-        if rank is not None and rank < d:
-            _, vecs = torch.linalg.eigh(w.T @ cxx @ w)
-            v = vecs[:, -rank:]
-            w = w @ v @ v.T
-        out.append((w, mt - mx @ w))
-    return out
+               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(W, b) of ``linear.solve``'s fit (float64) for each ridge."""
+    return [affine_fit(train, ridge, rank)[:2] for ridge in ridges]
 
 
 def squared_error(test: Moments, w: torch.Tensor, b: torch.Tensor) -> float:

@@ -32,9 +32,10 @@ token-local path sits too, its alpha applied after the norm).
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -114,29 +115,51 @@ class Moments:
         self.stt += (t * t).sum()
 
 
-def solve(m: Moments, ridge: float, rank: int | None, input_kind: str
-          ) -> tuple[LinearMap, dict]:
-    """Ridge (reduced-rank) regression from the moments; returns the map and fit statistics."""
-    n = m.n
-    mx, mt = m.sx / n, m.st / n
-    cxx = m.sxx / n - torch.outer(mx, mx)
-    cxt = m.sxt / n - torch.outer(mx, mt)
+M = TypeVar("M")
+
+
+def merged(parts: list[M]) -> M:
+    """The moments of the union of ``parts``' tokens: every field of a streamed-moments
+    object (``Moments``, ``group_fit.HeadMoments``) is a sum over tokens."""
+    out = copy.deepcopy(parts[0])
+    for part in parts[1:]:
+        for name, value in vars(part).items():
+            setattr(out, name, getattr(out, name) + value)
+    return out
+
+
+def _centred(m: Moments) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(E[x], E[t], C_xx, C_xt) from the moments."""
+    mx, mt = m.sx / m.n, m.st / m.n
+    return mx, mt, m.sxx / m.n - torch.outer(mx, mx), m.sxt / m.n - torch.outer(mx, mt)
+
+
+def affine_fit(m: Moments, ridge: float, rank: int | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The float64 ridge (reduced-rank) fit ``t ~ x W + b`` from the moments: ``(W, b, V)``,
+    ``V`` [d, r] the fitted values' top principal directions the rank cut keeps (``W`` is
+    already cut: ``W V V^T``), None at full rank."""
+    mx, mt, cxx, cxt = _centred(m)
     d = cxx.shape[0]
     lam = ridge * torch.trace(cxx) / d
     w = torch.linalg.solve(cxx + lam * torch.eye(d, dtype=cxx.dtype), cxt)  # x @ w
-    in_w = None
+    v = None
     if rank is not None and rank < d:
-        fitted_cov = w.T @ cxx @ w
-        _, vecs = torch.linalg.eigh(fitted_cov)  # ascending
+        _, vecs = torch.linalg.eigh(w.T @ cxx @ w)  # ascending
         v = vecs[:, -rank:]
-        in_w = (w @ v).T  # [r, d]
-        out_w = v  # [d, r]
         w = w @ v @ v.T
-    else:
-        out_w = w.T  # Linear weight [out, in]
-    b = mt - mx @ w
+    return w, mt - mx @ w, v
+
+
+def solve(m: Moments, ridge: float, rank: int | None, input_kind: str
+          ) -> tuple[LinearMap, dict]:
+    """Ridge (reduced-rank) regression from the moments; returns the map and fit statistics."""
+    w, b, v = affine_fit(m, ridge, rank)
+    # low rank: in_proj (W V)^T [r, d], out_proj V [d, r]; full: one Linear weight [out, in]
+    in_w, out_w = (None, w.T) if v is None else ((w @ v).T, v)
     # Fraction of the target's variance left unexplained (on the calibration tokens).
-    ctt = m.stt / n - mt @ mt
+    _, mt, cxx, cxt = _centred(m)
+    ctt = m.stt / m.n - mt @ mt
     explained = torch.trace(w.T @ cxt) * 2 - torch.trace(w.T @ cxx @ w)
     stats = {"unexplained": float((ctt - explained) / ctt), "target_var": float(ctt)}
     lm = LinearMap(input=input_kind, out_weight=out_w.float(), bias=b.float(),

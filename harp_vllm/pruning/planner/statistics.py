@@ -17,8 +17,8 @@ from ...errors import UserError
 from ...families import head_dim
 from ..heads import group_size
 from ..methods.group_fit import GroupFit, HeadMoments, fit_groups
-from ..methods.held_out import FOLDS, RidgeChoice, choose_ridge, merged
-from ..methods.linear import LinearMap, Moments, solve
+from ..methods.held_out import FOLDS, RidgeChoice, choose_ridge
+from ..methods.linear import LinearMap, Moments, merged, solve
 from ..methods.structured import LayerStats, group_scores
 from ..reference import decoder_layers
 
@@ -118,29 +118,25 @@ def fit_statistics(model, windows: torch.Tensor, ranks: list[int | None], ridge:
         raise UserError(f"the damage windows ({hold}) must leave calibration windows to fit "
                         f"on (of {len(windows)})")
     # moments per (fold, held out of the damage maps), and the heads' per held-out flag
-    groups = [(f, h) for f in range(folds) for h in ((False, True) if hold else (False,))]
+    held_flags = (False, True) if hold else (False,)
+    groups = [(f, h) for f in range(folds) for h in held_flags]
     moments = [{g: Moments(d) for g in groups} for _ in layers]
-    heads = [{h: HeadMoments(d, cfg.num_attention_heads * hd)
-              for h in ((False, True) if hold else (False,))} for _ in layers]
+    heads = [{h: HeadMoments(d, cfg.num_attention_heads * hd) for h in held_flags}
+             for _ in layers]
     flap = [LayerStats() for _ in layers]
     o_inputs: dict[int, torch.Tensor] = {}
-    rows: list[int] = []  # the windows of the batch running (their fold: index % folds)
-
-    def group(w: int) -> tuple[int, bool]:
-        return w % folds, w < hold
-
+    # the running batch's rows per group (window i: fold i % folds, held out if i < hold)
+    picks: dict[tuple[int, bool], list[int]] = {}
     handles = []
     for j, layer in enumerate(layers):
         def attn_hook(module, args, kw, out, j=j):  # runs after o_hook (inside the attention)
             x, t, z = kw["hidden_states"], out[0], o_inputs.pop(j)
-            for g in groups:
-                pick = [k for k, w in enumerate(rows) if group(w) == g]
-                if pick:
-                    moments[j][g].add(x[pick], t[pick])
+            for g, rows in picks.items():
+                moments[j][g].add(x[rows], t[rows])
             for h, hm in heads[j].items():
-                pick = [k for k, w in enumerate(rows) if (w < hold) == h]
-                if pick:
-                    hm.add(x[pick], z[pick])
+                rows = [k for g, part in picks.items() if g[1] == h for k in part]
+                if rows:
+                    hm.add(x[rows], z[rows])
 
         def o_hook(module, args, j=j):
             o_inputs[j] = args[0]
@@ -151,13 +147,15 @@ def fit_statistics(model, windows: torch.Tensor, ranks: list[int | None], ridge:
     try:
         for i in tqdm(range(0, len(windows), batch), disable=not progress,
                       desc="plan statistics", unit="batch"):
-            rows[:] = range(i, min(i + batch, len(windows)))
+            picks.clear()
+            for k, w in enumerate(range(i, min(i + batch, len(windows)))):
+                picks.setdefault((w % folds, w < hold), []).append(k)
             model.model(input_ids=windows[i:i + batch], use_cache=False)
     finally:
         for h in handles:
             h.remove()
     whole = [merged(list(m.values())) for m in moments]
-    all_heads = [_merged_heads(list(h.values())) for h in heads]
+    all_heads = [merged(list(h.values())) for h in heads]
     choices: dict[str, dict[int, RidgeChoice]] = {}
     if ridge is None:
         keys = list(dict.fromkeys([*ranks, None]))
@@ -187,16 +185,6 @@ def fit_statistics(model, windows: torch.Tensor, ranks: list[int | None], ridge:
         rest = [merged([m[g] for g in groups if not g[1]]) for m in moments]
         fitted.damage_maps, fitted.damage_group_fits = fit_maps(rest, [h[False] for h in heads])
     return fitted
-
-
-def _merged_heads(parts: list[HeadMoments]) -> HeadMoments:
-    out = HeadMoments(parts[0].sxz.shape[0], parts[0].sz.shape[0])
-    for p in parts:
-        out.n += p.n
-        out.sz += p.sz
-        out.szz += p.szz
-        out.sxz += p.sxz
-    return out
 
 
 def statistics_settings(model_dir: Path, calib: dict, fit_shape: tuple[int, int],
