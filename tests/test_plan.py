@@ -422,8 +422,15 @@ def test_plan_chooses_each_maps_ridge_by_held_out_error_and_reuses_window_damage
         for c in by_layer.values():
             assert c["ridge"] in RIDGE_GRID and len(c["curve"]) == len(RIDGE_GRID)
             assert c["held_out"] == min(c["curve"].values())
-    assert len(list((tmp_path / "cache" / "plan-stats").glob("[0-9a-f]*.pt"))) == 2
+    stats = [torch.load(f, weights_only=False)
+             for f in (tmp_path / "cache" / "plan-stats").glob("[0-9a-f]*.pt")]
+    assert len(stats) == 2
     assert len(list((tmp_path / "cache" / "plan-stats").glob("windows-*.pt"))) == 1
+    fixed, held = sorted(stats, key=lambda r: r["settings"]["ridge"] == "held-out")
+    moved = [j for j, c in ridges["full"].items() if c["ridge"] != 1e-3]
+    assert moved  # a layer whose chosen ridge is not 1e-3 has a different map
+    assert not torch.equal(held["maps"]["full"][int(moved[0])]["out_weight"],
+                           fixed["maps"]["full"][int(moved[0])]["out_weight"])
     res = runner.invoke(app, [*base, "--ridge", "strong", "--out", str(tmp_path / "bad")])
     assert res.exit_code != 0 and "--ridge must be a number >= 0 or 'held-out'" in res.output
     assert not (tmp_path / "bad").exists()
