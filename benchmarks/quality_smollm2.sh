@@ -66,6 +66,8 @@ build() {
     wplan50) run $H plan smollm2-135m --out "$out" --kv-saving 0.50 --windows "$WINDOWS" --top-k 4 ;;
     wplan50-hod) run $H plan smollm2-135m --out "$out" --kv-saving 0.50 --windows "$WINDOWS" \
       --top-k 4 --ridge held-out --held-out-damage ;;
+    wplan50s-hod) run $H plan smollm2-135m --out "$out" --kv-saving 0.50 --windows "$WINDOWS" \
+      --top-k 4 --window-sinks --ridge held-out --held-out-damage ;;
     *) echo "unknown model $1" >&2; exit 2 ;;
   esac
 }
