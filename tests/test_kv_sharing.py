@@ -443,6 +443,111 @@ def test_plan_layout_with_sharing_refits_and_writes_a_checkpoint(tiny_llama, tmp
     _logits_equal_reference(out, tiny_llama, layout)
 
 
+# ---------------------------------------------------------------------------- the planner
+
+
+def test_solver_offers_sharing_only_beside_a_kept_target_and_is_exact():
+    """``shareJ`` candidates in the MILP: each layer is offered its nearest targets only,
+    a target is kept whole (no chain, no shared target that is itself changed), and the
+    solve equals a brute force under those rules. A sharing choice cheaper than every
+    other one does not rule them out: where its target cannot be kept, the layer still
+    takes the next best."""
+    import itertools
+
+    import numpy as np
+
+    from harp_vllm.pruning import costs
+    from harp_vllm.pruning.planner.choices import (
+        KEEP,
+        candidates,
+        share_targets,
+        unoffered_shares,
+    )
+    from harp_vllm.pruning.planner.solve import Budget, solve_layouts
+
+    cfg = SimpleNamespace(**{**vars(SMOL), "num_hidden_layers": 5})
+    choices = candidates(cfg, [None], ("linear", "remove", "share"), shares=2)
+    assert [c.name for c in choices if c.kind == "share"] == [f"share{t}" for t in range(4)]
+    assert share_targets(cfg, 4, 2) == [3, 2] and share_targets(cfg, 0, 2) == []
+    unoffered = unoffered_shares(cfg, choices, 2)
+    assert (4, "share1") in unoffered and (4, "share2") not in unoffered
+    assert (1, "share1") in unoffered and (1, "share0") not in unoffered
+
+    def valid(combo) -> bool:
+        return all((j, c.name) not in unoffered and (c.kind != "share" or combo[c.target] == KEEP)
+                   for j, c in enumerate(combo))
+
+    kv = {c: costs.kv_bytes(cfg, c.shape(cfg)) for c in choices}
+    allowed = [(combo, sum(kv[c] for c in combo))
+               for combo in itertools.product(choices, repeat=5) if valid(combo)]
+
+    def brute(damage, saving):
+        limit = (1 - saving) * kv[KEEP] * 5
+        return min(sum(0.0 if c == KEEP else damage[j][c.name] for j, c in enumerate(combo))
+                   for combo, bytes_ in allowed if bytes_ <= limit + 1e-6)
+
+    rng = np.random.default_rng(1)
+    for trial in range(3):
+        # sharing cheapest everywhere it is offered: the rules alone stop it
+        damage = {j: {c.name: float(rng.uniform(0.001, 0.01) if c.kind == "share"
+                                    else rng.uniform(0.05, 1.0))
+                      for c in choices if c != KEEP and (j, c.name) not in unoffered}
+                  for j in range(5)}
+        for saving in (0.2, 0.4, 0.6, 0.8):
+            found = solve_layouts(cfg, damage, choices, Budget(saving), count=3,
+                                  forbidden=unoffered)
+            assert found[0][1] == pytest.approx(brute(damage, saving), abs=1e-9), (trial, saving)
+            for layout, _ in found:
+                assert valid([layout.get(j, KEEP) for j in range(5)]), layout
+    # at 80% of 5 layers one layer keeps its KV cache, and only its next two may share it:
+    # the other two take a map or removal, though sharing is cheaper everywhere
+    layout = found[0][0]
+    assert sum(c.kind == "share" for c in layout.values()) <= 2
+    assert any(c.kind in ("linear", "remove") for c in layout.values())
+
+
+def test_plan_offers_sharing_fits_only_offered_pairs_and_writes_a_valid_layout(
+        tiny_llama, tmp_path, monkeypatch):
+    """``plan --candidates share --share-targets 1 --kv-saving 0.5`` on a 4-layer model: each
+    layer is offered only the layer before it, every offered pair is refitted and scored
+    (and no other), and the one layout that saves half with a kept target under each sharer,
+    no chain, is ``1:share0,3:share2``; its checkpoint reloads to what the planner
+    measured."""
+    import json
+
+    import torch
+    from test_plan import _calib, _logits_equal_reference, runner
+
+    from harp_vllm.cli import app
+
+    monkeypatch.setenv("HARP_VLLM_CACHE", str(tmp_path / "cache"))
+    calib = _calib(tmp_path)
+    out = tmp_path / "plan"
+    res = runner.invoke(app, [
+        "plan", str(tiny_llama), "--calib-file", str(calib), "--calib-samples", "16",
+        "--calib-seq-len", "32", "--positions", "16", "--eval-windows", "0",
+        "--candidates", "share", "--share-targets", "1", "--kv-saving", "0.5",
+        "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["layout"] == "1:share0,3:share2"
+    assert plan["settings"]["share_targets"] == {"0": [], "1": [0], "2": [1], "3": [2]}
+    assert set(plan["share_fit"]) == {"1", "3"}
+    section = json.loads((out / "config.json").read_text())["harp_pruning"]
+    assert section["kv_sharing"] == {"1": 0, "3": 2}
+    _logits_equal_reference(out, tiny_llama, plan["layout"])
+    stats, = (torch.load(f, weights_only=False)
+              for f in (tmp_path / "cache" / "plan-stats").glob("*.pt"))
+    assert sorted(stats["extra"]["share_fits"]) == ["1:0", "2:1", "3:2"]
+    assert {j: sorted(v) for j, v in stats["damage"].items()} == {
+        1: ["share0"], 2: ["share1"], 3: ["share2"]}
+    bad = runner.invoke(app, [
+        "plan", str(tiny_llama), "--calib-file", str(calib), "--candidates", "share",
+        "--share-targets", "0", "--kv-saving", "0.5", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "--share-targets must be >= 1" in bad.output
+    assert not (tmp_path / "bad").exists()
+
+
 def test_fit_with_qk_norm_refits_o_only_and_its_errors_are_the_references(tmp_path):
     """Gemma 3 (QK-norm): the closed-form refit keeps q_proj, fits o_proj, lowers the
     attention-output error of the sharing layer, and the errors it reports are what the

@@ -43,8 +43,14 @@ def register(app: typer.Typer) -> None:
         candidates: Annotated[str | None, typer.Option(
             help="candidate kinds offered per layer: drop (FLAP KV-group cuts), droplin (KV "
                  "groups cut, a fitted map in their place), linear (maps), remove, window "
-                 "(sliding-window attention, sizes from --windows); default "
-                 "droplin,linear,remove (+ window with --windows), all with --speedup")] = None,
+                 "(sliding-window attention, sizes from --windows), share (cross-layer KV "
+                 "sharing, targets from --share-targets); default droplin,linear,remove (+ "
+                 "window with --windows, share with --share-targets), all but window and "
+                 "share with --speedup")] = None,
+        share_targets: Annotated[int | None, typer.Option(
+            help="offer cross-layer KV sharing: each layer may attend over the keys and "
+                 "values of one of its K nearest earlier layers of its kind (kept whole), "
+                 "its q/o refitted; e.g. 2")] = None,
         windows: Annotated[str | None, typer.Option(
             help="offer sliding windows of these sizes (tokens), e.g. 512,1024,2048: each "
                  "candidate is then priced on --long-seq-len windows")] = None,
@@ -127,7 +133,8 @@ def register(app: typer.Typer) -> None:
         threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
     ) -> None:
         """Choose each layer's attention (keep, fewer KV groups with or without a fitted map
-        for the removed ones, linear map, removed, a sliding window) under a
+        for the removed ones, linear map, removed, a sliding window, an earlier layer's KV
+        cache shared) under a
         KV budget by an exact MILP over per-layer calibration damage; write the checkpoint
         and plan.json, or with --frontier a sweep of budgets."""
         import torch
@@ -150,7 +157,8 @@ def register(app: typer.Typer) -> None:
                 layout=layout, frontier=frontier, budgets=sweep, compare=compare, ranks=ranks,
                 calib_file=calib_file, calib_mix=calib_mix, calib_self=calib_self,
                 candidates=candidates,
-                windows=windows, window_sinks=window_sinks, sink_offset=sink_offset,
+                windows=windows, share_targets=share_targets,
+                window_sinks=window_sinks, sink_offset=sink_offset,
                 sink_max_short_kl=sink_max_short_kl, sink_over_cap=sink_over_cap,
                 long_seq_len=long_seq_len,
                 long_damage_windows=long_damage_windows,

@@ -12,10 +12,11 @@ from typing import Any
 from ...errors import UserError
 from ...evaluation.perplexity import evaluate_perplexity
 from ..calibration.damage import objective
-from ..planner.choices import KEEP, Choice, parse_layout
-from ..planner.layouts import apply_layout, installed, layout_summary, layout_text, share_key
+from ..planner.choices import KEEP, Choice, parse_layout, share_targets
+from ..planner.layouts import apply_layout, installed, layout_summary, layout_text
 from ..planner.scoring import layout_kl, layout_kl_parts
 from ..planner.solve import Budget, plan_layout, served_block
+from ..planner.statistics import share_key
 from ..reference.window_sinks import (
     DEFAULT_SINK_OFFSET,
     DEFAULT_SINK_OVER_CAP,
@@ -29,7 +30,7 @@ from ..reference.window_sinks import (
     sinks_added,
 )
 from .checkpoint import check_output_dir, save_pruned
-from .plan_options import PlanOptions
+from .plan_options import PlanOptions, share_count
 from .plan_session import Session, open_session
 
 
@@ -55,7 +56,7 @@ def plan_budget(s: Session, budget: Budget, progress: bool = True,
     ``forbidden``: (layer, choice name) pairs the solver does not offer."""
     t0 = time.perf_counter()
     found = plan_layout(s.model, s.stats, s.held_out, s.choices, budget, s.opts.top_k,
-                        s.opts.rounds, progress, forbidden)
+                        s.opts.rounds, progress, forbidden | s.unoffered)
     solve_seconds = time.perf_counter() - t0
     return _record(s, found.layout, progress, budget=budget,
                    measured_kl=round(found.measured_kl, 5), tried=found.tried,
@@ -117,6 +118,9 @@ def _settings_record(s: Session) -> dict:
             **({"sink_over_cap": o.sink_over_cap} if o.sink_over_cap is not None else {}),
             "top_k": o.top_k, "rounds": o.rounds, "seed": o.seed,
             "candidates": [c.name for c in s.choices],
+            **({"share_targets": {str(j): [int(t) for t in share_targets(
+                s.cfg, j, share_count(o))] for j in range(s.cfg.num_hidden_layers)}}
+               if any(c.kind == "share" for c in s.choices) else {}),
             "eval": {"dataset": "wikitext2", "split": "test", "windows": o.eval_windows,
                      "seq_len": o.eval_seq_len},
             "statistics_seconds": s.stats.seconds}

@@ -8,7 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import UserError
-from ..planner.choices import DEFAULT_WINDOWS, KINDS, check_window, served_kinds
+from ..planner.choices import (
+    DEFAULT_SHARE_TARGETS,
+    DEFAULT_WINDOWS,
+    KINDS,
+    check_window,
+    served_kinds,
+)
 from ..reference.window_sinks import SINK_OVER_CAPS
 from .prune_options import parse_rank
 
@@ -29,6 +35,7 @@ class PlanOptions:
     ranks: str | None = None  # None: full (KV budget), 192,full (with a speed budget)
     candidates: str | None = None  # kinds offered; None: see default_kinds
     windows: str | None = None  # sliding windows offered (tokens, comma list): adds "window"
+    share_targets: int | None = None  # offer shareJ, each layer's nearest J: adds "share"
     window_sinks: bool = False  # the plan's windowed layers get fitted sink logits
     sink_offset: float | None = None  # subtracted from each fitted logit (None: the default)
     sink_max_short_kl: float | None = None  # a layer's sink's short-context cost cap (None:
@@ -123,6 +130,9 @@ def check_options(opts: PlanOptions) -> None:
         raise UserError(f"--sink-max-short-kl must be >= 0, got {opts.sink_max_short_kl}")
     if opts.sink_offset is not None and not 0 <= opts.sink_offset < 50:
         raise UserError(f"--sink-offset must be in [0, 50), got {opts.sink_offset}")
+    if opts.share_targets is not None and opts.share_targets < 1:
+        raise UserError(f"--share-targets must be >= 1 (earlier layers offered to each layer), "
+                        f"got {opts.share_targets}")
     if opts.calib_samples % 8:
         raise UserError(f"--calib-samples must be a multiple of 8 (the batch), got "
                         f"{opts.calib_samples}")
@@ -142,11 +152,18 @@ def parse_kinds(opts: PlanOptions, cfg: Any) -> tuple[str, ...]:
     serves (no KV-group cut for a single KV head or a family without per-layer heads)."""
     if opts.candidates is None:
         kinds = default_kinds(opts.speedup)
-        return served_kinds((*kinds, "window") if opts.windows else kinds, cfg)
+        kinds = (*kinds, *(("window",) if opts.windows else ()),
+                 *(("share",) if opts.share_targets else ()))
+        return served_kinds(kinds, cfg)
     kinds = tuple(dict.fromkeys(k.strip() for k in opts.candidates.split(",") if k.strip()))
     if not kinds:
         raise UserError(f"--candidates is empty (give some of {', '.join(KINDS)})")
     return kinds
+
+
+def share_count(opts: PlanOptions) -> int:
+    """How many earlier layers each layer is offered to share (``--share-targets``)."""
+    return DEFAULT_SHARE_TARGETS if opts.share_targets is None else opts.share_targets
 
 
 def parse_windows(opts: PlanOptions, cfg: Any) -> tuple[int, ...]:

@@ -23,12 +23,18 @@ from ..calibration.windows import (
     mixed_calibration_windows,
     unused_long_windows,
 )
-from ..planner.choices import KEEP, Choice, candidates, parse_layout
-from ..planner.layouts import share_key
+from ..planner.choices import KEEP, Choice, candidates, parse_layout, unoffered_shares
 from ..planner.scoring import ensure_statistics
 from ..planner.statistics import PlanStats, statistics_settings, stats_path
 from ..reference import load_model
-from .plan_options import PlanOptions, check_options, parse_kinds, parse_ranks, parse_windows
+from .plan_options import (
+    PlanOptions,
+    check_options,
+    parse_kinds,
+    parse_ranks,
+    parse_windows,
+    share_count,
+)
 
 
 @dataclass
@@ -52,6 +58,8 @@ class Session:
     long_windows: Any = None  # the long windows' token ids (damage windows first)
     damage_windows: Any = None  # the short calibration windows damage is measured on
     sink_cost: Any = None  # window sinks' short-prompt cost (``short_cost``), built once
+    # (layer, shareJ) pairs a layer is not offered (all but its nearest targets of its kind)
+    unoffered: frozenset[tuple[int, str]] = frozenset()
 
 
 def self_calibration_spec(opts: PlanOptions, n_windows: int, n_long: int, long_len: int
@@ -118,7 +126,7 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
             probe_src, long_windows = long_windows[n_long:], long_windows[:n_long]
     rescore = windows[opts.calib_samples:]
     windows = windows[:opts.calib_samples]
-    choices = candidates(cfg, ranks, kinds, parse_windows(opts, cfg))
+    choices = candidates(cfg, ranks, kinds, parse_windows(opts, cfg), share_count(opts))
     if layout is not None:  # an explicit layout needs only its own choices' statistics
         choices = [KEEP, *dict.fromkeys(layout.values())]
         ranks = list(dict.fromkeys(c.rank for c in choices if c.kind == "linear")) or ranks
@@ -136,10 +144,12 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     cache = stats_path(cache_dir(), settings) if opts.use_cache else None
     score = layout is None
     long_damage = None if long_windows is None else long_windows[:opts.long_damage_windows]
+    unoffered = unoffered_shares(cfg, choices, share_count(opts)) if score else frozenset()
+    shares = [(j, c.target) for j, c in sorted((layout or {}).items())
+              if c.kind == "share" and c.target is not None]
     stats, rec = ensure_statistics(model, windows, settings, choices if score else [KEEP],
                                    ranks, opts.ridge, cache, progress, long_damage, long,
-                                   opts.held_out_damage)
-    fit_shares(model, stats, layout or {}, windows, cache)
+                                   opts.held_out_damage, unoffered, shares)
     held_out = rec
     if long_windows is not None and opts.long_rescore_windows:
         held_out = record_dense(model, long_windows[opts.long_damage_windows:],
@@ -157,29 +167,4 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
     return Session(opts, src, cfg, tok, model, stats, rec, held_out, choices, cache, eval_text,
                    time.perf_counter() - t0, context, long, long_windows,
-                   windows[:opts.damage_windows])
-
-
-SHARE_FIT_LOGITS = 2**22  # at most this many query-key pairs per head in a sharing refit
-
-
-def fit_shares(model: Any, stats: Any, layout: dict[int, Choice], windows: Any,
-               cache: Any) -> None:
-    """Refit the q/o of every ``shareJ`` layer of ``layout`` to its target's keys and values
-    (``share_fit.py``) on the first calibration windows (as many as keep the logits to
-    ``SHARE_FIT_LOGITS`` pairs per head), into ``stats.extra["share_fits"]`` (cached)."""
-    from ..methods.share_fit import fit_shared
-
-    todo = [(j, c.target) for j, c in sorted(layout.items())
-            if c.kind == "share" and c.target is not None]
-    fits = stats.extra.setdefault("share_fits", {})
-    todo = [(j, t) for j, t in todo if share_key(j, t) not in fits]
-    if not todo:
-        return
-    count = max(1, min(len(windows), SHARE_FIT_LOGITS // windows.shape[1] ** 2))
-    for j, t in todo:
-        f = fit_shared(model, j, t, windows[:count])
-        fits[share_key(j, t)] = {"q_weight": f.q_weight, "o_weight": f.o_weight,
-                                 "logit_error": f.logit_error, "output_error": f.output_error}
-    if cache is not None:
-        stats.save(cache)
+                   windows[:opts.damage_windows], unoffered=unoffered)

@@ -1,6 +1,6 @@
 """A planned layer's candidates: ``Choice`` (keep, dropK, dropKlin, linearR, remove, winW,
-shareJ: ``--layout`` only),
-its shape under the cost model, and the ``--layout`` text that names a whole layout."""
+shareJ), its shape under the cost model, which sharing targets each layer is offered, and the
+``--layout`` text that names a whole layout."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from .. import costs
 from ..heads import group_size
 from ..selection import parse_layer_list
 
-KINDS = ("drop", "droplin", "linear", "remove", "window")  # what --candidates may list
+KINDS = ("drop", "droplin", "linear", "remove", "window", "share")  # --candidates' kinds
 DEFAULT_WINDOWS = (512, 1024, 2048)  # the sliding windows ``window`` offers (tokens)
+DEFAULT_SHARE_TARGETS = 2  # ``share``: each layer is offered its nearest earlier layers
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class Choice:
     None = full), ``remove``, ``window`` (sliding-window attention over ``window``
     tokens: the layer keeps its weights and context up to W tokens back) or ``share``
     (attention over earlier layer ``target``'s keys and values, q/o refitted, no KV cache;
-    given in ``--layout`` only: the solver does not offer it)."""
+    the solver offers a layer only its ``share_targets``, and only beside a kept target)."""
 
     kind: str
     groups: int = 0
@@ -191,10 +192,28 @@ def check_window(window: int, cfg: Any) -> int:
     return window
 
 
+def share_targets(cfg: Any, j: int, count: int) -> list[int]:
+    """The earlier layers layer ``j`` is offered to share (``count`` nearest first): those of
+    its own kind (Gemma 3: global with global, local with local), as ``check_share`` asks."""
+    own = costs.native_window(cfg, j)
+    return [t for t in range(j - 1, -1, -1) if costs.native_window(cfg, t) == own][:count]
+
+
+def unoffered_shares(cfg: Any, choices: list[Choice], count: int
+                     ) -> frozenset[tuple[int, str]]:
+    """The (layer, ``shareJ``) pairs of ``choices`` a layer is not offered: every target but
+    its ``count`` nearest of its kind (``share_targets``)."""
+    shares = [c for c in choices if c.kind == "share"]
+    return frozenset((j, c.name) for j in range(cfg.num_hidden_layers) for c in shares
+                     if c.target not in share_targets(cfg, j, count))
+
+
 def candidates(cfg: Any, ranks: list[int | None], kinds: tuple[str, ...] = KINDS[:4],
-               windows: tuple[int, ...] = DEFAULT_WINDOWS) -> list[Choice]:
-    """Every layer's candidate list (the same for all layers) of the given ``kinds``: keep
-    first."""
+               windows: tuple[int, ...] = DEFAULT_WINDOWS,
+               shares: int = DEFAULT_SHARE_TARGETS) -> list[Choice]:
+    """The candidate list of the given ``kinds`` (keep first): the same for every layer but
+    ``shareJ``, listed for every target some layer is offered (``shares`` nearest of its
+    kind); ``unoffered_shares`` names the pairs a layer is not offered."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise UserError(f"unknown candidate kind {unknown[0]!r}: use {', '.join(KINDS)}")
@@ -212,4 +231,7 @@ def candidates(cfg: Any, ranks: list[int | None], kinds: tuple[str, ...] = KINDS
         out.append(Choice("remove"))
     if "window" in kinds:
         out += [Choice("window", window=check_window(w, cfg)) for w in windows]
+    if "share" in kinds:
+        targets = {t for j in range(cfg.num_hidden_layers) for t in share_targets(cfg, j, shares)}
+        out += [Choice("share", target=t) for t in sorted(targets)]
     return out

@@ -27,7 +27,7 @@ from ..reference import (
     install_map,
 )
 from .choices import KEEP, Choice
-from .statistics import PlanStats, rank_key
+from .statistics import PlanStats, rank_key, share_key
 
 
 def choice_module(model, j: int, choice: Choice, stats: PlanStats) -> nn.Module:
@@ -71,11 +71,6 @@ def choice_module(model, j: int, choice: Choice, stats: PlanStats) -> nn.Module:
         attach_group_map(attn, gmap)
         return attn
     return dense
-
-
-def share_key(j: int, target: int) -> str:
-    """The key of layer ``j``'s refit to ``target`` in ``PlanStats.extra["share_fits"]``."""
-    return f"{j}:{target}"
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from ..calibration.damage import DenseRecord, objective, record_dense, suffix_kl
 from ..reference import decoder_layers
 from .choices import KEEP, Choice
 from .layouts import installed
-from .statistics import PlanStats, fit_statistics
+from .statistics import PlanStats, fit_shares, fit_statistics
 
 
 def layout_kl(model, layout: dict[int, Choice], stats: PlanStats, rec: DenseRecord) -> float:
@@ -38,12 +38,13 @@ def layout_kl_parts(model, layout: dict[int, Choice], stats: PlanStats, rec: Den
 
 
 def score_candidates(model, stats: PlanStats, rec: DenseRecord, choices: list[Choice],
-                     progress: bool = True, damage: dict | None = None) -> None:
+                     progress: bool = True, damage: dict | None = None,
+                     skip: frozenset[tuple[int, str]] = frozenset()) -> None:
     """Fill ``damage`` (default ``stats.damage``): each layer's KL with only that layer
-    changed, per choice."""
+    changed, per choice (but the (layer, choice name) pairs in ``skip``, never offered)."""
     damage = stats.damage if damage is None else damage
     todo = [(j, c) for j in range(len(decoder_layers(model))) for c in choices
-            if c != KEEP and c.name not in damage.get(j, {})]
+            if c != KEEP and c.name not in damage.get(j, {}) and (j, c.name) not in skip]
     for j, c in tqdm(todo, disable=not progress, desc="per-layer damage", unit="candidate"):
         damage.setdefault(j, {})[c.name] = layout_kl(model, {j: c}, stats, rec)
 
@@ -73,15 +74,19 @@ def save_window_damage(path: Path, store: dict) -> None:
 def ensure_statistics(model, windows: torch.Tensor, settings: dict, choices: list[Choice],
                       ranks: list[int | None], ridge: float | None, cache: Path | None,
                       progress: bool = True, long_windows: torch.Tensor | None = None,
-                      long: dict | None = None, held_out_damage: bool = False
+                      long: dict | None = None, held_out_damage: bool = False,
+                      skip: frozenset[tuple[int, str]] = frozenset(),
+                      shares: list[tuple[int, int]] | None = None
                       ) -> tuple[PlanStats, DenseRecord]:
     """Load the cached statistics or compute them (maps, FLAP scores, per-layer damage).
     The sliding-window candidates' damage is measured on ``long_windows`` (settings
     ``long``): a window shows its damage only on text longer than itself. It is cached beside
     the rest (``extra["long_damage"]``) and merged into ``stats.damage``. With
     ``held_out_damage`` the maps' damage is measured with maps fitted without the damage
-    windows (``extra["damage_fits"]``), so it is not flattered by the fit. Returns the
-    statistics and the damage record."""
+    windows (``extra["damage_fits"]``), so it is not flattered by the fit. The sharing
+    refits of ``shares`` (layer, target) and of every ``shareJ`` candidate a layer is offered
+    (not in ``skip``) come first (``fit_shares``; with ``held_out_damage`` on windows past
+    the damage windows). Returns the statistics and the damage record."""
     stats = PlanStats.load(cache, settings) if cache is not None else None
     damage_windows = windows[:settings["damage_windows"]]
     if stats is None:
@@ -94,8 +99,14 @@ def ensure_statistics(model, windows: torch.Tensor, settings: dict, choices: lis
         if fitted.damage_maps is not None:
             stats.extra["damage_fits"] = {"maps": fitted.damage_maps,
                                           "group_fits": fitted.damage_group_fits}
-    t0 = time.perf_counter()
     every = list(range(model.config.num_hidden_layers))
+    pairs = list(shares or []) + [(j, c.target) for c in choices for j in every
+                                  if c.kind == "share" and c.target is not None
+                                  and (j, c.name) not in skip]
+    hold = settings["damage_windows"] if held_out_damage else 0
+    if fit_shares(model, stats, pairs, windows[hold:], progress) and cache is not None:
+        stats.save(cache)
+    t0 = time.perf_counter()
     rec = record_dense(model, damage_windows, every, positions=settings["positions"],
                        seed=settings["seed"])
     before = sum(len(v) for v in stats.damage.values())
@@ -104,7 +115,7 @@ def ensure_statistics(model, windows: torch.Tensor, settings: dict, choices: lis
     fits = stats.extra.get("damage_fits")
     scorer = stats if fits is None else replace(stats, maps=fits["maps"],
                                                 group_fits=fits["group_fits"])
-    score_candidates(model, scorer, rec, short, progress, stats.damage)
+    score_candidates(model, scorer, rec, short, progress, stats.damage, skip)
     windowed = [c for c in choices if c.kind == "window"]
     if windowed and long_windows is not None and long is not None:
         store = stats.extra.setdefault("long_damage", {}).setdefault(long_key(long), {})

@@ -46,7 +46,10 @@ def solve_layouts(cfg: Any, damage: dict[int, dict[str, float]], choices: list[C
     # KV bytes per token at the budget's context (a windowed layer keeps min(context, W);
     # served: in whole blocks)
     kv = np.array([_layer_kv(cfg, s, budget) for s in shapes], dtype=float)
-    cost = np.array([0.0 if c == KEEP else damage[j][c.name]
+    offered = np.array([(j, c.name) not in forbidden for j in range(n_layers)
+                        for c in choices])
+    # a pair not offered needs no damage (shareJ is scored only where offered)
+    cost = np.array([0.0 if c == KEEP or (j, c.name) in forbidden else damage[j][c.name]
                      for j in range(n_layers) for c in choices])
     rows: list[Any] = [np.kron(np.eye(n_layers), np.ones(n_c))]
     lo: list[Any] = [np.ones(n_layers)]
@@ -64,9 +67,20 @@ def solve_layouts(cfg: Any, damage: dict[int, dict[str, float]], choices: list[C
         lo.append([-np.inf])
         hi.append([limit - head])
     budgeted = [kv] + ([macs] if budget.speedup is not None else [])
-    offered = np.array([(i // n_c, choices[i % n_c].name) not in forbidden
-                        for i in range(len(cost))])
-    upper = (_undominated(cost, budgeted, n_c, offered) & offered).astype(float)
+    # a sharing layer's target keeps its attention whole: x[i, shareT] <= x[T, keep] (so
+    # no chain either: a target that shares is not kept)
+    keep_at = choices.index(KEEP)
+    for i in np.flatnonzero(offered):
+        c = choices[i % n_c]
+        if c.kind == "share" and c.target is not None:
+            row = np.zeros(len(cost))
+            row[i], row[c.target * n_c + keep_at] = 1, -1
+            rows.append(row[None])
+            lo.append([-np.inf])
+            hi.append([0])
+    # a constrained choice (shareJ) may not rule out another (its target may not be kept)
+    free = np.array([c.kind != "share" for c in choices] * n_layers)
+    upper = (_undominated(cost, budgeted, n_c, offered & free) & offered).astype(float)
     out: list[tuple[dict[int, Choice], float]] = []
     for _ in range(count):
         res = milp(cost, integrality=np.ones_like(cost), bounds=Bounds(0, upper),
@@ -146,8 +160,8 @@ def solve_served(cfg: Any, damage: dict[int, dict[str, float]], choices: list[Ch
 
 def _undominated(cost: np.ndarray, budgeted: list[np.ndarray], n_c: int,
                  offered: np.ndarray) -> np.ndarray:
-    """Per variable: False if another offered choice of the same layer is no worse on damage
-    and every budgeted cost and better on one (ties: the first listed stays)."""
+    """Per variable: False if another choice of the same layer in ``offered`` is no worse on
+    damage and every budgeted cost and better on one (ties: the first listed stays)."""
     keep = np.ones_like(cost, dtype=bool)
     for base in range(0, len(cost), n_c):
         for a in range(base, base + n_c):

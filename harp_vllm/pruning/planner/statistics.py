@@ -65,6 +65,33 @@ def rank_key(rank: int | None) -> str:
     return "full" if rank is None else str(rank)
 
 
+def share_key(j: int, target: int) -> str:
+    """The key of layer ``j``'s refit to ``target`` in ``PlanStats.extra["share_fits"]``."""
+    return f"{j}:{target}"
+
+
+SHARE_FIT_LOGITS = 2**22  # at most this many query-key pairs per head in a sharing refit
+
+
+def fit_shares(model, stats: PlanStats, pairs: list[tuple[int, int]], windows: torch.Tensor,
+               progress: bool = True) -> bool:
+    """Refit the q/o of each (layer, target) pair of ``pairs`` to the target's keys and values
+    (``share_fit.py``) on the first of ``windows`` (as many as keep the logits to
+    ``SHARE_FIT_LOGITS`` pairs per head), into ``stats.extra["share_fits"]``. Returns whether
+    any was fitted (the caller saves the cache)."""
+    from ..methods.share_fit import fit_shared
+
+    fits = stats.extra.setdefault("share_fits", {})
+    todo = [(j, t) for j, t in pairs if share_key(j, t) not in fits]
+    count = max(1, min(len(windows), SHARE_FIT_LOGITS // windows.shape[1] ** 2))
+    for j, t in tqdm(todo, disable=not progress or len(todo) < 2, desc="sharing refits",
+                     unit="pair"):
+        f = fit_shared(model, j, t, windows[:count])
+        fits[share_key(j, t)] = {"q_weight": f.q_weight, "o_weight": f.o_weight,
+                                 "logit_error": f.logit_error, "output_error": f.output_error}
+    return bool(todo)
+
+
 def stats_path(cache_root: Path, settings: dict) -> Path:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return cache_root / "plan-stats" / f"{digest}.pt"
