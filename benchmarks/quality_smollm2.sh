@@ -13,8 +13,8 @@
 # calibrated on text sampled from the dense model itself (--calib-self, no external data);
 # the -ho plans are the same with every map's ridge chosen by held-out error (--ridge held-out),
 # the -hod ones also with the maps' damage measured out of sample (--held-out-damage);
-# splan50-hod is wplan50-hod with cross-layer KV sharing offered too (--share-targets 2),
-# splan50s-hod its layout with sink logits on its windows.
+# splan50-hod is wplan50-hod with cross-layer KV sharing offered too (--share-targets 2);
+# wplan50s-hod is wplan50-hod with sink logits on its windows.
 # Resumable: checkpoints and per-model runs (out/quality-$PRESET/runs) are reused.
 #   bash benchmarks/quality_smollm2.sh            # PRESET=quick (default) or full
 #   MODELS="plan27 plan27-mix lin8" bash benchmarks/quality_smollm2.sh   # a subset
@@ -72,9 +72,6 @@ build() {
       --top-k 4 --window-sinks --ridge held-out --held-out-damage ;;
     splan50-hod) run $H plan smollm2-135m --out "$out" --kv-saving 0.50 --windows "$WINDOWS" \
       --share-targets 2 --top-k 4 --ridge held-out --held-out-damage ;;
-    splan50s-hod) build splan50-hod
-      run $H plan smollm2-135m --out "$out" --layout "$(layout_of splan50-hod)" --window-sinks \
-        --ridge held-out --held-out-damage ;;
     *) echo "unknown model $1" >&2; exit 2 ;;
   esac
 }
