@@ -100,7 +100,8 @@ def worker_info(worker) -> dict:
     for name, spec in runner.get_kv_cache_spec().items():
         attn[name] = {"num_kv_heads": int(spec.num_kv_heads), "head_size": int(spec.head_size),
                       "block_size": int(spec.block_size),
-                      "page_size_bytes": int(spec.page_size_bytes)}
+                      "page_size_bytes": int(spec.page_size_bytes),
+                      "sliding_window": getattr(spec, "sliding_window", None)}
     layers = {}
     for i in range(start, end):
         sa = getattr(inner.layers[i], "self_attn", None)

@@ -97,6 +97,15 @@ def test_sharing_on_a_family_without_support_is_refused():
     from harp_vllm.families import model_types
 
     assert set(model_types(lambda f: f.kv_sharing)) == {"llama", "mistral", "gemma3_text"}
+    # the planner refuses to offer it to such a family, naming why
+    from harp_vllm.pruning.jobs.plan_options import PlanOptions, parse_kinds
+
+    qwen = SimpleNamespace(**{**vars(SMOL), "model_type": "qwen2"})
+    opts = PlanOptions(model="m", out=None, kv_saving=0.3, share_targets=2)  # type: ignore
+    with pytest.raises(UserError, match="--share-targets: cross-layer KV sharing is not "
+                                        "served for 'qwen2' models"):
+        parse_kinds(opts, qwen)
+    assert "share" in parse_kinds(opts, SMOL)
 
 
 # ---------------------------------------------------------------------------- the reference
@@ -545,6 +554,11 @@ def test_plan_offers_sharing_fits_only_offered_pairs_and_writes_a_valid_layout(
         "plan", str(tiny_llama), "--calib-file", str(calib), "--candidates", "share",
         "--share-targets", "0", "--kv-saving", "0.5", "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "--share-targets must be >= 1" in bad.output
+    assert not (tmp_path / "bad").exists()
+    both = runner.invoke(app, [
+        "plan", str(tiny_llama), "--calib-file", str(calib), "--layout", "3:share2",
+        "--share-targets", "1", "--out", str(tmp_path / "bad")])
+    assert both.exit_code != 0 and "a --layout names its sharing layers" in both.output
     assert not (tmp_path / "bad").exists()
 
 

@@ -144,6 +144,31 @@ def test_tp2_builds_token_local_and_removed_layers_on_both_ranks_without_kv(tiny
 
 
 @parallel
+def test_tp2_serves_windows_and_sharing_as_one_rank_does(tiny, engines, tmp_path_factory):
+    """Issue 24's layer kinds under TP = 2 (sink logits are refused there, above): windowed
+    layers of 16 and 40 tokens and a layer sharing an earlier layer's KV cache give one
+    rank's greedy tokens and prompt logprobs on prompts longer than every window; each rank
+    holds half of every own cache's KV heads, with the layer's window, and none for the
+    sharing layer."""
+    import torch
+    from test_vllm_plugin import _windowed
+
+    ckpt = _windowed(tiny["dense"], tmp_path_factory.mktemp("tp2-win") / "win",
+                     {1: 16, 3: 40}, kv_sharing={4: 2})
+    g = torch.Generator().manual_seed(1)
+    prompts = [*TINY_PROMPTS[:2], torch.randint(3, 250, (100,), generator=g).tolist(),
+               [40] * 30 + torch.randint(3, 250, (90,), generator=g).tolist()]
+    single, par = engines(ckpt, prompts), engines(ckpt, prompts, tp=2)
+    worst = assert_same_as_single_rank(par, single, len(prompts))
+    print(f"windows and sharing: TP=2 vs TP=1 max |d prompt logprob| = {worst:.2e}")
+    for rank in par[0]["ranks"]:
+        assert spec_heads(rank) == {0: 1, 1: 1, 2: 1, 3: 1, 5: 1}  # 4 shares 2's cache
+        assert {int(name.split(".")[2]): s["sliding_window"]
+                for name, s in rank["kv_cache_spec"].items()} == {
+            0: None, 1: 16, 2: None, 3: 40, 5: None}
+
+
+@parallel
 def test_tp2_flap_replicates_one_kv_head_layers(tiny, engines):
     """FLAP layers keep 1 or 2 KV heads: a 2-head layer is split (1 per rank), a 1-head layer
     is replicated on both ranks, and the capacity follows from what each rank holds."""

@@ -45,8 +45,8 @@ def register(app: typer.Typer) -> None:
                  "groups cut, a fitted map in their place), linear (maps), remove, window "
                  "(sliding-window attention, sizes from --windows), share (cross-layer KV "
                  "sharing, targets from --share-targets); default droplin,linear,remove (+ "
-                 "window with --windows, share with --share-targets), all but window and "
-                 "share with --speedup")] = None,
+                 "window with --windows, share with --share-targets), and drop with "
+                 "--speedup")] = None,
         share_targets: Annotated[int | None, typer.Option(
             help="offer cross-layer KV sharing: each layer may attend over the keys and "
                  "values of one of its K nearest earlier layers of its kind (kept whole), "

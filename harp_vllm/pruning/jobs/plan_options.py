@@ -14,6 +14,7 @@ from ..planner.choices import (
     KINDS,
     check_window,
     served_kinds,
+    unserved,
 )
 from ..reference.window_sinks import SINK_OVER_CAPS
 from .prune_options import parse_rank
@@ -133,6 +134,9 @@ def check_options(opts: PlanOptions) -> None:
     if opts.share_targets is not None and opts.share_targets < 1:
         raise UserError(f"--share-targets must be >= 1 (earlier layers offered to each layer), "
                         f"got {opts.share_targets}")
+    if opts.share_targets is not None and opts.layout:
+        raise UserError("--share-targets offers sharing to the solver; a --layout names its "
+                        "sharing layers itself (e.g. 14:share12)")
     if opts.calib_samples % 8:
         raise UserError(f"--calib-samples must be a multiple of 8 (the batch), got "
                         f"{opts.calib_samples}")
@@ -152,6 +156,9 @@ def parse_kinds(opts: PlanOptions, cfg: Any) -> tuple[str, ...]:
     serves (no KV-group cut for a single KV head or a family without per-layer heads)."""
     if opts.candidates is None:
         kinds = default_kinds(opts.speedup)
+        why = unserved("share", cfg) if opts.share_targets else None
+        if why is not None:
+            raise UserError(f"--share-targets: {why}")
         kinds = (*kinds, *(("window",) if opts.windows else ()),
                  *(("share",) if opts.share_targets else ()))
         return served_kinds(kinds, cfg)
