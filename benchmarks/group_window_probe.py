@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default="0-11")
     ap.add_argument("--window", type=int, default=2048)
+    ap.add_argument("--keep", default=None,
+                    help="comma list of the KV groups to try keeping whole (default: each)")
     args = ap.parse_args(argv)
     a, _, b = args.layers.partition("-")
     layers = list(range(int(a), int(b or a) + 1))
@@ -96,10 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     w = args.window
     variants: dict[str, dict[int, tuple[int, list[int]]]] = {
         f"win{w}, whole layers": {j: (w, list(range(kv))) for j in layers}}
-    for keep in range(kv):
+    keeps = range(kv) if args.keep is None else [int(g) for g in args.keep.split(",")]
+    for keep in keeps:
         variants[f"win{w}, group {keep} kept whole"] = {
             j: (w, [g for g in range(kv) if g != keep]) for j in layers}
-    variants[f"win{w}, one group windowed (group 0)"] = {j: (w, [0]) for j in layers}
+    if args.keep is None:
+        variants[f"win{w}, one group windowed (group 0)"] = {j: (w, [0]) for j in layers}
     print(f"session ready in {time.perf_counter() - t0:.0f} s; layers {args.layers}, "
           f"{len(rec.picks)} record batches, context {n}\n")
     print("| variant | KV saving at 7,168 | text KL | probe KL |")
