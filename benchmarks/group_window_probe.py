@@ -69,11 +69,10 @@ def group_windows(model: Any, spec: dict[int, tuple[int, list[int]]]) -> Iterato
             h.remove()
 
 
-def saving(cfg: Any, spec: dict[int, tuple[int, list[int]]], removed: int, n: int) -> float:
-    """KV saving at ``n`` tokens: a windowed group keeps min(W, n) of n tokens; ``removed``
-    whole layers keep none."""
+def saving(cfg: Any, spec: dict[int, tuple[int, list[int]]], n: int) -> float:
+    """KV saving at ``n`` tokens: a windowed group keeps min(W, n) of n tokens."""
     kv = cfg.num_key_value_heads
-    saved = sum(len(g) / kv * (1 - min(w, n) / n) for w, g in spec.values()) + removed
+    saved = sum(len(g) / kv * (1 - min(w, n) / n) for w, g in spec.values())
     return saved / cfg.num_hidden_layers
 
 
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, spec in variants.items():
             with group_windows(model, spec):
                 parts = suffix_kl_parts(model, rec, min(spec))
-            print(f"| {name} | {saving(cfg, spec, 0, n):.1%} | {parts['text']:.4f} | "
+            print(f"| {name} | {saving(cfg, spec, n):.1%} | {parts['text']:.4f} | "
                   f"{parts['probe']:.3f} |", flush=True)
     return 0
 

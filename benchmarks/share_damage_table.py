@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from harp_vllm.paths import cache_dir
+from harp_vllm.pruning.planner.statistics import share_key
 
 CALIBRATION = {"dataset": "wikitext2", "split": "validation"}
 
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{per[f'share{j - d}']:.4f}" if f"share{j - d}" in per else ""
                  for d in range(1, depth + 1)]
         cells += [f"{per[c]:.4f}" if c in per else "" for c in columns]
-        err = fits.get(f"{j}:{j - 1}", {}).get("output_error", {})
+        err = fits.get(share_key(j, j - 1), {}).get("output_error", {})
         cells.append(" / ".join(f"{err[k]:.2f}" for k in ("shared", "q", "q+o") if k in err))
         if not any(cells[:depth]):
             continue
