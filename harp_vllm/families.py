@@ -54,6 +54,9 @@ class Family:
     # a windowed layer's per-head sink logits are served (``sinks``: Llama-like attention, no
     # QK norm; the reference's ``window_sinks.py`` and the plugin's ``with_sinks``)
     window_sinks: bool = False
+    # a layer windowed in some KV groups only is served (``group_windows``: the plugin's
+    # ``group_windows.py`` splits Llama's attention into a vLLM attention per KV group)
+    group_windows: bool = False
 
 
 _PLUGIN = "harp_vllm.vllm_plugin"
@@ -61,12 +64,14 @@ FAMILIES: tuple[Family, ...] = (
     Family("LlamaForCausalLM", ("llama", "mistral"), "HarpLlamaForCausalLM",
            f"{_PLUGIN}.llama:HarpLlamaForCausalLM",
            post_norm=False, heads=True, linear_maps=True, compensation=True,
-           biases=_llama_biases, windows=True, kv_sharing=True, window_sinks=True),
+           biases=_llama_biases, windows=True, kv_sharing=True, window_sinks=True,
+           group_windows=True),
     # HF-format Mistral checkpoints run on vLLM's Llama code.
     Family("MistralForCausalLM", ("llama", "mistral"), "HarpMistralForCausalLM",
            f"{_PLUGIN}.llama:HarpMistralForCausalLM",
            post_norm=False, heads=True, linear_maps=True, compensation=True,
-           biases=_llama_biases, windows=True, kv_sharing=True, window_sinks=True),
+           biases=_llama_biases, windows=True, kv_sharing=True, window_sinks=True,
+           group_windows=True),
     Family("Qwen2ForCausalLM", ("qwen2",), "HarpQwen2ForCausalLM",
            f"{_PLUGIN}.qwen2:HarpQwen2ForCausalLM",
            post_norm=False, heads=True, linear_maps=False, compensation=False,

@@ -1,10 +1,10 @@
 """The pruning section a pruned checkpoint carries in its config.json.
 
-Format (version 5 with window sinks, 4 when a layer shares another's KV cache, 3 when a layer
-is windowed, else 2; every older version still loads)::
+Format (version 6 with windows per KV group, 5 with window sinks, 4 when a layer shares
+another's KV cache, 3 when a layer is windowed, else 2; every older version still loads)::
 
     "harp_pruning": {
-      "version": 5,
+      "version": 6,
       "method": "harp",                    # harp | gate-norm | hybrid | linear | ...
       "layers": {"22": 0.3, "29": 0.8},    # pruned layer index -> alpha (0 = sublayer removed)
       "maps": {                            # optional: attention replaced by a fitted linear map
@@ -20,8 +20,12 @@ is windowed, else 2; every older version still loads)::
       "windows": {"12": 1024},             # optional (version 3): sliding-window attention
       "kv_sharing": {"14": 12},            # optional (version 4): layer -> earlier layer whose
                                            #   keys and values it attends over
-      "sinks": [12]                        # optional (version 5): windowed layers with sink
-    }                                      #   logits (``self_attn.sinks`` [heads])
+      "sinks": [12],                       # optional (version 5): windowed layers with sink
+                                           #   logits (``self_attn.sinks`` [heads])
+      "group_windows": {                   # optional (version 6): a window on some KV groups
+        "3": {"window": 2048, "full_groups": [2]}   # of a layer, the others kept whole
+      }
+    }
 
 A pruned layer has no q/k projections and computes ``h + alpha * o_proj(repeat_kv(v_proj(
 input_layernorm(h))))``; with alpha = 0 it has no v/o projections either. ``shapes`` gives
@@ -51,6 +55,14 @@ layer is not in ``layers`` or a replacing map (it has attention). A windowed lay
 adds one logit per query head to every softmax, a key with no value (vLLM's ``sinks``), in
 place of the first tokens the window drops (``pruning/reference/window_sinks.py``).
 
+A layer in ``group_windows`` (DuoAttention's split of a layer into retrieval and streaming
+heads, per KV group) keeps its attention and weights; the query heads of its KV groups in
+``full_groups`` (group ``g``: KV head ``g`` and the query heads that read it) attend to every
+earlier token, the others to the last ``window`` tokens only (``windows``' convention), so the
+windowed groups' KV cache holds at most ``window`` tokens of a sequence. ``full_groups`` is a
+non-empty proper subset of the layer's KV groups; the layer is not in ``windows``,
+``kv_sharing`` (neither side), ``sinks``, ``layers`` or ``maps``.
+
 A layer ``i`` in ``kv_sharing`` (cross-layer KV sharing, KVSharer/CLA) attends with its own
 queries over the keys and values layer ``j = kv_sharing[i]`` computed (after ``j``'s
 ``k_proj``/``v_proj`` and rotary embedding) and stores no KV cache of its own: it keeps
@@ -72,7 +84,8 @@ SPEC_VERSION = 2  # written when no layer is windowed (older harp-vllm reads it)
 WINDOWS_VERSION = 3  # written when ``windows`` is set
 SHARING_VERSION = 4  # written when ``kv_sharing`` is set
 SINKS_VERSION = 5  # written when ``sinks`` is set
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+GROUP_WINDOWS_VERSION = 6  # written when ``group_windows`` is set
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 MAP_INPUTS = ("normed", "raw")
 SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 
@@ -91,6 +104,8 @@ class PruningSpec:
     windows: dict[int, int] = field(default_factory=dict)  # layer -> sliding window (tokens)
     kv_sharing: dict[int, int] = field(default_factory=dict)  # layer -> earlier KV target
     sinks: list[int] = field(default_factory=list)  # windowed layers with sink logits
+    # layer -> {"window": W, "full_groups": [KV groups kept whole]} (the others windowed)
+    group_windows: dict[int, dict[str, Any]] = field(default_factory=dict)
     version: int = SPEC_VERSION
 
     @property
@@ -125,7 +140,8 @@ class PruningSpec:
     def to_dict(self) -> dict[str, Any]:
         version = max(self.version, WINDOWS_VERSION if self.windows else 0,
                       SHARING_VERSION if self.kv_sharing else 0,
-                      SINKS_VERSION if self.sinks else 0)
+                      SINKS_VERSION if self.sinks else 0,
+                      GROUP_WINDOWS_VERSION if self.group_windows else 0)
         return {
             "version": version,
             "method": self.method,
@@ -143,6 +159,11 @@ class PruningSpec:
             **({"kv_sharing": {str(k): int(v) for k, v in sorted(self.kv_sharing.items())}}
                if self.kv_sharing else {}),
             **({"sinks": sorted(self.sinks)} if self.sinks else {}),
+            **({"group_windows": {str(k): {"window": int(v["window"]),
+                                           "full_groups": sorted(int(g) for g in
+                                                                 v["full_groups"])}
+                                  for k, v in sorted(self.group_windows.items())}}
+               if self.group_windows else {}),
         }
 
     @classmethod
@@ -174,6 +195,7 @@ class PruningSpec:
                    windows=windows, version=version)
         spec.kv_sharing = _parse_sharing(d.get("kv_sharing"), spec, num_layers)
         spec.sinks = _parse_sinks(d.get("sinks"), spec, num_layers)
+        spec.group_windows = _parse_group_windows(d.get("group_windows"), spec, num_layers)
         return spec
 
     @classmethod
@@ -204,11 +226,20 @@ class PruningSpec:
                             f"{spec.shapes[key][idx]}; such a layer keeps the config's "
                             f"{key} = {limit}")
         context = get("max_position_embeddings")
-        for idx, w in spec.windows.items():
+        kv_heads = get("num_key_value_heads") or get("num_attention_heads")
+        for idx, w in [*spec.windows.items(),
+                       *((i, g["window"]) for i, g in spec.group_windows.items())]:
+            where = "windows" if idx in spec.windows else "group_windows"
             if isinstance(context, int) and w >= context:
-                raise UserError(f"'{CONFIG_KEY}.windows[{idx}]' is {w} tokens, not smaller than "
-                                f"the model's context (max_position_embeddings = {context}): "
-                                f"such a window never drops a token; leave the layer out")
+                raise UserError(f"'{CONFIG_KEY}.{where}[{idx}]' is {w} tokens, not smaller "
+                                f"than the model's context (max_position_embeddings = "
+                                f"{context}): such a window never drops a token; leave the "
+                                f"layer out")
+        for idx, g in spec.group_windows.items():
+            own = (spec.shapes["num_key_value_heads"][idx] if spec.shapes is not None
+                   else kv_heads)
+            if isinstance(own, int):
+                _check_groups(idx, g["full_groups"], own)
         d = get("hidden_size")
         for idx, m in spec.maps.items():
             if isinstance(d, int) and m["rank"] is not None and m["rank"] > d:
@@ -306,6 +337,57 @@ def _parse_sinks(raw: Any, spec: PruningSpec, num_layers: int | None) -> list[in
             raise UserError(f"layer {idx} is in {where} but is not a windowed layer with its own "
                             f"KV cache (a sink logit stands in for what a window drops)")
     return sorted(set(sinks))
+
+
+def _parse_group_windows(raw: Any, spec: PruningSpec, num_layers: int | None
+                         ) -> dict[int, dict[str, Any]]:
+    """Validate the optional windows per KV group: layer -> {"window", "full_groups"}."""
+    if raw is None:
+        return {}
+    where = f"'{CONFIG_KEY}.group_windows'"
+    if spec.version < GROUP_WINDOWS_VERSION:
+        raise UserError(f"{where} needs '{CONFIG_KEY}.version' {GROUP_WINDOWS_VERSION}, the "
+                        f"file says {spec.version}")
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} must be an object mapping layer index to {{\"window\": W, "
+                        f"\"full_groups\": [...]}}")
+    targets = set(spec.kv_sharing.values())
+    out: dict[int, dict[str, Any]] = {}
+    for k, v in raw.items():
+        idx = _layer_index(k, where, num_layers)
+        if not isinstance(v, dict) or set(v) != {"window", "full_groups"}:
+            raise UserError(f"{where}[{k}] must be an object with exactly 'window' and "
+                            f"'full_groups'")
+        w, groups = v["window"], v["full_groups"]
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise UserError(f"{where}[{k}].window must be a positive number of tokens, got "
+                            f"{w!r}")
+        if not isinstance(groups, list) or not groups or not all(
+                isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in groups) \
+                or len(set(groups)) != len(groups):
+            raise UserError(f"{where}[{k}].full_groups must be a non-empty list of distinct KV "
+                            f"group indices (the groups kept whole), got {groups!r}")
+        clash = next((name for name, present in (
+            ("layers", idx in spec.layers), ("maps", idx in spec.maps),
+            ("windows", idx in spec.windows), ("kv_sharing", idx in spec.kv_sharing),
+            ("kv_sharing (as a target)", idx in targets), ("sinks", idx in spec.sinks))
+            if present), None)
+        if clash is not None:
+            raise UserError(f"layer {idx} is in {where} and in '{CONFIG_KEY}.{clash}'; a layer "
+                            f"windowed per KV group keeps its own attention whole otherwise")
+        if spec.shapes is not None:
+            _check_groups(idx, groups, spec.shapes["num_key_value_heads"][idx])
+        out[idx] = {"window": w, "full_groups": sorted(groups)}
+    return out
+
+
+def _check_groups(idx: int, groups: list[int], kv_heads: int) -> None:
+    """Layer ``idx``'s ``full_groups`` index its ``kv_heads`` KV groups and leave one windowed."""
+    where = f"'{CONFIG_KEY}.group_windows[{idx}]'"
+    if max(groups) >= kv_heads or len(groups) >= kv_heads:
+        raise UserError(f"{where}.full_groups is {groups}, but layer {idx} has {kv_heads} KV "
+                        f"groups (0..{kv_heads - 1}): keep some of them whole and window the "
+                        f"rest (all whole: leave the layer out; none: use 'windows')")
 
 
 def _parse_sharing(raw: Any, spec: PruningSpec, num_layers: int | None) -> dict[int, int]:

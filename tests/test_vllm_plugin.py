@@ -888,7 +888,8 @@ def test_smollm2_plan27_matches_reference_and_kv_equals_plan(smollm2_dir, smol_p
 
 def _windowed(src: Path, out: Path, windows: dict[int, int],
               kv_sharing: dict[int, int] | None = None,
-              sinks: dict[int, torch.Tensor] | None = None) -> Path:
+              sinks: dict[int, torch.Tensor] | None = None,
+              group_windows: dict[int, dict] | None = None) -> Path:
     from harp_vllm.pruning.jobs.checkpoint import save_pruned
     from harp_vllm.pruning.reference.window_sinks import attach_window_sinks
     from harp_vllm.spec import PruningSpec
@@ -896,7 +897,8 @@ def _windowed(src: Path, out: Path, windows: dict[int, int],
     model = load_model(src)
     attach_window_sinks(model, windows, sinks or {})  # windowed layers with these sinks
     spec = PruningSpec(layers={}, windows=windows, kv_sharing=kv_sharing or {},
-                       sinks=sorted(sinks or {}), method="window", source_model=str(src))
+                       sinks=sorted(sinks or {}), group_windows=group_windows or {},
+                       method="window", source_model=str(src))
     return save_pruned(model, spec, src, out)
 
 
@@ -911,21 +913,27 @@ def served_ratio(model: Path, context: int, block: int) -> float:
     return costs.served_kv_bytes_per_sequence(cfg, dense, context, block) / served
 
 
+TINY_GROUP_WINDOWS = {0: {"window": 40, "full_groups": [0]},
+                      4: {"window": 16, "full_groups": [1]}}
+
+
 @vllm
 @pytest.mark.timeout(900)
 def test_tiny_windows_and_sharing_match_reference_past_the_window_and_size_kv(tmp_path):
     """Windowed layers (of three sizes) through vLLM's sliding-window attention, two of them
-    with sink logits (vLLM's ``sinks``), and two layers sharing an earlier layer's KV cache
-    (one full, one windowed: ``kv_sharing_target_layer_name``): prompts longer than every
-    window give the reference's greedy tokens and prompt logprobs, each windowed layer with
-    its own cache gets a sliding-window KV group, the sharing layers none, and the sequences
-    the KV pool holds at 512 tokens grow over dense as the cost model's served bytes say."""
+    with sink logits (vLLM's ``sinks``), two layers windowed in one of their two KV groups
+    (``group_windows``: a vLLM attention per group), and two layers sharing an earlier
+    layer's KV cache (one full, one windowed: ``kv_sharing_target_layer_name``): prompts
+    longer than every window give the reference's greedy tokens and prompt logprobs, each
+    windowed layer with its own cache gets a sliding-window KV group and each group-windowed
+    layer two one-head caches (one windowed), the sharing layers none, and the sequences the
+    KV pool holds at 512 tokens grow over dense as the cost model's served bytes say."""
     from harp_vllm.serving.kv_capacity import sequences_that_fit
 
     dense = make_tiny("llama", tmp_path / "dense", layers=8)
     sinks = {j: torch.randn(4, generator=torch.Generator().manual_seed(j)) * 3 for j in (1, 3)}
     model = _windowed(dense, tmp_path / "win", {1: 16, 3: 40, 5: 16, 7: 16},
-                      kv_sharing={6: 2, 7: 5}, sinks=sinks)
+                      kv_sharing={6: 2, 7: 5}, sinks=sinks, group_windows=TINY_GROUP_WINDOWS)
     g = torch.Generator().manual_seed(0)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12], torch.randint(3, 250, (120,), generator=g).tolist(),
                [40] * 30 + torch.randint(3, 250, (100,), generator=g).tolist()]
@@ -934,12 +942,16 @@ def test_tiny_windows_and_sharing_match_reference_past_the_window_and_size_kv(tm
     want = reference(model, prompts, result)
     assert_matches(result, want)
     # the sinks change the model: served without them, the logprobs would not match
-    plain = _windowed(dense, tmp_path / "plain", {1: 16, 3: 40, 5: 16, 7: 16}, {6: 2, 7: 5})
+    plain = _windowed(dense, tmp_path / "plain", {1: 16, 3: 40, 5: 16, 7: 16}, {6: 2, 7: 5},
+                      group_windows=TINY_GROUP_WINDOWS)
     assert max_logprob_diff(reference(plain, prompts[1:2])[0]["prompt_logprobs"],
                             want[1]["prompt_logprobs"]) > 1e-2
+    # own caches: full 2, 0's group 0, 4's group 1; 16: 1, 5, 4's group 0; 40: 3, 0's group 1
     windows = sorted(grp["sliding_window"] or 0 for grp in result["kv_groups"])
-    assert windows == [0, 0, 0, 16, 16, 40]  # own caches: full 0, 2, 4; 16: 1, 5; 40: 3
-    assert sum(grp["layers"] for grp in result["kv_groups"]) == 6  # 6 and 7 share
+    assert windows == [0, 0, 0, 16, 16, 16, 40, 40]
+    assert sum(grp["layers"] for grp in result["kv_groups"]) == 8  # 6 and 7 share
+    # a one-head cache's block holds twice the tokens of a two-head layer's (one page size)
+    assert sorted(grp["block_size"] for grp in result["kv_groups"]) == [128] * 4 + [256] * 4
     base, _ = run_probe(dense, tmp_path / "run-dense", None, max_model_len=512,
                         prompt_logprobs=False)
     got = sequences_that_fit(result, 512) / sequences_that_fit(base, 512)
@@ -950,6 +962,9 @@ def test_tiny_windows_and_sharing_match_reference_past_the_window_and_size_kv(tm
 # an earlier layer's KV cache (two full, one windowed like its target).
 SMOL_WINDOWS = {2: 64, 5: 32, 9: 128, 14: 64, 20: 256, 25: 32, 26: 32, 29: 100}
 SMOL_SHARING = {11: 10, 17: 16, 26: 25}
+# and two layers windowed in some KV groups only (the others kept whole)
+SMOL_GROUP_WINDOWS = {0: {"window": 64, "full_groups": [2]},
+                      12: {"window": 100, "full_groups": [0, 1]}}
 
 
 @vllm
@@ -957,9 +972,10 @@ SMOL_SHARING = {11: 10, 17: 16, 26: 25}
 @pytest.mark.timeout(1200)
 def test_smollm2_windows_match_reference_and_kv_equals_the_cost_model(
         smollm2_dir, smol_prompts, run_smol_dense, tmp_path):
-    """SmolLM2 with eight windowed layers (two with sink logits) and three sharing an earlier
-    layer's KV cache: greedy tokens and prompt logprobs equal the reference's on the test
-    prompts and on a 400-token WikiText passage (longer than every window), and the sequences
+    """SmolLM2 with eight windowed layers (two with sink logits), two windowed in some KV
+    groups only and three sharing an earlier layer's KV cache: greedy tokens and prompt
+    logprobs equal the reference's on the test prompts and on a 400-token WikiText passage
+    (longer than every window), and the sequences
     of 2,048 tokens the KV pool holds grow over the dense run's as the cost model's served
     bytes predict."""
     from harp_vllm import models
@@ -967,7 +983,8 @@ def test_smollm2_windows_match_reference_and_kv_equals_the_cost_model(
     from harp_vllm.serving.kv_capacity import sequences_that_fit
 
     sinks = {j: torch.randn(9, generator=torch.Generator().manual_seed(j)) * 3 for j in (2, 20)}
-    model = _windowed(smollm2_dir, tmp_path / "win", SMOL_WINDOWS, SMOL_SHARING, sinks)
+    model = _windowed(smollm2_dir, tmp_path / "win", SMOL_WINDOWS, SMOL_SHARING, sinks,
+                      SMOL_GROUP_WINDOWS)
     tok = models.load_tokenizer(smollm2_dir)
     long = tok(domain_text("wikitext", "dev", max_chars=8000))["input_ids"][:400]
     prompts = [*smol_prompts, long]

@@ -43,7 +43,8 @@ def register(app: typer.Typer) -> None:
         candidates: Annotated[str | None, typer.Option(
             help="candidate kinds offered per layer: drop (FLAP KV-group cuts), droplin (KV "
                  "groups cut, a fitted map in their place), linear (maps), remove, window "
-                 "(sliding-window attention, sizes from --windows), share (cross-layer KV "
+                 "(sliding-window attention, sizes from --windows), group-window (the same "
+                 "with one KV group kept whole), share (cross-layer KV "
                  "sharing, targets from --share-targets); default droplin,linear,remove (+ "
                  "window with --windows, share with --share-targets), and drop with "
                  "--speedup")] = None,
@@ -54,6 +55,10 @@ def register(app: typer.Typer) -> None:
         windows: Annotated[str | None, typer.Option(
             help="offer sliding windows of these sizes (tokens), e.g. 512,1024,2048: each "
                  "candidate is then priced on --long-seq-len windows")] = None,
+        group_windows: Annotated[bool, typer.Option(
+            help="with --windows: also offer each window on all KV groups of a layer but "
+                 "one, kept whole (winWkG: DuoAttention's retrieval heads per KV group; "
+                 "Llama family)")] = False,
         window_sinks: Annotated[bool, typer.Option(
             help="give every windowed layer of the plan per-head sink logits (vLLM's sinks), "
                  "fitted in closed form on the first long window, in place of the first "
@@ -157,7 +162,7 @@ def register(app: typer.Typer) -> None:
                 layout=layout, frontier=frontier, budgets=sweep, compare=compare, ranks=ranks,
                 calib_file=calib_file, calib_mix=calib_mix, calib_self=calib_self,
                 candidates=candidates,
-                windows=windows, share_targets=share_targets,
+                windows=windows, share_targets=share_targets, group_windows=group_windows,
                 window_sinks=window_sinks, sink_offset=sink_offset,
                 sink_max_short_kl=sink_max_short_kl, sink_over_cap=sink_over_cap,
                 long_seq_len=long_seq_len,

@@ -17,6 +17,9 @@ Per decoder layer and token (``d`` hidden size, ``H``/``G`` query/KV heads, ``h`
 - the LM head, ``d*V``: once per sequence in prefill (vLLM computes logits only for the last
   prompt token), once per token in decode.
 
+A layer windowed in some KV groups only (``group_windows``) is two parts: the groups kept whole
+(and the query heads that read them) as a full layer, the others as a windowed one.
+
 A layer sharing an earlier layer's KV cache (``kv_sharing``) has no ``k``/``v`` projections
 and the same attention core as its target's kind (its window, if any).
 
@@ -50,6 +53,17 @@ class LayerShape:
     added_rank: int = 0  # dense: the rank of a map added to the attention (0: none)
     window: int | None = None  # dense: sliding-window attention over the last W tokens
     shares: int | None = None  # dense: reads this earlier layer's KV cache, stores none
+    whole_kv_heads: int = 0  # dense with a window: KV heads (groups) kept whole, not windowed
+
+    def parts(self) -> list[tuple[int, int, int | None]]:
+        """(query heads, KV heads, window) of each part of a dense layer's attention: one,
+        or two when a window spares some KV groups (``whole_kv_heads``: those keep every
+        token, with the query heads that read them)."""
+        if not self.whole_kv_heads or self.window is None:
+            return [(self.q_heads, self.kv_heads, self.window)]
+        q_whole = self.q_heads * self.whole_kv_heads // self.kv_heads
+        return [(q_whole, self.whole_kv_heads, None),
+                (self.q_heads - q_whole, self.kv_heads - self.whole_kv_heads, self.window)]
 
 
 def layer_params(cfg: Any, s: LayerShape) -> int:
@@ -77,15 +91,17 @@ def attention_core_macs(cfg: Any, s: LayerShape, context: int, phase: str = "pre
     for a layer without attention)."""
     if s.attention != "dense":
         return 0.0
-    w = s.window
-    n: float
-    if phase == "decode":
-        n = 2 * (context if w is None else min(context, w))
-    elif w is None or context <= w:
-        n = context + 1
-    else:  # tokens 1..W attend to themselves and all before, the rest to W tokens
-        n = 2 * (w * (w + 1) / 2 + (context - w) * w) / context
-    return float(s.q_heads * head_dim(cfg) * n)
+    total = 0.0
+    for q_heads, _, w in s.parts():
+        n: float
+        if phase == "decode":
+            n = 2 * (context if w is None else min(context, w))
+        elif w is None or context <= w:
+            n = context + 1
+        else:  # tokens 1..W attend to themselves and all before, the rest to W tokens
+            n = 2 * (w * (w + 1) / 2 + (context - w) * w) / context
+        total += q_heads * head_dim(cfg) * n
+    return float(total)
 
 
 def kv_head_bytes(head_size: int, dtype_bytes: int = 2) -> int:
@@ -101,10 +117,12 @@ def kv_bytes(cfg: Any, s: LayerShape, dtype_bytes: int = 2, context: int | None 
     sharing another's KV cache keeps none)."""
     if s.attention != "dense" or s.shares is not None:
         return 0
-    per_token = s.kv_heads * kv_head_bytes(head_dim(cfg), dtype_bytes)
-    if s.window is None or context is None or context <= s.window:
-        return per_token
-    return per_token * s.window / context
+    total = 0.0
+    for _, kv_heads, w in s.parts():
+        per_token = kv_heads * kv_head_bytes(head_dim(cfg), dtype_bytes)
+        total += (per_token if w is None or context is None or context <= w
+                  else per_token * w / context)
+    return int(total) if total.is_integer() else total
 
 
 def kv_bytes_per_token(cfg: Any, shapes: list[LayerShape] | None = None,
@@ -127,8 +145,14 @@ def kv_bytes_per_sequence(cfg: Any, shapes: list[LayerShape], context: int,
         return round(kv_bytes_per_token(cfg, shapes, dtype_bytes, context) * context)
     total = 0.0
     for s in shapes:
-        blocks = blocks_per_sequence(s.window, context, block_size)
-        total += kv_bytes(cfg, s, dtype_bytes) * blocks * block_size
+        if s.attention != "dense" or s.shares is not None:
+            continue
+        # a layer windowed per KV group is served as one-head caches: vLLM gives those
+        # blocks of as many more tokens as a whole layer's page holds heads
+        block = block_size * s.kv_heads if s.whole_kv_heads and s.window else block_size
+        for _, kv_heads, w in s.parts():
+            blocks = blocks_per_sequence(w, context, block)
+            total += kv_heads * kv_head_bytes(head_dim(cfg), dtype_bytes) * blocks * block
     return int(total)
 
 
@@ -140,32 +164,50 @@ def blocks_per_sequence(window: int | None, context: int, block_size: int) -> in
     return full if window is None else min(full, -(-(window - 1) // block_size) + 1)
 
 
+def served_caches(shapes: list[LayerShape]) -> list[tuple[int, int | None]]:
+    """(KV heads, window) of every KV cache vLLM registers: one per attention layer with its
+    own cache, one per KV group of a layer windowed per group (the plugin's
+    ``group_windows.py``); layers sharing another's cache register none."""
+    out: list[tuple[int, int | None]] = []
+    for s in shapes:
+        if s.attention != "dense" or s.shares is not None:
+            continue
+        if s.whole_kv_heads and s.window is not None:
+            out += [(1, None)] * s.whole_kv_heads
+            out += [(1, s.window)] * (s.kv_heads - s.whole_kv_heads)
+        else:
+            out.append((s.kv_heads, s.window))
+    return out
+
+
 def served_kv_bytes_per_sequence(cfg: Any, shapes: list[LayerShape], context: int,
                                  block_size: int, dtype_bytes: int = 2) -> int | None:
     """KV-cache bytes one ``context``-token sequence takes in vLLM's hybrid KV-cache manager:
-    whole blocks (``kv_bytes_per_sequence`` with ``block_size``) and, when layers of several
-    kinds (full, each window size) share the pool, vLLM's grouping: every group holds the
-    same number of layers (the smallest kind's count, or the largest's if that is under 1.5x
-    the smallest), and a kind whose count does not divide into groups gets padding layers
-    that take blocks like real ones. Layers sharing another's KV cache are in no group (vLLM
-    gives them no KV-cache spec). None when the attention layers' pages differ in size (KV
-    heads cut in some layers: vLLM packs those differently; not modelled)."""
-    attn = [s for s in shapes if s.attention == "dense" and s.shares is None]
-    if not attn:
+    whole blocks (``kv_bytes_per_sequence`` with ``block_size``) and, when caches of several
+    kinds (KV heads, window) share the pool, vLLM's grouping: every page is the largest
+    cache's page (a cache of fewer KV heads gets that many times more tokens per block), every
+    group holds the same number of caches (the smallest kind's count, or the largest's if
+    that is under 1.5x the smallest), and a kind whose count does not divide into groups gets
+    padding caches that take blocks like real ones (``served_caches``: layers sharing
+    another's cache are in no group). None where a page does not divide the largest (vLLM
+    pads those pages; not modelled)."""
+    caches = served_caches(shapes)
+    if not caches:
         return 0
-    if len({s.kv_heads for s in attn}) > 1:
+    widest = max(kv for kv, _ in caches)
+    if any(widest % kv for kv, _ in caches):
         return None
-    kinds: dict[int | None, int] = {}
-    for s in attn:
-        kinds[s.window] = kinds.get(s.window, 0) + 1
+    kinds: dict[tuple[int, int | None], int] = {}
+    for cache in caches:
+        kinds[cache] = kinds.get(cache, 0) + 1
     sizes = list(kinds.values())
     group = max(sizes) if max(sizes) < 1.5 * min(sizes) else min(sizes)
-    page_token = kv_bytes(cfg, attn[0], dtype_bytes)
-    total = 0.0
-    for window, count in kinds.items():
-        blocks = blocks_per_sequence(window, context, block_size)
-        total += -(-count // group) * group * blocks * block_size * page_token
-    return int(total)
+    page = widest * kv_head_bytes(head_dim(cfg), dtype_bytes) * block_size
+    total = 0
+    for (kv, window), count in kinds.items():
+        blocks = blocks_per_sequence(window, context, block_size * (widest // kv))
+        total += -(-count // group) * group * blocks * page
+    return total
 
 
 def native_window(cfg: Any, idx: int) -> int | None:
@@ -216,6 +258,9 @@ def model_shapes(cfg: Any, spec: Any | None) -> list[LayerShape]:
             native = base.window
             base = replace(base, window=spec.windows[i] if native is None
                            else min(native, spec.windows[i]))
+        if spec is not None and i in spec.group_windows:
+            g = spec.group_windows[i]
+            base = replace(base, window=g["window"], whole_kv_heads=len(g["full_groups"]))
         out.append(base)
     return out
 

@@ -62,7 +62,9 @@ def validated_spec(config: Any, family: Family, tp_size: int, pp_size: int) -> P
             (lambda f: f.windows, bool(spec.windows), "sliding windows ('windows') are"),
             (lambda f: f.kv_sharing, bool(spec.kv_sharing),
              "cross-layer KV sharing ('kv_sharing') is"),
-            (lambda f: f.window_sinks, bool(spec.sinks), "window sink logits ('sinks') are")):
+            (lambda f: f.window_sinks, bool(spec.sinks), "window sink logits ('sinks') are"),
+            (lambda f: f.group_windows, bool(spec.group_windows),
+             "windows per KV group ('group_windows') are")):
         if present and model_type not in model_types(served):
             raise HarpCheckpointError(
                 f"invalid '{CONFIG_KEY}' section in config.json: {what} served for "
@@ -101,6 +103,12 @@ def check_tensor_parallel(config: Any, spec: PruningSpec, tp_size: int) -> None:
     only the config's head count, and would fail on a pruned layer with a bare assertion)."""
     if tp_size <= 1:
         return
+    if spec.group_windows:
+        raise HarpCheckpointError(
+            f"tensor parallel size {tp_size}: the layers windowed per KV group "
+            f"({sorted(spec.group_windows)}, 'group_windows') are not served with tensor "
+            f"parallelism yet; serve this checkpoint with --pipeline-parallel-size instead "
+            f"(layers are not split)")
     if spec.sinks:
         raise HarpCheckpointError(
             f"tensor parallel size {tp_size}: the window sink logits of layers {spec.sinks} "
@@ -189,6 +197,13 @@ def layer_sinks(config: Any, prefix: str) -> bool:
     """Whether windowed decoder layer ``prefix`` has sink logits (``sinks``)."""
     spec = PruningSpec.from_config(config)
     return spec is not None and extract_layer_index(prefix) in spec.sinks
+
+
+def layer_group_window(config: Any, prefix: str) -> dict[str, Any] | None:
+    """Decoder layer ``prefix``'s window per KV group (``group_windows``), None if it has
+    none."""
+    spec = PruningSpec.from_config(config)
+    return None if spec is None else spec.group_windows.get(extract_layer_index(prefix))
 
 
 def layer_sharing(config: Any, prefix: str) -> int | None:

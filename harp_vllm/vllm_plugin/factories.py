@@ -13,7 +13,14 @@ from torch import nn
 
 from ..families import Family, family_of, head_dim
 from .attention import FoldedTokenLocalAttention, RemovedAttention, TokenLocalLinear
-from .checkpoint_spec import layer_alpha, layer_map, layer_sharing, layer_sinks
+from .checkpoint_spec import (
+    layer_alpha,
+    layer_group_window,
+    layer_map,
+    layer_sharing,
+    layer_sinks,
+)
+from .group_windows import with_group_windows
 from .sharing import shared_kv_factory
 
 
@@ -92,7 +99,8 @@ def layer_attention(config: Any, prefix: str, base: type, shared_cls: type | Non
     """The attention "class" the decoder layer ``prefix`` builds under ``config``'s pruning
     section: ``shared_cls`` over its target's KV cache (``kv_sharing``), HARP's token-local
     path (``layers``), ``base`` with a group map added or a linear map (``maps``), ``base``
-    with sink logits (``sinks``), else ``base`` itself (``base``: the family's attention
+    with sink logits (``sinks``), ``base`` split into a vLLM attention per KV group
+    (``group_windows``), else ``base`` itself (``base``: the family's attention
     class; ``shared_cls``: its sharing attention, None where the family serves no sharing:
     refused at load before this)."""
     target = layer_sharing(config, prefix)
@@ -110,4 +118,7 @@ def layer_attention(config: Any, prefix: str, base: type, shared_cls: type | Non
         return linear_map_factory(linear_map["rank"])
     if layer_sinks(config, prefix):
         return with_sinks(base)
+    group_window = layer_group_window(config, prefix)
+    if group_window is not None:
+        return with_group_windows(base, group_window["window"], group_window["full_groups"])
     return base

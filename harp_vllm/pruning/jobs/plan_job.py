@@ -200,7 +200,7 @@ def _unaffordable_windows(s: Session, progress: bool
         raise UserError("--sink-over-cap no-window needs window candidates (--windows)")
     offset, cap = _sink_settings(s)
     sizes = sorted({int(c.window) for c in s.choices
-                    if c.kind == "window" and c.window is not None})
+                    if c.kind == "window" and c.window is not None and not c.full_groups})
     layers = list(range(s.cfg.num_hidden_layers))
     costs = sink_costs_by_window(s.model, layers, sizes, s.long_windows[:1], _sink_cost(s),
                                  offset, progress)
@@ -218,10 +218,10 @@ def _fit_window_sinks(s: Session, layout: dict[int, Choice]
     a layer whose sink alone costs more than the cap on short prompts (the first positions
     of the damage windows) drops it or keeps it lowered to the cap (``--sink-over-cap``);
     with the record of what was fitted and kept."""
-    windows = {j: int(c.window) for j, c in layout.items()
-               if c.kind == "window" and c.window is not None}
+    windows = {j: int(c.window) for j, c in layout.items()  # not the per-group ones
+               if c.kind == "window" and c.window is not None and not c.full_groups}
     if not windows:
-        raise UserError("--window-sinks: the plan has no windowed layer")
+        raise UserError("--window-sinks: the plan has no layer windowed whole")
     if s.long_windows is None:
         raise UserError("--window-sinks needs the long calibration windows (a plan with "
                         "windows)")

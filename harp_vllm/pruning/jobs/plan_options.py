@@ -37,6 +37,8 @@ class PlanOptions:
     candidates: str | None = None  # kinds offered; None: see default_kinds
     windows: str | None = None  # sliding windows offered (tokens, comma list): adds "window"
     share_targets: int | None = None  # offer shareJ, each layer's nearest J: adds "share"
+    group_windows: bool = False  # offer each window with one KV group kept whole: adds
+    # "group-window" (winWkG)
     window_sinks: bool = False  # the plan's windowed layers get fitted sink logits
     sink_offset: float | None = None  # subtracted from each fitted logit (None: the default)
     sink_max_short_kl: float | None = None  # a layer's sink's short-context cost cap (None:
@@ -134,6 +136,9 @@ def check_options(opts: PlanOptions) -> None:
     if opts.share_targets is not None and opts.share_targets < 1:
         raise UserError(f"--share-targets must be >= 1 (earlier layers offered to each layer), "
                         f"got {opts.share_targets}")
+    if opts.group_windows and (opts.layout or opts.windows is None):
+        raise UserError("--group-windows offers the --windows sizes with one KV group kept "
+                        "whole: give --windows (and no --layout: name winWkG there)")
     if opts.share_targets is not None and opts.layout:
         raise UserError("--share-targets offers sharing to the solver; a --layout names its "
                         "sharing layers itself (e.g. 14:share12)")
@@ -159,7 +164,11 @@ def parse_kinds(opts: PlanOptions, cfg: Any) -> tuple[str, ...]:
         why = unserved("share", cfg) if opts.share_targets else None
         if why is not None:
             raise UserError(f"--share-targets: {why}")
+        why = unserved("group-window", cfg) if opts.group_windows else None
+        if why is not None:
+            raise UserError(f"--group-windows: {why}")
         kinds = (*kinds, *(("window",) if opts.windows else ()),
+                 *(("group-window",) if opts.group_windows else ()),
                  *(("share",) if opts.share_targets else ()))
         return served_kinds(kinds, cfg)
     kinds = tuple(dict.fromkeys(k.strip() for k in opts.candidates.split(",") if k.strip()))

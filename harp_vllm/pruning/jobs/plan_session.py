@@ -94,7 +94,7 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
     layout = parse_layout(opts.layout, cfg) if opts.layout else None
     # long windows (damage + re-scoring) when a sliding window is offered or in the layout,
     # or the re-scoring takes the recall probe (its windows are long ones too)
-    use_long = "window" in kinds if layout is None else any(
+    use_long = bool({"window", "group-window"} & set(kinds)) if layout is None else any(
         c.kind == "window" for c in layout.values())
     use_long = use_long or opts.recall_probe > 0
     n_long = opts.long_damage_windows + opts.long_rescore_windows if use_long else 0

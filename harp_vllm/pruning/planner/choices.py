@@ -1,6 +1,6 @@
 """A planned layer's candidates: ``Choice`` (keep, dropK, dropKlin, linearR, remove, winW,
-shareJ), its shape under the cost model, which sharing targets each layer is offered, and the
-``--layout`` text that names a whole layout."""
+winWkG, shareJ), its shape under the cost model, which sharing targets each layer is offered,
+and the ``--layout`` text that names a whole layout."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from .. import costs
 from ..heads import group_size
 from ..selection import parse_layer_list
 
-KINDS = ("drop", "droplin", "linear", "remove", "window", "share")  # --candidates' kinds
+KINDS = ("drop", "droplin", "linear", "remove", "window", "share",
+         "group-window")  # --candidates' kinds
 DEFAULT_WINDOWS = (512, 1024, 2048)  # the sliding windows ``window`` offers (tokens)
 DEFAULT_SHARE_TARGETS = 2  # ``share``: each layer is offered its nearest earlier layers
 
@@ -25,13 +26,16 @@ class Choice:
     None = full), ``remove``, ``window`` (sliding-window attention over ``window``
     tokens: the layer keeps its weights and context up to W tokens back) or ``share``
     (attention over earlier layer ``target``'s keys and values, q/o refitted, no KV cache;
-    the solver offers a layer only its ``share_targets``, and only beside a kept target)."""
+    the solver offers a layer only its ``share_targets``, and only beside a kept target).
+    A window with ``full_groups`` windows only the other KV groups: those keep every token
+    (``winWkG``, DuoAttention's retrieval heads per KV group)."""
 
     kind: str
     groups: int = 0
     rank: int | None = None
     window: int | None = None
     target: int | None = None
+    full_groups: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:
@@ -42,7 +46,7 @@ class Choice:
         if self.kind == "linear":
             return f"linear{'full' if self.rank is None else self.rank}"
         if self.kind == "window":
-            return f"win{self.window}"
+            return f"win{self.window}" + "".join(f"k{g}" for g in self.full_groups)
         if self.kind == "share":
             return f"share{self.target}"
         return self.kind
@@ -60,7 +64,8 @@ class Choice:
         window = native if self.window is None else min(self.window, native or self.window)
         if self.kind in ("window", "share"):
             return costs.LayerShape("dense", cfg.num_attention_heads, cfg.num_key_value_heads,
-                                    None, inter, window=window, shares=self.target)
+                                    None, inter, window=window, shares=self.target,
+                                    whole_kv_heads=len(self.full_groups))
         kv = cfg.num_key_value_heads - self.groups
         added = self.groups * r * head_dim(cfg) if self.kind == "droplin" else 0
         return costs.LayerShape("dense", kv * r, kv, None, inter, added_rank=added,
@@ -86,6 +91,11 @@ def unserved(kind: str, cfg: Any) -> str | None:
             return f"FLAP's bias compensation is not served for {cfg.model_type!r} models"
     if kind == "window" and not family.windows:
         return f"per-layer sliding windows are not served for {cfg.model_type!r} models"
+    if kind == "group-window":
+        if cfg.num_key_value_heads < 2:
+            return "the model has a single KV head per layer: no KV group to keep whole"
+        if not family.group_windows:
+            return f"windows per KV group are not served for {cfg.model_type!r} models"
     if kind == "share" and not family.kv_sharing:
         return f"cross-layer KV sharing is not served for {cfg.model_type!r} models"
     return None
@@ -100,12 +110,14 @@ def served_kinds(kinds: tuple[str, ...], cfg: Any) -> tuple[str, ...]:
 
 
 def parse_choice(text: str, cfg: Any) -> Choice:
-    """``keep``, ``dropK``, ``dropKlin``, ``linearR`` / ``linearfull``, ``remove``, ``winW``
-    -> ``Choice``."""
+    """``keep``, ``dropK``, ``dropKlin``, ``linearR`` / ``linearfull``, ``remove``, ``winW``,
+    ``winWkG..`` (KV groups ``G`` kept whole), ``shareJ`` -> ``Choice``."""
     t = text.strip().lower()
     kind = next((k for k, pre in (("droplin", "drop"), ("drop", "drop"), ("window", "win"),
                                   ("share", "share"))
                  if t.startswith(pre) and (k != "droplin" or t.endswith("lin"))), None)
+    if kind == "window" and "k" in t:
+        kind = "group-window"
     why = None if kind is None else unserved(kind, cfg)
     if why is not None:
         raise UserError(f"{text!r}: {why}")
@@ -118,6 +130,11 @@ def _parse_choice(text: str, cfg: Any) -> Choice:
         return Choice(t)
     if t.startswith("win") and t[3:].isdigit():
         return Choice("window", window=check_window(int(t[3:]), cfg))
+    if t.startswith("win") and "k" in t:
+        size, *groups = t[3:].split("k")
+        if size.isdigit() and groups and all(g.isdigit() for g in groups):
+            return Choice("window", window=check_window(int(size), cfg),
+                          full_groups=check_groups(text, [int(g) for g in groups], cfg))
     if t.startswith("share") and t[5:].isdigit():
         return Choice("share", target=int(t[5:]))
     lin = t.endswith("lin")
@@ -137,7 +154,8 @@ def _parse_choice(text: str, cfg: Any) -> Choice:
     raise UserError(f"unknown layer choice {text!r}: use keep, drop1..drop"
                     f"{cfg.num_key_value_heads - 1}, drop1lin..drop"
                     f"{cfg.num_key_value_heads - 1}lin, linearR (R in 1..{cfg.hidden_size}), "
-                    f"linearfull, remove, winW (a sliding window of W tokens) or shareJ "
+                    f"linearfull, remove, winW (a sliding window of W tokens), winWkG (the "
+                    f"window on every KV group but G, kept whole; kG repeats) or shareJ "
                     f"(layer J's keys and values)")
 
 
@@ -183,6 +201,16 @@ def check_share(j: int, choice: Choice, layout: dict[int, Choice], cfg: Any) -> 
                         f"{kind(its)}; a layer shares the KV cache of one of its own kind")
 
 
+def check_groups(text: str, groups: list[int], cfg: Any) -> tuple[int, ...]:
+    """The KV groups a ``winWkG`` choice keeps whole, sorted, if they are some but not all of
+    the layer's."""
+    kv = cfg.num_key_value_heads
+    if len(set(groups)) != len(groups) or max(groups) >= kv or len(groups) >= kv:
+        raise UserError(f"{text!r}: a layer has {kv} KV groups (0..{kv - 1}); keep some of "
+                        f"them whole, each once, and window the rest")
+    return tuple(sorted(groups))
+
+
 def check_window(window: int, cfg: Any) -> int:
     """``window`` if it is a usable sliding window for ``cfg`` (1 <= W < its context)."""
     context = int(cfg.max_position_embeddings)
@@ -213,7 +241,8 @@ def candidates(cfg: Any, ranks: list[int | None], kinds: tuple[str, ...] = KINDS
                shares: int = DEFAULT_SHARE_TARGETS) -> list[Choice]:
     """The candidate list of the given ``kinds`` (keep first): the same for every layer but
     ``shareJ``, listed for every target some layer is offered (``shares`` nearest of its
-    kind); ``unoffered_shares`` names the pairs a layer is not offered."""
+    kind); ``unoffered_shares`` names the pairs a layer is not offered. ``group-window``
+    offers every window with each single KV group kept whole (``winWkG``)."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise UserError(f"unknown candidate kind {unknown[0]!r}: use {', '.join(KINDS)}")
@@ -231,6 +260,9 @@ def candidates(cfg: Any, ranks: list[int | None], kinds: tuple[str, ...] = KINDS
         out.append(Choice("remove"))
     if "window" in kinds:
         out += [Choice("window", window=check_window(w, cfg)) for w in windows]
+    if "group-window" in kinds:
+        out += [Choice("window", window=check_window(w, cfg), full_groups=(g,))
+                for w in windows for g in range(cfg.num_key_value_heads)]
     if "share" in kinds:
         targets = {t for j in range(cfg.num_hidden_layers) for t in share_targets(cfg, j, shares)}
         out += [Choice("share", target=t) for t in sorted(targets)]

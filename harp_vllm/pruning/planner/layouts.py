@@ -40,7 +40,7 @@ def choice_module(model, j: int, choice: Choice, stats: PlanStats) -> nn.Module:
         return TokenLocalAttention(None, None, 1, head_dim(cfg), 0.0)
     if choice.kind == "window":
         assert choice.window is not None
-        return WindowedAttention(dense, choice.window)
+        return WindowedAttention(dense, choice.window, choice.full_groups)
     if choice.kind == "share":  # q/o refitted (share_fit.py), k/v are the target's
         assert choice.target is not None
         fit = stats.extra["share_fits"][share_key(j, choice.target)]
@@ -86,10 +86,10 @@ def installed(model, layout: dict[int, Choice], stats: PlanStats) -> Iterator[No
 def apply_layout(model, layout: dict[int, Choice], stats: PlanStats):
     """Give ``model`` the layout for good and return its ``PruningSpec`` (method ``plan``).
 
-    Removed layers are left to ``apply_pruning`` (alpha = 0), and windows (``windows`` in the
-    spec, hooked there); maps are installed; KV-group cuts carry FLAP's o_proj bias, so the
-    checkpoint is then a biased Llama: every layer that keeps its attention gets zero q/k/v/o
-    biases and ``attention_bias`` is set.
+    Removed layers are left to ``apply_pruning`` (alpha = 0), and windows (``windows`` and
+    ``group_windows`` in the spec, hooked there); maps are installed; KV-group cuts carry
+    FLAP's o_proj bias, so the checkpoint is then a biased Llama: every layer that keeps its
+    attention gets zero q/k/v/o biases and ``attention_bias`` is set.
     """
     cfg = model.config
     layers: Any = decoder_layers(model)
@@ -119,11 +119,14 @@ def apply_layout(model, layout: dict[int, Choice], stats: PlanStats):
                   "intermediate_size": [cfg.intermediate_size] * cfg.num_hidden_layers}
     removed = {j: 0.0 for j, c in layout.items() if c.kind == "remove"}
     windows = {j: int(c.window) for j, c in layout.items()
-               if c.kind == "window" and c.window is not None}
+               if c.kind == "window" and c.window is not None and not c.full_groups}
+    group_windows = {j: {"window": int(c.window), "full_groups": list(c.full_groups)}
+                     for j, c in layout.items()
+                     if c.kind == "window" and c.window is not None and c.full_groups}
     sharing = {j: int(c.target) for j, c in layout.items()
                if c.kind == "share" and c.target is not None}
     return PruningSpec(layers=removed, maps=maps, shapes=shapes, windows=windows,
-                       kv_sharing=sharing, method="plan")
+                       kv_sharing=sharing, group_windows=group_windows, method="plan")
 
 
 def layout_summary(cfg: Any, layout: dict[int, Choice], contexts=(4096, 7168),

@@ -14,7 +14,7 @@ from ...spec import PruningSpec
 from .fitted_maps import GroupMap, LinearAttention, attach_group_map, install_map
 from .model_layers import check_layers, decoder_layers
 from .shared_kv import SharedKVAttention, check_sharing_family, share_kv
-from .sliding_windows import attach_window
+from .sliding_windows import attach_group_window, attach_window
 from .token_local import prune_layers
 from .window_sinks import attach_sinks
 
@@ -44,6 +44,12 @@ def apply_pruning(model, spec: PruningSpec):
     for idx, w in spec.windows.items():
         windowed_layer: Any = decoder_layers(model)[idx]
         attach_window(windowed_layer.self_attn, w)
+    if spec.group_windows:
+        check_served(model.config, lambda f: f.group_windows, "windows per KV group are")
+    check_layers(model, spec.group_windows)
+    for idx, g in spec.group_windows.items():
+        attach_group_window(decoder_layers(model)[idx].self_attn, g["window"],
+                            g["full_groups"])
     if spec.sinks:
         check_served(model.config, lambda f: f.window_sinks, "window sinks are")
     for idx in spec.sinks:  # fitted sink logits already in place are kept
