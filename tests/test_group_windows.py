@@ -256,7 +256,13 @@ def test_plan_offers_group_windows_and_writes_a_checkpoint_that_computes_the_pla
                               atol=1e-5)
     for args, message in ((["--group-windows", "--kv-saving", "0.2"], "give --windows"),
                           (["--group-windows", "--windows", "16", "--layout", "1:win16k0"],
-                           "no --layout")):
+                           "no --layout"),
+                          (["--candidates", "linear", "--windows", "16", "--kv-saving", "0.2"],
+                           "--windows is given but --candidates 'linear' offers no window"),
+                          (["--candidates", "window", "--windows", "16", "--group-windows",
+                            "--kv-saving", "0.2"], "offers no group-window candidate"),
+                          (["--candidates", "window", "--windows", "16", "--share-targets", "1",
+                            "--kv-saving", "0.2"], "offers no share candidate")):
         res = runner.invoke(app, [*common, *args, "--out", str(tmp_path / "bad")])
         assert res.exit_code != 0 and message in res.output, res.output
         assert not (tmp_path / "bad").exists()

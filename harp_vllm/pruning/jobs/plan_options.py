@@ -174,6 +174,13 @@ def parse_kinds(opts: PlanOptions, cfg: Any) -> tuple[str, ...]:
     kinds = tuple(dict.fromkeys(k.strip() for k in opts.candidates.split(",") if k.strip()))
     if not kinds:
         raise UserError(f"--candidates is empty (give some of {', '.join(KINDS)})")
+    for given, option, needs in ((opts.windows, "--windows", ("window", "group-window")),
+                                 (opts.group_windows, "--group-windows", ("group-window",)),
+                                 (opts.share_targets, "--share-targets", ("share",))):
+        if given and not set(needs) & set(kinds):
+            raise UserError(f"{option} is given but --candidates {opts.candidates!r} offers "
+                            f"no {' or '.join(needs)} candidate: add it, or leave {option} "
+                            f"out")
     return kinds
 
 
