@@ -221,7 +221,8 @@ def _fit_window_sinks(s: Session, layout: dict[int, Choice]
     windows = {j: int(c.window) for j, c in layout.items()  # not the per-group ones
                if c.kind == "window" and c.window is not None and not c.full_groups}
     if not windows:
-        raise UserError("--window-sinks: the plan has no layer windowed whole")
+        raise UserError("--window-sinks: the plan has no windowed layer (whole: a window "
+                        "per KV group gets no sinks)")
     if s.long_windows is None:
         raise UserError("--window-sinks needs the long calibration windows (a plan with "
                         "windows)")
