@@ -15,8 +15,8 @@
 # the -hod ones also with the maps' damage measured out of sample (--held-out-damage);
 # splan50-hod is wplan50-hod with cross-layer KV sharing offered too (--share-targets 2);
 # wplan50s-hod is wplan50-hod with sink logits on its windows; wgplan50s-hod the same offered
-# windows that keep one KV group whole too (--group-windows), its best layouts re-scored with
-# the recall probe (weight 1).
+# windows of 2,048 that keep one KV group whole too (--group-windows 2048), its best layouts
+# re-scored with the recall probe (weight 1).
 # Resumable: checkpoints and per-model runs (out/quality-$PRESET/runs) are reused.
 #   bash benchmarks/quality_smollm2.sh            # PRESET=quick (default) or full
 #   MODELS="plan27 plan27-mix lin8" bash benchmarks/quality_smollm2.sh   # a subset
@@ -73,7 +73,7 @@ build() {
     wplan50s-hod) run $H plan smollm2-135m --out "$out" --kv-saving 0.50 --windows "$WINDOWS" \
       --top-k 4 --window-sinks --ridge held-out --held-out-damage ;;
     wgplan50s-hod) run $H plan smollm2-135m --out "$out" --kv-saving 0.50 --windows "$WINDOWS" \
-      --group-windows --top-k 4 --window-sinks --ridge held-out --held-out-damage \
+      --group-windows 2048 --top-k 4 --window-sinks --ridge held-out --held-out-damage \
       --recall-probe 1 ;;
     splan50-hod) run $H plan smollm2-135m --out "$out" --kv-saving 0.50 --windows "$WINDOWS" \
       --share-targets 2 --top-k 4 --ridge held-out --held-out-damage ;;

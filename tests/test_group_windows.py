@@ -223,6 +223,9 @@ def test_group_window_choices_parse_and_price():
             parse_layout(bad, SMOL)
     names = [c.name for c in candidates(SMOL, [None], ("window", "group-window"), (256,))]
     assert names == ["keep", "win256", "win256k0", "win256k1", "win256k2"]
+    names = [c.name for c in candidates(SMOL, [None], ("window", "group-window"), (256, 512),
+                                        group_sizes=(2048,))]
+    assert names == ["keep", "win256", "win512", "win2048k0", "win2048k1", "win2048k2"]
 
 
 def test_plan_offers_group_windows_and_writes_a_checkpoint_that_computes_the_plan(
@@ -236,7 +239,8 @@ def test_plan_offers_group_windows_and_writes_a_checkpoint_that_computes_the_pla
               "8", "--calib-seq-len", "32", "--positions", "16", "--eval-windows", "0",
               "--long-positions", "64", "--long-seq-len", "256", "--context", "2048"]
     res = runner.invoke(app, [*common, "--top-k", "2", "--candidates", "group-window",
-                              "--windows", "16,48", "--kv-saving", "0.25", "--out", str(out)])
+                              "--group-windows", "16,48", "--kv-saving", "0.25", "--out",
+                              str(out)])
     assert res.exit_code == 0, res.output
     plan = json.loads((out / "plan.json").read_text())
     section = json.loads((out / "config.json").read_text())["harp_pruning"]
@@ -254,13 +258,14 @@ def test_plan_offers_group_windows_and_writes_a_checkpoint_that_computes_the_pla
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=ids).logits, dense(input_ids=ids).logits,
                               atol=1e-5)
-    for args, message in ((["--group-windows", "--kv-saving", "0.2"], "give --windows"),
-                          (["--group-windows", "--windows", "16", "--layout", "1:win16k0"],
-                           "no --layout"),
+    for args, message in ((["--group-windows", "16,x", "--kv-saving", "0.2"],
+                           "--group-windows must be a comma list of token counts"),
+                          (["--group-windows", "16", "--layout", "1:win16k0"],
+                           "with --layout name them in the layout"),
                           (["--candidates", "linear", "--windows", "16", "--kv-saving", "0.2"],
                            "--windows is given but --candidates 'linear' offers no window"),
                           (["--candidates", "window", "--windows", "16", "--group-windows",
-                            "--kv-saving", "0.2"], "offers no group-window candidate"),
+                            "16", "--kv-saving", "0.2"], "offers no group-window candidate"),
                           (["--candidates", "window", "--windows", "16", "--share-targets", "1",
                             "--kv-saving", "0.2"], "offers no share candidate")):
         res = runner.invoke(app, [*common, *args, "--out", str(tmp_path / "bad")])

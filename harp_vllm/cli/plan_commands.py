@@ -44,7 +44,8 @@ def register(app: typer.Typer) -> None:
             help="candidate kinds offered per layer: drop (FLAP KV-group cuts), droplin (KV "
                  "groups cut, a fitted map in their place), linear (maps), remove, window "
                  "(sliding-window attention, sizes from --windows), group-window (the same "
-                 "with one KV group kept whole), share (cross-layer KV "
+                 "with one KV group kept whole, sizes from --group-windows, else "
+                 "--windows), share (cross-layer KV "
                  "sharing, targets from --share-targets); default droplin,linear,remove (+ "
                  "window with --windows, share with --share-targets), and drop with "
                  "--speedup")] = None,
@@ -55,10 +56,10 @@ def register(app: typer.Typer) -> None:
         windows: Annotated[str | None, typer.Option(
             help="offer sliding windows of these sizes (tokens), e.g. 512,1024,2048: each "
                  "candidate is then priced on --long-seq-len windows")] = None,
-        group_windows: Annotated[bool, typer.Option(
-            help="with --windows: also offer each window on all KV groups of a layer but "
-                 "one, kept whole (winWkG: DuoAttention's retrieval heads per KV group; "
-                 "Llama family)")] = False,
+        group_windows: Annotated[str | None, typer.Option(
+            help="offer windows of these sizes (tokens, e.g. 2048) on all KV groups of a "
+                 "layer but one, kept whole (winWkG, each group in turn: DuoAttention's "
+                 "retrieval heads per KV group; Llama family)")] = None,
         window_sinks: Annotated[bool, typer.Option(
             help="give every windowed layer of the plan per-head sink logits (vLLM's sinks), "
                  "fitted in closed form on the first long window, in place of the first "

@@ -37,8 +37,8 @@ class PlanOptions:
     candidates: str | None = None  # kinds offered; None: see default_kinds
     windows: str | None = None  # sliding windows offered (tokens, comma list): adds "window"
     share_targets: int | None = None  # offer shareJ, each layer's nearest J: adds "share"
-    group_windows: bool = False  # offer each window with one KV group kept whole: adds
-    # "group-window" (winWkG)
+    group_windows: str | None = None  # windows offered with one KV group kept whole
+    # (tokens, comma list): adds "group-window" (winWkG)
     window_sinks: bool = False  # the plan's windowed layers get fitted sink logits
     sink_offset: float | None = None  # subtracted from each fitted logit (None: the default)
     sink_max_short_kl: float | None = None  # a layer's sink's short-context cost cap (None:
@@ -136,9 +136,9 @@ def check_options(opts: PlanOptions) -> None:
     if opts.share_targets is not None and opts.share_targets < 1:
         raise UserError(f"--share-targets must be >= 1 (earlier layers offered to each layer), "
                         f"got {opts.share_targets}")
-    if opts.group_windows and (opts.layout or opts.windows is None):
-        raise UserError("--group-windows offers the --windows sizes with one KV group kept "
-                        "whole: give --windows (and no --layout: name winWkG there)")
+    if opts.group_windows is not None and opts.layout:
+        raise UserError("--group-windows offers windows to the solver; with --layout name "
+                        "them in the layout (winWkG)")
     if opts.share_targets is not None and opts.layout:
         raise UserError("--share-targets offers sharing to the solver; a --layout names its "
                         "sharing layers itself (e.g. 14:share12)")
@@ -189,16 +189,20 @@ def share_count(opts: PlanOptions) -> int:
     return DEFAULT_SHARE_TARGETS if opts.share_targets is None else opts.share_targets
 
 
-def parse_windows(opts: PlanOptions, cfg: Any) -> tuple[int, ...]:
-    if opts.windows is None:
-        return DEFAULT_WINDOWS
+def parse_windows(opts: PlanOptions, cfg: Any, option: str = "--windows"
+                  ) -> tuple[int, ...]:
+    """The window sizes of ``--windows`` (default ``DEFAULT_WINDOWS``) or, with ``option``
+    ``--group-windows``, of that option (default: the ``--windows`` ones)."""
+    text = opts.windows if option == "--windows" else opts.group_windows
+    if text is None:
+        return parse_windows(opts, cfg) if option != "--windows" else DEFAULT_WINDOWS
     try:
-        sizes = tuple(dict.fromkeys(int(t) for t in opts.windows.split(",") if t.strip()))
+        sizes = tuple(dict.fromkeys(int(t) for t in text.split(",") if t.strip()))
     except ValueError:
-        raise UserError(f"--windows must be a comma list of token counts, got "
-                        f"{opts.windows!r}") from None
+        raise UserError(f"{option} must be a comma list of token counts, got "
+                        f"{text!r}") from None
     if not sizes:
-        raise UserError("--windows is empty (give e.g. 512,1024,2048)")
+        raise UserError(f"{option} is empty (give e.g. 512,1024,2048)")
     return tuple(check_window(w, cfg) for w in sizes)
 
 

@@ -126,7 +126,8 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
             probe_src, long_windows = long_windows[n_long:], long_windows[:n_long]
     rescore = windows[opts.calib_samples:]
     windows = windows[:opts.calib_samples]
-    choices = candidates(cfg, ranks, kinds, parse_windows(opts, cfg), share_count(opts))
+    choices = candidates(cfg, ranks, kinds, parse_windows(opts, cfg), share_count(opts),
+                         parse_windows(opts, cfg, "--group-windows"))
     if layout is not None:  # an explicit layout needs only its own choices' statistics
         choices = [KEEP, *dict.fromkeys(layout.values())]
         ranks = list(dict.fromkeys(c.rank for c in choices if c.kind == "linear")) or ranks

@@ -238,11 +238,13 @@ def unoffered_shares(cfg: Any, choices: list[Choice], count: int
 
 def candidates(cfg: Any, ranks: list[int | None], kinds: tuple[str, ...] = KINDS[:4],
                windows: tuple[int, ...] = DEFAULT_WINDOWS,
-               shares: int = DEFAULT_SHARE_TARGETS) -> list[Choice]:
+               shares: int = DEFAULT_SHARE_TARGETS,
+               group_sizes: tuple[int, ...] | None = None) -> list[Choice]:
     """The candidate list of the given ``kinds`` (keep first): the same for every layer but
     ``shareJ``, listed for every target some layer is offered (``shares`` nearest of its
     kind); ``unoffered_shares`` names the pairs a layer is not offered. ``group-window``
-    offers every window with each single KV group kept whole (``winWkG``)."""
+    offers each window of ``group_sizes`` (default ``windows``) with each single KV group kept
+    whole (``winWkG``)."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise UserError(f"unknown candidate kind {unknown[0]!r}: use {', '.join(KINDS)}")
@@ -262,7 +264,8 @@ def candidates(cfg: Any, ranks: list[int | None], kinds: tuple[str, ...] = KINDS
         out += [Choice("window", window=check_window(w, cfg)) for w in windows]
     if "group-window" in kinds:
         out += [Choice("window", window=check_window(w, cfg), full_groups=(g,))
-                for w in windows for g in range(cfg.num_key_value_heads)]
+                for w in (windows if group_sizes is None else group_sizes)
+                for g in range(cfg.num_key_value_heads)]
     if "share" in kinds:
         targets = {t for j in range(cfg.num_hidden_layers) for t in share_targets(cfg, j, shares)}
         out += [Choice("share", target=t) for t in sorted(targets)]

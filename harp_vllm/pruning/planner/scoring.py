@@ -116,6 +116,8 @@ def ensure_statistics(model, windows: torch.Tensor, settings: dict, choices: lis
     scorer = stats if fits is None else replace(stats, maps=fits["maps"],
                                                 group_fits=fits["group_fits"])
     score_candidates(model, scorer, rec, short, progress, stats.damage, skip)
+    if cache is not None and sum(len(v) for v in stats.damage.values()) > before:
+        stats.save(cache)  # kept if the long windows' scoring is stopped
     windowed = [c for c in choices if c.kind == "window"]
     if windowed and long_windows is not None and long is not None:
         store = stats.extra.setdefault("long_damage", {}).setdefault(long_key(long), {})
