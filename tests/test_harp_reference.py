@@ -154,7 +154,8 @@ def test_unsupported_family_is_rejected(tmp_path):
 
 @pytest.mark.parametrize(
     ("section", "message"),
-    [("oops", "must be an object"), ({"version": 6, "layers": {}}, "reads versions 1, 2, 3, 4, 5"),
+    [("oops", "must be an object"), ({"version": 7, "layers": {}},
+      "reads versions 1, 2, 3, 4, 5, 6"),
      ({"version": 1}, "layers' must be an object"),
      ({"version": 1, "layers": {"x": 1}}, "non-integer layer index"),
      ({"version": 1, "layers": {"1": "big"}}, "alpha must be a number"),

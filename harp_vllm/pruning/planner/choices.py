@@ -182,7 +182,7 @@ def parse_layout(text: str, cfg: Any) -> dict[int, Choice]:
 
 def check_share(j: int, choice: Choice, layout: dict[int, Choice], cfg: Any) -> None:
     """Layer ``j`` may share its target's KV cache: an earlier layer kept whole (the spec's
-    rules, ``spec._check_sharing``, for what a layout can make of a layer)."""
+    rules, ``spec_parts._check_sharing``, for what a layout can make of a layer)."""
     t = choice.target
     assert t is not None
     if not 0 <= t < j:
