@@ -33,14 +33,20 @@ def _layer_index(key: Any, where: str, num_layers: int | None) -> int:
     return idx
 
 
+def _needs_version(where: str, version: int, need: int) -> None:
+    """UserError unless the section's ``version`` is at least ``need`` (the part ``where``
+    came with it)."""
+    if version < need:
+        raise UserError(f"{where} needs '{CONFIG_KEY}.version' {need}, the file says {version}")
+
+
 def _parse_maps(raw: Any, layers: dict[int, float], num_layers: int | None, version: int
                 ) -> dict[int, dict[str, Any]]:
     """Validate the optional linear-map layers: index -> {"input": ..., "rank": int | None}."""
     if raw is None:
         return {}
     where = f"'{CONFIG_KEY}.maps'"
-    if version < 2:
-        raise UserError(f"{where} needs '{CONFIG_KEY}.version' 2, the file says {version}")
+    _needs_version(where, version, 2)
     if not isinstance(raw, dict):
         raise UserError(f"{where} must be an object mapping layer index to a map description")
     maps: dict[int, dict[str, Any]] = {}
@@ -77,9 +83,7 @@ def _parse_windows(raw: Any, layers: dict[int, float], maps: dict[int, dict[str,
     if raw is None:
         return {}
     where = f"'{CONFIG_KEY}.windows'"
-    if version < WINDOWS_VERSION:
-        raise UserError(f"{where} needs '{CONFIG_KEY}.version' {WINDOWS_VERSION}, the file says "
-                        f"{version}")
+    _needs_version(where, version, WINDOWS_VERSION)
     if not isinstance(raw, dict):
         raise UserError(f"{where} must be an object mapping layer index to a window in tokens")
     windows: dict[int, int] = {}
@@ -99,9 +103,7 @@ def _parse_sinks(raw: Any, spec: PruningSpec, num_layers: int | None) -> list[in
     if raw is None:
         return []
     where = f"'{CONFIG_KEY}.sinks'"
-    if spec.version < SINKS_VERSION:
-        raise UserError(f"{where} needs '{CONFIG_KEY}.version' {SINKS_VERSION}, the file says "
-                        f"{spec.version}")
+    _needs_version(where, spec.version, SINKS_VERSION)
     if not isinstance(raw, list):
         raise UserError(f"{where} must be a list of windowed layers' indices")
     sinks = [_layer_index(k, where, num_layers) for k in raw]
@@ -118,9 +120,7 @@ def _parse_group_windows(raw: Any, spec: PruningSpec, num_layers: int | None
     if raw is None:
         return {}
     where = f"'{CONFIG_KEY}.group_windows'"
-    if spec.version < GROUP_WINDOWS_VERSION:
-        raise UserError(f"{where} needs '{CONFIG_KEY}.version' {GROUP_WINDOWS_VERSION}, the "
-                        f"file says {spec.version}")
+    _needs_version(where, spec.version, GROUP_WINDOWS_VERSION)
     if not isinstance(raw, dict):
         raise UserError(f"{where} must be an object mapping layer index to {{\"window\": W, "
                         f"\"full_groups\": [...]}}")
@@ -168,9 +168,7 @@ def _parse_sharing(raw: Any, spec: PruningSpec, num_layers: int | None) -> dict[
     if raw is None:
         return {}
     where = f"'{CONFIG_KEY}.kv_sharing'"
-    if spec.version < SHARING_VERSION:
-        raise UserError(f"{where} needs '{CONFIG_KEY}.version' {SHARING_VERSION}, the file "
-                        f"says {spec.version}")
+    _needs_version(where, spec.version, SHARING_VERSION)
     if not isinstance(raw, dict):
         raise UserError(f"{where} must be an object mapping layer index to the earlier layer "
                         f"whose KV cache it reads")

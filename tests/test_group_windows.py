@@ -11,9 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import greedy_without_cache
 from test_plan import _calib
-from test_windows import SMOL
+from test_windows import SMOL, generates_like_without_cache
 from typer.testing import CliRunner
 
 from harp_vllm.cli import app
@@ -156,16 +155,9 @@ def test_group_windowed_heads_are_the_dense_ones_and_the_windowed_ones(tiny_llam
 
 
 def test_group_windowed_reference_generates_with_a_kv_cache_like_without(tiny_llama, tmp_path):
-    from harp_vllm.pruning.jobs.checkpoint import save_pruned
-
     spec = PruningSpec(layers={}, group_windows={0: {"window": 5, "full_groups": [0]},
                                                  3: {"window": 9, "full_groups": [1]}})
-    model = load_model(save_pruned(load_model(tiny_llama), spec, tiny_llama, tmp_path / "gw"))
-    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        cached = model.generate(ids, max_new_tokens=10, do_sample=False)
-        seq = greedy_without_cache(model, ids, 10)
-    assert cached.tolist() == seq.tolist()
+    generates_like_without_cache(tiny_llama, tmp_path, spec)
 
 
 # ---------------------------------------------------------------------------- the cost model

@@ -100,11 +100,16 @@ def test_windowed_reference_limits_context_and_a_window_of_one_is_the_token_loca
 
 
 def test_windowed_reference_generates_with_a_kv_cache_like_without(tiny_llama, tmp_path):
+    generates_like_without_cache(tiny_llama, tmp_path,
+                                 PruningSpec(layers={}, windows={0: 5, 3: 9}))
+
+
+def generates_like_without_cache(src: Path, tmp_path: Path, spec: PruningSpec) -> None:
+    """``src`` saved with ``spec`` and reloaded generates 10 greedy tokens past a 12-token
+    prompt (longer than the test windows) with HF's KV cache as without one."""
     from harp_vllm.pruning.jobs.checkpoint import save_pruned
 
-    out = save_pruned(load_model(tiny_llama), PruningSpec(layers={}, windows={0: 5, 3: 9}),
-                      tiny_llama, tmp_path / "win")
-    model = load_model(out)
+    model = load_model(save_pruned(load_model(src), spec, src, tmp_path / "saved"))
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         cached = model.generate(ids, max_new_tokens=10, do_sample=False)

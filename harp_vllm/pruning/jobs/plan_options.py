@@ -194,8 +194,10 @@ def parse_windows(opts: PlanOptions, cfg: Any, option: str = "--windows"
     """The window sizes of ``--windows`` (default ``DEFAULT_WINDOWS``) or, with ``option``
     ``--group-windows``, of that option (default: the ``--windows`` ones)."""
     text = opts.windows if option == "--windows" else opts.group_windows
+    if text is None and option != "--windows":
+        return parse_windows(opts, cfg)
     if text is None:
-        return parse_windows(opts, cfg) if option != "--windows" else DEFAULT_WINDOWS
+        return DEFAULT_WINDOWS
     try:
         sizes = tuple(dict.fromkeys(int(t) for t in text.split(",") if t.strip()))
     except ValueError:
