@@ -16,7 +16,9 @@
 # splan50-hod is wplan50-hod with cross-layer KV sharing offered too (--share-targets 2);
 # wplan50s-hod is wplan50-hod with sink logits on its windows; wgplan50s-hod the same offered
 # windows of 2,048 that keep one KV group whole too (--group-windows 2048), its best layouts
-# re-scored with the recall probe (weight 1).
+# re-scored with the recall probe (weight 1); rplan50s-hod the same planned once per
+# retrieval floor (--retrieval-floor 0.3,0.6,0.9: each layout keeps that fraction of the
+# probe's retrieval mass), the best re-scored wins.
 # Resumable: checkpoints and per-model runs (out/quality-$PRESET/runs) are reused.
 #   bash benchmarks/quality_smollm2.sh            # PRESET=quick (default) or full
 #   MODELS="plan27 plan27-mix lin8" bash benchmarks/quality_smollm2.sh   # a subset
@@ -75,6 +77,9 @@ build() {
     wgplan50s-hod) run $H plan smollm2-135m --out "$out" --kv-saving 0.50 --windows "$WINDOWS" \
       --group-windows 2048 --top-k 4 --window-sinks --ridge held-out --held-out-damage \
       --recall-probe 1 ;;
+    rplan50s-hod) run $H plan smollm2-135m --out "$out" --kv-saving 0.50 --windows "$WINDOWS" \
+      --group-windows 2048 --top-k 1 --window-sinks --ridge held-out --held-out-damage \
+      --recall-probe 1 --retrieval-floor 0.3,0.6,0.9 ;;
     splan50-hod) run $H plan smollm2-135m --out "$out" --kv-saving 0.50 --windows "$WINDOWS" \
       --share-targets 2 --top-k 4 --ridge held-out --held-out-damage ;;
     *) echo "unknown model $1" >&2; exit 2 ;;

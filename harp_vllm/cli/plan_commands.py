@@ -99,6 +99,15 @@ def register(app: typer.Typer) -> None:
                  "tokens (text that says the same thing again and again)")] = 24,
         recall_windows: Annotated[int, typer.Option(
             help="with --recall-probe: probe windows")] = 2,
+        probe_prices: Annotated[bool, typer.Option(
+            help="with --recall-probe: each candidate's price is its text damage plus the "
+                 "weight times its damage on the probe, measured for the candidates the "
+                 "solver takes until its layout is priced throughout (cached)")] = False,
+        retrieval_floor: Annotated[str | None, typer.Option(
+            help="with --recall-probe: plan once per fraction (comma list, e.g. 0,0.5,0.8), "
+                 "each layout keeping at least that fraction of the dense model's retrieval "
+                 "mass (the attention the probe's answers pay to keys beyond the largest "
+                 "window, per KV group); the best measured plan wins")] = None,
         calib_file: Annotated[Path | None, typer.Option(
             help="calibrate on a text file (default: WikiText-2 validation)")] = None,
         calib_mix: Annotated[str | None, typer.Option(
@@ -170,7 +179,8 @@ def register(app: typer.Typer) -> None:
                 long_damage_windows=long_damage_windows,
                 long_rescore_windows=long_rescore_windows, long_positions=long_positions,
                 recall_probe=recall_probe, recall_repeat=recall_repeat,
-                recall_windows=recall_windows,
+                recall_windows=recall_windows, probe_prices=probe_prices,
+                retrieval_floor=retrieval_floor,
                 calib_samples=calib_samples,
                 calib_seq_len=calib_seq_len, damage_windows=damage_windows,
                 rescore_windows=rescore_windows, held_out_damage=held_out_damage,

@@ -14,8 +14,10 @@ from ...evaluation.perplexity import evaluate_perplexity
 from ..calibration.damage import objective
 from ..planner.choices import KEEP, Choice, parse_layout, share_targets
 from ..planner.layouts import apply_layout, installed, layout_summary, layout_text
+from ..planner.probe_prices import price_lazily, probe_key
+from ..planner.retrieval import RetrievalFloor, group_retrieval, layout_mass, retrieval_floor
 from ..planner.scoring import layout_kl, layout_kl_parts
-from ..planner.solve import Budget, plan_layout, served_block
+from ..planner.solve import Budget, plan_layout, served_block, solver
 from ..planner.statistics import share_key
 from ..reference.window_sinks import (
     DEFAULT_SINK_OFFSET,
@@ -30,7 +32,7 @@ from ..reference.window_sinks import (
     sinks_added,
 )
 from .checkpoint import check_output_dir, save_pruned
-from .plan_options import PlanOptions, share_count
+from .plan_options import PlanOptions, parse_floors, share_count
 from .plan_session import Session, open_session
 
 
@@ -53,14 +55,81 @@ def _ppl(s: Session, layout: dict[int, Choice], progress: bool) -> float | None:
 def plan_budget(s: Session, budget: Budget, progress: bool = True,
                 forbidden: frozenset[tuple[int, str]] = frozenset()) -> dict:
     """Plan one budget and measure it; the plan record (no checkpoint written).
-    ``forbidden``: (layer, choice name) pairs the solver does not offer."""
+    ``forbidden``: (layer, choice name) pairs the solver does not offer. With
+    ``--retrieval-floor`` one plan per floor, the best measured of all wins."""
     t0 = time.perf_counter()
-    found = plan_layout(s.model, s.stats, s.held_out, s.choices, budget, s.opts.top_k,
-                        s.opts.rounds, progress, forbidden | s.unoffered)
-    solve_seconds = time.perf_counter() - t0
+    forbidden = forbidden | s.unoffered
+    mass = _retrieval_mass(s) if s.opts.retrieval_floor else None
+    runs: list[tuple[float | None, Any, dict]] = []
+    fractions: list[float | None] = [*parse_floors(s.opts)] or [None]
+    for fraction in fractions:
+        floor = (None if fraction is None or mass is None
+                 else retrieval_floor(mass, s.choices, s.stats, fraction))
+        prices: dict | None = None
+        pricing: dict = {}
+        if s.opts.probe_prices:
+            prices, pricing = _probe_prices(s, budget, forbidden, floor, progress)
+        try:
+            found = plan_layout(s.model, s.stats, s.held_out, s.choices, budget,
+                                s.opts.top_k, s.opts.rounds, progress, forbidden, prices,
+                                floor)
+        except UserError:
+            if floor is None:
+                raise
+            runs.append((fraction, None, {}))  # no layout keeps that much at this budget
+            continue
+        runs.append((fraction, found, pricing))
+    done = [r for r in runs if r[1] is not None]
+    if not done:
+        raise UserError(f"no layout meets the budget and any of the retrieval floors "
+                        f"{s.opts.retrieval_floor}")
+    chosen, found, pricing = min(done, key=lambda r: r[1].measured_kl)
+    extra: dict[str, Any] = dict(pricing)
+    tried = [{**t, **({"floor": f} if f is not None else {})}
+             for f, fd, _ in done for t in fd.tried]
+    if mass is not None:
+        extra["retrieval_floor"] = {
+            "chosen": chosen, "beyond": _beyond(s),
+            "plans": {str(f): None if fd is None else {
+                "layout": layout_text(fd.layout), "measured_kl": round(fd.measured_kl, 5),
+                "kept": round(layout_mass(fd.layout, mass, s.stats), 4)} for f, fd, _ in runs},
+            "mass": [[round(float(x), 5) for x in row] for row in mass]}
     return _record(s, found.layout, progress, budget=budget,
-                   measured_kl=round(found.measured_kl, 5), tried=found.tried,
-                   solve_seconds=round(solve_seconds, 2))
+                   measured_kl=round(found.measured_kl, 5), tried=tried,
+                   solve_seconds=round(time.perf_counter() - t0, 2), **extra)
+
+
+def _beyond(s: Session) -> int:
+    """The distance the retrieval mass is counted beyond: the largest window offered."""
+    sizes = [c.window for c in s.choices if c.kind == "window" and c.window is not None]
+    return max(sizes) if sizes else s.context // 4
+
+
+def _retrieval_mass(s: Session) -> Any:
+    """Each layer's and KV group's retrieval mass on the recall probe (``retrieval.py``)."""
+    assert s.probe is not None
+    return group_retrieval(s.model, s.probe, _beyond(s))
+
+
+def _probe_prices(s: Session, budget: Budget, forbidden: frozenset[tuple[int, str]],
+                  floor: RetrievalFloor | None, progress: bool) -> tuple[dict, dict]:
+    """``--probe-prices``: the per-layer prices with the recall probe's damage, measured
+    lazily (``probe_prices.py``) and cached with the statistics; and their record."""
+    assert s.probe is not None and s.probe_settings is not None
+    store = s.stats.extra.setdefault("probe_damage", {}).setdefault(
+        probe_key(s.probe_settings), {})
+    solve = solver(budget)
+
+    def best(prices: dict) -> dict[int, Choice]:
+        return solve(s.cfg, prices, s.choices, budget, 1, forbidden, floor)[0][0]
+
+    def save() -> None:
+        if s.cache is not None:
+            s.stats.save(s.cache)
+
+    prices, pricing = price_lazily(s.model, s.stats, s.probe, s.opts.recall_probe,
+                                   store, best, save, progress)
+    return prices, {"probe_prices": pricing.report()}
 
 
 def _record(s: Session, layout: dict[int, Choice], progress: bool, budget: Budget | None,
@@ -110,7 +179,11 @@ def _settings_record(s: Session) -> dict:
             **({"map_ridges": s.stats.extra["ridges"]} if "ridges" in s.stats.extra else {}),
             **({"long": s.long} if s.long else {}),
             **({"recall_probe": {"weight": o.recall_probe, "repeat": o.recall_repeat,
-                                 "windows": o.recall_windows}} if o.recall_probe else {}),
+                                 "windows": o.recall_windows,
+                                 **({"in_prices": True} if o.probe_prices else {}),
+                                 **({"retrieval_floors": parse_floors(o)}
+                                    if o.retrieval_floor else {})}}
+               if o.recall_probe else {}),
             **({"window_sinks": True} if o.window_sinks else {}),
             **({"sink_offset": o.sink_offset} if o.sink_offset is not None else {}),
             **({"sink_max_short_kl": o.sink_max_short_kl}

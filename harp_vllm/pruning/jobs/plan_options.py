@@ -51,6 +51,8 @@ class PlanOptions:
     recall_probe: float = 0.0  # weight of the recall probe's KL in the layouts' re-scoring
     recall_repeat: int = 24  # the repetitive probe window's period (tokens)
     recall_windows: int = 2  # probe windows (every odd one repetitive)
+    probe_prices: bool = False  # the probe's damage in the per-layer prices (lazily measured)
+    retrieval_floor: str | None = None  # comma list of fractions of the retrieval mass kept
     calib_file: Path | None = None
     calib_mix: str | None = None  # comma list of domains: windows from each one's dev part
     calib_self: bool = False  # calibrate on text sampled from the dense model itself
@@ -112,6 +114,20 @@ def check_options(opts: PlanOptions) -> None:
     if opts.recall_probe and opts.long_rescore_windows < 1:
         raise UserError("--recall-probe is scored beside the long re-scoring windows: give "
                         "--long-rescore-windows >= 1")
+    if opts.probe_prices and not opts.recall_probe:
+        raise UserError("--probe-prices adds the recall probe's damage to the per-layer "
+                        "prices: give --recall-probe WEIGHT too")
+    if opts.retrieval_floor is not None:
+        if not opts.recall_probe:
+            raise UserError("--retrieval-floor measures the retrieval mass on the recall "
+                            "probe: give --recall-probe WEIGHT too")
+        if opts.layout:
+            raise UserError("--retrieval-floor constrains the solver: it applies to "
+                            "--kv-saving or --frontier, not to a given --layout")
+        parse_floors(opts)
+    if opts.probe_prices and opts.layout:
+        raise UserError("--probe-prices prices the solver's candidates: it applies to "
+                        "--kv-saving or --frontier, not to a given --layout")
     if opts.recall_probe and opts.calib_mix is not None:
         raise UserError("--recall-probe plants its facts in long windows of the calibration "
                         "text; with --calib-mix those windows are the domains' tails, which "
@@ -182,6 +198,21 @@ def parse_kinds(opts: PlanOptions, cfg: Any) -> tuple[str, ...]:
                             f"no {' or '.join(needs)} candidate: add it, or leave {option} "
                             f"out")
     return kinds
+
+
+def parse_floors(opts: PlanOptions) -> list[float]:
+    """``--retrieval-floor``'s fractions (each in [0, 1)), or none."""
+    if opts.retrieval_floor is None:
+        return []
+    try:
+        floors = [float(t) for t in opts.retrieval_floor.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--retrieval-floor must be a comma list of fractions, got "
+                        f"{opts.retrieval_floor!r}") from None
+    if not floors or not all(0 <= f < 1 for f in floors):
+        raise UserError(f"--retrieval-floor: each fraction must be in [0, 1), got "
+                        f"{opts.retrieval_floor!r}")
+    return list(dict.fromkeys(floors))
 
 
 def share_count(opts: PlanOptions) -> int:

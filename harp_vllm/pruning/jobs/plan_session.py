@@ -58,6 +58,8 @@ class Session:
     long_windows: Any = None  # the long windows' token ids (damage windows first)
     damage_windows: Any = None  # the short calibration windows damage is measured on
     sink_cost: Any = None  # window sinks' short-prompt cost (``short_cost``), built once
+    probe: Any = None  # the recall probe's record alone, weight 1 (``--recall-probe``)
+    probe_settings: dict | None = None  # what its windows are (the probe prices' cache key)
     # (layer, shareJ) pairs a layer is not offered (all but its nearest targets of its kind)
     unoffered: frozenset[tuple[int, str]] = frozenset()
 
@@ -160,12 +162,17 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
         held_out = record_dense(model, rescore,
                                 list(range(cfg.num_hidden_layers)),
                                 positions=opts.calib_seq_len, seed=opts.seed)
+    probe = probe_settings = None
     if n_probe:  # facts planted early in the probe windows, recalled at their end
         ids, picks = recall_windows(tok, probe_src, seed=opts.seed, repeat=opts.recall_repeat)
         probe = record_dense(model, ids, list(range(cfg.num_hidden_layers)), batch=1,
                              picks=picks)
+        probe.groups, probe.weights = ["probe"] * len(probe.picks), {"probe": 1.0}
         held_out = merge_records(held_out, probe, opts.recall_probe)
+        probe_settings = {"seq_len": long_len, "windows": n_probe, "after_long": n_long,
+                          "repeat": opts.recall_repeat, "seed": opts.seed}
     eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
     return Session(opts, src, cfg, tok, model, stats, rec, held_out, choices, cache, eval_text,
                    time.perf_counter() - t0, context, long, long_windows,
-                   windows[:opts.damage_windows], unoffered=unoffered)
+                   windows[:opts.damage_windows], unoffered=unoffered, probe=probe,
+                   probe_settings=probe_settings)

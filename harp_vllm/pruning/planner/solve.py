@@ -14,6 +14,7 @@ from .. import costs
 from ..calibration.damage import DenseRecord, objective
 from .choices import KEEP, Choice
 from .layouts import layout_text
+from .retrieval import RetrievalFloor
 from .scoring import layout_kl, layout_kl_parts
 from .statistics import PlanStats
 
@@ -30,11 +31,13 @@ class Budget:
 
 def solve_layouts(cfg: Any, damage: dict[int, dict[str, float]], choices: list[Choice],
                   budget: Budget, count: int = 1,
-                  forbidden: frozenset[tuple[int, str]] = frozenset()
+                  forbidden: frozenset[tuple[int, str]] = frozenset(),
+                  floor: RetrievalFloor | None = None
                   ) -> list[tuple[dict[int, Choice], float]]:
     """The ``count`` best layouts by summed damage under ``budget`` (multiple-choice knapsack,
     exact MILP by HiGHS; each next layout is excluded from the following solves by a no-good
-    cut). A candidate another one of its layer beats on every budgeted cost and on damage is
+    cut), each keeping at least ``floor``'s retrieval mass if given. A candidate another one of
+    its layer beats on every budgeted cost, on damage (and on retrieval mass kept) is
     left out (a full-rank map that costs less damage than the rank-192 one, under a KV budget
     alone), so the next-best layouts differ in substance. Returns (layout without the kept
     layers, predicted damage)."""
@@ -67,6 +70,12 @@ def solve_layouts(cfg: Any, damage: dict[int, dict[str, float]], choices: list[C
         lo.append([-np.inf])
         hi.append([limit - head])
     budgeted = [kv] + ([macs] if budget.speedup is not None else [])
+    if floor is not None:  # the layout keeps enough retrieval mass (retrieval.py)
+        kept = np.array([floor.kept[j][c.name] for j in range(n_layers) for c in choices])
+        rows.append(kept[None])
+        lo.append([floor.minimum - 1e-9])
+        hi.append([np.inf])
+        budgeted.append(-kept)  # more kept is better
     # a sharing layer's target keeps its attention whole: x[i, shareT] <= x[T, keep] (so
     # no chain either: a target that shares is not kept)
     keep_at = choices.index(KEEP)
@@ -89,7 +98,9 @@ def solve_layouts(cfg: Any, damage: dict[int, dict[str, float]], choices: list[C
         if res.x is None:
             if not out:
                 raise UserError(f"no layout meets the budget ({_budget_text(budget)}) with "
-                                f"the candidates {', '.join(c.name for c in choices)}")
+                                f"the candidates {', '.join(c.name for c in choices)}"
+                                + ("" if floor is None else f" and keeps {floor.fraction:g} "
+                                   "of the retrieval mass"))
             break
         x = np.round(res.x).astype(int)
         picked = np.flatnonzero(x)
@@ -139,7 +150,8 @@ def served_saving(cfg: Any, layout: dict[int, Choice], budget: Budget) -> float:
 
 def solve_served(cfg: Any, damage: dict[int, dict[str, float]], choices: list[Choice],
                  budget: Budget, count: int = 1,
-                 forbidden: frozenset[tuple[int, str]] = frozenset(), attempts: int = 6
+                 forbidden: frozenset[tuple[int, str]] = frozenset(),
+                 floor: RetrievalFloor | None = None, attempts: int = 6
                  ) -> list[tuple[dict[int, Choice], float]]:
     """``solve_layouts`` under a served budget: the MILP counts whole blocks per layer
     (linear), the grouping's padding layers are not linear, so layouts short of the budget
@@ -148,7 +160,8 @@ def solve_served(cfg: Any, damage: dict[int, dict[str, float]], choices: list[Ch
     target = budget.kv_saving
     for _ in range(attempts):
         found = solve_layouts(cfg, damage, choices, Budget(
-            target, budget.speedup, budget.context, budget.served_block), count, forbidden)
+            target, budget.speedup, budget.context, budget.served_block), count, forbidden,
+            floor)
         savings = [served_saving(cfg, layout, budget) for layout, _ in found]
         ok = [f for f, sv in zip(found, savings, strict=True) if sv >= budget.kv_saving - 1e-9]
         if ok:
@@ -183,6 +196,11 @@ def _budget_text(b: Budget) -> str:
     return f"KV saving >= {b.kv_saving:.3f}{served}{speed}"
 
 
+def solver(budget: Budget) -> Any:
+    """``solve_layouts``, or ``solve_served`` for a budget counted as vLLM serves it."""
+    return solve_layouts if budget.served_block is None else solve_served
+
+
 @dataclass
 class Planned:
     layout: dict[int, Choice]
@@ -192,19 +210,23 @@ class Planned:
 
 def plan_layout(model, stats: PlanStats, rec: DenseRecord, choices: list[Choice],
                 budget: Budget, top_k: int = 8, rounds: int = 1, progress: bool = True,
-                forbidden: frozenset[tuple[int, str]] = frozenset()) -> Planned:
+                forbidden: frozenset[tuple[int, str]] = frozenset(),
+                damage: dict[int, dict[str, float]] | None = None,
+                floor: RetrievalFloor | None = None) -> Planned:
     """Solve, then re-score the ``top_k`` best layouts as whole models on ``rec`` (held-out
     calibration windows, so the pick is not fitted to the damage windows' noise). Each further
     round corrects the estimates of the best layout's changed layers to their in-context marginal
     damage (the layout's KL minus its KL with that layer restored) and solves again. The best
-    measured layout of all rounds wins."""
+    measured layout of all rounds wins. ``damage``: the per-layer prices (default
+    ``stats.damage``; ``probe_prices.py`` adds the recall probe's); ``floor``: the retrieval
+    mass every layout keeps (``retrieval.py``)."""
     cfg = model.config
-    damage = {j: dict(v) for j, v in stats.damage.items()}
+    damage = {j: dict(v) for j, v in (stats.damage if damage is None else damage).items()}
     tried: list[dict] = []
     seen: dict[str, tuple[dict[int, Choice], float]] = {}
-    solve = solve_layouts if budget.served_block is None else solve_served
+    solve = solver(budget)
     for r in range(rounds):
-        found = solve(cfg, damage, choices, budget, top_k, forbidden)
+        found = solve(cfg, damage, choices, budget, top_k, forbidden, floor)
         for layout, predicted in tqdm(found, disable=not progress, unit="layout",
                                       desc=f"re-score layouts (round {r + 1}/{rounds})"):
             key = layout_text(layout)

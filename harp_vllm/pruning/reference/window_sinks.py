@@ -50,8 +50,8 @@ def _heads(attn: Any) -> int:
     return attn.q_proj.out_features // attn.head_dim
 
 
-def _qkv(attn: Any, hidden_states: torch.Tensor, position_embeddings: Any
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def project_qkv(attn: Any, hidden_states: torch.Tensor, position_embeddings: Any
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
@@ -67,7 +67,7 @@ def _sink_forward(self: Any, hidden_states: torch.Tensor, position_embeddings: A
                   **kwargs: Any) -> tuple[torch.Tensor, None]:
     """The windowed attention (``attention_mask`` is the window's, set by the window hook)
     with the sink as one more key: q' = [q, 1], k_sink = [0, s_h / scale], v_sink = 0."""
-    q, k, v = _qkv(self, hidden_states, position_embeddings)
+    q, k, v = project_qkv(self, hidden_states, position_embeddings)
     if past_key_values is not None:
         cos, sin = position_embeddings
         k, v = past_key_values.update(k, v, self.layer_idx, {"sin": sin, "cos": cos})
@@ -157,7 +157,7 @@ def fit_sinks(model: Any, windows: dict[int, int], ids: torch.Tensor,
 
     def hook_for(j: int):
         def hook(attn, args, kw):
-            q, k, _ = _qkv(attn, kw["hidden_states"], kw["position_embeddings"])
+            q, k, _ = project_qkv(attn, kw["hidden_states"], kw["position_embeddings"])
             k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)[:, :, :SINK_TOKENS]
             past = q[:, :, windows[j]:]  # the queries whose window drops the first tokens
             if past.shape[2]:
