@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from test_plan import _calib
 from typer.testing import CliRunner
 
@@ -96,4 +97,112 @@ def test_probe_prices_misuse_is_refused(tiny_llama, tmp_path, drop, add, message
     args = [*args[:i], *args[i + 2:], *add, "--out", str(tmp_path / "x")]
     res = runner.invoke(app, args)
     assert res.exit_code != 0 and message in res.output
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------- retrieval floor
+
+
+def test_retrieval_mass_is_the_far_attention_of_each_kv_group(tiny_llama):
+    """At the probe's positions, each KV group's mass is its query heads' attention (as HF's
+    eager attention returns it) on keys more than ``beyond`` back, the first 4 left out."""
+    from transformers import AutoModelForCausalLM
+
+    from harp_vllm.pruning.calibration.damage import record_dense
+    from harp_vllm.pruning.planner.retrieval import group_retrieval
+    from harp_vllm.pruning.reference import load_model
+
+    model = load_model(tiny_llama)
+    cfg = model.config
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (2, 96), generator=g)
+    picks = torch.tensor([[80, 90, 95], [70, 85, 94]])
+    layers = list(range(cfg.num_hidden_layers))
+    rec = record_dense(model, ids, layers, batch=1, picks=picks)
+    mass = group_retrieval(model, rec, beyond=40)
+    eager = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
+    with torch.no_grad():
+        att = eager(input_ids=ids, output_attentions=True).attentions  # [2, H, T, T] each
+    n_kv, rep = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    t = torch.arange(ids.shape[1])
+    for j in layers:
+        want = torch.zeros(n_kv, dtype=torch.float64)
+        for r in range(2):
+            for p in picks[r].tolist():
+                far = (t < p - 40) & (t >= 4)
+                heads = att[j][r, :, p][:, far].sum(-1)  # [H]
+                want += heads.view(n_kv, rep).sum(1).double()
+        assert torch.allclose(mass[j], want / picks.numel(), atol=1e-5)
+    assert mass.min() >= 0 and mass.max() > 0
+    assert group_retrieval(model, rec, beyond=96).abs().max() == 0  # nothing that far back
+
+
+def test_kept_mass_by_choice_and_the_solver_keeps_the_floor(tiny_llama, tmp_path, monkeypatch):
+    from harp_vllm.errors import UserError
+    from harp_vllm.pruning.planner.choices import Choice
+    from harp_vllm.pruning.planner.retrieval import (
+        group_retrieval,
+        kept_mass,
+        layout_mass,
+        retrieval_floor,
+    )
+
+    monkeypatch.setenv("HARP_VLLM_CACHE", str(tmp_path / "cache"))
+    opts = PlanOptions(
+        model=str(tiny_llama), out=tmp_path / "x", kv_saving=0.3,
+        calib_file=_calib(tmp_path), calib_samples=8, calib_seq_len=32,
+        positions=16, eval_windows=0, candidates="droplin,linear,remove,window,group-window",
+        windows="64,128", context=512, long_positions=64, recall_probe=1.0, use_cache=False)
+    s = open_session(opts, progress=False)
+    mass = group_retrieval(s.model, s.probe, 128)
+    j = 1
+    total = float(mass[j].sum())
+    assert kept_mass(KEEP, j, mass, s.stats) == pytest.approx(total)
+    for name in ("linear", "remove", "window"):
+        c = next(c for c in s.choices if c.kind == name and not c.full_groups)
+        assert kept_mass(c, j, mass, s.stats) == 0
+    assert kept_mass(Choice("window", window=128, full_groups=(1,)), j, mass, s.stats
+                     ) == pytest.approx(float(mass[j, 1]))
+    gone = s.stats.group_fits[j].gone[1]
+    assert kept_mass(Choice("droplin", groups=1), j, mass, s.stats) == pytest.approx(
+        total - float(mass[j, gone].sum()))
+    budget = Budget(0.3, None, s.context, served_block(s.cfg, s.choices))
+    free = solve_served(s.cfg, s.stats.damage, s.choices, budget, 1)[0][0]
+    floored = []
+    for fraction in (0.3, 0.6):
+        floor = retrieval_floor(mass, s.choices, s.stats, fraction)
+        layout = solve_served(s.cfg, s.stats.damage, s.choices, budget, 1, floor=floor)[0][0]
+        assert layout_mass(layout, mass, s.stats) >= fraction - 1e-9
+        floored.append(layout)
+    # the floor is what keeps the mass: unconstrained, the solver keeps less (0.50 here)
+    assert layout_mass(free, mass, s.stats) < 0.6 and floored[1] != free
+    with pytest.raises(UserError, match="keeps 0.9 of the retrieval mass"):  # out of reach
+        solve_served(s.cfg, s.stats.damage, s.choices, budget, 1,
+                     floor=retrieval_floor(mass, s.choices, s.stats, 0.9))
+
+
+def test_plan_with_retrieval_floors_takes_the_best_measured(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("HARP_VLLM_CACHE", str(tmp_path / "cache"))
+    args = [a for a in _args(tiny_llama, tmp_path) if a != "--probe-prices"]
+    out = tmp_path / "plan"
+    res = runner.invoke(app, [*args, "--retrieval-floor", "0,0.5", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    plan = json.loads((out / "plan.json").read_text())
+    floors = plan["retrieval_floor"]
+    assert set(floors["plans"]) == {"0.0", "0.5"} and floors["beyond"] == 128
+    for f, p in floors["plans"].items():
+        assert p["kept"] >= float(f) - 1e-4
+    best = min(floors["plans"].values(), key=lambda p: p["measured_kl"])
+    assert plan["layout"] == best["layout"] and plan["measured_kl"] == best["measured_kl"]
+    assert floors["chosen"] in (0.0, 0.5) and {t["floor"] for t in plan["tried"]} == {0.0, 0.5}
+    assert plan["settings"]["recall_probe"]["retrieval_floors"] == [0.0, 0.5]
+    for bad, message in (("1.5", "each fraction must be in [0, 1)"),
+                         ("a,b", "comma list of fractions")):
+        res = runner.invoke(app, [*args, "--retrieval-floor", bad, "--out", str(tmp_path / "x")])
+        assert res.exit_code != 0 and message in res.output
+    i = args.index("--recall-probe")
+    res = runner.invoke(app, [*args[:i], *args[i + 2:], "--retrieval-floor", "0.5",
+                              "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "--retrieval-floor measures the retrieval mass" in res.output
     assert not (tmp_path / "x").exists()
