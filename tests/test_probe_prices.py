@@ -206,3 +206,15 @@ def test_plan_with_retrieval_floors_takes_the_best_measured(tiny_llama, tmp_path
                               "--out", str(tmp_path / "x")])
     assert res.exit_code != 0 and "--retrieval-floor measures the retrieval mass" in res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_retrieval_mass_refuses_attention_with_query_key_norms(tmp_path):
+    from conftest import make_tiny_model
+
+    from harp_vllm.errors import UserError
+    from harp_vllm.pruning.planner.retrieval import group_retrieval
+    from harp_vllm.pruning.reference import load_model
+
+    model = load_model(make_tiny_model("gemma3_text", tmp_path / "gemma", layers=2))
+    with pytest.raises(UserError, match="without query/key norms.*'gemma3_text' has them"):
+        group_retrieval(model, None, 16)

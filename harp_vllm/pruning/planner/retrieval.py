@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ...errors import UserError
 from ..calibration.damage import DenseRecord
 from ..reference import decoder_layers
 from ..reference.window_sinks import SINK_TOKENS, project_qkv
@@ -46,6 +47,9 @@ def group_retrieval(model: Any, probe: DenseRecord, beyond: int,
     (their recorded layer inputs: no forward pass)."""
     layers: Any = decoder_layers(model)
     cfg = model.config
+    if any(hasattr(layer.self_attn, "q_norm") for layer in layers):
+        raise UserError(f"the retrieval mass is computed for attention without query/key "
+                        f"norms (Llama, Mistral); {cfg.model_type!r} has them")
     n_kv = cfg.num_key_value_heads
     rep = cfg.num_attention_heads // n_kv
     out = torch.zeros(len(layers), n_kv, dtype=torch.float64)
