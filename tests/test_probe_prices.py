@@ -197,6 +197,16 @@ def test_plan_with_retrieval_floors_takes_the_best_measured(tiny_llama, tmp_path
     assert plan["layout"] == best["layout"] and plan["measured_kl"] == best["measured_kl"]
     assert floors["chosen"] in (0.0, 0.5) and {t["floor"] for t in plan["tried"]} == {0.0, 0.5}
     assert plan["settings"]["recall_probe"]["retrieval_floors"] == [0.0, 0.5]
+    # with the probe in the prices too; a floor no layout keeps is reported, not fatal
+    res = runner.invoke(app, [*args, "--probe-prices", "--retrieval-floor", "0.3,0.95",
+                              "--out", str(tmp_path / "both")])
+    assert res.exit_code == 0, res.output
+    both = json.loads((tmp_path / "both" / "plan.json").read_text())
+    assert both["retrieval_floor"]["plans"]["0.95"] is None
+    assert both["retrieval_floor"]["chosen"] == 0.3 and both["probe_prices"]["converged"]
+    assert both["retrieval_floor"]["plans"]["0.3"]["kept"] >= 0.3 - 1e-4
+    res = runner.invoke(app, [*args, "--retrieval-floor", "0.95", "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "any of the retrieval floors 0.95" in res.output
     for bad, message in (("1.5", "each fraction must be in [0, 1)"),
                          ("a,b", "comma list of fractions")):
         res = runner.invoke(app, [*args, "--retrieval-floor", bad, "--out", str(tmp_path / "x")])

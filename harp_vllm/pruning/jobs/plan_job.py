@@ -67,9 +67,9 @@ def plan_budget(s: Session, budget: Budget, progress: bool = True,
                  else retrieval_floor(mass, s.choices, s.stats, fraction))
         prices: dict | None = None
         pricing: dict = {}
-        if s.opts.probe_prices:
-            prices, pricing = _probe_prices(s, budget, forbidden, floor, progress)
-        try:
+        try:  # an infeasible floor fails in the first solve (the pricing's or the plan's)
+            if s.opts.probe_prices:
+                prices, pricing = _probe_prices(s, budget, forbidden, floor, progress)
             found = plan_layout(s.model, s.stats, s.held_out, s.choices, budget,
                                 s.opts.top_k, s.opts.rounds, progress, forbidden, prices,
                                 floor)
