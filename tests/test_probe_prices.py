@@ -119,23 +119,26 @@ def test_retrieval_mass_is_the_far_attention_of_each_kv_group(tiny_llama):
     picks = torch.tensor([[80, 90, 95], [70, 85, 94]])
     layers = list(range(cfg.num_hidden_layers))
     rec = record_dense(model, ids, layers, batch=1, picks=picks)
-    mass = group_retrieval(model, rec, beyond=40)
+    masses = group_retrieval(model, rec, beyond=(20, 40))
     eager = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32,
                                                  attn_implementation="eager").eval()
     with torch.no_grad():
         att = eager(input_ids=ids, output_attentions=True).attentions  # [2, H, T, T] each
     n_kv, rep = cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
     t = torch.arange(ids.shape[1])
-    for j in layers:
-        want = torch.zeros(n_kv, dtype=torch.float64)
-        for r in range(2):
-            for p in picks[r].tolist():
-                far = (t < p - 40) & (t >= 4)
-                heads = att[j][r, :, p][:, far].sum(-1)  # [H]
-                want += heads.view(n_kv, rep).sum(1).double()
-        assert torch.allclose(mass[j], want / picks.numel(), atol=1e-5)
-    assert mass.min() >= 0 and mass.max() > 0
-    assert group_retrieval(model, rec, beyond=96).abs().max() == 0  # nothing that far back
+    for b, mass in masses.items():
+        for j in layers:
+            want = torch.zeros(n_kv, dtype=torch.float64)
+            for r in range(2):
+                for p in picks[r].tolist():
+                    far = (t < p - b) & (t >= 4)
+                    heads = att[j][r, :, p][:, far].sum(-1)  # [H]
+                    want += heads.view(n_kv, rep).sum(1).double()
+            assert torch.allclose(mass[j], want / picks.numel(), atol=1e-5)
+    assert (masses[20] >= masses[40]).all() and masses[40].min() >= 0
+    assert masses[40].max() > 0
+    nothing = group_retrieval(model, rec, beyond=(96,))[96]  # nothing that far back
+    assert nothing.abs().max() == 0
 
 
 def test_kept_mass_by_choice_and_the_solver_keeps_the_floor(tiny_llama, tmp_path, monkeypatch):
@@ -155,18 +158,23 @@ def test_kept_mass_by_choice_and_the_solver_keeps_the_floor(tiny_llama, tmp_path
         positions=16, eval_windows=0, candidates="droplin,linear,remove,window,group-window",
         windows="64,128", context=512, long_positions=64, recall_probe=1.0, use_cache=False)
     s = open_session(opts, progress=False)
-    mass = group_retrieval(s.model, s.probe, 128)
+    mass = group_retrieval(s.model, s.probe, (64, 128))
     j = 1
-    total = float(mass[j].sum())
+    base, far = mass[64][j], mass[128][j]  # the counted mass, and beyond the wider window
+    total = float(base.sum())
     assert kept_mass(KEEP, j, mass, s.stats) == pytest.approx(total)
-    for name in ("linear", "remove", "window"):
-        c = next(c for c in s.choices if c.kind == name and not c.full_groups)
+    for name in ("linear", "remove"):
+        c = next(c for c in s.choices if c.kind == name)
         assert kept_mass(c, j, mass, s.stats) == 0
+    assert kept_mass(Choice("window", window=64), j, mass, s.stats) == pytest.approx(0)
+    # a wider window keeps what lies within it; a kept group keeps all of its own
+    assert kept_mass(Choice("window", window=128), j, mass, s.stats) == pytest.approx(
+        total - float(far.sum()))
     assert kept_mass(Choice("window", window=128, full_groups=(1,)), j, mass, s.stats
-                     ) == pytest.approx(float(mass[j, 1]))
+                     ) == pytest.approx(float(base[1] + base[0] - far[0]))
     gone = s.stats.group_fits[j].gone[1]
     assert kept_mass(Choice("droplin", groups=1), j, mass, s.stats) == pytest.approx(
-        total - float(mass[j, gone].sum()))
+        total - float(base[gone].sum()))
     budget = Budget(0.3, None, s.context, served_block(s.cfg, s.choices))
     free = solve_served(s.cfg, s.stats.damage, s.choices, budget, 1)[0][0]
     floored = []
@@ -190,7 +198,7 @@ def test_plan_with_retrieval_floors_takes_the_best_measured(tiny_llama, tmp_path
     assert res.exit_code == 0, res.output
     plan = json.loads((out / "plan.json").read_text())
     floors = plan["retrieval_floor"]
-    assert set(floors["plans"]) == {"0.0", "0.5"} and floors["beyond"] == 128
+    assert set(floors["plans"]) == {"0.0", "0.5"} and floors["beyond"] == [64, 128]
     for f, p in floors["plans"].items():
         assert p["kept"] >= float(f) - 1e-4
     best = min(floors["plans"].values(), key=lambda p: p["measured_kl"])
@@ -199,12 +207,16 @@ def test_plan_with_retrieval_floors_takes_the_best_measured(tiny_llama, tmp_path
     assert plan["settings"]["recall_probe"]["retrieval_floors"] == [0.0, 0.5]
     # with the probe in the prices too; a floor no layout keeps is reported, not fatal
     res = runner.invoke(app, [*args, "--probe-prices", "--retrieval-floor", "0.3,0.95",
-                              "--out", str(tmp_path / "both")])
+                              "--recall-depths", "0.2,0.6,0.85", "--out", str(tmp_path / "both")])
     assert res.exit_code == 0, res.output
     both = json.loads((tmp_path / "both" / "plan.json").read_text())
     assert both["retrieval_floor"]["plans"]["0.95"] is None
     assert both["retrieval_floor"]["chosen"] == 0.3 and both["probe_prices"]["converged"]
     assert both["retrieval_floor"]["plans"]["0.3"]["kept"] >= 0.3 - 1e-4
+    assert both["settings"]["recall_probe"]["depths"] == [0.2, 0.6, 0.85]
+    for bad in ("0.5,1.2", "x"):
+        res = runner.invoke(app, [*args, "--recall-depths", bad, "--out", str(tmp_path / "x")])
+        assert res.exit_code != 0 and "--recall-depths" in res.output
     res = runner.invoke(app, [*args, "--retrieval-floor", "0.95", "--out", str(tmp_path / "x")])
     assert res.exit_code != 0 and "any of the retrieval floors 0.95" in res.output
     for bad, message in (("1.5", "each fraction must be in [0, 1)"),

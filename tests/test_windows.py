@@ -276,6 +276,16 @@ def test_recall_probe_plants_facts_early_and_picks_the_recalled_digits():
         at = tok.decode(ids[:1000]).find(code)
         assert at >= 0, code
     assert (picks > 1900).all()
+    # at given depths: one fact starting at each fraction of the window
+    deep, picks_d = plant_recall(tok, window, seed=5, depths=(0.1, 0.5, 0.8))
+    stated = [tok.decode(deep[int(d * 2000):int(d * 2000) + 16]) for d in (0.1, 0.5, 0.8)]
+    assert all(t.startswith(" The secret code of the") for t in stated)
+    recalled = tok.decode(deep[picks_d + 1])
+    assert len(picks_d) == 15 and recalled.isdigit()
+    assert sorted(recalled[5 * k:5 * k + 5] for k in range(3)) == sorted(
+        t.split(" is ")[1][:5] for t in stated)
+    with pytest.raises(UserError, match="facts overlap"):
+        plant_recall(tok, window, depths=(0.5, 0.5001))
     rep, _ = plant_recall(tok, window, needles=3, seed=5, repeat=24)
     assert torch.equal(rep[600:624], rep[624:648]) or torch.equal(rep[1200:1224], rep[1224:1248])
     with pytest.raises(UserError, match="too short"):

@@ -99,6 +99,11 @@ def register(app: typer.Typer) -> None:
                  "tokens (text that says the same thing again and again)")] = 24,
         recall_windows: Annotated[int, typer.Option(
             help="with --recall-probe: probe windows")] = 2,
+        recall_depths: Annotated[str | None, typer.Option(
+            help="with --recall-probe: one fact at each of these fractions of a probe window "
+                 "(comma list, e.g. 0.1,0.5,0.8,0.9: recalled from 6k, 3.5k, 1.4k and 0.7k "
+                 "tokens back at 7k), in place of 3 facts at random in its first "
+                 "half")] = None,
         probe_prices: Annotated[bool, typer.Option(
             help="with --recall-probe: each candidate's price is its text damage plus the "
                  "weight times its damage on the probe, measured for the candidates the "
@@ -180,7 +185,7 @@ def register(app: typer.Typer) -> None:
                 long_rescore_windows=long_rescore_windows, long_positions=long_positions,
                 recall_probe=recall_probe, recall_repeat=recall_repeat,
                 recall_windows=recall_windows, probe_prices=probe_prices,
-                retrieval_floor=retrieval_floor,
+                retrieval_floor=retrieval_floor, recall_depths=recall_depths,
                 calib_samples=calib_samples,
                 calib_seq_len=calib_seq_len, damage_windows=damage_windows,
                 rescore_windows=rescore_windows, held_out_damage=held_out_damage,

@@ -36,10 +36,17 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def plant_recall(tokenizer, window: torch.Tensor, needles: int = 3, seed: int = 0,
-                 first: float = 0.5, repeat: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 first: float = 0.5, repeat: int = 0, depths: tuple[float, ...] = ()
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``window`` (1-D token ids; with ``repeat``, its first ``repeat`` tokens tiled over its
     length) with ``needles`` facts written in its first ``first`` fraction and recalled at its
-    end; returns (ids, positions predicting a code's digits)."""
+    end; returns (ids, positions predicting a code's digits). With ``depths`` (fractions of
+    the window in [0, 1)), one fact starts at each, so the recall reaches back over several
+    distances (``needles`` is then their count)."""
+    if depths:
+        needles = len(depths)
+        if not all(0 <= d < 1 for d in depths):
+            raise UserError(f"recall depths must be fractions in [0, 1), got {list(depths)}")
     if not 1 <= needles <= len(NAMES):
         raise UserError(f"the recall probe takes 1 to {len(NAMES)} needles, got {needles}")
     rng = random.Random(seed)
@@ -58,22 +65,34 @@ def plant_recall(tokenizer, window: torch.Tensor, needles: int = 3, seed: int = 
         tail += head + code + _ids(tokenizer, ".")
     facts = [_ids(tokenizer, FACT.format(name=nm, code=c)) for nm, c in zip(names, codes,
                                                                           strict=True)]
-    span = int(n * first) - max(len(f) for f in facts)
-    if span < needles * max(len(f) for f in facts) or len(tail) >= n - int(n * first):
-        raise UserError(f"a {n}-token window is too short for a {needles}-needle recall probe")
-    slots = sorted(rng.sample(range(0, span, max(len(f) for f in facts)), needles))
+    width = max(len(f) for f in facts)
+    start = n - len(tail)
+    if depths:  # one fact at each depth, before the recall block and not overlapping
+        slots = [min(int(d * n), start - width) for d in depths]
+        ordered = sorted(slots)
+        if any(b - a < width for a, b in zip(ordered, ordered[1:], strict=False)) or \
+                ordered[0] < 0:
+            raise UserError(f"recall depths {list(depths)}: facts overlap or reach the recall "
+                            f"block in a {n}-token window")
+    else:
+        span = int(n * first) - width
+        if span < needles * width or len(tail) >= n - int(n * first):
+            raise UserError(f"a {n}-token window is too short for a {needles}-needle recall "
+                            f"probe")
+        slots = sorted(rng.sample(range(0, span, width), needles))
     for at, fact in zip(slots, facts, strict=True):
         ids[at:at + len(fact)] = torch.tensor(fact, dtype=ids.dtype)
-    start = n - len(tail)
     ids[start:] = torch.tensor(tail, dtype=ids.dtype)
     return ids, torch.tensor([start + p for p in picks])
 
 
 def recall_windows(tokenizer, windows: torch.Tensor, needles: int = 3, seed: int = 0,
-                   repeat: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                   repeat: int = 0, depths: tuple[float, ...] = ()
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every window of ``windows`` [n, T] planted (seeded per window); every odd one made
     repetitive first (its opening ``repeat`` tokens tiled) when ``repeat`` is set. Returns the
     planted ids [n, T] and the probe positions [n, needles * digits]."""
-    planted = [plant_recall(tokenizer, w, needles, seed + i, repeat=repeat if i % 2 else 0)
+    planted = [plant_recall(tokenizer, w, needles, seed + i, repeat=repeat if i % 2 else 0,
+                            depths=depths)
                for i, w in enumerate(windows)]
     return torch.stack([p[0] for p in planted]), torch.stack([p[1] for p in planted])

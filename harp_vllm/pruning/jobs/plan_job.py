@@ -32,7 +32,7 @@ from ..reference.window_sinks import (
     sinks_added,
 )
 from .checkpoint import check_output_dir, save_pruned
-from .plan_options import PlanOptions, parse_floors, share_count
+from .plan_options import PlanOptions, parse_depths, parse_floors, share_count
 from .plan_session import Session, open_session
 
 
@@ -93,16 +93,17 @@ def plan_budget(s: Session, budget: Budget, progress: bool = True,
             "plans": {str(f): None if fd is None else {
                 "layout": layout_text(fd.layout), "measured_kl": round(fd.measured_kl, 5),
                 "kept": round(layout_mass(fd.layout, mass, s.stats), 4)} for f, fd, _ in runs},
-            "mass": [[round(float(x), 5) for x in row] for row in mass]}
+            "mass": [[round(float(x), 5) for x in row] for row in mass[min(mass)]]}
     return _record(s, found.layout, progress, budget=budget,
                    measured_kl=round(found.measured_kl, 5), tried=tried,
                    solve_seconds=round(time.perf_counter() - t0, 2), **extra)
 
 
-def _beyond(s: Session) -> int:
-    """The distance the retrieval mass is counted beyond: the largest window offered."""
-    sizes = [c.window for c in s.choices if c.kind == "window" and c.window is not None]
-    return max(sizes) if sizes else s.context // 4
+def _beyond(s: Session) -> tuple[int, ...]:
+    """The distances the retrieval mass is measured beyond: every window size offered (the
+    smallest is the one counted; none offered: a quarter of the context)."""
+    sizes = {c.window for c in s.choices if c.kind == "window" and c.window is not None}
+    return tuple(sorted(sizes)) or (s.context // 4,)
 
 
 def _retrieval_mass(s: Session) -> Any:
@@ -180,6 +181,8 @@ def _settings_record(s: Session) -> dict:
             **({"long": s.long} if s.long else {}),
             **({"recall_probe": {"weight": o.recall_probe, "repeat": o.recall_repeat,
                                  "windows": o.recall_windows,
+                                 **({"depths": list(parse_depths(o))} if o.recall_depths
+                                    else {}),
                                  **({"in_prices": True} if o.probe_prices else {}),
                                  **({"retrieval_floors": parse_floors(o)}
                                     if o.retrieval_floor else {})}}

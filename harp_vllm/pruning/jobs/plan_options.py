@@ -51,6 +51,8 @@ class PlanOptions:
     recall_probe: float = 0.0  # weight of the recall probe's KL in the layouts' re-scoring
     recall_repeat: int = 24  # the repetitive probe window's period (tokens)
     recall_windows: int = 2  # probe windows (every odd one repetitive)
+    recall_depths: str | None = None  # comma list of fractions: one fact at each (None: 3
+    # facts at random in each window's first half)
     probe_prices: bool = False  # the probe's damage in the per-layer prices (lazily measured)
     retrieval_floor: str | None = None  # comma list of fractions of the retrieval mass kept
     calib_file: Path | None = None
@@ -117,6 +119,11 @@ def check_options(opts: PlanOptions) -> None:
     if opts.probe_prices and not opts.recall_probe:
         raise UserError("--probe-prices adds the recall probe's damage to the per-layer "
                         "prices: give --recall-probe WEIGHT too")
+    if opts.recall_depths is not None:
+        if not opts.recall_probe:
+            raise UserError("--recall-depths places the recall probe's facts: give "
+                            "--recall-probe WEIGHT too")
+        parse_depths(opts)
     if opts.retrieval_floor is not None:
         if not opts.recall_probe:
             raise UserError("--retrieval-floor measures the retrieval mass on the recall "
@@ -198,6 +205,21 @@ def parse_kinds(opts: PlanOptions, cfg: Any) -> tuple[str, ...]:
                             f"no {' or '.join(needs)} candidate: add it, or leave {option} "
                             f"out")
     return kinds
+
+
+def parse_depths(opts: PlanOptions) -> tuple[float, ...]:
+    """``--recall-depths``' fractions (each in [0, 1), at most 8), or none."""
+    if opts.recall_depths is None:
+        return ()
+    try:
+        depths = tuple(float(t) for t in opts.recall_depths.split(",") if t.strip())
+    except ValueError:
+        raise UserError(f"--recall-depths must be a comma list of fractions, got "
+                        f"{opts.recall_depths!r}") from None
+    if not 1 <= len(depths) <= 8 or not all(0 <= d < 1 for d in depths):
+        raise UserError(f"--recall-depths: 1 to 8 fractions, each in [0, 1), got "
+                        f"{opts.recall_depths!r}")
+    return depths
 
 
 def parse_floors(opts: PlanOptions) -> list[float]:

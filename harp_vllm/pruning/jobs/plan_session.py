@@ -30,6 +30,7 @@ from ..reference import load_model
 from .plan_options import (
     PlanOptions,
     check_options,
+    parse_depths,
     parse_kinds,
     parse_ranks,
     parse_windows,
@@ -164,13 +165,15 @@ def open_session(opts: PlanOptions, progress: bool = True) -> Session:
                                 positions=opts.calib_seq_len, seed=opts.seed)
     probe = probe_settings = None
     if n_probe:  # facts planted early in the probe windows, recalled at their end
-        ids, picks = recall_windows(tok, probe_src, seed=opts.seed, repeat=opts.recall_repeat)
+        ids, picks = recall_windows(tok, probe_src, seed=opts.seed, repeat=opts.recall_repeat,
+                                    depths=parse_depths(opts))
         probe = record_dense(model, ids, list(range(cfg.num_hidden_layers)), batch=1,
                              picks=picks)
         probe.groups, probe.weights = ["probe"] * len(probe.picks), {"probe": 1.0}
         held_out = merge_records(held_out, probe, opts.recall_probe)
         probe_settings = {"seq_len": long_len, "windows": n_probe, "after_long": n_long,
-                          "repeat": opts.recall_repeat, "seed": opts.seed}
+                          "repeat": opts.recall_repeat, "seed": opts.seed,
+                          **({"depths": list(parse_depths(opts))} if opts.recall_depths else {})}
     eval_text = data_mod.load_text("wikitext2", "test") if opts.eval_windows > 0 else None
     return Session(opts, src, cfg, tok, model, stats, rec, held_out, choices, cache, eval_text,
                    time.perf_counter() - t0, context, long, long_windows,
