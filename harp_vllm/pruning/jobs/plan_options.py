@@ -207,34 +207,28 @@ def parse_kinds(opts: PlanOptions, cfg: Any) -> tuple[str, ...]:
     return kinds
 
 
-def parse_depths(opts: PlanOptions) -> tuple[float, ...]:
-    """``--recall-depths``' fractions (each in [0, 1), at most 8), or none."""
-    if opts.recall_depths is None:
-        return ()
+def _fractions(text: str, option: str, most: int | None = None) -> tuple[float, ...]:
+    """A comma list of fractions, each in [0, 1) (at most ``most``), or a UserError."""
     try:
-        depths = tuple(float(t) for t in opts.recall_depths.split(",") if t.strip())
+        values = tuple(dict.fromkeys(float(t) for t in text.split(",") if t.strip()))
     except ValueError:
-        raise UserError(f"--recall-depths must be a comma list of fractions, got "
-                        f"{opts.recall_depths!r}") from None
-    if not 1 <= len(depths) <= 8 or not all(0 <= d < 1 for d in depths):
-        raise UserError(f"--recall-depths: 1 to 8 fractions, each in [0, 1), got "
-                        f"{opts.recall_depths!r}")
-    return depths
+        raise UserError(f"{option} must be a comma list of fractions, got {text!r}") from None
+    if not values or not all(0 <= v < 1 for v in values) or (most and len(values) > most):
+        raise UserError(f"{option}: {'1 to ' + str(most) if most else 'one or more'} "
+                        f"fractions, each in [0, 1), got {text!r}")
+    return values
+
+
+def parse_depths(opts: PlanOptions) -> tuple[float, ...]:
+    """``--recall-depths``' fractions (at most 8: the probe's names), or none."""
+    return () if opts.recall_depths is None else _fractions(opts.recall_depths,
+                                                            "--recall-depths", 8)
 
 
 def parse_floors(opts: PlanOptions) -> list[float]:
-    """``--retrieval-floor``'s fractions (each in [0, 1)), or none."""
-    if opts.retrieval_floor is None:
-        return []
-    try:
-        floors = [float(t) for t in opts.retrieval_floor.split(",") if t.strip()]
-    except ValueError:
-        raise UserError(f"--retrieval-floor must be a comma list of fractions, got "
-                        f"{opts.retrieval_floor!r}") from None
-    if not floors or not all(0 <= f < 1 for f in floors):
-        raise UserError(f"--retrieval-floor: each fraction must be in [0, 1), got "
-                        f"{opts.retrieval_floor!r}")
-    return list(dict.fromkeys(floors))
+    """``--retrieval-floor``'s fractions, or none."""
+    return [] if opts.retrieval_floor is None else list(_fractions(opts.retrieval_floor,
+                                                                   "--retrieval-floor"))
 
 
 def share_count(opts: PlanOptions) -> int:
