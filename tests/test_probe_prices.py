@@ -175,6 +175,12 @@ def test_kept_mass_by_choice_and_the_solver_keeps_the_floor(tiny_llama, tmp_path
     gone = s.stats.group_fits[j].gone[1]
     assert kept_mass(Choice("droplin", groups=1), j, mass, s.stats) == pytest.approx(
         total - float(base[gone].sum()))
+    # counted beyond the largest window (the default), a window keeps none, a kept group its own
+    wide = {128: mass[128]}
+    for w in (64, 128):
+        assert kept_mass(Choice("window", window=w), j, wide, s.stats) == 0
+    assert kept_mass(Choice("window", window=64, full_groups=(0,)), j, wide, s.stats
+                     ) == pytest.approx(float(far[0]))
     budget = Budget(0.3, None, s.context, served_block(s.cfg, s.choices))
     free = solve_served(s.cfg, s.stats.damage, s.choices, budget, 1)[0][0]
     floored = []
@@ -198,7 +204,7 @@ def test_plan_with_retrieval_floors_takes_the_best_measured(tiny_llama, tmp_path
     assert res.exit_code == 0, res.output
     plan = json.loads((out / "plan.json").read_text())
     floors = plan["retrieval_floor"]
-    assert set(floors["plans"]) == {"0.0", "0.5"} and floors["beyond"] == [64, 128]
+    assert set(floors["plans"]) == {"0.0", "0.5"} and floors["beyond"] == [128]
     for f, p in floors["plans"].items():
         assert p["kept"] >= float(f) - 1e-4
     best = min(floors["plans"].values(), key=lambda p: p["measured_kl"])
@@ -207,13 +213,15 @@ def test_plan_with_retrieval_floors_takes_the_best_measured(tiny_llama, tmp_path
     assert plan["settings"]["recall_probe"]["retrieval_floors"] == [0.0, 0.5]
     # with the probe in the prices too; a floor no layout keeps is reported, not fatal
     res = runner.invoke(app, [*args, "--probe-prices", "--retrieval-floor", "0.3,0.95",
-                              "--recall-depths", "0.2,0.6,0.85", "--out", str(tmp_path / "both")])
+                              "--recall-depths", "0.2,0.6,0.85", "--retrieval-beyond", "64",
+                              "--out", str(tmp_path / "both")])
     assert res.exit_code == 0, res.output
     both = json.loads((tmp_path / "both" / "plan.json").read_text())
     assert both["retrieval_floor"]["plans"]["0.95"] is None
     assert both["retrieval_floor"]["chosen"] == 0.3 and both["probe_prices"]["converged"]
     assert both["retrieval_floor"]["plans"]["0.3"]["kept"] >= 0.3 - 1e-4
     assert both["settings"]["recall_probe"]["depths"] == [0.2, 0.6, 0.85]
+    assert both["retrieval_floor"]["beyond"] == [64, 128]
     for bad in ("0.5,1.2", "x"):
         res = runner.invoke(app, [*args, "--recall-depths", bad, "--out", str(tmp_path / "x")])
         assert res.exit_code != 0 and "--recall-depths" in res.output

@@ -113,6 +113,10 @@ def register(app: typer.Typer) -> None:
                  "each layout keeping at least that fraction of the dense model's retrieval "
                  "mass (the attention the probe's answers pay to keys beyond the largest "
                  "window, per KV group); the best measured plan wins")] = None,
+        retrieval_beyond: Annotated[int | None, typer.Option(
+            help="with --retrieval-floor: count the mass on keys further back than this "
+                 "(tokens; default the largest window offered, where every window keeps none "
+                 "of it; a smaller one credits a window W with the mass within W)")] = None,
         calib_file: Annotated[Path | None, typer.Option(
             help="calibrate on a text file (default: WikiText-2 validation)")] = None,
         calib_mix: Annotated[str | None, typer.Option(
@@ -186,6 +190,7 @@ def register(app: typer.Typer) -> None:
                 recall_probe=recall_probe, recall_repeat=recall_repeat,
                 recall_windows=recall_windows, probe_prices=probe_prices,
                 retrieval_floor=retrieval_floor, recall_depths=recall_depths,
+                retrieval_beyond=retrieval_beyond,
                 calib_samples=calib_samples,
                 calib_seq_len=calib_seq_len, damage_windows=damage_windows,
                 rescore_windows=rescore_windows, held_out_damage=held_out_damage,

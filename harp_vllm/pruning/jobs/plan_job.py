@@ -93,17 +93,19 @@ def plan_budget(s: Session, budget: Budget, progress: bool = True,
             "plans": {str(f): None if fd is None else {
                 "layout": layout_text(fd.layout), "measured_kl": round(fd.measured_kl, 5),
                 "kept": round(layout_mass(fd.layout, mass, s.stats), 4)} for f, fd, _ in runs},
-            "mass": [[round(float(x), 5) for x in row] for row in mass[min(mass)]]}
+            "mass": [[round(float(x), 5) for x in row] for row in mass[min(mass)]]}  # the base
     return _record(s, found.layout, progress, budget=budget,
                    measured_kl=round(found.measured_kl, 5), tried=tried,
                    solve_seconds=round(time.perf_counter() - t0, 2), **extra)
 
 
 def _beyond(s: Session) -> tuple[int, ...]:
-    """The distances the retrieval mass is measured beyond: every window size offered (the
-    smallest is the one counted; none offered: a quarter of the context)."""
+    """The distances the retrieval mass is measured beyond: the base (``--retrieval-beyond``,
+    default the largest window offered; none offered: a quarter of the context), the one
+    counted, then every window size offered above it."""
     sizes = {c.window for c in s.choices if c.kind == "window" and c.window is not None}
-    return tuple(sorted(sizes)) or (s.context // 4,)
+    base = s.opts.retrieval_beyond or (max(sizes) if sizes else s.context // 4)
+    return (base, *sorted(w for w in sizes if w > base))
 
 
 def _retrieval_mass(s: Session) -> Any:

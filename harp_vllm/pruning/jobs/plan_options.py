@@ -55,6 +55,7 @@ class PlanOptions:
     # facts at random in each window's first half)
     probe_prices: bool = False  # the probe's damage in the per-layer prices (lazily measured)
     retrieval_floor: str | None = None  # comma list of fractions of the retrieval mass kept
+    retrieval_beyond: int | None = None  # the mass's base distance (None: the largest window)
     calib_file: Path | None = None
     calib_mix: str | None = None  # comma list of domains: windows from each one's dev part
     calib_self: bool = False  # calibrate on text sampled from the dense model itself
@@ -132,6 +133,11 @@ def check_options(opts: PlanOptions) -> None:
             raise UserError("--retrieval-floor constrains the solver: it applies to "
                             "--kv-saving or --frontier, not to a given --layout")
         parse_floors(opts)
+    if opts.retrieval_beyond is not None and (opts.retrieval_floor is None
+                                              or opts.retrieval_beyond < 1):
+        raise UserError(f"--retrieval-beyond is the retrieval floor's base distance: give "
+                        f"--retrieval-floor too, and a distance >= 1 (got "
+                        f"{opts.retrieval_beyond})")
     if opts.probe_prices and opts.layout:
         raise UserError("--probe-prices prices the solver's candidates: it applies to "
                         "--kv-saving or --frontier, not to a given --layout")

@@ -8,13 +8,14 @@ sees the fact. A per-layer price cannot see that; a linear constraint can (Razor
 and DuoAttention's view: recall survives while enough retrieval heads keep their context).
 
 Each KV group's **retrieval mass** is the attention its query heads put, at the probe's
-recall positions (the digits of codes stated far back), on keys further back than the
-smallest window offered, the first ``SINK_TOKENS`` left out (attention sinks, not facts),
-summed over the group's heads and averaged over the positions. A candidate keeps what its
-groups still see: all of it (keep; a sharing layer attends over its target's whole cache), a
-group windowed to W the part within W (its mass beyond the smallest window less its mass
-beyond W), a group cut or mapped away nothing (a linear map or removal: no group). The floor:
-the layout's kept mass is at least a fraction of the dense model's."""
+recall positions (the digits of codes stated far back), on keys further back than a base
+distance (``--retrieval-beyond``, default the largest window offered), the first
+``SINK_TOKENS`` left out (attention sinks, not facts), summed over the group's heads and
+averaged over the positions. A candidate keeps what its groups still see: all of it (keep; a
+sharing layer attends over its target's whole cache), a group windowed to W the part within
+W (its mass beyond the base less its mass beyond W: none when W is at most the base), a group
+cut or mapped away nothing (a linear map or removal: no group). The floor: the layout's kept
+mass is at least a fraction of the dense model's."""
 
 from __future__ import annotations
 
@@ -79,12 +80,15 @@ def group_retrieval(model: Any, probe: DenseRecord, beyond: tuple[int, ...],
 def kept_mass(choice: Choice, j: int, mass: dict[int, torch.Tensor], stats: PlanStats
               ) -> float:
     """The retrieval mass layer ``j`` keeps under ``choice`` (module docstring); ``mass``
-    from :func:`group_retrieval`, its smallest distance the one counted."""
-    base = mass[min(mass)][j]
+    from :func:`group_retrieval`, its smallest distance the base counted (and every window
+    wider than it)."""
+    start = min(mass)
+    base = mass[start][j]
     groups = range(base.shape[0])
     if choice.kind == "window":
         assert choice.window is not None
-        lost = mass[choice.window][j]  # what the windowed groups no longer see
+        # what the windowed groups no longer see (all of it if the window is within the base)
+        lost = mass[max(choice.window, start)][j]
         return float(sum(base[g] if g in choice.full_groups else base[g] - lost[g]
                          for g in groups))
     if choice.kind in ("linear", "remove"):
