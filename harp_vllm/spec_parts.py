@@ -33,11 +33,16 @@ def _layer_index(key: Any, where: str, num_layers: int | None) -> int:
     return idx
 
 
-def _needs_version(where: str, version: int, need: int) -> None:
-    """UserError unless the section's ``version`` is at least ``need`` (the part ``where``
-    came with it)."""
+def _open_part(raw: Any, name: str, version: int, need: int, kind: type, shape: str) -> str:
+    """The part ``name`` of the section (``raw``, given): UserError unless the section's
+    ``version`` is at least ``need`` (the part came with it) and ``raw`` is a ``kind``
+    (``shape`` says what it holds). Returns the part's name for messages."""
+    where = f"'{CONFIG_KEY}.{name}'"
     if version < need:
         raise UserError(f"{where} needs '{CONFIG_KEY}.version' {need}, the file says {version}")
+    if not isinstance(raw, kind):
+        raise UserError(f"{where} must be {shape}")
+    return where
 
 
 def _parse_maps(raw: Any, layers: dict[int, float], num_layers: int | None, version: int
@@ -45,10 +50,8 @@ def _parse_maps(raw: Any, layers: dict[int, float], num_layers: int | None, vers
     """Validate the optional linear-map layers: index -> {"input": ..., "rank": int | None}."""
     if raw is None:
         return {}
-    where = f"'{CONFIG_KEY}.maps'"
-    _needs_version(where, version, 2)
-    if not isinstance(raw, dict):
-        raise UserError(f"{where} must be an object mapping layer index to a map description")
+    where = _open_part(raw, "maps", version, 2, dict,
+                       "an object mapping layer index to a map description")
     maps: dict[int, dict[str, Any]] = {}
     for k, v in raw.items():
         idx = _layer_index(k, where, num_layers)
@@ -82,10 +85,8 @@ def _parse_windows(raw: Any, layers: dict[int, float], maps: dict[int, dict[str,
     """Validate the optional sliding windows: layer index -> window in tokens (>= 1)."""
     if raw is None:
         return {}
-    where = f"'{CONFIG_KEY}.windows'"
-    _needs_version(where, version, WINDOWS_VERSION)
-    if not isinstance(raw, dict):
-        raise UserError(f"{where} must be an object mapping layer index to a window in tokens")
+    where = _open_part(raw, "windows", version, WINDOWS_VERSION, dict,
+                       "an object mapping layer index to a window in tokens")
     windows: dict[int, int] = {}
     for k, v in raw.items():
         idx = _layer_index(k, where, num_layers)
@@ -102,10 +103,8 @@ def _parse_sinks(raw: Any, spec: PruningSpec, num_layers: int | None) -> list[in
     """Validate the optional window sinks: a list of windowed layers' indices."""
     if raw is None:
         return []
-    where = f"'{CONFIG_KEY}.sinks'"
-    _needs_version(where, spec.version, SINKS_VERSION)
-    if not isinstance(raw, list):
-        raise UserError(f"{where} must be a list of windowed layers' indices")
+    where = _open_part(raw, "sinks", spec.version, SINKS_VERSION, list,
+                       "a list of windowed layers' indices")
     sinks = [_layer_index(k, where, num_layers) for k in raw]
     for idx in sinks:
         if idx not in spec.windows or idx in spec.kv_sharing:
@@ -119,11 +118,8 @@ def _parse_group_windows(raw: Any, spec: PruningSpec, num_layers: int | None
     """Validate the optional windows per KV group: layer -> {"window", "full_groups"}."""
     if raw is None:
         return {}
-    where = f"'{CONFIG_KEY}.group_windows'"
-    _needs_version(where, spec.version, GROUP_WINDOWS_VERSION)
-    if not isinstance(raw, dict):
-        raise UserError(f"{where} must be an object mapping layer index to {{\"window\": W, "
-                        f"\"full_groups\": [...]}}")
+    where = _open_part(raw, "group_windows", spec.version, GROUP_WINDOWS_VERSION, dict,
+                       'an object mapping layer index to {"window": W, "full_groups": [...]}')
     targets = set(spec.kv_sharing.values())
     out: dict[int, dict[str, Any]] = {}
     for k, v in raw.items():
@@ -167,11 +163,9 @@ def _parse_sharing(raw: Any, spec: PruningSpec, num_layers: int | None) -> dict[
     """Validate the optional cross-layer KV sharing: layer index -> earlier target layer."""
     if raw is None:
         return {}
-    where = f"'{CONFIG_KEY}.kv_sharing'"
-    _needs_version(where, spec.version, SHARING_VERSION)
-    if not isinstance(raw, dict):
-        raise UserError(f"{where} must be an object mapping layer index to the earlier layer "
-                        f"whose KV cache it reads")
+    where = _open_part(raw, "kv_sharing", spec.version, SHARING_VERSION, dict,
+                       "an object mapping layer index to the earlier layer whose KV cache it "
+                       "reads")
     sharing: dict[int, int] = {}
     for k, v in raw.items():
         idx = _layer_index(k, where, num_layers)
