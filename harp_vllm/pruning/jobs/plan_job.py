@@ -109,9 +109,12 @@ def _beyond(s: Session) -> tuple[int, ...]:
 
 
 def _retrieval_mass(s: Session) -> Any:
-    """Each layer's and KV group's retrieval mass on the recall probe (``retrieval.py``)."""
+    """Each layer's and KV group's retrieval mass on the recall probe (``retrieval.py``),
+    computed once per session (every budget of a frontier shares it)."""
     assert s.probe is not None
-    return group_retrieval(s.model, s.probe, _beyond(s))
+    if s.retrieval_mass is None:
+        s.retrieval_mass = group_retrieval(s.model, s.probe, _beyond(s))
+    return s.retrieval_mass
 
 
 def _probe_prices(s: Session, budget: Budget, forbidden: frozenset[tuple[int, str]],

@@ -61,6 +61,7 @@ class Session:
     sink_cost: Any = None  # window sinks' short-prompt cost (``short_cost``), built once
     probe: Any = None  # the recall probe's record alone, weight 1 (``--recall-probe``)
     probe_settings: dict | None = None  # what its windows are (the probe prices' cache key)
+    retrieval_mass: Any = None  # the probe's retrieval mass (``--retrieval-floor``), built once
     # (layer, shareJ) pairs a layer is not offered (all but its nearest targets of its kind)
     unoffered: frozenset[tuple[int, str]] = frozenset()
 
