@@ -117,30 +117,26 @@ def check_options(opts: PlanOptions) -> None:
     if opts.recall_probe and opts.long_rescore_windows < 1:
         raise UserError("--recall-probe is scored beside the long re-scoring windows: give "
                         "--long-rescore-windows >= 1")
-    if opts.probe_prices and not opts.recall_probe:
-        raise UserError("--probe-prices adds the recall probe's damage to the per-layer "
-                        "prices: give --recall-probe WEIGHT too")
-    if opts.recall_depths is not None:
-        if not opts.recall_probe:
-            raise UserError("--recall-depths places the recall probe's facts: give "
-                            "--recall-probe WEIGHT too")
-        parse_depths(opts)
-    if opts.retrieval_floor is not None:
-        if not opts.recall_probe:
-            raise UserError("--retrieval-floor measures the retrieval mass on the recall "
-                            "probe: give --recall-probe WEIGHT too")
-        if opts.layout:
-            raise UserError("--retrieval-floor constrains the solver: it applies to "
-                            "--kv-saving or --frontier, not to a given --layout")
-        parse_floors(opts)
+    # the options that read the recall probe, and (solver: True) those that steer the solver
+    for given, option, what, solver in (
+            (opts.probe_prices, "--probe-prices", "adds the recall probe's damage to the "
+             "per-layer prices", "prices the solver's candidates"),
+            (opts.recall_depths is not None, "--recall-depths", "places the recall probe's "
+             "facts", None),
+            (opts.retrieval_floor is not None, "--retrieval-floor", "measures the retrieval "
+             "mass on the recall probe", "constrains the solver")):
+        if given and not opts.recall_probe:
+            raise UserError(f"{option} {what}: give --recall-probe WEIGHT too")
+        if given and solver and opts.layout:
+            raise UserError(f"{option} {solver}: it applies to --kv-saving or --frontier, not "
+                            f"to a given --layout")
+    parse_depths(opts)
+    parse_floors(opts)
     if opts.retrieval_beyond is not None and (opts.retrieval_floor is None
                                               or opts.retrieval_beyond < 1):
         raise UserError(f"--retrieval-beyond is the retrieval floor's base distance: give "
                         f"--retrieval-floor too, and a distance >= 1 (got "
                         f"{opts.retrieval_beyond})")
-    if opts.probe_prices and opts.layout:
-        raise UserError("--probe-prices prices the solver's candidates: it applies to "
-                        "--kv-saving or --frontier, not to a given --layout")
     if opts.recall_probe and opts.calib_mix is not None:
         raise UserError("--recall-probe plants its facts in long windows of the calibration "
                         "text; with --calib-mix those windows are the domains' tails, which "
