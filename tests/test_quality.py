@@ -63,7 +63,9 @@ def test_options_are_checked_before_any_engine():
     assert opts.max_model_len() == 8192
 
 
-def _payload(label: str, shift: float, acc: list[float], keys: list[float]) -> dict:
+def _payload(label: str, shift: float, acc: list[float], keys: list[float],
+             cued: list[float] | None = None) -> dict:
+    cued = keys if cued is None else cued
     windows = [2.0, 2.5, 3.0, 2.2]
     return {
         "label": label, "model": label, "path": f"/m/{label}", "seconds": 1.0,
@@ -80,13 +82,14 @@ def _payload(label: str, shift: float, acc: list[float], keys: list[float]) -> d
                                      "items": {"acc": acc, "perplexity": [-1.0, -2.0, -1.5,
                                                                           -1.0 - shift]}}},
         "passkey": {"lengths": {"1024": {"trials": 4, "accuracy": sum(keys) / 4,
-                                         "items": keys}}},
+                                         "items": keys, "cued_accuracy": sum(cued) / 4,
+                                         "cued_items": cued}}},
     }
 
 
 def test_summary_gives_paired_ratios_and_differences(tmp_path):
     ref = _payload("dense", 0.0, [1, 1, 0, 0], [1, 1, 1, 0])
-    pruned = _payload("plan", 0.1, [1, 0, 0, 0], [1, 1, 0, 0])
+    pruned = _payload("plan", 0.1, [1, 0, 0, 0], [1, 1, 0, 0], cued=[1, 1, 1, 1])
     s = summarize([ref, pruned])
     assert s["reference"] == "dense"
     dense_row, row = s["models"]
@@ -103,8 +106,13 @@ def test_summary_gives_paired_ratios_and_differences(tmp_path):
     assert row["tasks"]["lambada_openai"]["perplexity"]["ratio"] == pytest.approx(
         math.exp(0.1 / 4))
     assert row["passkey"]["1024"]["diff"] == pytest.approx(-0.25)
+    # the cued answer is its own column: the plan finds every key once the answer is opened
+    assert row["passkey"]["1024"]["cued"]["value"] == 1.0
+    assert row["passkey"]["1024"]["cued"]["diff"] == pytest.approx(0.25)
     md = markdown(s)
     assert "| dense |" in md and "| plan |" in md and "1.105x" in md and "-25.0" in md
+    assert "passkey 1024 cued" in md.splitlines()[0]
+    assert md.splitlines()[3].endswith("| 50 (-25 ± 25) | 100 (+25 ± 25) |")
     plot(s, tmp_path / "q.png")
     assert (tmp_path / "q.png").stat().st_size > 10_000
     short = _payload("short", 0.0, [1, 0], [1, 1, 1, 0])
@@ -187,6 +195,9 @@ def test_quality_report_through_vllm(smollm2_dir, tmp_path):
     assert len(rows) == 8
     found = [r["answer"].strip()[:5] == r["key"] for r in rows if r["length"] == 256]
     assert sum(found) >= 3, rows  # measured: the dense model finds every 256-token key
+    cued = [r["cued_correct"] for r in rows if r["length"] == 256]
+    assert sum(cued) >= 3, rows  # and every one with the answer cued
+    assert "passkey 256 cued" in (out / "quality.md").read_text()
 
     # the same windows through the HF model: the served path's perplexity is the model's
     import torch

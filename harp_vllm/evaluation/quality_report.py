@@ -28,7 +28,8 @@ from .quality import SCHEMA as MODEL_SCHEMA
 from .quality import QualityOptions, check_options
 
 SCHEMA = "harp-vllm/quality-report/1"
-RUN_KEY_VERSION = 3  # 2: passkey answers of 16 tokens (were 8); 3: passkey prompts start with BOS
+RUN_KEY_VERSION = 4  # 2: passkey answers of 16 tokens (were 8); 3: passkey prompts start with BOS;
+# 4: every passkey trial also asked with its answer cued
 PRESETS: dict[str, dict[str, Any]] = {
     # what the issue asks: whole LAMBADA, 50 passkey trials per length (~35 min per model here)
     "full": {},
@@ -160,9 +161,13 @@ def summarize(payloads: list[dict[str, Any]]) -> dict[str, Any]:
                                      **difference(items, ref["tasks"][t]["items"][metric])}
             row["tasks"][t] = entry
         for length, col in (p.get("passkey") or {}).get("lengths", {}).items():
+            ref_col = ref["passkey"]["lengths"][length]
             row["passkey"][length] = {"value": col["accuracy"], "n": col["trials"],
-                                      **difference(col["items"],
-                                                   ref["passkey"]["lengths"][length]["items"])}
+                                      **difference(col["items"], ref_col["items"])}
+            if "cued_items" in col and "cued_items" in ref_col:
+                row["passkey"][length]["cued"] = {
+                    "value": col["cued_accuracy"],
+                    **difference(col["cued_items"], ref_col["cued_items"])}
         rows.append(row)
     return {"schema": SCHEMA, "reference": ref["label"], "options": ref["options"],
             "models": rows}
@@ -188,7 +193,8 @@ def markdown(summary: dict[str, Any]) -> str:
             + [f"ppl {d} {b['start']}-{b['end'] - 1}" for d in pos
                for b in ref["positions"][d]]
             + [f"{t} acc" for t in tasks] + ["lambada ppl"] * ("lambada_openai" in tasks)
-            + [f"passkey {n}" for n in lengths])
+            + [f"passkey {n}" for n in lengths]
+            + [f"passkey {n} cued" for n in lengths if "cued" in ref["passkey"][n]])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         is_ref = r is ref
@@ -210,9 +216,9 @@ def markdown(summary: dict[str, Any]) -> str:
             c = r["tasks"]["lambada_openai"]["perplexity"]
             cells.append(f"{c['value']:.1f}" if is_ref
                          else f"{c['value']:.1f} ({c['ratio']:.2f}x)")
-        for n in lengths:
-            c = r["passkey"][n]
-            cells.append(f"{100 * c['value']:.0f}" if is_ref else
+        cued = [r["passkey"][n].get("cued", {}) for n in lengths if "cued" in ref["passkey"][n]]
+        for c in [r["passkey"][n] for n in lengths] + cued:
+            cells.append("" if not c else f"{100 * c['value']:.0f}" if is_ref else
                          f"{100 * c['value']:.0f} ({100 * c['diff']:+.0f}"
                          f"{_pm(None if c['se'] is None else 100 * c['se'], 0)})")
         lines.append("| " + " | ".join(cells) + " |")
@@ -229,7 +235,9 @@ def markdown(summary: dict[str, Any]) -> str:
         "the short ones; the ratio of each position bucket's perplexity.",
         "Tasks (lm-eval, zero-shot, through vLLM with the plugin): "
         + ", ".join(f"{k} n = {v['n']}" for k, v in t.items())
-        + f"; passkey: {opts['passkey_trials']} trials per length.",
+        + f"; passkey: {opts['passkey_trials']} trials per length: the greedy answer holds the "
+        "key; cued: the same prompt with the answer's opening given (\" \"), every digit of "
+        "the key the model's top token (retrieval apart from the answer's format).",
     ]
     return "\n".join(lines + notes) + "\n"
 
@@ -274,12 +282,17 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     for k, r in enumerate(rows):
         lengths = list(r["passkey"])
         if lengths:
+            color = "k" if k == 0 else f"C{k - 1}"
             ax.plot([int(n) for n in lengths], [r["passkey"][n]["value"] for n in lengths],
-                    marker="o", label=r["label"], color="k" if k == 0 else f"C{k - 1}")
+                    marker="o", label=r["label"], color=color)
+            cued = [n for n in lengths if "cued" in r["passkey"][n]]
+            if cued:
+                ax.plot([int(n) for n in cued], [r["passkey"][n]["cued"]["value"] for n in cued],
+                        marker="x", linestyle="--", color=color, alpha=0.7)
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("passkey accuracy")
     ax.set_ylim(-0.05, 1.05)
-    ax.set_title("passkey retrieval")
+    ax.set_title("passkey retrieval (dashed: answer cued)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
