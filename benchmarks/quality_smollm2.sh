@@ -21,6 +21,8 @@
 # probe's retrieval mass), the best re-scored wins; rdplan50s-hod the same with the probe's
 # facts at six depths (--recall-depths: recalled from 0.7k to 6.8k tokens back) and the mass
 # counted beyond the smallest window (--retrieval-beyond 512), so it tells the window sizes apart.
+# wnplan50s-hod is rplan50s-hod offered windows alone (--candidates window,group-window: no
+# map takes a KV group's context; floors 0.3,0.5,0.6).
 # Resumable: checkpoints and per-model runs (out/quality-$PRESET/runs) are reused.
 #   bash benchmarks/quality_smollm2.sh            # PRESET=quick (default) or full
 #   MODELS="plan27 plan27-mix lin8" bash benchmarks/quality_smollm2.sh   # a subset
@@ -86,6 +88,9 @@ build() {
       --group-windows 2048 --top-k 1 --window-sinks --ridge held-out --held-out-damage \
       --recall-probe 1 --recall-depths 0.05,0.3,0.6,0.75,0.85,0.9 \
       --retrieval-floor 0.4,0.5,0.6,0.7 --retrieval-beyond 512 ;;
+    wnplan50s-hod) run $H plan smollm2-135m --out "$out" --kv-saving 0.50 --windows "$WINDOWS" \
+      --group-windows 2048 --candidates window,group-window --top-k 1 --window-sinks \
+      --ridge held-out --held-out-damage --recall-probe 1 --retrieval-floor 0.3,0.5,0.6 ;;
     splan50-hod) run $H plan smollm2-135m --out "$out" --kv-saving 0.50 --windows "$WINDOWS" \
       --share-targets 2 --top-k 4 --ridge held-out --held-out-damage ;;
     *) echo "unknown model $1" >&2; exit 2 ;;
