@@ -29,10 +29,12 @@ from harp_vllm.pruning.reference.pruned_model import load_model
 def lifted(path: Path, into: Path) -> Path:
     """``path`` with every sliding window of its pruning section (whole or per KV group) set
     to the model's context less one: a copy of its config beside links to its files."""
+    config = json.loads((path / "config.json").read_text())
+    if "harp_pruning" not in config:  # dense: nothing to lift
+        return path
     for f in path.iterdir():
         if f.name != "config.json":
             (into / f.name).symlink_to(f.resolve())
-    config = json.loads((path / "config.json").read_text())
     spec, top = config["harp_pruning"], int(config["max_position_embeddings"]) - 1
     spec["windows"] = {k: top for k in spec.get("windows") or {}}
     for g in (spec.get("group_windows") or {}).values():
