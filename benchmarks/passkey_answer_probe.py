@@ -3,7 +3,7 @@ the first answer token's two likeliest choices (SmolLM2 opens the key with " ", 
 words with " the" / " a"), and the key's log-probability with the answer's opening given
 (teacher-forced: retrieval apart from format). The trials are ``harp-vllm eval passkey``'s
 (same seed, so the same keys and depths for the same lengths and count); docs/results.md
-section 12, "The 2k passkey of the 50% plans is the answer's format".
+section 12, "A failed passkey is mostly the answer's format; windows alone at 50%".
 
     HARP_VLLM_DATA_DIR=../shared/data python benchmarks/passkey_answer_probe.py \\
         smollm2-135m out/smollm2-wgplan50s-hod --lengths 1024,2048 --trials 10

@@ -189,12 +189,13 @@ def markdown(summary: dict[str, Any]) -> str:
     pos = list(ref["positions"])
     tasks = list(ref["tasks"])
     lengths = list(ref["passkey"])
+    cued_lengths = [n for n in lengths if "cued" in ref["passkey"][n]]
     head = (["model", "KV tokens"] + [f"ppl {d}" for d in doms]
             + [f"ppl {d} {b['start']}-{b['end'] - 1}" for d in pos
                for b in ref["positions"][d]]
             + [f"{t} acc" for t in tasks] + ["lambada ppl"] * ("lambada_openai" in tasks)
             + [f"passkey {n}" for n in lengths]
-            + [f"passkey {n} cued" for n in lengths if "cued" in ref["passkey"][n]])
+            + [f"passkey {n} cued" for n in cued_lengths])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         is_ref = r is ref
@@ -216,7 +217,7 @@ def markdown(summary: dict[str, Any]) -> str:
             c = r["tasks"]["lambada_openai"]["perplexity"]
             cells.append(f"{c['value']:.1f}" if is_ref
                          else f"{c['value']:.1f} ({c['ratio']:.2f}x)")
-        cued = [r["passkey"][n].get("cued", {}) for n in lengths if "cued" in ref["passkey"][n]]
+        cued = [r["passkey"][n].get("cued", {}) for n in cued_lengths]
         for c in [r["passkey"][n] for n in lengths] + cued:
             cells.append("" if not c else f"{100 * c['value']:.0f}" if is_ref else
                          f"{100 * c['value']:.0f} ({100 * c['diff']:+.0f}"
